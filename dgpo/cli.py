@@ -1,0 +1,216 @@
+"""The ``dgpo`` command: pretrain the embedded base, sample, evaluate (and train, see ``dgpo train``).
+
+Every command accepts ``--set key.sub=value`` overrides where it reads a config, prints a clear one-line
+error (exit status 2) for bad input, and writes its outputs atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from dgpo.errors import UserError  # noqa: E402
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_BASE_CONFIG = CONFIG_DIR / "base" / "shapes.yaml"
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+def load_base_config(path: str | Path | None = None, overrides=()):
+    from dgpo.config import load_config
+    from dgpo.models.pretrain import PretrainConfig
+    return load_config(PretrainConfig, path or DEFAULT_BASE_CONFIG, overrides)
+
+
+def resolve_model(model_dir: str | None, log=print) -> Path:
+    """``--model`` as given, or the embedded shapes base (pretrained on first use, then cached)."""
+    if model_dir:
+        return Path(model_dir)
+    from dgpo.models.pretrain import ensure_base
+    return ensure_base(load_base_config(), log=log)
+
+
+def load_model(model_dir: str | Path, lora: str | None = None):
+    """A :class:`FlowModel` over a saved pipeline, with optional LoRA weights fused in."""
+    from dgpo.models.handle import FlowModel, load_pipeline
+    from dgpo.models.lora_io import load_lora_into_pipeline
+    pipe = load_pipeline(model_dir)
+    if lora:
+        load_lora_into_pipeline(pipe, lora)
+    return FlowModel(pipe, max_sequence_length=t5_tokens_of(model_dir))
+
+
+def t5_tokens_of(model_dir: str | Path) -> int:
+    """How many zero T5 tokens the base was trained with (its pretrain config; 0 if unknown)."""
+    import yaml
+    cfg = Path(model_dir) / "pretrain_config.yaml"
+    if cfg.is_file():
+        return int(yaml.safe_load(cfg.read_text())["model"]["t5_tokens"])
+    return 0
+
+
+def _prompts_from_args(args) -> list[str]:
+    from dgpo.samples_io import read_prompt_file
+    from dgpo.worlds import shapes
+    if args.prompts:
+        return read_prompt_file(args.prompts)
+    return shapes.prompts(args.split)
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+def cmd_pretrain(args) -> None:
+    from dgpo.config import to_dict
+    from dgpo.evaluation import EvalConfig, SamplerConfig, evaluate_model, format_table
+    from dgpo.models.pretrain import base_dir, ensure_base
+    cfg = load_base_config(args.config, args.set)
+    target = base_dir(cfg)
+    if args.force and target.exists():
+        import shutil
+        shutil.rmtree(target)
+    cached = (target / "model_index.json").is_file()
+    t0 = time.time()
+    path = ensure_base(cfg)
+    print(f"base model: {path}" + (" (cached)" if cached else f" (trained in {time.time() - t0:.0f} s)"))
+    if args.no_eval:
+        return
+    eval_file = path / "eval.json"
+    if eval_file.is_file() and not args.force:
+        result = json.loads(eval_file.read_text())
+    else:
+        model = load_model(path)
+        result, _, _ = evaluate_model(model, EvalConfig(per_prompt=args.per_prompt), SamplerConfig())
+        result["sampler"] = to_dict(SamplerConfig())
+        eval_file.write_text(json.dumps(result, indent=2))
+    print(format_table({"base": result}))
+
+
+def cmd_sample(args) -> None:
+    from dgpo.evaluation import SamplerConfig, check_prompts, generate
+    from dgpo.samples_io import write_samples
+    prompts = _prompts_from_args(args)
+    if args.world == "shapes" and not args.prompts:
+        check_prompts(prompts)
+    model = load_model(resolve_model(args.model), args.lora)
+    sampler = SamplerConfig(steps=args.steps, guidance_scale=args.cfg, solver=args.solver)
+    images, records = generate(model, prompts, args.per_prompt, sampler, args.seed, args.batch_size)
+    meta = {"steps": args.steps, "guidance_scale": args.cfg, "solver": args.solver}
+    write_samples(args.out, images, [{**r, **meta} for r in records])
+    print(f"wrote {len(images)} images to {args.out}")
+
+
+def cmd_eval(args) -> None:
+    from dgpo.evaluation import EvalConfig, SamplerConfig, check_prompts, evaluate_images, evaluate_model, format_table
+    from dgpo.samples_io import read_samples
+    if args.samples:
+        images, records = read_samples(args.samples)
+        prompts = [r["prompt"] for r in records]
+        check_prompts(prompts)
+        result = evaluate_images(images, prompts, fd=not args.no_fd)
+        name = str(args.samples)
+    else:
+        prompts = _prompts_from_args(args)
+        check_prompts(prompts)
+        model = load_model(resolve_model(args.model), args.lora)
+        cfg = EvalConfig(split=args.split, per_prompt=args.per_prompt, seed=args.seed, fd=not args.no_fd)
+        sampler = SamplerConfig(steps=args.steps, guidance_scale=args.cfg, solver=args.solver)
+        result, _, _ = evaluate_model(model, cfg, sampler, prompts=prompts)
+        name = args.lora or str(args.model or "base")
+    print(format_table({name: result}))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+
+
+# ------------------------------------------------------------------------------------------- parser
+
+def _add_sampler_args(p, steps=20, cfg=4.5) -> None:
+    p.add_argument("--steps", type=int, default=steps, help=f"ODE steps (default {steps})")
+    p.add_argument("--cfg", type=float, default=cfg, help=f"classifier-free guidance scale (default {cfg}; <=1 = off)")
+    p.add_argument("--solver", choices=["euler", "dpmpp"], default="euler", help="ODE solver (default euler)")
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("--model", help="a saved SD3 pipeline folder (default: the embedded shapes base, "
+                                   "pretrained on first use and cached)")
+    p.add_argument("--lora", help="a diffusers-format LoRA folder to load on top (e.g. RUN/final/lora)")
+
+
+def _add_prompt_args(p) -> None:
+    p.add_argument("--prompts", help="a text file with one prompt per line")
+    p.add_argument("--world", choices=["shapes"], default="shapes", help="the world whose prompts to use")
+    p.add_argument("--split", choices=["train", "test", "all"], default="test", help="world prompts split (default test)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dgpo", description="Group preference optimisation for flow-matching text-to-image models. "
+        "Run `dgpo train` with no arguments for the embedded CPU demo.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain (or find cached) the embedded shapes base and evaluate it",
+                       description="Train the tiny SD3 base for the shapes world on the CPU (autoencoder, then flow "
+                       "matching), save it with save_pretrained into the cache (keyed by its config) and print its "
+                       "shapes-geneval table. A second call with the same config only prints the cached result.")
+    p.add_argument("config", nargs="?", help=f"YAML config (default {DEFAULT_BASE_CONFIG.relative_to(CONFIG_DIR.parent)})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. flow.steps=100")
+    p.add_argument("--force", action="store_true", help="retrain even if a cached base exists")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation")
+    p.add_argument("--per-prompt", type=int, default=16, help="evaluation images per test prompt (default 16)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sample", help="sample images into a folder (PNGs, samples.jsonl, grid.png)")
+    _add_model_args(p)
+    _add_prompt_args(p)
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    _add_sampler_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k (default 0)")
+    p.add_argument("--per-prompt", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per sampler batch (default 128)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="score a model or a samples folder on the shapes world",
+                       description="Print shapes-geneval (overall and per category), the mean partial score and "
+                       "the quality FD; --out writes them as JSON.")
+    _add_model_args(p)
+    p.add_argument("--samples", help="score this samples folder instead of sampling a model")
+    _add_prompt_args(p)
+    _add_sampler_args(p)
+    p.add_argument("--per-prompt", type=int, default=16, help="images per prompt (default 16)")
+    p.add_argument("--seed", type=int, default=1000, help="seed of the first image (default 1000)")
+    p.add_argument("--no-fd", action="store_true", help="skip the quality FD")
+    p.add_argument("--out", help="write the result as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Typed configs: dataclasses loaded from YAML, with dotted command-line overrides.
+
+Every config is a (nested) dataclass whose fields carry a default, a one-line ``help`` and optional
+bounds in ``field(metadata=...)``. Loading is strict: an unknown key, a value of the wrong type or one
+outside its allowed range raises :class:`ConfigError` naming the dotted key and what is allowed, before
+any work starts.
+
+    @dataclass
+    class Train:
+        lr: float = option(1e-4, "AdamW learning rate", min=0.0)
+        sampler: str = option("euler", "ODE solver", choices=("euler", "dpmpp"))
+
+    cfg = load_config(MyConfig, "configs/x.yaml", overrides=["train.lr=3e-4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from dgpo.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override is invalid; the message names the key and the fix."""
+
+
+def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+           choices: Sequence[Any] | None = None):
+    """A dataclass field with a default, a one-line help text and optional bounds/choices."""
+    meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def section(cls, help: str = ""):
+    """A nested config section (a dataclass field whose default is ``cls()``)."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help})
+
+
+# ---------------------------------------------------------------------------------------------- coercion
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int, float, str, bool, list[...], X | None)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _check_bounds(value: Any, meta: dict, key: str) -> None:
+    choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(choices)}")
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if lo is not None and v < lo:
+                raise ConfigError(f"{key}: {v!r} is below the minimum {lo}")
+            if hi is not None and v > hi:
+                raise ConfigError(f"{key}: {v!r} is above the maximum {hi}")
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+def from_dict(cls, data: dict | None, prefix: str = ""):
+    """Build dataclass ``cls`` from a plain dict, validating every key, type and bound."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; allowed keys here: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        key, tp = prefix + name, hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, data[name], key + ".")
+        else:
+            value = _coerce(data[name], tp, key)
+            _check_bounds(value, f.metadata, key)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """The config as plain nested dicts/lists (what ``config.yaml`` in a run folder holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(cls, path: str | Path | None = None, overrides: Sequence[str] = ()):
+    """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file under configs/")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    apply_overrides(data, overrides)
+    return from_dict(cls, data)
+
+
+def describe(cls, prefix: str = "") -> list[str]:
+    """One line per field: ``key (type, default): help`` — used by ``--help`` texts."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        extra = []
+        if f.metadata.get("choices"):
+            extra.append("one of " + "/".join(map(str, f.metadata["choices"])))
+        if f.metadata.get("min") is not None:
+            extra.append(f">= {f.metadata['min']}")
+        if f.metadata.get("max") is not None:
+            extra.append(f"<= {f.metadata['max']}")
+        bounds = f" [{', '.join(extra)}]" if extra else ""
+        lines.append(f"{prefix}{f.name} = {default!r}{bounds}: {f.metadata.get('help', '')}")
+    return lines

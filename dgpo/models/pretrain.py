@@ -1,0 +1,313 @@
+"""Pretrain the embedded base model on renders of a world, on the CPU, and cache it by its config.
+
+Two stages, both supervised on free, always-correct renders:
+
+1. the autoencoder: L = ‖D(z) − x‖² + λ_KL·KL(q(z|x) ‖ N(0, I)), then the latent statistics set the
+   VAE's ``shift_factor`` (mean) and ``scaling_factor`` (1 / std) so that scaled latents are ~unit variance;
+2. flow matching on the scaled latents (SD3, Esser et al. 2024, Eq. 1–2 and §3.1): σ from a logit-normal
+   density pushed through the schedule's shift, x_σ = (1 − σ)·x₀ + σ·ε and
+   L = ‖(ε − x₀) − v_θ(x_σ, σ, c)‖²; the prompt is replaced by "" with probability ``caption_dropout`` so
+   that classifier-free guidance works. The CLIP text encoders train jointly (at their own learning rate):
+   frozen random encoders cannot bind colour words to shape words, trained ones can.
+
+The weights saved are an exponential moving average of the trained ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from dgpo.config import option, section, to_dict
+from dgpo.models.handle import FlowModel, flow_interpolate
+from dgpo.models.tiny_sd3 import BaseModelConfig, build_pipeline, usage_note
+from dgpo.paths import cache_root, config_hash
+from dgpo.sampling import shift_sigmas
+from dgpo.worlds import shapes
+
+PRETRAIN_VERSION = "1"  # bump when the training code changes what a config produces
+
+
+@dataclass
+class DataConfig:
+    renders_per_prompt: int = option(160, "renders per prompt in the training pool (different seeds)", min=1)
+    split: str = option("all", "which prompts the base sees ('all' = the world's whole data distribution)",
+                        choices=("all", "train"))
+
+
+@dataclass
+class VaeTrainConfig:
+    steps: int = option(1500, "autoencoder optimiser steps", min=0)
+    batch_size: int = option(32, "images per step", min=1)
+    lr: float = option(2e-3, "Adam learning rate", min=0.0)
+    kl_weight: float = option(1e-6, "weight of the KL term", min=0.0)
+
+
+@dataclass
+class FlowTrainConfig:
+    steps: int = option(5000, "flow-matching optimiser steps", min=0)
+    batch_size: int = option(64, "latents per step", min=1)
+    lr: float = option(5e-4, "AdamW learning rate of the transformer", min=0.0)
+    text_lr: float = option(2e-4, "AdamW learning rate of the CLIP text encoders (0 = frozen)", min=0.0)
+    warmup_steps: int = option(200, "linear learning-rate warm-up", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
+    grad_clip: float = option(1.0, "global gradient-norm clip", min=0.0)
+    caption_dropout: float = option(0.1, "probability of training on the empty prompt (for CFG)", min=0.0, max=1.0)
+    logit_mean: float = option(0.0, "mean of the logit-normal timestep density", min=-5.0, max=5.0)
+    logit_std: float = option(1.0, "std of the logit-normal timestep density", min=0.01)
+    ema_decay: float = option(0.999, "EMA decay of the saved weights (0 = no EMA)", min=0.0, max=1.0)
+
+
+@dataclass
+class PretrainConfig:
+    world: str = option("shapes", "the embedded world to pretrain on", choices=("shapes",))
+    seed: int = option(0, "seed of initialisation, data and noise", min=0)
+    threads: int = option(0, "torch CPU threads (0 = torch's default)", min=0)
+    model: BaseModelConfig = section(BaseModelConfig, "architecture")
+    data: DataConfig = section(DataConfig, "training data")
+    vae: VaeTrainConfig = section(VaeTrainConfig, "autoencoder stage")
+    flow: FlowTrainConfig = section(FlowTrainConfig, "flow-matching stage")
+
+
+def base_key(cfg: PretrainConfig) -> str:
+    """Cache key of a base: the hash of everything that changes the weights."""
+    d = to_dict(cfg)
+    d.pop("threads")
+    return config_hash({"version": PRETRAIN_VERSION, **d})
+
+
+def base_dir(cfg: PretrainConfig) -> Path:
+    return cache_root() / "base" / base_key(cfg)
+
+
+def is_cached(cfg: PretrainConfig) -> bool:
+    return (base_dir(cfg) / "model_index.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def world_vocabulary() -> list[str]:
+    """Every word of the world's prompts: the tokenizer's vocabulary."""
+    return sorted({w for p in shapes.prompts("all") for w in p.split()})
+
+
+def render_pool(cfg: PretrainConfig) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Renders (N, S, S, 3) uint8, the prompt list, and each render's prompt index (N,)."""
+    prompt_list = shapes.prompts(cfg.data.split)
+    n = cfg.data.renders_per_prompt
+    images = np.stack([shapes.render(p, size=cfg.model.image_size, seed=cfg.seed * 1_000_003 + i)
+                       for p in tqdm(prompt_list, desc="render pool", leave=False) for i in range(n)])
+    prompt_idx = np.repeat(np.arange(len(prompt_list)), n)
+    return images, prompt_list, prompt_idx
+
+
+def _to_unit(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------------- VAE
+
+def train_vae(vae, images: np.ndarray, cfg: VaeTrainConfig, gen: torch.Generator) -> list[float]:
+    """Autoencoder stage: minimise ‖D(z) − x‖² + λ·KL with z ~ q(z|x); returns the loss curve."""
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1), eta_min=cfg.lr * 0.05)
+    losses = []
+    bar = tqdm(range(cfg.steps), desc="pretrain 1/2: autoencoder")
+    for _ in bar:
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
+        x = _to_unit(images[idx.numpy()])
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample(gen)).sample
+        loss = F.mse_loss(recon, x) + cfg.kl_weight * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    return losses
+
+
+@torch.no_grad()
+def encode_pool(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """Unscaled latent means E(x) of every image, (N, C, h, w)."""
+    return torch.cat([vae.encode(_to_unit(images[i:i + batch])).latent_dist.mode()
+                      for i in range(0, len(images), batch)])
+
+
+def set_latent_scale(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Set shift_factor = mean, scaling_factor = 1 / std of the latents; return scaled latents."""
+    shift, std = latents.mean().item(), latents.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / std)
+    return (latents - shift) / std
+
+
+@torch.no_grad()
+def reconstruction_accuracy(model: FlowModel, images: np.ndarray, prompt_list: list[str], prompt_idx: np.ndarray,
+                            batch: int = 256) -> float:
+    """Fraction of renders whose VAE reconstruction still scores 1 under the verifier."""
+    ok = 0
+    for i in range(0, len(images), batch):
+        recon = model.decode_latents(model.encode_images(images[i:i + batch]))
+        ok += sum(shapes.score(r, prompt_list[j]) for r, j in zip(recon, prompt_idx[i:i + batch]))
+    return ok / len(images)
+
+
+# ------------------------------------------------------------------------------------------- flow
+
+def sample_sigmas(n: int, cfg: FlowTrainConfig, shift: float, gen: torch.Generator) -> torch.Tensor:
+    """σ = shift(sigmoid(u)), u ~ N(m, s²): SD3's logit-normal timestep density on the shifted schedule."""
+    u = torch.randn(n, generator=gen) * cfg.logit_std + cfg.logit_mean
+    return shift_sigmas(torch.sigmoid(u), shift)
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+class EMA:
+    """θ_ema ← d·θ_ema + (1 − d)·θ over a list of modules."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # short warm-up so early averages are not stale
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+def train_flow(model: FlowModel, latents: torch.Tensor, prompt_list: list[str], prompt_idx: np.ndarray,
+               cfg: FlowTrainConfig, shift: float, gen: torch.Generator) -> list[float]:
+    """Flow-matching stage on pre-encoded scaled latents; returns the loss curve (EMA applied at the end)."""
+    pipe = model.pipe
+    modules = [pipe.transformer]
+    groups = [{"params": pipe.transformer.parameters(), "lr": cfg.lr}]
+    if cfg.text_lr > 0:
+        modules += [pipe.text_encoder, pipe.text_encoder_2]
+        groups.append({"params": [p for m in modules[1:] for p in m.parameters()], "lr": cfg.text_lr})
+    for m in (pipe.text_encoder, pipe.text_encoder_2):
+        m.requires_grad_(cfg.text_lr > 0)
+    for m in modules:
+        m.train()
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.steps))
+    ema = EMA(modules, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    params = [p for g in opt.param_groups for p in g["params"]]
+    losses = []
+    bar = tqdm(range(cfg.steps), desc="pretrain 2/2: flow matching")
+    for step in bar:
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
+        x0 = latents[idx]
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
+        batch_prompts = ["" if d else prompt_list[prompt_idx[i]] for i, d in zip(idx.tolist(), drop.tolist())]
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = sample_sigmas(cfg.batch_size, cfg, shift, gen)
+        embeds = model.encode_prompts(batch_prompts)
+        v = model.velocity(flow_interpolate(x0, noise, sigma), sigma, embeds)
+        loss = F.mse_loss(v, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.update(step)
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+    if ema is not None:
+        ema.copy_to_params()
+    for m in modules:
+        m.eval()
+    return losses
+
+
+# ------------------------------------------------------------------------------------------- recipe
+
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, log=print) -> dict:
+    """Train a base from scratch and save it with ``save_pretrained`` into ``out_dir``; returns a summary."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    words = world_vocabulary()
+    pipe = build_pipeline(cfg.model, words, seed=cfg.seed)
+    pipe.set_progress_bar_config(disable=True)
+    model = FlowModel(pipe, max_sequence_length=cfg.model.t5_tokens)
+    images, prompt_list, prompt_idx = render_pool(cfg)
+    log(f"render pool: {len(images)} images of {len(prompt_list)} prompts")
+
+    vae_losses = train_vae(pipe.vae, images, cfg.vae, gen)
+    pipe.vae.eval()
+    pipe.vae.requires_grad_(False)
+    latents = set_latent_scale(pipe.vae, encode_pool(pipe.vae, images))
+    n_check = min(len(images), 2000)
+    check = np.linspace(0, len(images) - 1, n_check).astype(int)
+    recon_acc = reconstruction_accuracy(model, images[check], prompt_list, prompt_idx[check])
+    log(f"autoencoder: reconstructions that still score 1: {recon_acc:.4f} (of {n_check})")
+    t_vae = time.time() - t0
+
+    flow_losses = train_flow(model, latents, prompt_list, prompt_idx, cfg.flow, cfg.model.shift, gen)
+    elapsed = time.time() - t0
+    summary = {"key": base_key(cfg), "seconds": round(elapsed, 1), "seconds_vae": round(t_vae, 1),
+               "vae_final_loss": float(np.mean(vae_losses[-50:])) if vae_losses else None,
+               "vae_reconstruction_accuracy": recon_acc,
+               "flow_final_loss": float(np.mean(flow_losses[-200:])) if flow_losses else None,
+               "parameters": {n: sum(p.numel() for p in getattr(pipe, n).parameters())
+                              for n in ("transformer", "vae", "text_encoder", "text_encoder_2")}}
+    save_base(pipe, cfg, out_dir, summary)
+    return summary
+
+
+def save_base(pipe, cfg: PretrainConfig, out_dir: str | Path, summary: dict) -> None:
+    """Write the pipeline, the usage note, the config and the summary into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    (out_dir / "USAGE.md").write_text(usage_note(cfg.model, str(out_dir)))
+    (out_dir / "pretrain_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (out_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def ensure_base(cfg: PretrainConfig, log=print) -> Path:
+    """The cached base for ``cfg``, pretraining it first if needed (atomically: a half-trained base is
+    never visible under the cache key)."""
+    final = base_dir(cfg)
+    if (final / "model_index.json").is_file():
+        return final
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"no cached base for this config; pretraining it into {final}")
+    try:
+        pretrain(cfg, tmp, log=log)
+        (tmp / "USAGE.md").write_text(usage_note(cfg.model, str(final)))
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
