@@ -15,7 +15,6 @@ The weights saved are an exponential moving average of the trained ones.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from dgpo.config import option, section, to_dict
+from dgpo.ema import EMA
 from dgpo.models.handle import FlowModel, flow_interpolate
 from dgpo.models.tiny_sd3 import BaseModelConfig, build_pipeline, usage_note
 from dgpo.paths import cache_root, config_hash
@@ -182,25 +182,6 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-class EMA:
-    """θ_ema ← d·θ_ema + (1 − d)·θ over a list of modules."""
-
-    def __init__(self, modules: list[torch.nn.Module], decay: float):
-        self.decay = decay
-        self.params = [p for m in modules for p in m.parameters()]
-        self.shadow = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))  # short warm-up so early averages are not stale
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
-
-    @torch.no_grad()
-    def copy_to_params(self) -> None:
-        for p, s in zip(self.params, self.shadow):
-            p.copy_(s)
-
-
 def train_flow(model: FlowModel, latents: torch.Tensor, prompt_list: list[str], prompt_idx: np.ndarray,
                cfg: FlowTrainConfig, shift: float, gen: torch.Generator) -> list[float]:
     """Flow-matching stage on pre-encoded scaled latents; returns the loss curve (EMA applied at the end)."""
@@ -216,7 +197,7 @@ def train_flow(model: FlowModel, latents: torch.Tensor, prompt_list: list[str], 
         m.train()
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.steps))
-    ema = EMA(modules, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = EMA([p for m in modules for p in m.parameters()], cfg.ema_decay) if cfg.ema_decay > 0 else None
     params = [p for g in opt.param_groups for p in g["params"]]
     losses = []
     bar = tqdm(range(cfg.steps), desc="pretrain 2/2: flow matching")

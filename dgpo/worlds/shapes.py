@@ -294,8 +294,8 @@ def _place(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw object sides and box corners by vectorised rejection sampling.
 
-    Sides are drawn uniformly in [lo, hi]; when none of ``candidates`` random layouts (drawn ``rounds``
-    times) is valid, hi shrinks by one towards lo and the sides are redrawn.
+    Sides are drawn uniformly in [lo, hi] and ``candidates`` random layouts are tested at once (4 rounds);
+    when none is valid, hi shrinks by one towards lo and the sides are redrawn.
     """
     lo, hi = size_range(size)
     n = len(shapes)
@@ -318,7 +318,8 @@ def render(prompt: str, size: int = 32, seed: int = 0) -> np.ndarray:
     Deterministic in (prompt, size, seed) and varied across seeds: free colours, object sides in
     [round(0.28·S), round(0.38·S)] and positions are random. The scene holds exactly the objects the prompt
     asks for, every box ≥ 1 px inside the canvas and ≥ 2 px from every other box; for position prompts the
-    relation holds with the verifier's margin.
+    relation holds with the verifier's margin. Every render scores 1.0 under the verifier for S ≥ 24
+    (tested at 32, 48 and 64); at smaller S the objects get too small for the verifier's shape rules.
     """
     parsed = parse(prompt)
     size = int(size)

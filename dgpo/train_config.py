@@ -1,0 +1,108 @@
+"""The typed config of an online RL run (``configs/dgpo/*.yaml``); every field documented."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dgpo.config import option, section
+from dgpo.evaluation import SamplerConfig
+from dgpo.sampling import SOLVERS
+
+
+@dataclass
+class ModelConfig:
+    base: str = option("", "saved SD3 pipeline folder; empty = the embedded shapes base (pretrained if not cached)")
+    base_config: str = option("configs/base/shapes.yaml", "pretraining recipe of the embedded base when base is empty")
+    lora_rank: int = option(16, "LoRA rank on the transformer's attention projections", min=1)
+    lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / rank)", min=0.0)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (saves memory, costs time)")
+    mixed_precision: str = option("no", "accelerate mixed precision", choices=("no", "bf16", "fp16"))
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_epoch: int = option(8, "P: prompts per epoch (from the train split)", min=1)
+    group_size: int = option(8, "G: samples per prompt, each from its own initial noise", min=2)
+    steps: int = option(10, "ODE steps of a training rollout", min=1)
+    guidance_scale: float = option(4.5, "CFG scale of rollouts (<= 1: no CFG)", min=0.0)
+    solver: str = option("euler", "ODE solver of rollouts", choices=SOLVERS)
+    policy: str = option("current", "who samples: the current weights or their EMA", choices=("current", "ema"))
+    ema_after: int = option(0, "with policy=ema: use the current weights for the first N epochs", min=0)
+
+
+@dataclass
+class RewardConfig:
+    name: str = option("shapes_partial", "reward: shapes_partial, shapes_strict, remote, or a registered name")
+    url: str = option("", "reward server URL (name=remote)")
+    timeout: float = option(30.0, "reward server timeout in seconds (name=remote)", min=0.1)
+
+
+@dataclass
+class AdvantageConfig:
+    std: str = option("group", "divide by the per-prompt std, the batch std, or nothing", choices=("group", "batch", "none"))
+    eps: float = option(1e-4, "added to the std", min=0.0)
+    clip: float = option(5.0, "clip advantages to ±clip (0 = off)", min=0.0)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = option("dgpo", "training objective", choices=("dgpo",))
+    beta: float = option(100.0, "β of the group DPO loss", min=0.0)
+    normalization: str = option("group_size", "β/|g| (paper), none, or the released code's gradient-equivalent scaling",
+                                choices=("group_size", "none", "gradient_equivalent"))
+    timesteps_per_sample: int = option(1, "M: noise levels per sample per epoch", min=1)
+    t_min: float = option(0.4, "timestep clip: σ drawn from [t_min, 1] before the schedule shift", min=0.0, max=1.0)
+    shift: float = option(-1.0, "shift of the training noise levels (-1 = the scheduler's)", min=-1.0)
+    reference: str = option("base", "π_ref: the frozen base (adapters off) or an EMA of the policy ('dynamic')",
+                            choices=("base", "ema"))
+    reference_ema_decay: float = option(0.99, "decay of the EMA reference", min=0.0, max=1.0)
+    reference_cfg: float = option(1.0, "CFG scale on the reference branch (<= 1: off)", min=0.0)
+    kl_weight: float = option(0.0, "β_KL · ‖v_θ − v_ref‖² added to the loss", min=0.0)
+    clip_range: float = option(0.0, "PPO-style clip of ℓ_θ − ℓ_old against an EMA 'old' model (0 = off)", min=0.0)
+    old_ema_decay: float = option(0.9, "decay of the EMA 'old' model used by clip_range", min=0.0, max=1.0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option(3e-4, "AdamW learning rate", min=0.0)
+    betas: list[float] = option([0.9, 0.999], "AdamW betas")
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
+    grad_clip: float = option(1.0, "global gradient-norm clip (0 = off)", min=0.0)
+    micro_batch: int = option(64, "samples per forward/backward (whole groups; gradients accumulate)", min=1)
+    steps_per_epoch: int = option(1, "optimiser steps per epoch (1 = the whole batch accumulates into one)", min=1)
+    ema_decay: float = option(0.95, "decay of the policy EMA (used by rollout.policy=ema)", min=0.0, max=1.0)
+
+
+@dataclass
+class EvalSection:
+    every: int = option(25, "evaluate every N epochs (and at the start and end)", min=1)
+    split: str = option("test", "prompts to evaluate on", choices=("train", "test", "all"))
+    per_prompt: int = option(16, "images per prompt", min=1)
+    seed: int = option(1000, "seed of the first evaluation image", min=0)
+    fd: bool = option(True, "compute the quality FD")
+    sampler: SamplerConfig = section(SamplerConfig, "the evaluation sampler")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = option("runs/dgpo-shapes", "run folder (config, metrics, grids, checkpoints, final LoRA)")
+    seed: int = option(0, "seed of prompts, noise and LoRA initialisation", min=0)
+    epochs: int = option(1000, "maximum epochs (one rollout batch each)", min=0)
+    time_budget_min: float = option(0.0, "stop after this many minutes of training wall-clock (0 = no limit)", min=0.0)
+    checkpoint_every: int = option(50, "save a full checkpoint every N epochs", min=1)
+    keep_checkpoints: int = option(2, "checkpoints to keep", min=1)
+    tracker: str = option("none", "accelerate tracker (metrics.jsonl is always written)",
+                          choices=("none", "wandb", "tensorboard"))
+    threads: int = option(0, "torch CPU threads (0 = torch's default)", min=0)
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = section(RunConfig, "run folder, length, logging")
+    model: ModelConfig = section(ModelConfig, "base model and LoRA")
+    rollout: RolloutConfig = section(RolloutConfig, "online rollouts")
+    reward: RewardConfig = section(RewardConfig, "the reward")
+    advantage: AdvantageConfig = section(AdvantageConfig, "group advantages")
+    objective: ObjectiveConfig = section(ObjectiveConfig, "the training objective")
+    optim: OptimConfig = section(OptimConfig, "optimiser")
+    eval: EvalSection = section(EvalSection, "evaluation on test prompts")

@@ -1,0 +1,410 @@
+"""The online loop, read top to bottom: rollout → reward → advantage → update → (evaluate, checkpoint).
+
+One epoch samples P train prompts, G ODE rollouts each from different initial noise with the current
+policy (or its EMA), scores the decoded images with the reward, turns rewards into group advantages and
+takes ``optim.steps_per_epoch`` optimiser steps of the objective on that batch (gradients of whole-group
+micro-batches accumulate, so one step per epoch sees the whole batch). Every ``eval.every`` epochs the
+policy is evaluated on test prompts: shapes-geneval (per category), quality FD, cumulative training
+wall-clock (evaluation excluded) and cumulative transformer evaluations (NFE, per sample).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from dgpo.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, optimizer_from_flat,
+                             optimizer_to_flat, restore_rng, save_checkpoint)
+from dgpo.config import ConfigError, from_dict, to_dict
+from dgpo.dgpo_update import RolloutBatch, dgpo_backward
+from dgpo.ema import EMA
+from dgpo.errors import UserError
+from dgpo.evaluation import EvalConfig, evaluate_model, format_table
+from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline
+from dgpo.models.lora import add_lora, save_lora_diffusers
+from dgpo.objectives import group_advantages
+from dgpo.rewards import make_reward
+from dgpo.samples_io import image_grid
+from dgpo.sampling import initial_noise, sample_ode
+from dgpo.train_config import TrainConfig
+from dgpo.worlds import shapes
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------- set-up
+
+def resolve_base(cfg: TrainConfig, log=print) -> tuple[Path, int]:
+    """The base pipeline folder and its number of zero T5 tokens."""
+    from dgpo.cli import load_base_config, t5_tokens_of
+    if cfg.model.base:
+        path = Path(cfg.model.base)
+    else:
+        from dgpo.models.pretrain import ensure_base
+        base_cfg = Path(cfg.model.base_config)
+        base_cfg = base_cfg if base_cfg.is_absolute() else REPO_ROOT / base_cfg
+        path = ensure_base(load_base_config(base_cfg), log=log)
+    return path, t5_tokens_of(path)
+
+
+@dataclass
+class Counters:
+    epoch: int = 0
+    train_seconds: float = 0.0
+    nfe: int = 0  # transformer evaluations per sample, summed over the batch
+    history: list = field(default_factory=list)
+
+
+def nfe_per_epoch(cfg: TrainConfig) -> int:
+    """Transformer evaluations per epoch: rollouts (×2 with CFG) + training (policy + reference per level)."""
+    n = cfg.rollout.prompts_per_epoch * cfg.rollout.group_size
+    rollout = n * cfg.rollout.steps * (2 if cfg.rollout.guidance_scale > 1 else 1)
+    ref = 2 if cfg.objective.reference_cfg > 1 else 1
+    old = 1 if cfg.objective.clip_range > 0 else 0
+    train = n * cfg.objective.timesteps_per_sample * (1 + ref + old) * cfg.optim.steps_per_epoch
+    return rollout + train
+
+
+class Trainer:
+    """Holds the model, optimiser, EMAs and counters of one run; ``run()`` is the loop."""
+
+    def __init__(self, cfg: TrainConfig, log=print):
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.run.out_dir)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision, cpu=not torch.cuda.is_available(),
+                                       log_with=None if cfg.run.tracker == "none" else cfg.run.tracker,
+                                       project_dir=str(self.out))
+        set_seed(cfg.run.seed)
+        base, t5 = resolve_base(cfg, log)
+        self.base_path = base
+        pipe = load_pipeline(base)
+        pipe.to(self.accelerator.device)
+        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            m.requires_grad_(False)
+        self.params = add_lora(pipe.transformer, cfg.model.lora_rank, cfg.model.lora_alpha, seed=cfg.run.seed)
+        if cfg.model.gradient_checkpointing:
+            pipe.transformer.enable_gradient_checkpointing()
+        self.model = FlowModel(pipe, max_sequence_length=t5)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                           weight_decay=cfg.optim.weight_decay)
+        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.policy_ema = EMA(self.params, cfg.optim.ema_decay)
+        self.ref_ema = EMA(self.params, cfg.objective.reference_ema_decay, warmup=False) \
+            if cfg.objective.reference == "ema" else None
+        self.old_ema = EMA(self.params, cfg.objective.old_ema_decay, warmup=False) \
+            if cfg.objective.clip_range > 0 else None
+        self.reward = make_reward(cfg.reward.name, **({"url": cfg.reward.url, "timeout": cfg.reward.timeout}
+                                                      if cfg.reward.name == "remote" else {}))
+        self.gen = torch.Generator().manual_seed(cfg.run.seed)
+        self.train_prompts = shapes.prompts("train")
+        self.counters = Counters()
+        self.shift = cfg.objective.shift if cfg.objective.shift > 0 else pipe.scheduler.config.shift
+        with torch.no_grad():
+            embeds = self.model.encode_prompts(self.train_prompts)
+        self.embeds_of = {p: embeds.index(slice(i, i + 1)) for i, p in enumerate(self.train_prompts)}
+
+    # --------------------------------------------------------------------------------------- epoch parts
+    def sample_prompts(self) -> list[str]:
+        idx = torch.randperm(len(self.train_prompts), generator=self.gen)[: self.cfg.rollout.prompts_per_epoch]
+        if len(idx) < self.cfg.rollout.prompts_per_epoch:  # more prompts per epoch than train prompts: repeat
+            idx = torch.randint(len(self.train_prompts), (self.cfg.rollout.prompts_per_epoch,), generator=self.gen)
+        return [self.train_prompts[i] for i in idx.tolist()]
+
+    def rollout_policy(self):
+        use_ema = self.cfg.rollout.policy == "ema" and self.counters.epoch >= self.cfg.rollout.ema_after
+        return self.policy_ema.swapped_in() if use_ema else _null()
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> tuple[torch.Tensor, np.ndarray, PromptEmbeds, list[str]]:
+        """G deterministic ODE samples per prompt: latents (P·G, C, h, w), uint8 images, embeddings."""
+        g = self.cfg.rollout.group_size
+        flat = [p for p in prompts for _ in range(g)]
+        embeds = PromptEmbeds.cat([self.embeds_of[p] for p in flat])
+        noise = torch.randn((len(flat), *self.model.latent_shape), generator=self.gen)
+        with self.rollout_policy():
+            latents = sample_ode(self.model, embeds, noise, self.cfg.rollout.steps, self.cfg.rollout.guidance_scale,
+                                 self.cfg.rollout.solver)
+        images = self.model.decode_latents(latents)
+        return latents, images, embeds, flat
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> torch.Tensor:
+        rewards = np.asarray(self.reward(images, prompts), dtype=np.float64)
+        if rewards.shape != (len(prompts),) or not np.all(np.isfinite(rewards)):
+            raise UserError(f"reward {self.cfg.reward.name!r} returned {rewards.shape} values "
+                            f"(finite: {bool(np.all(np.isfinite(rewards)))}) for {len(prompts)} images")
+        return torch.from_numpy(rewards).float()
+
+    def update(self, batch: RolloutBatch) -> dict:
+        stats: dict = {}
+        for _ in range(self.cfg.optim.steps_per_epoch):
+            stats = dgpo_backward(self.model, batch, self.cfg.objective, self.shift, self.gen,
+                                  self.cfg.optim.micro_batch, self.accelerator.backward, self.ref_ema, self.old_ema)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
+            if not math.isfinite(stats["loss"]) or not torch.isfinite(grad_norm):
+                raise UserError(f"non-finite loss or gradient at epoch {self.counters.epoch} "
+                                f"(loss {stats['loss']}, grad norm {grad_norm.item()}): lower optim.lr or "
+                                f"objective.beta, or set optim.grad_clip; the last checkpoint is intact")
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            stats["grad_norm"] = grad_norm.item()
+        step = self.counters.epoch
+        self.policy_ema.update(step)
+        for ema in (self.ref_ema, self.old_ema):
+            if ema is not None:
+                ema.update(step)
+        return stats
+
+    def epoch(self) -> dict:
+        t0 = time.time()
+        prompts = self.sample_prompts()
+        latents, images, embeds, flat = self.rollout(prompts)
+        rewards = self.score(images, flat)
+        group_ids = torch.arange(len(prompts)).repeat_interleave(self.cfg.rollout.group_size)
+        adv = group_advantages(rewards, group_ids, std=self.cfg.advantage.std, eps=self.cfg.advantage.eps,
+                               clip=self.cfg.advantage.clip or None)
+        stats = self.update(RolloutBatch(latents, embeds, adv, group_ids))
+        self.counters.epoch += 1
+        self.counters.train_seconds += time.time() - t0
+        self.counters.nfe += nfe_per_epoch(self.cfg)
+        self._last_images = images
+        return {"epoch": self.counters.epoch, "reward": rewards.mean().item(),
+                "reward_std": rewards.std().item(), "train_seconds": round(self.counters.train_seconds, 2),
+                "nfe": self.counters.nfe, **{k: round(v, 6) for k, v in stats.items()}}
+
+    # --------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        e = self.cfg.eval
+        with self.rollout_policy():
+            result, images, _ = evaluate_model(self.model, EvalConfig(split=e.split, per_prompt=e.per_prompt,
+                                                                      seed=e.seed, fd=e.fd), e.sampler,
+                                               progress=False)
+        grid_idx = np.arange(0, len(images), e.per_prompt)[:64]
+        from PIL import Image
+        (self.out / "samples").mkdir(exist_ok=True)
+        Image.fromarray(image_grid(images[grid_idx], columns=8)).save(self.out / "samples" / f"epoch-{self.counters.epoch:05d}.png")
+        return {"epoch": self.counters.epoch, "eval_geneval": result["geneval"],
+                "eval_per_category": result["per_category"], "eval_partial": result["partial"],
+                "eval_fd": result.get("fd"), "train_seconds": round(self.counters.train_seconds, 2),
+                "nfe": self.counters.nfe}
+
+    # --------------------------------------------------------------------------------------- state
+    def state_tensors(self) -> tuple[dict, dict]:
+        tensors = {f"lora.{i}": p.detach() for i, p in enumerate(self.params)}
+        opt_t, opt_s = optimizer_to_flat(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer)
+        rng_t, rng_s = capture_rng({"main": self.gen})
+        tensors.update(opt_t)
+        tensors.update(rng_t)
+        for name, ema in (("policy", self.policy_ema), ("ref", self.ref_ema), ("old", self.old_ema)):
+            if ema is not None:
+                tensors.update({f"{name}.{k}": v for k, v in ema.state_dict().items()})
+        state = {"optimizer": opt_s, "rng": rng_s, "counters": {"epoch": self.counters.epoch,
+                 "train_seconds": self.counters.train_seconds, "nfe": self.counters.nfe}}
+        return tensors, state
+
+    def save(self) -> Path:
+        tensors, state = self.state_tensors()
+        return save_checkpoint(self.out, self.counters.epoch, tensors, state, self.cfg.run.keep_checkpoints)
+
+    @torch.no_grad()
+    def restore(self, path: Path) -> None:
+        tensors, state = load_checkpoint(path)
+        for i, p in enumerate(self.params):
+            p.copy_(tensors[f"lora.{i}"])
+        optimizer_from_flat(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+                            tensors, state["optimizer"])
+        for name, ema in (("policy", self.policy_ema), ("ref", self.ref_ema), ("old", self.old_ema)):
+            if ema is not None:
+                ema.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        restore_rng({"main": self.gen}, tensors, state["rng"])
+        c = state["counters"]
+        self.counters = Counters(c["epoch"], c["train_seconds"], c["nfe"])
+
+    # --------------------------------------------------------------------------------------- loop
+    def run(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        metrics_path = self.out / "metrics.jsonl"
+        if resume:
+            ckpt = latest_checkpoint(self.out)
+            if ckpt is None:
+                raise UserError(f"--resume: {str(self.out)!r} has no checkpoint yet; start the run without --resume")
+            self.restore(ckpt)
+            _truncate_metrics(metrics_path, self.counters.epoch)
+            self.log(f"resumed from {ckpt} (epoch {self.counters.epoch})")
+        else:
+            metrics_path.unlink(missing_ok=True)
+        if cfg.run.tracker != "none":
+            os.environ.setdefault("WANDB_DIR", str(self.out))
+            self.accelerator.init_trackers("dgpo", config=_flat(to_dict(cfg)))
+        evals = [r for r in _read_metrics(metrics_path) if "eval_geneval" in r]
+        if not evals:
+            evals.append(self._log(metrics_path, self.evaluate()))
+            self.log(_eval_line(evals[-1]))
+        budget = cfg.run.time_budget_min * 60
+        bar = tqdm(total=cfg.run.epochs, initial=self.counters.epoch, desc="DGPO epochs")
+        while self.counters.epoch < cfg.run.epochs and not (budget and self.counters.train_seconds >= budget):
+            row = self._log(metrics_path, self.epoch())
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward']:.3f}", gap=f"{row['loss_gap']:.4f}",
+                            eval=f"{evals[-1]['eval_geneval']:.3f}")
+            if self.counters.epoch % cfg.eval.every == 0:
+                evals.append(self._log(metrics_path, self.evaluate()))
+                self.log(_eval_line(evals[-1]))
+            if self.counters.epoch % cfg.run.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        if evals[-1]["epoch"] != self.counters.epoch:
+            evals.append(self._log(metrics_path, self.evaluate()))
+            self.log(_eval_line(evals[-1]))
+        self.save()
+        self.finish(evals)
+        self.accelerator.end_training()
+        return {"first": evals[0], "last": evals[-1], "best": max(evals, key=lambda r: r["eval_geneval"])}
+
+    def _log(self, path: Path, row: dict) -> dict:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.cfg.run.tracker != "none":
+            self.accelerator.log({k: v for k, v in _flat(row).items() if isinstance(v, (int, float))},
+                                 step=row["epoch"])
+        return row
+
+    def finish(self, evals: list[dict]) -> None:
+        """final/lora (diffusers format; EMA weights when rollouts use the EMA), curve PNG, summary."""
+        final = self.out / "final"
+        tmp = self.out / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with self.rollout_policy():
+            save_lora_diffusers(self.model.transformer, tmp / "lora")
+        (tmp / "README.md").write_text(_final_note(self.base_path, self.model.max_sequence_length, self.cfg))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        plot_curves(_read_metrics(self.out / "metrics.jsonl"), self.out / "reward_curve.png")
+        table = format_table({"base (epoch 0)": _as_result(evals[0]),
+                              f"DGPO (epoch {evals[-1]['epoch']})": _as_result(evals[-1])})
+        (self.out / "summary.md").write_text(table + "\n")
+        (self.out / "summary.json").write_text(json.dumps({"first": evals[0], "last": evals[-1]}, indent=2))
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, epoch: int) -> None:
+    """Drop rows written after the checkpoint we resume from (they will be recomputed identically)."""
+    rows = [r for r in _read_metrics(path) if r["epoch"] <= epoch]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _as_result(row: dict) -> dict:
+    out = {"geneval": row["eval_geneval"], "per_category": row["eval_per_category"], "partial": row["eval_partial"]}
+    if row.get("eval_fd") is not None:
+        out["fd"] = row["eval_fd"]
+    return out
+
+
+def _eval_line(row: dict) -> str:
+    fd = f", FD {row['eval_fd']:.2f}" if row.get("eval_fd") is not None else ""
+    return (f"epoch {row['epoch']}: test shapes-geneval {row['eval_geneval']:.3f}{fd} "
+            f"after {row['train_seconds']:.0f} s of training, {row['nfe']} NFE")
+
+
+def _final_note(base: Path, t5: int, cfg: TrainConfig) -> str:
+    return f"""# Trained LoRA
+
+```python
+import torch
+from diffusers import StableDiffusion3Pipeline
+pipe = StableDiffusion3Pipeline.from_pretrained("{base}", text_encoder_3=None, tokenizer_3=None)
+pipe.load_lora_weights("{Path(cfg.run.out_dir).resolve() / 'final' / 'lora'}")
+image = pipe("a photo of a red circle", num_inference_steps={cfg.eval.sampler.steps},
+             guidance_scale={cfg.eval.sampler.guidance_scale}, max_sequence_length={t5},
+             generator=torch.Generator().manual_seed(0)).images[0]
+```
+"""
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """Training reward per epoch and test shapes-geneval against training wall-clock, as one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [r for r in rows if "reward" in r]
+    evals = [r for r in rows if "eval_geneval" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if train:
+        ep = np.array([r["epoch"] for r in train])
+        rw = np.array([r["reward"] for r in train])
+        k = max(1, len(rw) // 50)
+        axes[0].plot(ep, rw, alpha=0.3, color="C0")
+        axes[0].plot(ep[k - 1:], np.convolve(rw, np.ones(k) / k, mode="valid"), color="C0")
+    axes[0].set(xlabel="epoch", ylabel="training reward (mean over rollouts)", title="reward")
+    if evals:
+        axes[1].plot([r["train_seconds"] / 60 for r in evals], [r["eval_geneval"] for r in evals], "o-", color="C1")
+    axes[1].set(xlabel="training wall-clock (min)", ylabel="test shapes-geneval", title="evaluation")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
+    from dgpo.config import load_config
+    return load_config(TrainConfig, path, overrides)
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool, overrides=()) -> TrainConfig:
+    """Create (or, with resume, reopen) the run folder; the resolved config lives in ``config.yaml``."""
+    out = Path(cfg.run.out_dir)
+    saved = out / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise UserError(f"--resume: {str(out)!r} is not a run folder (no config.yaml)")
+        from dgpo.config import apply_overrides
+        cfg = from_dict(TrainConfig, apply_overrides(yaml.safe_load(saved.read_text()), overrides))
+        return cfg
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, saved)
+    return cfg

@@ -1,0 +1,142 @@
+"""Tests of the shapes-world quality metric (a Fréchet distance in a small CNN's features)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dgpo.worlds import quality as Q
+from dgpo.worlds import shapes as W
+
+#: A quick network for tests (the project default is QualityConfig(), trained once and cached).
+SMALL = dict(train_steps=80, train_seeds=2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A private DGPO_CACHE for the module (the in-process cache is keyed by path, so nothing leaks)."""
+    path = tmp_path_factory.mktemp("dgpo_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DGPO_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def net(cache_dir):
+    return Q.feature_network(32, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    """Renders of the test prompts (2 per prompt) and their prompts."""
+    prompts = [p for p in W.prompts("test") for _ in range(2)]
+    images = np.stack([W.render(p, 32, i) for i, p in enumerate(prompts)])
+    return images, prompts
+
+
+def test_default_config_is_the_full_one():
+    cfg = Q.QualityConfig()
+    assert cfg.train_steps >= 1000 and cfg.train_seeds >= 16 and cfg.image_size == 32
+    assert Q.QualityConfig(train_steps=5).key() != cfg.key()
+
+
+def test_cache_file_created_and_reused(cache_dir, net, monkeypatch):
+    files = list((cache_dir / "quality").glob("*.safetensors"))
+    cfg = Q.QualityConfig(image_size=32, **SMALL)
+    assert files == [cache_dir / "quality" / f"{cfg.key()}.safetensors"]
+    assert not list((cache_dir / "quality").glob("*.tmp"))
+    mtime = files[0].stat().st_mtime_ns
+    assert Q.feature_network(32, **SMALL) is net  # in-process cache
+    # a fresh process (simulated: empty in-process cache) loads the file instead of training
+    monkeypatch.setattr(Q, "_NETS", {})
+    monkeypatch.setattr(Q, "_train", lambda cfg: pytest.fail("retrained although the weights are cached"))
+    loaded = Q.feature_network(32, **SMALL)
+    assert loaded is not net
+    for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        assert np.array_equal(a.numpy(), b.numpy()), k
+    assert files[0].stat().st_mtime_ns == mtime
+
+
+def test_features_shape_and_resize(net, test_set):
+    images, _ = test_set
+    f = Q.features(images[:5], net)
+    assert f.shape == (5, 64) and f.dtype == np.float64
+    np.testing.assert_array_equal(Q.features(images[:5], net), f)  # bit-identical on repeat
+    np.testing.assert_allclose(Q.features(images[:2], net), f[:2], rtol=1e-12, atol=1e-12)
+    big = np.stack([W.render("a photo of a circle", 64, s) for s in range(3)])
+    assert Q.features(big, net).shape == (3, 64)
+    with pytest.raises(ValueError, match="shape"):
+        Q.features(images[0], net)
+    with pytest.raises(ValueError, match="uint8"):
+        Q.features(images.astype(np.float32), net)
+
+
+def test_frechet_distance_formula():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 8))
+    assert Q.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shift = np.arange(8) / 4.0
+    assert Q.frechet_distance(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-6)
+    # 1-d Gaussians: FD = (μa − μb)² + (σa − σb)²
+    x = rng.normal(size=(5000, 1))
+    y = 3 * x + 1
+    expected = (x.mean() - y.mean()) ** 2 + (x.std(ddof=1) - y.std(ddof=1)) ** 2
+    assert Q.frechet_distance(x, y) == pytest.approx(expected, rel=1e-9)
+    # a degenerate set (identical samples) is handled
+    assert np.isfinite(Q.frechet_distance(np.zeros((10, 8)), a))
+    with pytest.raises(ValueError):
+        Q.frechet_distance(a[:1], a)
+
+
+def test_fd_separates_renders_from_junk(net, test_set):
+    images, prompts = test_set
+    fd_renders = Q.quality_fd(images, prompts, net=net)
+    fd_blank = Q.quality_fd(np.zeros_like(images), prompts, net=net)
+    noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
+    fd_noise = Q.quality_fd(noise, prompts, net=net)
+    assert fd_renders < fd_blank / 10 and fd_renders < fd_noise / 5, (fd_renders, fd_blank, fd_noise)
+    # references follow the prompts: renders of other prompts are farther than renders of these
+    other = [W.prompts("train")[i % 20] for i in range(len(prompts))]
+    fd_other = Q.quality_fd(np.stack([W.render(p, 32, i) for i, p in enumerate(other)]), prompts, net=net)
+    assert fd_other > fd_renders
+
+
+def test_reference_renders_use_distinct_seeds():
+    prompts = ["a photo of a circle", "a photo of a circle", "a photo of a square"]
+    refs = Q.reference_renders(prompts, 32, reference_seeds_per_prompt=2)
+    assert refs.shape == (6, 32, 32, 3)
+    assert np.array_equal(refs[0], W.render(prompts[0], 32, Q.REFERENCE_SEED_BASE))
+    assert np.array_equal(refs[3], W.render(prompts[0], 32, Q.REFERENCE_SEED_BASE + 3))
+    assert len({r.tobytes() for r in refs[:4]}) == 4
+
+
+def test_fd_deterministic_across_calls_and_processes(cache_dir, net, test_set):
+    images, prompts = test_set
+    fd1 = Q.quality_fd(images, prompts, net=net)
+    fd2 = Q.quality_fd(images, prompts, net=net)
+    assert fd1 == fd2
+    np.save(cache_dir / "images.npy", images)
+    code = (
+        "import sys, numpy as np\n"
+        "from dgpo.worlds import quality as Q, shapes as W\n"
+        f"images = np.load({str(cache_dir / 'images.npy')!r})\n"
+        f"prompts = [p for p in W.prompts('test') for _ in range(2)]\n"
+        f"Q._train = lambda cfg: sys.exit('retrained')\n"
+        f"print(repr(Q.quality_fd(images, prompts, net=Q.feature_network(32, **{SMALL!r}))))\n"
+    )
+    env = dict(os.environ, DGPO_CACHE=str(cache_dir), PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip()) == fd1
+
+
+def test_quality_fd_checks_lengths(net, test_set):
+    images, prompts = test_set
+    with pytest.raises(ValueError, match="prompts"):
+        Q.quality_fd(images, prompts[:-1], net=net)
