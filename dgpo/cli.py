@@ -156,7 +156,7 @@ def cmd_train(args) -> None:
 
 # ------------------------------------------------------------------------------------------- parser
 
-def _add_sampler_args(p, steps=20, cfg=4.5) -> None:
+def _add_sampler_args(p, steps=20, cfg=1.5) -> None:
     p.add_argument("--steps", type=int, default=steps, help=f"ODE steps (default {steps})")
     p.add_argument("--cfg", type=float, default=cfg, help=f"classifier-free guidance scale (default {cfg}; <=1 = off)")
     p.add_argument("--solver", choices=["euler", "dpmpp"], default="euler", help="ODE solver (default euler)")

@@ -104,11 +104,14 @@ def dgpo_backward(model: FlowModel, batch: RolloutBatch, cfg: ObjectiveConfig, s
     n = len(batch.latents)
     total_groups = len(torch.unique(batch.group_ids))
     stats = {"loss": 0.0, "loss_gap": 0.0, "margin": 0.0, "kl": 0.0, "clip_frac": 0.0}
-    parts = micro_batches(batch.group_ids, micro_batch)
+    device = batch.latents.device
+    ids = batch.group_ids.cpu()  # noise comes from a CPU generator, so the group bookkeeping stays on CPU
+    parts = micro_batches(ids, micro_batch)
     for _ in range(cfg.timesteps_per_sample):
-        sigma_all = group_noise_levels(batch.group_ids, cfg.t_min, shift, gen)
-        noise_all = group_shared_noise(batch.group_ids, tuple(batch.latents.shape[1:]), gen)
+        sigma_all = group_noise_levels(ids, cfg.t_min, shift, gen).to(device)
+        noise_all = group_shared_noise(ids, tuple(batch.latents.shape[1:]), gen).to(device)
         for idx in parts:
+            idx = idx.to(device)
             mb = batch.select(idx)
             sigma, noise = sigma_all[idx], noise_all[idx]
             x_sigma = flow_interpolate(mb.latents, noise, sigma)

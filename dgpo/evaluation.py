@@ -24,7 +24,7 @@ from dgpo.worlds import quality, shapes
 @dataclass
 class SamplerConfig:
     steps: int = option(20, "ODE steps", min=1)
-    guidance_scale: float = option(4.5, "classifier-free guidance scale (<= 1: no CFG)", min=0.0)
+    guidance_scale: float = option(1.5, "classifier-free guidance scale (<= 1: no CFG)", min=0.0)
     solver: str = option("euler", "ODE solver", choices=SOLVERS)
 
 

@@ -24,7 +24,7 @@ class RolloutConfig:
     prompts_per_epoch: int = option(8, "P: prompts per epoch (from the train split)", min=1)
     group_size: int = option(8, "G: samples per prompt, each from its own initial noise", min=2)
     steps: int = option(10, "ODE steps of a training rollout", min=1)
-    guidance_scale: float = option(4.5, "CFG scale of rollouts (<= 1: no CFG)", min=0.0)
+    guidance_scale: float = option(1.5, "CFG scale of rollouts (<= 1: no CFG)", min=0.0)
     solver: str = option("euler", "ODE solver of rollouts", choices=SOLVERS)
     policy: str = option("current", "who samples: the current weights or their EMA", choices=("current", "ema"))
     ema_after: int = option(0, "with policy=ema: use the current weights for the first N epochs", min=0)

@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny base model pretrained in seconds into a temporary cache."""
 
 import os
+import tempfile
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests never touch the user's cache: everything cached goes to a fresh folder for this session.
+os.environ["DGPO_CACHE"] = tempfile.mkdtemp(prefix="dgpo-test-cache-")
 
 import pytest
 import torch
@@ -16,16 +19,10 @@ TINY_BASE = [
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """A private DGPO_CACHE for the whole test session (never the user's cache)."""
-    path = tmp_path_factory.mktemp("dgpo-cache")
-    old = os.environ.get("DGPO_CACHE")
-    os.environ["DGPO_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("DGPO_CACHE", None)
-    else:
-        os.environ["DGPO_CACHE"] = old
+def cache_dir():
+    """The private DGPO_CACHE of this test session."""
+    from pathlib import Path
+    return Path(os.environ["DGPO_CACHE"])
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,90 @@
+"""Bad input gets a one-line error naming the problem and the fix (exit 2), and leaves no partial output."""
+
+import json
+import os
+
+import pytest
+
+from dgpo.cli import main
+
+
+def _no_leftovers(folder):
+    return [p.name for p in folder.iterdir()] if folder.exists() else []
+
+
+def test_unknown_config_key_fails_before_any_work(tmp_path, capsys, cache_dir):
+    before = sorted(os.listdir(cache_dir))
+    assert main(["pretrain", "--set", "flow.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'flow.stepz'" in err and "allowed keys here" in err
+    assert sorted(os.listdir(cache_dir)) == before  # nothing was trained or cached
+
+
+def test_wrong_type_in_train_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--set", "rollout.group_size=eight"]) == 2
+    assert "rollout.group_size: expected an integer, got 'eight'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_of_range_value(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r"), "--set", "rollout.group_size=1"]) == 2
+    assert "rollout.group_size: 1 is below the minimum 2" in capsys.readouterr().err
+
+
+def test_missing_model_directory(tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert main(["sample", "--model", str(tmp_path / "nope"), "--out", str(out), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "has no model_index.json" in err and "nope" in err
+    assert not out.exists() and _no_leftovers(tmp_path) == []
+
+
+def test_prompt_outside_grammar_in_eval(tiny_base, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a red circle\na photo of a purple dog\n")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_base), "--prompts", str(prompts), "--out", str(out)]) == 2
+    assert "'a photo of a purple dog'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_empty_prompt_file(tiny_base, tmp_path, capsys):
+    prompts = tmp_path / "empty.txt"
+    prompts.write_text("\n  \n# only a comment\n")
+    out = tmp_path / "s"
+    assert main(["sample", "--model", str(tiny_base), "--prompts", str(prompts), "--out", str(out)]) == 2
+    assert "has no prompts" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["eval", "--model", str(tiny_base), "--prompts", str(prompts)]) == 2
+
+
+def test_malformed_samples_folder(tmp_path, capsys):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "samples.jsonl").write_text('{"file": "00000.png"}\n')
+    assert main(["eval", "--samples", str(folder)]) == 2
+    assert "expected a JSON object with 'file' and 'prompt'" in capsys.readouterr().err
+
+
+def test_sample_then_eval_a_folder(tiny_base, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["sample", "--model", str(tiny_base), "--split", "test", "--out", str(out), "--steps", "2",
+                 "--per-prompt", "2", "--seed", "3"]) == 0
+    lines = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 * 33 and lines[0] == {**lines[0], "file": "00000.png", "seed": 3}
+    assert (out / "grid.png").is_file() and (out / "00065.png").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary folder left behind
+    report = tmp_path / "r.json"
+    assert main(["eval", "--samples", str(out), "--out", str(report), "--no-fd"]) == 0
+    result = json.loads(report.read_text())
+    assert result["n_images"] == 66 and 0.0 <= result["geneval"] <= 1.0
+    assert set(result["per_category"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+
+
+def test_help_explains_every_command(capsys):
+    for cmd in ("pretrain", "sample", "eval", "train"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+    assert "--resume" in capsys.readouterr().out
