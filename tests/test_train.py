@@ -9,12 +9,27 @@ from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
 from dgpo.cli import main
+from dgpo.rewards import register_reward
 from dgpo.trainer import Trainer, load_train_config, prepare_run_dir
+
+
+class Brightness:
+    """A dense test reward (mean pixel value): an untrained tiny base scores 0 on the shapes verifier for
+    every rollout, which would give all-zero advantages and a trivially unchanged model."""
+
+    name = "test_brightness"
+
+    def __call__(self, images, prompts):
+        return images.reshape(len(images), -1).mean(axis=1) / 255.0
+
+
+register_reward("test_brightness", Brightness, overwrite=True)
 
 TINY_RUN = [
     "rollout.prompts_per_epoch=2", "rollout.group_size=3", "rollout.steps=2", "rollout.guidance_scale=2.0",
     "eval.per_prompt=1", "eval.sampler.steps=2", "eval.fd=false", "eval.every=100", "run.checkpoint_every=2",
     "optim.micro_batch=4", "model.lora_rank=2", "model.lora_alpha=2", "optim.lr=1e-2",
+    "reward.name=test_brightness", "objective.timesteps_per_sample=1",
 ]
 
 
