@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. flow.steps=100")
     p.add_argument("--force", action="store_true", help="retrain even if a cached base exists")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation")
-    p.add_argument("--per-prompt", type=int, default=16, help="evaluation images per test prompt (default 16)")
+    p.add_argument("--per-prompt", type=int, default=64, help="evaluation images per test prompt (default 64: ±0.012 noise)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("sample", help="sample images into a folder (PNGs, samples.jsonl, grid.png)")
