@@ -28,9 +28,8 @@ DEFAULT_TRAIN_CONFIG = CONFIG_DIR / "dgpo" / "shapes.yaml"
 # ------------------------------------------------------------------------------------------- helpers
 
 def load_base_config(path: str | Path | None = None, overrides=()):
-    from dgpo.config import load_config
-    from dgpo.models.pretrain import PretrainConfig
-    return load_config(PretrainConfig, path or DEFAULT_BASE_CONFIG, overrides)
+    from dgpo.models.pretrain import load_pretrain_config
+    return load_pretrain_config(path or DEFAULT_BASE_CONFIG, overrides)
 
 
 def resolve_model(model_dir: str | None, log=print) -> Path:
@@ -43,21 +42,12 @@ def resolve_model(model_dir: str | None, log=print) -> Path:
 
 def load_model(model_dir: str | Path, lora: str | None = None):
     """A :class:`FlowModel` over a saved pipeline, with optional LoRA weights fused in."""
-    from dgpo.models.handle import FlowModel, load_pipeline
+    from dgpo.models.handle import FlowModel, load_pipeline, t5_tokens_of
     from dgpo.models.lora_io import load_lora_into_pipeline
     pipe = load_pipeline(model_dir)
     if lora:
         load_lora_into_pipeline(pipe, lora)
     return FlowModel(pipe, max_sequence_length=t5_tokens_of(model_dir))
-
-
-def t5_tokens_of(model_dir: str | Path) -> int:
-    """How many zero T5 tokens the base was trained with (its pretrain config; 0 if unknown)."""
-    import yaml
-    cfg = Path(model_dir) / "pretrain_config.yaml"
-    if cfg.is_file():
-        return int(yaml.safe_load(cfg.read_text())["model"]["t5_tokens"])
-    return 0
 
 
 def _prompts_from_args(args) -> list[str]:

@@ -79,7 +79,7 @@ def read_samples(folder: str | Path) -> tuple[np.ndarray, list[dict]]:
             continue
         try:
             rec = json.loads(line)
-            file, prompt = rec["file"], rec["prompt"]
+            file, _ = rec["file"], rec["prompt"]  # both required
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{index}:{n}: expected a JSON object with 'file' and 'prompt', got {line[:80]!r}") from None
         path = folder / file

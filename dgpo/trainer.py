@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 import os
 import shutil
 import time
@@ -27,17 +28,18 @@ from tqdm.auto import tqdm
 
 from dgpo.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, optimizer_from_flat,
                              optimizer_to_flat, restore_rng, save_checkpoint)
-from dgpo.config import ConfigError, from_dict, to_dict
+from dgpo.config import from_dict, to_dict
 from dgpo.dgpo_update import RolloutBatch, dgpo_backward
 from dgpo.ema import EMA
 from dgpo.errors import UserError
 from dgpo.evaluation import EvalConfig, evaluate_model, format_table
-from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline
+from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
+from dgpo.models.pretrain import ensure_base, load_pretrain_config
 from dgpo.models.lora import add_lora, save_lora_diffusers
 from dgpo.objectives import group_advantages
 from dgpo.rewards import make_reward
 from dgpo.samples_io import image_grid
-from dgpo.sampling import initial_noise, sample_ode
+from dgpo.sampling import sample_ode
 from dgpo.train_config import TrainConfig
 from dgpo.worlds import shapes
 
@@ -48,14 +50,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def resolve_base(cfg: TrainConfig, log=print) -> tuple[Path, int]:
     """The base pipeline folder and its number of zero T5 tokens."""
-    from dgpo.cli import load_base_config, t5_tokens_of
     if cfg.model.base:
         path = Path(cfg.model.base)
     else:
-        from dgpo.models.pretrain import ensure_base
         base_cfg = Path(cfg.model.base_config)
         base_cfg = base_cfg if base_cfg.is_absolute() else REPO_ROOT / base_cfg
-        path = ensure_base(load_base_config(base_cfg), log=log)
+        path = ensure_base(load_pretrain_config(base_cfg), log=log)
     return path, t5_tokens_of(path)
 
 
@@ -126,7 +126,7 @@ class Trainer:
 
     def rollout_policy(self):
         use_ema = self.cfg.rollout.policy == "ema" and self.counters.epoch >= self.cfg.rollout.ema_after
-        return self.policy_ema.swapped_in() if use_ema else _null()
+        return self.policy_ema.swapped_in() if use_ema else nullcontext()
 
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> tuple[torch.Tensor, np.ndarray, PromptEmbeds, list[str]]:
@@ -302,14 +302,6 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}

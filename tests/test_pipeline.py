@@ -1,6 +1,5 @@
 """The embedded base is a genuine StableDiffusion3Pipeline: stock diffusers reproduces our sampler."""
 
-import json
 
 import numpy as np
 import pytest

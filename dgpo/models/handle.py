@@ -58,6 +58,15 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> 
     return pipe
 
 
+def t5_tokens_of(model_dir: str | Path) -> int:
+    """How many zero T5 tokens a base was trained with (from its pretrain_config.yaml; 0 if unknown)."""
+    import yaml
+    cfg = Path(model_dir) / "pretrain_config.yaml"
+    if cfg.is_file():
+        return int(yaml.safe_load(cfg.read_text())["model"]["t5_tokens"])
+    return 0
+
+
 class FlowModel:
     """Velocity prediction, prompt encoding and latent coding for an SD3-family pipeline."""
 

@@ -83,6 +83,11 @@ class PretrainConfig:
     flow: FlowTrainConfig = section(FlowTrainConfig, "flow-matching stage")
 
 
+def load_pretrain_config(path, overrides=()) -> PretrainConfig:
+    from dgpo.config import load_config
+    return load_config(PretrainConfig, path, overrides)
+
+
 def base_key(cfg: PretrainConfig) -> str:
     """Cache key of a base: the hash of everything that changes the weights."""
     d = to_dict(cfg)
