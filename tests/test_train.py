@@ -101,3 +101,45 @@ def test_killed_run_resumes_exactly(tiny_base, tmp_path, monkeypatch):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+class NaNReward:
+    name = "test_nan"
+
+    def __call__(self, images, prompts):
+        return np.full(len(images), np.nan)
+
+
+register_reward("test_nan", NaNReward, overwrite=True)
+
+
+def test_reward_answering_garbage_is_a_clear_error(tiny_base, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), *sum((["--set", o] for o in [
+        f"model.base={tiny_base}", "run.epochs=2", "run.time_budget_min=0", *TINY_RUN, "reward.name=test_nan"]), [])]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "reward 'test_nan' returned" in err and "finite: False" in err
+    assert not (out / "final").exists() and not (out / "checkpoints").exists()
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_base, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    cfg = prepare_run_dir(tiny_cfg(tiny_base, out, "run.epochs=4"), False)
+    trainer = Trainer(cfg, log=lambda *a: None)
+    import dgpo.trainer as T
+    real = T.dgpo_backward
+
+    def poisoned(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        if trainer.counters.epoch == 2:
+            stats["loss"] = float("nan")
+        return stats
+
+    monkeypatch.setattr(T, "dgpo_backward", poisoned)
+    from dgpo.errors import UserError
+    with pytest.raises(UserError, match="non-finite loss or gradient at epoch 2"):
+        trainer.run()
+    good = load_file(str(out / "checkpoints" / "step-2" / "tensors.safetensors"))
+    assert all(torch.isfinite(v).all() for k, v in good.items() if k.startswith("lora."))
+    assert not (out / "final").exists()
