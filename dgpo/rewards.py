@@ -144,11 +144,14 @@ class ShapesReward:
     """The shapes-world verifier as a reward (``dgpo.worlds.shapes``).
 
     ``kind="partial"``: the fraction of the prompt's atomic requirements met, in [0, 1] (dense signal);
-    ``kind="strict"``: 1.0 when the whole prompt holds, else 0.0 (the GenEval-style pass/fail).
+    ``kind="strict"``: 1.0 when the whole prompt holds, else 0.0 (the GenEval-style pass/fail);
+    ``kind="mixed"``: ½·strict + ½·partial: the dense signal of partial credit, plus a bonus for images that
+    pass outright (with partial credit alone, the last missing atom is worth no more than the first, and a
+    policy can settle on half-right images).
     Every prompt is checked against the grammar before any image is scored.
     """
 
-    KINDS = ("partial", "strict")
+    KINDS = ("partial", "strict", "mixed")
 
     def __init__(self, kind: str = "partial"):
         if kind not in self.KINDS:
@@ -171,6 +174,8 @@ class ShapesReward:
                                    f"{images.shape[1]}x{images.shape[2]}")
         if len(images) == 0:
             return np.zeros(0, dtype=np.float64)
+        if self.kind == "mixed":
+            return 0.5 * shapes.score_batch(images, prompts) + 0.5 * shapes.partial_score_batch(images, prompts)
         batch = shapes.partial_score_batch if self.kind == "partial" else shapes.score_batch
         return np.asarray(batch(images, prompts), dtype=np.float64)
 
@@ -403,6 +408,7 @@ def serve_reward(reward: Reward, host: str = "127.0.0.1", port: int = 0
 _REGISTRY: dict[str, Callable[..., Reward]] = {
     "shapes_partial": lambda: ShapesReward(kind="partial"),
     "shapes_strict": lambda: ShapesReward(kind="strict"),
+    "shapes_mixed": lambda: ShapesReward(kind="mixed"),
     "remote": RemoteReward,
 }
 

@@ -30,7 +30,7 @@ def renders():
 
 def test_shapes_reward_renders_and_blanks(renders):
     blank = np.zeros_like(renders)
-    for kind in ("partial", "strict"):
+    for kind in ("partial", "strict", "mixed"):
         reward = ShapesReward(kind)
         assert isinstance(reward, Reward) and reward.name == f"shapes_{kind}"
         ok = reward(renders, PROMPTS)
@@ -45,6 +45,7 @@ def test_shapes_strict_vs_partial():
     prompt = ["a photo of a circle and a triangle"]
     assert ShapesReward("partial")(image, prompt).tolist() == [0.5]
     assert ShapesReward("strict")(image, prompt).tolist() == [0.0]
+    assert ShapesReward("mixed")(image, prompt).tolist() == [0.25]
 
 
 def test_shapes_reward_input_errors(renders):
@@ -180,7 +181,7 @@ def test_serve_reward_rejects_bad_requests(shapes_server):
 
 
 def test_registry():
-    assert {"shapes_partial", "shapes_strict", "remote"} <= set(available_rewards())
+    assert {"shapes_partial", "shapes_strict", "shapes_mixed", "remote"} <= set(available_rewards())
     assert make_reward("shapes_strict").name == "shapes_strict"
     assert make_reward("remote", url="http://127.0.0.1:1/", timeout=1.0).timeout == 1.0
     with pytest.raises(UserError, match="unknown reward 'clip_score'.*shapes_partial.*shapes_strict"):
