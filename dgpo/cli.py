@@ -204,12 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result as JSON here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("train", help="DGPO online training (no arguments: the embedded shapes demo)",
+    p = sub.add_parser("train", help="DGPO (or baseline) online training (no arguments: the embedded shapes demo)",
                        description="Online DGPO: ODE rollouts, groups of samples per prompt, the group DPO loss on "
                        "LoRA adapters. With no arguments it runs the embedded demo: pretrain the shapes base if it "
                        "is not cached, train, evaluate on test prompts along the way, and print base vs trained. "
                        "The run folder holds config.yaml, metrics.jsonl, samples/, checkpoints/, final/lora and "
-                       "reward_curve.png. Every config key: see dgpo/train_config.py.")
+                       "reward_curve.png. Every config key: see dgpo/train_config.py. The baselines run in the same "
+                       "loop: configs/flow_grpo/shapes.yaml, configs/diffusion_dpo/shapes.yaml, configs/nft/shapes.yaml "
+                       "(objective.name: dgpo, flow_grpo, diffusion_dpo or nft).")
     p.add_argument("config", nargs="?", help=f"YAML config (default {DEFAULT_TRAIN_CONFIG.relative_to(CONFIG_DIR.parent)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. optim.lr=1e-4 or run.time_budget_min=10")

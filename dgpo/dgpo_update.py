@@ -16,7 +16,7 @@ Micro-batches hold whole groups, so accumulating their gradients gives the full-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from einops import reduce
@@ -31,15 +31,22 @@ from dgpo.train_config import ObjectiveConfig
 
 @dataclass
 class RolloutBatch:
-    """One epoch's rollouts: clean latents (N, C, h, w), prompts' embeddings, advantages and group ids (N,)."""
+    """One epoch's rollouts: clean latents (N, C, h, w), prompts' embeddings, advantages and group ids (N,);
+    ``extras`` holds what an objective's sampler recorded per sample (batch-first tensors, e.g. the SDE
+    states and log-probabilities of Flow-GRPO)."""
 
     latents: torch.Tensor
     embeds: PromptEmbeds
     advantages: torch.Tensor
     group_ids: torch.Tensor
+    extras: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.latents)
 
     def select(self, idx: torch.Tensor) -> "RolloutBatch":
-        return RolloutBatch(self.latents[idx], self.embeds.index(idx), self.advantages[idx], self.group_ids[idx])
+        return RolloutBatch(self.latents[idx], self.embeds.index(idx), self.advantages[idx], self.group_ids[idx],
+                            {k: v[idx.to(v.device)] for k, v in self.extras.items()})
 
 
 def group_noise_levels(group_ids: torch.Tensor, t_min: float, shift: float, gen: torch.Generator) -> torch.Tensor:

@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NORMALIZATIONS", "ADVANTAGE_STDS", "group_sums", "group_advantages", "dgpo_loss"]
+__all__ = ["NORMALIZATIONS", "ADVANTAGE_STDS", "group_sums", "group_advantages", "dgpo_loss", "flow_grpo_loss",
+           "diffusion_dpo_loss", "nft_optimality", "nft_loss"]
 
 #: Allowed values of ``dgpo_loss(normalization=...)``.
 NORMALIZATIONS: tuple[str, ...] = ("group_size", "none", "gradient_equivalent")
@@ -269,3 +270,120 @@ def dgpo_loss(loss_policy: torch.Tensor, loss_ref: torch.Tensor, advantages: tor
     if normalization == "gradient_equivalent":
         per_group = per_group * (2.0 / beta)
     return per_group.mean()
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+# The losses of the baselines that run in the same trainer (dgpo/methods/). Pure functions of tensors, as
+# above; the sampling side (SDE log-probabilities) is in dgpo/sde.py.
+
+def _same_shape(fn: str, **tensors) -> None:
+    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"{fn}: inputs must all have the same shape, got {shapes}")
+
+
+def flow_grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                   clip_range: float, kl: torch.Tensor | None = None, kl_weight: float = 0.0
+                   ) -> tuple[torch.Tensor, dict]:
+    r"""Flow-GRPO's clipped-ratio objective on one denoising step of each trajectory (arXiv 2505.05470, §4.1,
+    the GRPO objective of its Eq. for J_Flow-GRPO, with per-step ratios of the SDE policy of §4.2):
+
+        ρ_i = exp(log π_θ(x_{t−1,i} | x_{t,i}, c) − log π_old(x_{t−1,i} | x_{t,i}, c))
+        L   = mean_i max(−A_i·ρ_i, −A_i·clip(ρ_i, 1 − ε, 1 + ε)) + β_KL · mean_i KL_i
+
+    i.e. the negative of PPO's pessimistic min(ρA, clip(ρ)A). ``kl`` (B,) is D_KL(π_θ ‖ π_ref) of the step's
+    Gaussian transition (see :func:`dgpo.sde.gaussian_kl`). Returns the loss and diagnostics (mean ρ,
+    fraction of clipped terms, approximate KL to π_old).
+
+    Args:
+        log_prob: (B,) log-probabilities under θ (carry the gradient).
+        old_log_prob: (B,) log-probabilities stored at rollout time (constants).
+        advantages: (B,) advantages (constants).
+        clip_range: ε ≥ 0.
+        kl: (B,) or None; kl_weight: β_KL ≥ 0.
+    """
+    fn = "flow_grpo_loss"
+    _check_vector("log_prob", log_prob, fn)
+    _check_vector("old_log_prob", old_log_prob, fn)
+    _check_vector("advantages", advantages, fn)
+    _same_shape(fn, log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages)
+    if not (math.isfinite(clip_range) and clip_range >= 0):
+        raise ValueError(f"{fn}: clip_range must be a finite number >= 0, got {clip_range!r}")
+    adv = advantages.detach()
+    log_ratio = log_prob - old_log_prob.detach()
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    if kl is not None and kl_weight > 0:
+        _check_vector("kl", kl, fn)
+        loss = loss + kl_weight * kl.mean()
+    with torch.no_grad():
+        stats = {"ratio": ratio.mean().item(), "ratio_dev": (ratio - 1).abs().max().item(),
+                 "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+                 "approx_kl_old": (0.5 * log_ratio ** 2).mean().item()}
+    return loss, stats
+
+
+def diffusion_dpo_loss(loss_policy_w: torch.Tensor, loss_ref_w: torch.Tensor, loss_policy_l: torch.Tensor,
+                       loss_ref_l: torch.Tensor, beta: float) -> torch.Tensor:
+    r"""Diffusion-DPO (Wallace et al., arXiv 2311.12908, Eq. 14), with flow-matching errors in place of the
+    ε-prediction errors and the time weight T·ω(λ_t) absorbed into β:
+
+        L = mean_pairs −log σ(−β · [(ℓ_θ(x^w) − ℓ_ref(x^w)) − (ℓ_θ(x^l) − ℓ_ref(x^l))])
+
+    ℓ the per-sample mean-square velocity error at the noise level and noise shared by the pair; w the
+    preferred ("winner") and l the rejected sample. At θ = ref the loss is log 2.
+
+    All inputs (B,) with B the number of pairs; the reference errors are constants.
+    """
+    fn = "diffusion_dpo_loss"
+    for name, t in (("loss_policy_w", loss_policy_w), ("loss_ref_w", loss_ref_w),
+                    ("loss_policy_l", loss_policy_l), ("loss_ref_l", loss_ref_l)):
+        _check_vector(name, t, fn)
+    _same_shape(fn, loss_policy_w=loss_policy_w, loss_ref_w=loss_ref_w, loss_policy_l=loss_policy_l,
+                loss_ref_l=loss_ref_l)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"{fn}: beta must be a finite number > 0, got {beta!r}")
+    inside = (loss_policy_w - loss_ref_w.detach()) - (loss_policy_l - loss_ref_l.detach())
+    return F.softplus(beta * inside).mean()                            # −log σ(−β·inside)
+
+
+def nft_optimality(advantages: torch.Tensor, clip: float) -> torch.Tensor:
+    """DiffusionNFT's optimality probability r ∈ [0, 1] from advantages (arXiv 2509.16117, §3–4):
+    r = 1/2 + 1/2·clip(A / clip, −1, 1); r = 1/2 (no preference) for A = 0."""
+    if not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"nft_optimality: clip must be a finite number > 0, got {clip!r}")
+    return 0.5 + 0.5 * (advantages.detach() / clip).clamp(-1.0, 1.0)
+
+
+def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, r: torch.Tensor, beta: float,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+    r"""DiffusionNFT's negative-aware flow-matching loss (Zheng et al., arXiv 2509.16117, the implicit
+    positive/negative policies of its §3.2 and the training objective built from them):
+
+        v⁺ = (1 − β)·v_old + β·v_θ,   v⁻ = (1 + β)·v_old − β·v_θ
+        L  = mean_i w_i·[ r_i·‖v⁺_i − v_i‖² + (1 − r_i)·‖v⁻_i − v_i‖² ]
+
+    with v = ε − x₀ the flow-matching target at x_t = (1 − t)·x₀ + t·ε, v_old the sampling ("old") policy
+    (a constant), r the optimality probability (:func:`nft_optimality`) and ‖·‖² the mean over elements.
+    Positive samples pull the implicit positive policy v⁺ to the data, negative ones the implicit negative
+    policy v⁻; at θ = old both equal v_old. ``weight`` (B,) is an optional per-sample weight (constant).
+
+    Args: v_theta, v_old, target: (B, ...); r: (B,) in [0, 1]; beta > 0.
+    """
+    fn = "nft_loss"
+    _same_shape(fn, v_theta=v_theta, v_old=v_old, target=target)
+    _check_vector("r", r, fn)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"{fn}: beta must be a finite number > 0, got {beta!r}")
+    v_old = v_old.detach()
+    pos = (1 - beta) * v_old + beta * v_theta
+    neg = (1 + beta) * v_old - beta * v_theta
+    err_pos = ((pos - target) ** 2).flatten(1).mean(1)
+    err_neg = ((neg - target) ** 2).flatten(1).mean(1)
+    r = r.detach()
+    per = r * err_pos + (1 - r) * err_neg
+    if weight is not None:
+        per = per * weight.detach()
+    return per.mean()

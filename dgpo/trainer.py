@@ -1,11 +1,14 @@
 """The online loop, read top to bottom: rollout → reward → advantage → update → (evaluate, checkpoint).
 
-One epoch samples P train prompts, G ODE rollouts each from different initial noise with the current
-policy (or its EMA), scores the decoded images with the reward, turns rewards into group advantages and
-takes ``optim.steps_per_epoch`` optimiser steps of the objective on that batch (gradients of whole-group
-micro-batches accumulate, so one step per epoch sees the whole batch). Every ``eval.every`` epochs the
-policy is evaluated on test prompts: shapes-geneval (per category), quality FD, cumulative training
-wall-clock (evaluation excluded) and cumulative transformer evaluations (NFE, per sample).
+One epoch samples P train prompts, G rollouts each from different initial noise (drawn by the objective's
+sampler: ODE for DGPO, Diffusion-DPO and DiffusionNFT, SDE with log-probs for Flow-GRPO; see
+:mod:`dgpo.methods`), scores the decoded images with the reward, turns rewards into group advantages and
+takes ``optim.steps_per_epoch`` passes of the objective's optimiser steps on that batch (gradients of
+micro-batches accumulate; DGPO takes one step per pass on the whole batch). Every ``eval.every`` epochs
+(and, with ``eval.every_minutes``, every so many minutes of training) the policy is evaluated on test
+prompts: shapes-geneval (per category), quality FD, cumulative training wall-clock (evaluation excluded)
+and cumulative transformer evaluations (NFE: single-sample transformer calls, counted at the transformer,
+rollouts and updates alike; evaluation excluded).
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from tqdm.auto import tqdm
 from dgpo.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, optimizer_from_flat,
                              optimizer_to_flat, restore_rng, save_checkpoint)
 from dgpo.config import from_dict, to_dict
-from dgpo.dgpo_update import RolloutBatch, dgpo_backward
+from dgpo.dgpo_update import RolloutBatch
 from dgpo.ema import EMA
+from dgpo.methods import make_objective
 from dgpo.errors import UserError
 from dgpo.evaluation import EvalConfig, evaluate_model, format_table
 from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
@@ -39,7 +43,6 @@ from dgpo.models.lora import add_lora, save_lora_diffusers
 from dgpo.objectives import group_advantages
 from dgpo.rewards import make_reward
 from dgpo.samples_io import image_grid
-from dgpo.sampling import sample_ode
 from dgpo.train_config import TrainConfig
 from dgpo.worlds import shapes
 
@@ -68,7 +71,8 @@ class Counters:
 
 
 def nfe_per_epoch(cfg: TrainConfig) -> int:
-    """Transformer evaluations per epoch: rollouts (×2 with CFG) + training (policy + reference per level)."""
+    """DGPO's transformer evaluations per epoch: rollouts (×2 with CFG) + training (policy + reference per
+    level). The trainer counts NFE at the transformer for every objective; for DGPO the count equals this."""
     n = cfg.rollout.prompts_per_epoch * cfg.rollout.group_size
     rollout = n * cfg.rollout.steps * (2 if cfg.rollout.guidance_scale > 1 else 1)
     ref = 2 if cfg.objective.reference_cfg > 1 else 1
@@ -103,19 +107,27 @@ class Trainer:
                                            weight_decay=cfg.optim.weight_decay)
         self.optimizer = self.accelerator.prepare(self.optimizer)
         self.policy_ema = EMA(self.params, cfg.optim.ema_decay)
-        self.ref_ema = EMA(self.params, cfg.objective.reference_ema_decay, warmup=False) \
-            if cfg.objective.reference == "ema" else None
-        self.old_ema = EMA(self.params, cfg.objective.old_ema_decay, warmup=False) \
-            if cfg.objective.clip_range > 0 else None
         self.reward = make_reward(cfg.reward.name, **({"url": cfg.reward.url, "timeout": cfg.reward.timeout}
                                                       if cfg.reward.name == "remote" else {}))
         self.gen = torch.Generator().manual_seed(cfg.run.seed)
         self.train_prompts = shapes.prompts("train")
         self.counters = Counters()
         self.shift = cfg.objective.shift if cfg.objective.shift > 0 else pipe.scheduler.config.shift
+        self.objective = make_objective(cfg, self.model, self.params, self.shift)
+        self._counting, self._calls = False, 0
+        pipe.transformer.register_forward_pre_hook(self._count_call, with_kwargs=True)
         with torch.no_grad():
             embeds = self.model.encode_prompts(self.train_prompts)
         self.embeds_of = {p: embeds.index(slice(i, i + 1)) for i, p in enumerate(self.train_prompts)}
+
+    def _count_call(self, module, args, kwargs) -> None:
+        if self._counting:
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            self._calls += int(x.shape[0])
+
+    def emas(self) -> dict[str, EMA]:
+        """Every EMA that is checkpointed: the policy's and the objective's (e.g. DGPO's "ref"/"old")."""
+        return {"policy": self.policy_ema, **self.objective.emas()}
 
     # --------------------------------------------------------------------------------------- epoch parts
     def sample_prompts(self) -> list[str]:
@@ -129,17 +141,17 @@ class Trainer:
         return self.policy_ema.swapped_in() if use_ema else nullcontext()
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str]) -> tuple[torch.Tensor, np.ndarray, PromptEmbeds, list[str]]:
-        """G deterministic ODE samples per prompt: latents (P·G, C, h, w), uint8 images, embeddings."""
+    def rollout(self, prompts: list[str]) -> tuple[torch.Tensor, np.ndarray, PromptEmbeds, list[str], dict]:
+        """G samples per prompt from the objective's sampler: latents (P·G, C, h, w), uint8 images,
+        embeddings, prompts and the sampler's per-sample extras."""
         g = self.cfg.rollout.group_size
         flat = [p for p in prompts for _ in range(g)]
         embeds = PromptEmbeds.cat([self.embeds_of[p] for p in flat])
         noise = torch.randn((len(flat), *self.model.latent_shape), generator=self.gen)
-        with self.rollout_policy():
-            latents = sample_ode(self.model, embeds, noise, self.cfg.rollout.steps, self.cfg.rollout.guidance_scale,
-                                 self.cfg.rollout.solver)
+        with self.objective.rollout_context() or self.rollout_policy():
+            latents, extras = self.objective.rollout(embeds, noise, self.gen)
         images = self.model.decode_latents(latents)
-        return latents, images, embeds, flat
+        return latents, images, embeds, flat, extras
 
     def score(self, images: np.ndarray, prompts: list[str]) -> torch.Tensor:
         rewards = np.asarray(self.reward(images, prompts), dtype=np.float64)
@@ -149,38 +161,42 @@ class Trainer:
         return torch.from_numpy(rewards).float()
 
     def update(self, batch: RolloutBatch) -> dict:
-        stats: dict = {}
+        """The objective's optimiser steps on this epoch's batch; returns its diagnostics averaged over them."""
+        steps: list[dict] = []
         for _ in range(self.cfg.optim.steps_per_epoch):
-            stats = dgpo_backward(self.model, batch, self.cfg.objective, self.shift, self.gen,
-                                  self.cfg.optim.micro_batch, self.accelerator.backward, self.ref_ema, self.old_ema)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
-            if not math.isfinite(stats["loss"]) or not torch.isfinite(grad_norm):
-                raise UserError(f"non-finite loss or gradient at epoch {self.counters.epoch} "
-                                f"(loss {stats['loss']}, grad norm {grad_norm.item()}): lower optim.lr or "
-                                f"objective.beta, or set optim.grad_clip; the last checkpoint is intact")
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            stats["grad_norm"] = grad_norm.item()
+            for part in self.objective.minibatches(batch, self.gen):
+                stats = self.objective.backward(part, self.gen, self.accelerator.backward)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
+                if not math.isfinite(stats["loss"]) or not torch.isfinite(grad_norm):
+                    raise UserError(f"non-finite loss or gradient at epoch {self.counters.epoch} "
+                                    f"(loss {stats['loss']}, grad norm {grad_norm.item()}): lower optim.lr or "
+                                    f"the objective's beta, or set optim.grad_clip; the last checkpoint is intact")
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                stats["grad_norm"] = grad_norm.item()
+                steps.append(stats)
         step = self.counters.epoch
         self.policy_ema.update(step)
-        for ema in (self.ref_ema, self.old_ema):
-            if ema is not None:
-                ema.update(step)
-        return stats
+        self.objective.after_epoch(step)
+        return {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
 
     def epoch(self) -> dict:
         t0 = time.time()
         prompts = self.sample_prompts()
-        latents, images, embeds, flat = self.rollout(prompts)
-        rewards = self.score(images, flat)
-        group_ids = torch.arange(len(prompts)).repeat_interleave(self.cfg.rollout.group_size)
-        adv = group_advantages(rewards, group_ids, std=self.cfg.advantage.std, eps=self.cfg.advantage.eps,
-                               clip=self.cfg.advantage.clip or None)
-        stats = self.update(RolloutBatch(latents, embeds, adv, group_ids))
+        self._counting, self._calls = True, 0
+        try:
+            latents, images, embeds, flat, extras = self.rollout(prompts)
+            rewards = self.score(images, flat)
+            group_ids = torch.arange(len(prompts)).repeat_interleave(self.cfg.rollout.group_size)
+            adv = group_advantages(rewards, group_ids, std=self.cfg.advantage.std, eps=self.cfg.advantage.eps,
+                                   clip=self.cfg.advantage.clip or None)
+            stats = self.update(RolloutBatch(latents, embeds, adv, group_ids, extras))
+        finally:
+            self._counting = False
         self.counters.epoch += 1
         self.counters.train_seconds += time.time() - t0
-        self.counters.nfe += nfe_per_epoch(self.cfg)
+        self.counters.nfe += self._calls
         self._last_images = images
         return {"epoch": self.counters.epoch, "reward": rewards.mean().item(),
                 "reward_std": rewards.std().item(), "train_seconds": round(self.counters.train_seconds, 2),
@@ -210,9 +226,8 @@ class Trainer:
         rng_t, rng_s = capture_rng({"main": self.gen})
         tensors.update(opt_t)
         tensors.update(rng_t)
-        for name, ema in (("policy", self.policy_ema), ("ref", self.ref_ema), ("old", self.old_ema)):
-            if ema is not None:
-                tensors.update({f"{name}.{k}": v for k, v in ema.state_dict().items()})
+        for name, ema in self.emas().items():
+            tensors.update({f"{name}.{k}": v for k, v in ema.state_dict().items()})
         state = {"optimizer": opt_s, "rng": rng_s, "counters": {"epoch": self.counters.epoch,
                  "train_seconds": self.counters.train_seconds, "nfe": self.counters.nfe}}
         return tensors, state
@@ -228,9 +243,8 @@ class Trainer:
             p.copy_(tensors[f"lora.{i}"])
         optimizer_from_flat(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
                             tensors, state["optimizer"])
-        for name, ema in (("policy", self.policy_ema), ("ref", self.ref_ema), ("old", self.old_ema)):
-            if ema is not None:
-                ema.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        for name, ema in self.emas().items():
+            ema.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
         restore_rng({"main": self.gen}, tensors, state["rng"])
         c = state["counters"]
         self.counters = Counters(c["epoch"], c["train_seconds"], c["nfe"])
@@ -256,13 +270,15 @@ class Trainer:
             evals.append(self._log(metrics_path, self.evaluate()))
             self.log(_eval_line(evals[-1]))
         budget = cfg.run.time_budget_min * 60
-        bar = tqdm(total=cfg.run.epochs, initial=self.counters.epoch, desc="DGPO epochs")
+        bar = tqdm(total=cfg.run.epochs, initial=self.counters.epoch, desc=f"{self.objective.label} epochs")
+        every_s = cfg.eval.every_minutes * 60
         while self.counters.epoch < cfg.run.epochs and not (budget and self.counters.train_seconds >= budget):
             row = self._log(metrics_path, self.epoch())
             bar.update(1)
-            bar.set_postfix(reward=f"{row['reward']:.3f}", gap=f"{row['loss_gap']:.4f}",
+            bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}",
                             eval=f"{evals[-1]['eval_geneval']:.3f}")
-            if self.counters.epoch % cfg.eval.every == 0:
+            timed = every_s and (self.counters.train_seconds // every_s > evals[-1]["train_seconds"] // every_s)
+            if self.counters.epoch % cfg.eval.every == 0 or timed:
                 evals.append(self._log(metrics_path, self.evaluate()))
                 self.log(_eval_line(evals[-1]))
             if self.counters.epoch % cfg.run.checkpoint_every == 0:
@@ -296,7 +312,7 @@ class Trainer:
         os.replace(tmp, final)
         plot_curves(_read_metrics(self.out / "metrics.jsonl"), self.out / "reward_curve.png")
         table = format_table({"base (epoch 0)": _as_result(evals[0]),
-                              f"DGPO (epoch {evals[-1]['epoch']})": _as_result(evals[-1])})
+                              f"{self.objective.label} (epoch {evals[-1]['epoch']})": _as_result(evals[-1])})
         (self.out / "summary.md").write_text(table + "\n")
         (self.out / "summary.json").write_text(json.dumps({"first": evals[0], "last": evals[-1]}, indent=2))
 

@@ -127,8 +127,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_ba
     out = tmp_path / "run"
     cfg = prepare_run_dir(tiny_cfg(tiny_base, out, "run.epochs=4"), False)
     trainer = Trainer(cfg, log=lambda *a: None)
-    import dgpo.trainer as T
-    real = T.dgpo_backward
+    real = trainer.objective.backward
 
     def poisoned(*args, **kwargs):
         stats = real(*args, **kwargs)
@@ -136,7 +135,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_ba
             stats["loss"] = float("nan")
         return stats
 
-    monkeypatch.setattr(T, "dgpo_backward", poisoned)
+    monkeypatch.setattr(trainer.objective, "backward", poisoned)
     from dgpo.errors import UserError
     with pytest.raises(UserError, match="non-finite loss or gradient at epoch 2"):
         trainer.run()

@@ -1,0 +1,250 @@
+"""The baselines in the shared trainer: Flow-GRPO's sampler checks, each loss against its formula, and a few
+epochs of every objective raising a learnable reward on a tiny model (in both directions)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dgpo.config import ConfigError
+from dgpo.dgpo_update import RolloutBatch
+from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline
+from dgpo.objectives import diffusion_dpo_loss, flow_grpo_loss, group_advantages, nft_loss, nft_optimality
+from dgpo.rewards import register_reward
+from dgpo.sampling import sample_ode
+from dgpo.sde import sample_sde
+from dgpo.trainer import Trainer, load_train_config, prepare_run_dir
+
+from conftest import TINY_BASE
+from test_train import TINY_RUN
+
+
+class Darkness:
+    name = "test_darkness"
+
+    def __call__(self, images, prompts):
+        return 1.0 - images.reshape(len(images), -1).mean(axis=1) / 255.0
+
+
+register_reward("test_darkness", Darkness, overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def learnable_base():
+    """The tiny base with a VAE trained long enough that its decoder responds to the latents (the 4-step VAE
+    of ``tiny_base`` decodes every latent to nearly the same image, so no reward of images is learnable)."""
+    from dgpo.cli import load_base_config
+    from dgpo.models.pretrain import ensure_base
+    torch.manual_seed(0)
+    return ensure_base(load_base_config(None, [*TINY_BASE, "vae.steps=80"]), log=lambda *a: None)
+
+
+def make_trainer(base, out, method, *extra):
+    cfg = load_train_config(f"configs/{method}/shapes.yaml", [
+        f"model.base={base}", f"run.out_dir={out}", "run.time_budget_min=0", *TINY_RUN,
+        "rollout.prompts_per_epoch=4", "rollout.group_size=4", *extra])
+    return Trainer(prepare_run_dir(cfg, False), log=lambda *a: None)
+
+
+# ----------------------------------------------------------------------------------------- Flow-GRPO sampler
+
+def test_sde_with_noise_level_zero_is_the_ode_sampler(tiny_base):
+    model = FlowModel(load_pipeline(tiny_base))
+    embeds = model.encode_prompts(["a photo of a red circle", "a photo of two blue squares"])
+    noise = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(0))
+    ode = sample_ode(model, embeds, noise, 4, 2.0, "euler")
+    sde = sample_sde(model, embeds, noise, 4, 2.0, 0.0, torch.Generator().manual_seed(1))
+    assert torch.allclose(sde.final, ode, atol=1e-6, rtol=0)
+    noisy = sample_sde(model, embeds, noise, 4, 2.0, 0.7, torch.Generator().manual_seed(1))
+    assert (noisy.final - ode).abs().max() > 1e-2          # a > 0 really is a different (stochastic) sampler
+    assert noisy.log_probs.shape == (2, 4) and torch.isfinite(noisy.log_probs).all()
+
+
+def test_flow_grpo_first_inner_step_is_on_policy_and_the_second_is_not(tiny_base, tmp_path):
+    tr = make_trainer(tiny_base, tmp_path / "fg", "flow_grpo", "flow_grpo.updates_per_epoch=2",
+                      "flow_grpo.timestep_fraction=1.0", "optim.lr=1e-2")
+    prompts = tr.sample_prompts()
+    latents, images, embeds, flat, extras = tr.rollout(prompts)
+    rewards = tr.score(images, flat)
+    ids = torch.arange(len(prompts)).repeat_interleave(tr.cfg.rollout.group_size)
+    batch = RolloutBatch(latents, embeds, group_advantages(rewards, ids), ids, extras)
+    first, second = tr.objective.minibatches(batch, tr.gen)
+    stats = tr.objective.backward(first, tr.gen, lambda loss: loss.backward())
+    assert stats["ratio_dev"] == 0.0 and stats["ratio"] == 1.0 and stats["clip_frac"] == 0.0
+    tr.optimizer.step()
+    tr.optimizer.zero_grad()
+    stats = tr.objective.backward(second, tr.gen, lambda loss: loss.backward())
+    assert stats["ratio_dev"] > 1e-6
+
+
+def test_flow_grpo_config_errors_name_the_key(tiny_base, tmp_path):
+    with pytest.raises(ConfigError, match="flow_grpo.noise_level"):
+        make_trainer(tiny_base, tmp_path / "a", "flow_grpo", "flow_grpo.noise_level=0")
+    with pytest.raises(ConfigError, match="rollout.solver"):
+        make_trainer(tiny_base, tmp_path / "b", "flow_grpo", "rollout.solver=dpmpp")
+    with pytest.raises(ConfigError, match="objective.name"):
+        load_train_config("configs/dgpo/shapes.yaml", ["objective.name=ppo"])
+
+
+# ----------------------------------------------------------------------------------------- losses = formulas
+
+def test_flow_grpo_loss_is_its_formula():
+    g = torch.Generator().manual_seed(0)
+    lp = (torch.randn(32, generator=g) * 1e-3).requires_grad_()
+    old = torch.randn(32, generator=g) * 1e-3
+    adv = torch.randn(32, generator=g)
+    kl = torch.rand(32, generator=g)
+    eps = 1e-3
+    loss, stats = flow_grpo_loss(lp, old, adv, eps, kl, 0.04)
+    expected = 0.0
+    for i in range(32):
+        ratio = math.exp(lp[i].item() - old[i].item())
+        expected += max(-adv[i].item() * ratio, -adv[i].item() * min(max(ratio, 1 - eps), 1 + eps)) / 32
+    expected += 0.04 * kl.mean().item()
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert 0 < stats["clip_frac"] < 1
+    # Gradient: −A·ρ/B where the unclipped term is the max, 0 where the clipped (constant) one is.
+    loss.backward()
+    ratio = torch.exp(lp.detach() - old)
+    active = (-adv * ratio) >= (-adv * ratio.clamp(1 - eps, 1 + eps))
+    assert torch.allclose(lp.grad, torch.where(active, -adv * ratio / 32, torch.zeros(32)), atol=1e-7)
+
+
+def test_diffusion_dpo_loss_is_its_formula():
+    g = torch.Generator().manual_seed(1)
+    lw, rw, ll, rl = (torch.rand(16, generator=g) for _ in range(4))
+    beta = 3.0
+    loss = diffusion_dpo_loss(lw, rw, ll, rl, beta)
+    expected = np.mean([-math.log(1 / (1 + math.exp(beta * ((lw[i] - rw[i]) - (ll[i] - rl[i])).item())))
+                        for i in range(16)])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert diffusion_dpo_loss(rw, rw, rl, rl, beta).item() == pytest.approx(math.log(2))
+
+
+def test_nft_loss_is_its_formula():
+    g = torch.Generator().manual_seed(2)
+    v_theta, v_old, target = (torch.randn(6, 2, 3, 3, generator=g) for _ in range(3))
+    adv = torch.tensor([-7.0, -2.0, 0.0, 1.0, 2.5, 9.0])
+    r = nft_optimality(adv, 5.0)
+    assert torch.allclose(r, torch.tensor([0.0, 0.3, 0.5, 0.6, 0.75, 1.0]))
+    weight = torch.rand(6, generator=g)
+    beta = 0.7
+    loss = nft_loss(v_theta, v_old, target, r, beta, weight)
+    expected = 0.0
+    for i in range(6):
+        pos = (1 - beta) * v_old[i] + beta * v_theta[i]
+        neg = (1 + beta) * v_old[i] - beta * v_theta[i]
+        expected += weight[i] * (r[i] * ((pos - target[i]) ** 2).mean() + (1 - r[i]) * ((neg - target[i]) ** 2).mean())
+    assert loss.item() == pytest.approx(expected.item() / 6, rel=1e-5)
+    # At θ = old the gradient is 2β·w·(2r − 1)·(v_old − v)/D per element: positives pull v_θ towards the data.
+    v = v_old.clone().requires_grad_()
+    nft_loss(v, v_old, target, r, beta, weight).backward()
+    d = v_old[0].numel()
+    expected_grad = (2 * beta * weight * (2 * r - 1)).view(-1, 1, 1, 1) * (v_old - target) / d / 6
+    assert torch.allclose(v.grad, expected_grad, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- rewards rise
+
+# Epochs and learning rates that move the reward clearly within a few seconds on the tiny model. Flow-GRPO
+# needs more samples per step (its policy gradient is the SDE noise correlated with the advantage) and no KL
+# anchor at this scale.
+RISE = {
+    "dgpo": ["run.epochs=10", "optim.lr=3e-2"],
+    "diffusion_dpo": ["run.epochs=10", "optim.lr=3e-2"],
+    "nft": ["run.epochs=10", "optim.lr=3e-2"],
+    "flow_grpo": ["run.epochs=25", "optim.lr=3e-2", "rollout.group_size=8", "flow_grpo.kl_weight=0"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(RISE))
+def test_a_few_epochs_raise_the_training_reward(method, learnable_base, tmp_path):
+    """Trained towards brightness the images get brighter; towards darkness, darker (so the rise is the
+    objective's doing, not drift)."""
+    for reward in ("test_brightness", "test_darkness"):
+        tr = make_trainer(learnable_base, tmp_path / reward, method, f"reward.name={reward}", *RISE[method])
+        prompts = tr.train_prompts[:4]
+        flat = [p for p in prompts for _ in range(4)]
+        embeds = PromptEmbeds.cat([tr.embeds_of[p] for p in flat])
+        noise = torch.randn((len(flat), *tr.model.latent_shape), generator=torch.Generator().manual_seed(123))
+
+        def score():
+            with torch.no_grad():
+                latents = sample_ode(tr.model, embeds, noise, 2, 2.0, "euler")
+            return float(np.mean(tr.reward(tr.model.decode_latents(latents), flat)))
+
+        before = score()
+        for _ in range(tr.cfg.run.epochs):
+            tr.epoch()
+        after = score()
+        assert after > before + 3e-3, (method, reward, before, after)
+
+
+def test_dgpo_nfe_is_counted_at_the_transformer_and_equals_the_formula(tiny_base, tmp_path):
+    from dgpo.trainer import nfe_per_epoch
+    tr = make_trainer(tiny_base, tmp_path / "d", "dgpo", "objective.timesteps_per_sample=2",
+                      "objective.reference_cfg=2.0")
+    tr.epoch()
+    assert tr.counters.nfe == nfe_per_epoch(tr.cfg) > 0
+
+
+def test_bench_summary_times_to_target_and_ratio_to_dgpo():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_rl", Path(__file__).parents[1] / "scripts" / "bench_rl.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cats = {"single_object": 0.5}
+    row = lambda g, s, n: {"eval_geneval": g, "train_seconds": s, "nfe": n, "epoch": int(s), "eval_per_category": cats}
+    curves = {"dgpo": [row(0.3, 0, 0), row(0.45, 60, 100), row(0.5, 120, 200)],
+              "fg": [row(0.3, 0, 0), row(0.4, 60, 300), row(0.46, 180, 900)]}
+    s = bench.summarise(curves, {"dgpo": "dgpo", "fg": "flow_grpo"}, 0.9)
+    assert s["target"] == pytest.approx(0.45)
+    assert s["methods"]["dgpo"]["seconds_to_target"] == 60 and s["methods"]["dgpo"]["nfe_to_target"] == 100
+    assert s["methods"]["fg"]["seconds_to_target"] == 180 and s["methods"]["fg"]["time_ratio_to_dgpo"] == 3.0
+    assert "| fg (flow_grpo) |" in bench.markdown(s)
+    assert bench.parse_methods("dgpo,lo=flow_grpo") == {"dgpo": "dgpo", "lo": "flow_grpo"}
+    assert bench.split_overrides(["optim.lr=1", "lo:optim.lr=2"], ["dgpo", "lo"]) == (
+        ["optim.lr=1"], {"dgpo": [], "lo": ["optim.lr=2"]})
+    with pytest.raises(SystemExit):
+        bench.parse_methods("ppo")
+
+
+def test_offline_dpo_rolls_out_the_frozen_base(tiny_base, tmp_path):
+    from dgpo.models.lora import adapters_disabled
+    tr = make_trainer(tiny_base, tmp_path / "off", "diffusion_dpo", "diffusion_dpo.data=offline")
+    with torch.no_grad():
+        for p in tr.params:
+            p.add_(0.5)                                     # a policy far from the base
+    state = tr.gen.get_state()
+    latents = tr.rollout(tr.train_prompts[:2])[0]
+    tr.gen.set_state(state)
+    with adapters_disabled(tr.model.transformer):
+        base_latents = tr.rollout(tr.train_prompts[:2])[0]
+    tr.gen.set_state(state)
+    tr.cfg.diffusion_dpo.data = "online"
+    online = tr.rollout(tr.train_prompts[:2])[0]
+    assert torch.equal(latents, base_latents) and not torch.allclose(online, base_latents)
+
+
+@pytest.mark.parametrize("method", ["flow_grpo", "nft"])
+def test_baseline_resumes_exactly(method, tiny_base, tmp_path):
+    """Objective state (Flow-GRPO's split of the batch, NFT's old policy) survives a checkpoint exactly."""
+    from safetensors.torch import load_file
+    extra = ["run.checkpoint_every=2", "rollout.prompts_per_epoch=2", "rollout.group_size=3"]
+    full = make_trainer(tiny_base, tmp_path / "full", method, "run.epochs=4", *extra)
+    full.run()
+    part = make_trainer(tiny_base, tmp_path / "part", method, "run.epochs=2", *extra)
+    part.run()
+    resumed = Trainer(prepare_run_dir(part.cfg, True, ["run.epochs=4"]), log=lambda *a: None)
+    resumed.run(resume=True)
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step-4" / "tensors.safetensors"))
+    b = load_file(str(tmp_path / "part" / "checkpoints" / "step-4" / "tensors.safetensors"))
+    assert a.keys() == b.keys()
+    if method == "nft":
+        assert any(k.startswith("nft_old.") for k in a)
+    for k in a:
+        if not k.startswith("rng."):
+            assert torch.equal(a[k], b[k]), k
