@@ -1,0 +1,129 @@
+"""Benchmark a TDM student against its teacher on the shapes world: quality and speed.
+
+Rows: the teacher at its default steps with CFG, the teacher at the student's step count (with CFG), and
+the student at K NFE (and fewer: 1, 2 — an evenly spaced subset of its trained noise levels), all on the
+same test prompts and seeds. For each: shapes-geneval (overall and per category), mean partial score,
+quality FD, and images per second (sampling + decoding, one batch size, evaluation excluded).
+
+Writes ``NAME.json``, ``NAME.md`` (a markdown table) and ``NAME_grid.png`` (one column per row above,
+one row per test prompt, same seed) into ``--out-dir``:
+
+    python scripts/bench_tdm.py --lora runs/tdm-shapes/final/lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="teacher pipeline folder (default: the embedded shapes base)")
+    p.add_argument("--lora", default="runs/tdm-shapes/final/lora", help="the student's LoRA folder "
+                   "(default runs/tdm-shapes/final/lora; its sampler.json gives the noise levels)")
+    p.add_argument("--teacher-steps", type=int, default=20, help="teacher's default Euler steps (default 20)")
+    p.add_argument("--teacher-cfg", type=float, default=1.5, help="teacher's CFG scale (default 1.5)")
+    p.add_argument("--student-nfe", default="4,2,1", help="student step counts, comma-separated (default 4,2,1)")
+    p.add_argument("--split", choices=["train", "test", "all"], default="test", help="prompts (default test)")
+    p.add_argument("--per-prompt", type=int, default=16, help="images per prompt (default 16: ±0.025 noise)")
+    p.add_argument("--seed", type=int, default=1000, help="seed of the first image (default 1000)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per sampler batch (default 64)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, for comparable timings)")
+    p.add_argument("--out-dir", default=str(ROOT / "scripts" / "results"), help="output folder (default scripts/results)")
+    p.add_argument("--name", default="tdm_shapes_bench", help="output file stem (default tdm_shapes_bench)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from dgpo.cli import load_model, resolve_model
+    from dgpo.errors import UserError
+    from dgpo.evaluation import SamplerConfig, evaluate_images, format_table, generate
+    from dgpo.samples_io import image_grid
+    from dgpo.worlds import shapes
+    from tdm_r1.student import default_boundaries, generate_student, read_sampler_file, subset_boundaries
+    try:
+        base = resolve_model(args.model)
+        if not Path(args.lora).exists() and (ROOT / args.lora).exists():  # the default, run from elsewhere
+            args.lora = str(ROOT / args.lora)
+        if not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
+            raise UserError(f"--lora {args.lora!r} has no pytorch_lora_weights.safetensors: run `tdm-r1 distill` "
+                            f"first or pass RUN/final/lora")
+        teacher = load_model(base)
+        student = load_model(base, args.lora)
+        saved = read_sampler_file(args.lora)
+        trained = saved["boundaries"] if saved else default_boundaries(student, 4)
+        nfes = [int(x) for x in args.student_nfe.split(",") if x.strip()]
+    except (UserError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prompts = shapes.prompts(args.split)
+    flat = [p for p in prompts for _ in range(args.per_prompt)]
+    k = len(trained)
+
+    rows = {
+        f"teacher ({args.teacher_steps} steps, CFG {args.teacher_cfg})":
+            (args.teacher_steps * (2 if args.teacher_cfg > 1 else 1),
+             lambda: generate(teacher, prompts, args.per_prompt, SamplerConfig(args.teacher_steps, args.teacher_cfg),
+                              args.seed, args.batch_size)),
+        f"teacher ({k} steps, CFG {args.teacher_cfg})":
+            (k * (2 if args.teacher_cfg > 1 else 1),
+             lambda: generate(teacher, prompts, args.per_prompt, SamplerConfig(k, args.teacher_cfg), args.seed,
+                              args.batch_size)),
+    }
+    for n in nfes:
+        b = subset_boundaries(trained, n)
+        rows[f"TDM student ({n} NFE)"] = (n, lambda b=b: generate_student(student, prompts, b, args.per_prompt,
+                                                                          args.seed, args.batch_size))
+    results, images_of = {}, {}
+    for name, (nfe, run) in rows.items():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            images, _ = run()
+        seconds = time.perf_counter() - t0
+        r = evaluate_images(images, flat)
+        r.update(nfe=nfe, seconds=round(seconds, 3), images_per_second=round(len(images) / seconds, 2))
+        results[name], images_of[name] = r, images
+        print(f"{name}: shapes-geneval {r['geneval']:.3f}, FD {r['fd']:.2f}, {r['images_per_second']:.1f} images/s")
+    ref = next(iter(results.values()))["images_per_second"]
+    for r in results.values():
+        r["speedup_vs_teacher"] = round(r["images_per_second"] / ref, 2)
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"base": str(base), "lora": str(args.lora), "boundaries": trained, "split": args.split,
+            "per_prompt": args.per_prompt, "seed": args.seed, "batch_size": args.batch_size, "threads": args.threads,
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    (out / f"{args.name}.json").write_text(json.dumps({"settings": meta, "results": results}, indent=2))
+    speed = ["", "| model | NFE | images/s | speed-up |", "|---|---|---|---|"]
+    speed += [f"| {n} | {r['nfe']} | {r['images_per_second']:.1f} | {r['speedup_vs_teacher']:.1f}× |"
+              for n, r in results.items()]
+    table = format_table(results) + "\n" + "\n".join(speed) + "\n"
+    (out / f"{args.name}.md").write_text(table)
+    # Side by side: one row per prompt (first image of each), one column per model.
+    first = np.arange(0, len(flat), args.per_prompt)[:16]
+    tiles = np.stack([images_of[n][i] for i in first for n in results])
+    from PIL import Image
+    Image.fromarray(image_grid(tiles, columns=len(results))).save(out / f"{args.name}_grid.png")
+    print(table)
+    print(f"columns of {out / (args.name + '_grid.png')}: {list(results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

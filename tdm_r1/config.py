@@ -1,0 +1,101 @@
+"""The typed config of a TDM distillation run (``configs/tdm/*.yaml``); every field documented."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dgpo.config import load_config, option, section
+
+
+@dataclass
+class TeacherConfig:
+    base: str = option("", "saved SD3 pipeline folder of the teacher; empty = the embedded shapes base")
+    base_config: str = option("configs/base/shapes.yaml", "pretraining recipe of the embedded base when base is empty")
+    guidance_scale: float = option(1.5, "CFG scale of the teacher's score in the generator target (<= 1: off)", min=0.0)
+
+
+@dataclass
+class StudentConfig:
+    nfe: int = option(4, "K: student steps (transformer evaluations per image)", min=1)
+    boundaries: list[float] = option([], "σ_0 = 1 > … > σ_{K-1}: the student's noise levels (empty = the "
+                                         "scheduler's own K-step schedule)")
+    mode: str = option("lora", "train LoRA adapters on the teacher's transformer or a full copy of it",
+                       choices=("lora", "full"))
+    lora_rank: int = option(32, "student LoRA rank", min=1)
+    lora_alpha: float = option(32.0, "student LoRA alpha (scale = alpha / rank)", min=0.0)
+    ema_decay: float = option(0.0, "EMA of the student's weights, used for evaluation and export (0 = off); "
+                              "smooths the iteration-to-iteration swings of the student", min=0.0, max=1.0)
+
+
+@dataclass
+class FakeConfig:
+    lora_rank: int = option(32, "fake-score LoRA rank (a second adapter on the teacher's backbone)", min=1)
+    lora_alpha: float = option(32.0, "fake-score LoRA alpha", min=0.0)
+    importance: str = option("self_normalized", "importance weight of the fake loss: the exact ratio "
+                             "self-normalised over the batch, its per-dimension geometric mean, or none",
+                             choices=("self_normalized", "per_dim", "none"))
+    updates_per_generator: int = option(1, "fake-score updates per generator update (the 1:1 default)", min=1)
+
+
+@dataclass
+class ObjectiveConfig:
+    tau: str = option("disjoint", "τ inside step k's own interval (σ_{k+1}, σ_k), or in (σ_{k+1}, 1) with k as "
+                      "extra conditioning of the fake score", choices=("disjoint", "full"))
+    tau_min: float = option(0.0, "lowest τ (x̂₀ of teacher and fake both collapse onto x_τ as τ → 0)",
+                            min=0.0, max=0.99)
+    distance: str = option("l2", "generator distance to its target", choices=("l2", "huber"))
+    huber_c: float = option(0.03, "c of the pseudo-Huber distance", min=0.0)
+    normalise: bool = option(True, "divide the score difference by DMD's normaliser mean|x̂₀ − x̂₀^teacher|")
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = option(32, "student trajectories per iteration (prompts drawn from the train split)", min=1)
+    generator_lr: float = option(3e-4, "Adam learning rate of the student (below the fake score's)", min=0.0)
+    fake_lr: float = option(1e-3, "Adam learning rate of the fake score", min=0.0)
+    betas: list[float] = option([0.0, 0.99], "Adam betas of both optimisers (β₁ = 0, as in DMD/TDM)")
+    grad_clip: float = option(1.0, "global gradient-norm clip (0 = off)", min=0.0)
+
+
+@dataclass
+class EvalSection:
+    every: int = option(100, "evaluate the student every N iterations (and at the start and end)", min=1)
+    split: str = option("test", "prompts to evaluate on", choices=("train", "test", "all"))
+    per_prompt: int = option(8, "images per prompt", min=1)
+    seed: int = option(1000, "seed of the first evaluation image", min=0)
+    fd: bool = option(True, "compute the quality FD")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = option("runs/tdm-shapes", "run folder (config, metrics, grids, checkpoints, final LoRA)")
+    seed: int = option(0, "seed of prompts, noise and LoRA initialisation", min=0)
+    iterations: int = option(5000, "maximum generator updates", min=0)
+    time_budget_min: float = option(0.0, "stop after this many minutes of training wall-clock (0 = no limit)", min=0.0)
+    checkpoint_every: int = option(100, "save a full checkpoint every N iterations", min=1)
+    keep_checkpoints: int = option(2, "checkpoints to keep", min=1)
+    threads: int = option(0, "torch CPU threads (0 = torch's default)", min=0)
+
+
+@dataclass
+class DistillConfig:
+    run: RunConfig = section(RunConfig, "run folder, length")
+    teacher: TeacherConfig = section(TeacherConfig, "the teacher (the base model)")
+    student: StudentConfig = section(StudentConfig, "the few-step student")
+    fake: FakeConfig = section(FakeConfig, "the fake score")
+    objective: ObjectiveConfig = section(ObjectiveConfig, "the TDM objective")
+    optim: OptimConfig = section(OptimConfig, "optimisers")
+    eval: EvalSection = section(EvalSection, "evaluation of the student on test prompts")
+
+
+def load_distill_config(path: str | Path | None, overrides=()) -> DistillConfig:
+    cfg = load_config(DistillConfig, path, overrides)
+    if cfg.student.boundaries and len(cfg.student.boundaries) != cfg.student.nfe:
+        from dgpo.config import ConfigError
+        raise ConfigError(f"student.boundaries has {len(cfg.student.boundaries)} levels but student.nfe is "
+                          f"{cfg.student.nfe}: give one level per step (starting at 1.0) or leave it empty")
+    if len(cfg.optim.betas) != 2:
+        from dgpo.config import ConfigError
+        raise ConfigError(f"optim.betas: expected two numbers [β₁, β₂], got {cfg.optim.betas}")
+    return cfg

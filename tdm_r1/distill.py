@@ -1,0 +1,489 @@
+"""TDM distillation of a K-NFE student from a flow-matching teacher, read top to bottom.
+
+One iteration (see :mod:`tdm_r1.objectives` for every formula):
+
+1. **rollout** — B train prompts, B noises; a no-grad K-step rollout of the student records
+   x_{σ_0} … x_{σ_K} and each step's clean prediction x̂₀_k = x_{σ_k} − σ_k·v_θ(x_{σ_k}).
+2. **fake-score update(s)** (``fake.updates_per_generator``, 1:1 by default) — per sample a step k ~ U{0…K−1},
+   τ from :func:`sample_tau`, x_τ ~ q(· | x_{σ_{k+1}}); the fake LoRA ψ (a second adapter on the teacher's
+   backbone, initialised as the teacher: LoRA's B = 0) takes one Adam step on the importance-weighted
+   x̂₀-denoising loss towards x̂₀_k.
+3. **generator update** — fresh k, τ, x_τ; teacher (adapters off, CFG) and fake x̂₀ at x_τ without grad;
+   one grad-enabled student step from x_{σ_k} gives x̂₀_θ, pulled towards x̂₀_θ + (x̂₀^teacher − x̂₀^fake)/n.
+   The deterministic map to x_{σ_{k+1}} is the rollout's own (the weights are the same), so the step
+   is not recomputed.
+
+Both optimisers are Adam with β₁ = 0; the generator's learning rate is below the fake's. The run folder
+follows ``dgpo train``: ``config.yaml``, ``metrics.jsonl``, ``samples/iter-N.png``, ``checkpoints/step-N``
+(``--resume``), ``final/lora`` (+ ``sampler.json``/``USAGE.md``: the stock diffusers call), ``curves.png``,
+``summary.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from diffusers import StableDiffusion3Pipeline
+from peft.utils import get_peft_model_state_dict
+from tqdm.auto import tqdm
+
+from dgpo.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, optimizer_from_flat,
+                             optimizer_to_flat, restore_rng, save_checkpoint)
+from dgpo.config import from_dict, to_dict
+from dgpo.ema import EMA
+from dgpo.errors import UserError
+from dgpo.evaluation import evaluate_images, format_table
+from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
+from dgpo.models.lora import add_lora
+from dgpo.models.pretrain import ensure_base, load_pretrain_config
+from dgpo.samples_io import image_grid
+from dgpo.worlds import shapes
+from tdm_r1.config import DistillConfig
+from tdm_r1.objectives import (fake_score_loss, generator_loss, log_importance_weight, normalise_weights,
+                               sample_tau, transition_sample, x0_from_velocity)
+from tdm_r1.student import boundary_sigmas, check_boundaries, default_boundaries, generate_student, write_sampler_files
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STUDENT, FAKE = "student", "fake"
+
+
+def resolve_teacher(cfg: DistillConfig, log=print) -> Path:
+    """The teacher pipeline folder: ``teacher.base`` or the embedded base (pretrained if not cached)."""
+    if cfg.teacher.base:
+        return Path(cfg.teacher.base)
+    base_cfg = Path(cfg.teacher.base_config)
+    base_cfg = base_cfg if base_cfg.is_absolute() else REPO_ROOT / base_cfg
+    return ensure_base(load_pretrain_config(base_cfg), log=log)
+
+
+def adapter_parameters(transformer, name: str) -> list[torch.nn.Parameter]:
+    """The LoRA parameters of adapter ``name``, in a fixed order."""
+    return [p for n, p in transformer.named_parameters() if "lora_" in n and f".{name}." in n]
+
+
+@dataclass
+class Rollout:
+    """A student rollout: states (K + 1, B, C, h, w), clean predictions x̂₀_k (K, B, C, h, w), embeddings."""
+
+    states: torch.Tensor
+    x0: torch.Tensor
+    embeds: PromptEmbeds
+
+
+@dataclass
+class Counters:
+    iteration: int = 0
+    train_seconds: float = 0.0
+    nfe: int = 0  # transformer evaluations (per sample), summed over the batch
+
+
+class Distiller:
+    """Teacher, student, fake score, optimisers and counters of one run; ``run()`` is the loop."""
+
+    def __init__(self, cfg: DistillConfig, log=print):
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.run.out_dir)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        torch.manual_seed(cfg.run.seed)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.base_path = resolve_teacher(cfg, log)
+        pipe = load_pipeline(self.base_path)
+        pipe.to(device)
+        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            m.requires_grad_(False)
+        t5 = t5_tokens_of(self.base_path)
+        self.teacher = FlowModel(pipe, max_sequence_length=t5)  # adapters off = the teacher
+        self.boundaries = check_boundaries(cfg.student.boundaries or default_boundaries(self.teacher, cfg.student.nfe))
+        if len(self.boundaries) != cfg.student.nfe:
+            raise UserError(f"student.boundaries has {len(self.boundaries)} levels for student.nfe={cfg.student.nfe}")
+        self.sigmas = boundary_sigmas(self.teacher, self.boundaries)  # σ_0 … σ_K (σ_K = 0)
+
+        if cfg.student.mode == "full":  # a full copy of the backbone, trained entirely
+            student_tr = copy.deepcopy(pipe.transformer)
+            student_tr.requires_grad_(True)
+            self.student = FlowModel(StableDiffusion3Pipeline(**{**pipe.components, "transformer": student_tr}),
+                                     max_sequence_length=t5)
+            self.student.pipe.set_progress_bar_config(disable=True)
+            self.student_params = list(student_tr.parameters())
+        add_lora(pipe.transformer, cfg.fake.lora_rank, cfg.fake.lora_alpha, adapter_name=FAKE, seed=cfg.run.seed + 1)
+        if cfg.student.mode == "lora":  # a second adapter on the same backbone
+            add_lora(pipe.transformer, cfg.student.lora_rank, cfg.student.lora_alpha, adapter_name=STUDENT,
+                     seed=cfg.run.seed)
+            self.student = FlowModel(pipe, max_sequence_length=t5)
+            self.student_params = adapter_parameters(pipe.transformer, STUDENT)
+        self.fake_params = adapter_parameters(pipe.transformer, FAKE)
+        self.step_embed = None
+        if cfg.objective.tau == "full":  # the step index k as extra conditioning of the fake score
+            dim = pipe.transformer.config.pooled_projection_dim
+            self.step_embed = torch.nn.Parameter(torch.zeros(cfg.student.nfe, dim, device=device))
+            self.fake_params.append(self.step_embed)
+        for p in self.student_params + self.fake_params:
+            p.requires_grad_(True)
+        betas = tuple(cfg.optim.betas)
+        # evaluation and export read the EMA of the student when student.ema_decay > 0
+        self.student_ema = EMA(self.student_params, cfg.student.ema_decay) if cfg.student.ema_decay > 0 else None
+        self.gen_opt = torch.optim.Adam(self.student_params, lr=cfg.optim.generator_lr, betas=betas)
+        self.fake_opt = torch.optim.Adam(self.fake_params, lr=cfg.optim.fake_lr, betas=betas)
+        self.gen = torch.Generator().manual_seed(cfg.run.seed)
+        self.device = device
+        self.train_prompts = shapes.prompts("train")
+        with torch.no_grad():
+            embeds = self.teacher.encode_prompts(self.train_prompts)
+        self.embeds_of = {p: embeds.index(slice(i, i + 1)) for i, p in enumerate(self.train_prompts)}
+        self.counters = Counters()
+
+    # --------------------------------------------------------------------------------------- models
+    @contextmanager
+    def as_student(self):
+        """The student's weights are live (LoRA mode: only the student adapter is active)."""
+        if self.cfg.student.mode == "lora":
+            with self._adapter(STUDENT):
+                yield self.student
+        else:
+            yield self.student
+
+    @contextmanager
+    def as_fake(self):
+        with self._adapter(FAKE):
+            yield self.teacher
+
+    @contextmanager
+    def as_teacher(self):
+        tr = self.teacher.transformer
+        tr.disable_adapters()
+        try:
+            yield self.teacher
+        finally:
+            tr.enable_adapters()
+            self._fix_requires_grad()
+
+    @contextmanager
+    def _adapter(self, name: str):
+        tr = self.teacher.transformer
+        tr.set_adapter(name)
+        self._fix_requires_grad()  # peft freezes inactive adapters; gradients are scoped by no_grad instead
+        yield
+
+    def _fix_requires_grad(self):
+        for p in self.student_params + self.fake_params:
+            p.requires_grad_(True)
+
+    def fake_embeds(self, embeds: PromptEmbeds, k: torch.Tensor) -> PromptEmbeds:
+        if self.step_embed is None:
+            return embeds
+        return PromptEmbeds(embeds.tokens, embeds.pooled + self.step_embed[k.to(self.device)])
+
+    # --------------------------------------------------------------------------------------- iteration parts
+    def sample_prompts(self, n: int) -> list[str]:
+        idx = torch.randint(len(self.train_prompts), (n,), generator=self.gen)
+        return [self.train_prompts[i] for i in idx.tolist()]
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> Rollout:
+        """The no-grad K-step student rollout, keeping every state and every step's x̂₀."""
+        embeds = PromptEmbeds.cat([self.embeds_of[p] for p in prompts])
+        x = torch.randn((len(prompts), *self.teacher.latent_shape), generator=self.gen).to(self.device)
+        states, x0s = [x], []
+        with self.as_student() as model:
+            for k in range(len(self.boundaries)):
+                s = self.sigmas[k].expand(len(x)).to(self.device)
+                v = model.velocity(x, s, embeds)
+                x0s.append(x0_from_velocity(x, s, v))
+                x = x + (self.sigmas[k + 1] - self.sigmas[k]).item() * v
+                states.append(x)
+        return Rollout(torch.stack(states), torch.stack(x0s), embeds)
+
+    def trajectory_points(self, r: Rollout) -> dict:
+        """Per sample: k ~ U{0…K−1}, τ (:func:`sample_tau`), x_τ ~ q(· | x_{σ_{k+1}})."""
+        b = r.states.shape[1]
+        k = torch.randint(len(self.boundaries), (b,), generator=self.gen)
+        tau = sample_tau(self.sigmas, k, self.cfg.objective.tau, self.gen, tau_min=self.cfg.objective.tau_min)
+        rows = torch.arange(b)
+        x_k, x_next, x0 = r.states[k, rows], r.states[k + 1, rows], r.x0[k, rows]
+        z = torch.randn(x_next.shape, generator=self.gen).to(self.device)
+        s_next, tau_d = self.sigmas[k + 1].to(self.device), tau.to(self.device)
+        x_tau = transition_sample(x_next, s_next, tau_d, z)
+        return {"k": k, "tau": tau_d, "x_k": x_k, "x_next": x_next, "s_next": s_next, "x0": x0, "x_tau": x_tau,
+                "s_k": self.sigmas[k].to(self.device)}
+
+    def fake_loss(self, r: Rollout, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The importance-weighted fake-score loss on trajectory points ``p`` (and the weights)."""
+        log_w = log_importance_weight(p["x_tau"], p["x_next"], p["x0"], p["s_next"], p["tau"])
+        w = normalise_weights(log_w, self.cfg.fake.importance, dim=p["x_tau"][0].numel())
+        with self.as_fake() as fake:
+            v = fake.velocity(p["x_tau"], p["tau"], self.fake_embeds(r.embeds, p["k"]))
+            return fake_score_loss(v, p["x_tau"], p["tau"], p["x0"], w), w
+
+    def fake_update(self, r: Rollout, points: dict | None = None) -> dict:
+        loss, w = self.fake_loss(r, points if points is not None else self.trajectory_points(r))
+        grad_norm = self._step(self.fake_opt, self.fake_params, loss, "fake")
+        ess = (w.sum() ** 2 / (w ** 2).sum()).item() / len(w)  # effective sample size / B
+        return {"loss_fake": loss.item(), "grad_norm_fake": grad_norm, "ess": ess}
+
+    def generator_update(self, r: Rollout) -> dict:
+        p = self.trajectory_points(r)
+        with torch.no_grad():
+            with self.as_teacher() as teacher:
+                v_t = teacher.guided_velocity(p["x_tau"], p["tau"], r.embeds, self.cfg.teacher.guidance_scale)
+            with self.as_fake() as fake:
+                v_f = fake.velocity(p["x_tau"], p["tau"], self.fake_embeds(r.embeds, p["k"]))
+            x0_teacher = x0_from_velocity(p["x_tau"], p["tau"], v_t)
+            x0_fake = x0_from_velocity(p["x_tau"], p["tau"], v_f)
+        with self.as_student() as student:
+            v = student.velocity(p["x_k"], p["s_k"], r.embeds)
+        x0_student = x0_from_velocity(p["x_k"], p["s_k"], v)
+        o = self.cfg.objective
+        loss = generator_loss(x0_student, x0_teacher, x0_fake, o.distance, o.huber_c, o.normalise)
+        grad_norm = self._step(self.gen_opt, self.student_params, loss, "generator")
+        if self.student_ema is not None:
+            self.student_ema.update(self.counters.iteration)
+        return {"loss_gen": loss.item(), "grad_norm_gen": grad_norm,
+                "score_gap": (x0_teacher - x0_fake).abs().mean().item()}
+
+    def _step(self, opt, params, loss, who: str) -> float:
+        loss.backward()
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if not math.isfinite(loss.item()) or not torch.isfinite(grad_norm):
+            raise UserError(f"non-finite {who} loss or gradient at iteration {self.counters.iteration} "
+                            f"(loss {loss.item()}, grad norm {grad_norm.item()}): lower optim.{who}_lr or set "
+                            f"optim.grad_clip; the last checkpoint is intact")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return grad_norm.item()
+
+    def nfe_per_iteration(self) -> int:
+        b, k = self.cfg.optim.batch_size, len(self.boundaries)
+        teacher = 2 if self.cfg.teacher.guidance_scale > 1 else 1
+        return b * (k + 2 * self.cfg.fake.updates_per_generator + teacher + 1 + 2)
+
+    def iteration(self) -> dict:
+        t0 = time.time()
+        r = self.rollout(self.sample_prompts(self.cfg.optim.batch_size))
+        stats: dict = {}
+        for _ in range(self.cfg.fake.updates_per_generator):
+            stats.update(self.fake_update(r))
+        stats.update(self.generator_update(r))
+        self.counters.iteration += 1
+        self.counters.train_seconds += time.time() - t0
+        self.counters.nfe += self.nfe_per_iteration()
+        return {"iteration": self.counters.iteration, "train_seconds": round(self.counters.train_seconds, 2),
+                "nfe": self.counters.nfe, **{k: round(v, 6) for k, v in stats.items()}}
+
+    # --------------------------------------------------------------------------------------- evaluation
+    def student_weights(self):
+        """The weights that are evaluated and exported: the student's EMA if enabled, else the live ones."""
+        from contextlib import nullcontext
+        return self.student_ema.swapped_in() if self.student_ema is not None else nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        e = self.cfg.eval
+        prompts = shapes.prompts(e.split)
+        with self.as_student() as student, self.student_weights():
+            images, records = generate_student(student, prompts, self.boundaries, e.per_prompt, e.seed, progress=False)
+        result = evaluate_images(images, [r["prompt"] for r in records], fd=e.fd)
+        from PIL import Image
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        grid_idx = np.arange(0, len(images), e.per_prompt)[:64]
+        Image.fromarray(image_grid(images[grid_idx], columns=8)).save(
+            self.out / "samples" / f"iter-{self.counters.iteration:05d}.png")
+        return {"iteration": self.counters.iteration, "eval_geneval": result["geneval"],
+                "eval_per_category": result["per_category"], "eval_partial": result["partial"],
+                "eval_fd": result.get("fd"), "train_seconds": round(self.counters.train_seconds, 2),
+                "nfe": self.counters.nfe}
+
+    # --------------------------------------------------------------------------------------- state
+    def state_tensors(self) -> tuple[dict, dict]:
+        tensors = {f"student.{i}": p.detach() for i, p in enumerate(self.student_params)}
+        tensors.update({f"fake.{i}": p.detach() for i, p in enumerate(self.fake_params)})
+        if self.student_ema is not None:
+            tensors.update({f"student_{k}": v for k, v in self.student_ema.state_dict().items()})
+        scalars = {}
+        for name, opt in (("gen", self.gen_opt), ("fake_opt", self.fake_opt)):
+            t, s = optimizer_to_flat(opt)
+            tensors.update({f"{name}.{k}": v for k, v in t.items()})
+            scalars[name] = s
+        rng_t, rng_s = capture_rng({"main": self.gen})
+        tensors.update(rng_t)
+        c = self.counters
+        return tensors, {"optimizers": scalars, "rng": rng_s,
+                         "counters": {"iteration": c.iteration, "train_seconds": c.train_seconds, "nfe": c.nfe}}
+
+    def save(self) -> Path:
+        tensors, state = self.state_tensors()
+        return save_checkpoint(self.out, self.counters.iteration, tensors, state, self.cfg.run.keep_checkpoints)
+
+    @torch.no_grad()
+    def restore(self, path: Path) -> None:
+        tensors, state = load_checkpoint(path)
+        for prefix, params in (("student", self.student_params), ("fake", self.fake_params)):
+            for i, p in enumerate(params):
+                p.copy_(tensors[f"{prefix}.{i}"])
+        if self.student_ema is not None:
+            self.student_ema.load_state_dict({k[len("student_"):]: v for k, v in tensors.items()
+                                              if k.startswith("student_ema.")})
+        for name, opt in (("gen", self.gen_opt), ("fake_opt", self.fake_opt)):
+            sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".opt.")}
+            optimizer_from_flat(opt, sub, state["optimizers"][name])
+        restore_rng({"main": self.gen}, tensors, state["rng"])
+        c = state["counters"]
+        self.counters = Counters(c["iteration"], c["train_seconds"], c["nfe"])
+
+    # --------------------------------------------------------------------------------------- loop
+    def run(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        metrics_path = self.out / "metrics.jsonl"
+        if resume:
+            ckpt = latest_checkpoint(self.out)
+            if ckpt is None:
+                raise UserError(f"--resume: {str(self.out)!r} has no checkpoint yet; start the run without --resume")
+            self.restore(ckpt)
+            _truncate_metrics(metrics_path, self.counters.iteration)
+            self.log(f"resumed from {ckpt} (iteration {self.counters.iteration})")
+        else:
+            metrics_path.unlink(missing_ok=True)
+        evals = [r for r in _read_metrics(metrics_path) if "eval_geneval" in r]
+        if not evals:
+            evals.append(self._log(metrics_path, self.evaluate()))
+            self.log(_eval_line(evals[-1]))
+        budget = cfg.run.time_budget_min * 60
+        bar = tqdm(total=cfg.run.iterations, initial=self.counters.iteration, desc="TDM iterations")
+        while self.counters.iteration < cfg.run.iterations and not (budget and self.counters.train_seconds >= budget):
+            row = self._log(metrics_path, self.iteration())
+            bar.update(1)
+            bar.set_postfix(fake=f"{row['loss_fake']:.3f}", gen=f"{row['loss_gen']:.4f}",
+                            eval=f"{evals[-1]['eval_geneval']:.3f}")
+            if self.counters.iteration % cfg.eval.every == 0:
+                evals.append(self._log(metrics_path, self.evaluate()))
+                self.log(_eval_line(evals[-1]))
+            if self.counters.iteration % cfg.run.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        if evals[-1]["iteration"] != self.counters.iteration:
+            evals.append(self._log(metrics_path, self.evaluate()))
+            self.log(_eval_line(evals[-1]))
+        self.save()
+        self.finish(evals)
+        return {"first": evals[0], "last": evals[-1]}
+
+    def _log(self, path: Path, row: dict) -> dict:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    def finish(self, evals: list[dict]) -> None:
+        """final/lora (or final/pipeline in full mode) + sampler.json + USAGE.md, curves.png, summary."""
+        final, tmp = self.out / "final", self.out / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with self.student_weights():  # the exported student is the evaluated one (its EMA if enabled)
+            if self.cfg.student.mode == "lora":
+                save_student_lora(self.teacher.transformer, tmp / "lora")
+                base, lora = self.base_path.resolve(), (final / "lora").resolve()
+                write_sampler_files(tmp / "lora", self.student, self.boundaries, base, lora)
+            else:
+                self.student.pipe.save_pretrained(str(tmp / "pipeline"))
+                base, lora = (final / "pipeline").resolve(), None
+        write_sampler_files(tmp, self.student, self.boundaries, base, lora)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        plot_distill_curves(_read_metrics(self.out / "metrics.jsonl"), self.out / "curves.png")
+        k = len(self.boundaries)
+        table = format_table({f"student at init ({k} steps, no CFG)": _as_result(evals[0]),
+                              f"TDM student (iteration {evals[-1]['iteration']})": _as_result(evals[-1])})
+        (self.out / "summary.md").write_text(table + "\n")
+        (self.out / "summary.json").write_text(json.dumps({"first": evals[0], "last": evals[-1]}, indent=2))
+
+
+def save_student_lora(transformer, out_dir: Path) -> Path:
+    """The student adapter in the diffusers LoRA format (``pipe.load_lora_weights(out_dir)``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    StableDiffusion3Pipeline.save_lora_weights(
+        str(out_dir), transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=STUDENT),
+        safe_serialization=True)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop rows written after the checkpoint we resume from (they are recomputed identically)."""
+    rows = [r for r in _read_metrics(path) if r["iteration"] <= iteration]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _as_result(row: dict) -> dict:
+    out = {"geneval": row["eval_geneval"], "per_category": row["eval_per_category"], "partial": row["eval_partial"]}
+    if row.get("eval_fd") is not None:
+        out["fd"] = row["eval_fd"]
+    return out
+
+
+def _eval_line(row: dict) -> str:
+    fd = f", FD {row['eval_fd']:.2f}" if row.get("eval_fd") is not None else ""
+    return (f"iteration {row['iteration']}: student test shapes-geneval {row['eval_geneval']:.3f}{fd} "
+            f"after {row['train_seconds']:.0f} s of training")
+
+
+def plot_distill_curves(rows: list[dict], path: Path) -> None:
+    """Fake and generator losses per iteration, and test shapes-geneval against training wall-clock."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [r for r in rows if "loss_fake" in r]
+    evals = [r for r in rows if "eval_geneval" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for ax, key in zip(axes[:2], ("loss_fake", "score_gap")):
+        if train:
+            it = np.array([r["iteration"] for r in train])
+            y = np.array([r[key] for r in train])
+            k = max(1, len(y) // 50)
+            ax.plot(it, y, alpha=0.3, color="C0")
+            ax.plot(it[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), color="C0")
+        ax.set(xlabel="iteration", title=key)
+    if evals:
+        axes[2].plot([r["train_seconds"] / 60 for r in evals], [r["eval_geneval"] for r in evals], "o-", color="C1")
+    axes[2].set(xlabel="training wall-clock (min)", ylabel="test shapes-geneval", title="student evaluation")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def prepare_run_dir(cfg: DistillConfig, resume: bool, overrides=()) -> DistillConfig:
+    """Create (or, with resume, reopen) the run folder; the resolved config lives in ``config.yaml``."""
+    out = Path(cfg.run.out_dir)
+    saved = out / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise UserError(f"--resume: {str(out)!r} is not a run folder (no config.yaml)")
+        from dgpo.config import apply_overrides
+        return from_dict(DistillConfig, apply_overrides(yaml.safe_load(saved.read_text()), overrides))
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, saved)
+    return cfg

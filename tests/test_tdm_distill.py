@@ -1,0 +1,177 @@
+"""TDM distillation on a tiny base: the fake score learns, the student moves towards the teacher, and
+stock diffusers reproduces the exported student from the settings written next to it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from PIL import Image
+
+from dgpo.models.handle import PromptEmbeds
+from dgpo.sampling import initial_noise, sample_ode
+from tdm_r1.cli import main
+from tdm_r1.config import load_distill_config
+from tdm_r1.distill import Distiller, prepare_run_dir
+
+TINY_RUN = ["run.time_budget_min=0", "optim.batch_size=8", "eval.per_prompt=1", "eval.fd=false",
+            "eval.every=1000", "student.lora_rank=4", "student.lora_alpha=4", "fake.lora_rank=4", "fake.lora_alpha=4",
+            "run.checkpoint_every=1000"]
+
+
+def tiny_cfg(tiny_base, out, *extra):
+    return load_distill_config("configs/tdm/shapes.yaml",
+                               [f"teacher.base={tiny_base}", f"run.out_dir={out}", *TINY_RUN, *extra])
+
+
+def test_fake_score_update_lowers_its_loss_on_a_fixed_batch(tiny_base, tmp_path):
+    d = Distiller(tiny_cfg(tiny_base, tmp_path / "run", "optim.fake_lr=1e-2"), log=lambda *a: None)
+    rollout = d.rollout(d.sample_prompts(8))
+    points = d.trajectory_points(rollout)
+    with torch.no_grad():
+        before, w = d.fake_loss(rollout, points)
+    assert torch.isfinite(w).all() and w.mean().item() == pytest.approx(1.0, rel=1e-4)
+    student_before = [p.detach().clone() for p in d.student_params]
+    for _ in range(30):
+        d.fake_update(rollout, points)
+    with torch.no_grad():
+        after, _ = d.fake_loss(rollout, points)
+    assert after.item() < 0.95 * before.item(), (before.item(), after.item())
+    # Only the fake score moved.
+    assert all(torch.equal(a, b) for a, b in zip(student_before, d.student_params))
+
+
+def _distance_to_teacher(d, prompts, seeds):
+    """Mean squared distance between the student's K-step latents and the teacher's 20-step CFG latents."""
+    from tdm_r1.student import sample_student
+    embeds = PromptEmbeds.cat([d.embeds_of[p] for p in prompts])
+    noise = initial_noise(seeds, d.teacher.latent_shape)
+    with d.as_teacher() as teacher:
+        target = sample_ode(teacher, embeds, noise, 20, d.cfg.teacher.guidance_scale)
+    with d.as_student() as student:
+        ours = sample_student(student, embeds, noise, d.boundaries)
+    return ((ours - target) ** 2).mean().item()
+
+
+def test_distillation_moves_the_student_towards_the_teacher(tiny_base, tmp_path):
+    """A few TDM iterations bring the student's 4-step samples closer to the teacher's 20-step CFG samples
+    on a fixed seed set. The tiny test base is barely trained, so its 4-step and 20-step samples already
+    almost agree; the student therefore starts from perturbed LoRA weights (B ≠ 0), i.e. away from the
+    teacher, as a real student's few-step samples are."""
+    d = Distiller(tiny_cfg(tiny_base, tmp_path / "run", "optim.generator_lr=1e-3", "optim.fake_lr=4e-3",
+                           "optim.batch_size=16"), log=lambda *a: None)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in d.teacher.transformer.named_parameters():
+            if ".student." in name and "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    prompts = d.train_prompts[:8] * 2
+    seeds = list(range(500, 516))
+    before = _distance_to_teacher(d, prompts, seeds)
+    for _ in range(30):
+        d.iteration()
+    after = _distance_to_teacher(d, prompts, seeds)
+    assert after < 0.75 * before, (before, after)
+
+
+def test_stock_diffusers_reproduces_the_exported_student(tiny_base, tmp_path):
+    out = tmp_path / "run"
+    cfg = prepare_run_dir(tiny_cfg(tiny_base, out, "run.iterations=3", "optim.generator_lr=1e-2"), resume=False)
+    Distiller(cfg, log=lambda *a: None).run()
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.md", "final/lora/pytorch_lora_weights.safetensors",
+                 "final/sampler.json", "final/USAGE.md", "checkpoints/step-3/tensors.safetensors"):
+        assert (out / name).is_file(), name
+    settings = json.loads((out / "final" / "sampler.json").read_text())
+    assert settings["guidance_scale"] == 1.0 and len(settings["sigmas"]) == 4 == settings["num_inference_steps"]
+
+    samples = tmp_path / "samples"
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a photo of a green triangle\na photo of a red circle\n")
+    assert main(["sample", "--model", str(tiny_base), "--lora", str(out / "final" / "lora"), "--nfe", "4",
+                 "--prompts", str(prompt_file), "--out", str(samples), "--seed", "7",
+                 "--batch-size", "1"]) == 0  # one image per call, as the stock pipeline runs it
+    records = [json.loads(l) for l in (samples / "samples.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in records] == [7, 8] and (samples / "grid.png").is_file()
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_base), text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(sigmas=settings["sigmas"], guidance_scale=settings["guidance_scale"],
+                max_sequence_length=settings["max_sequence_length"], output_type="np")
+    base = pipe(records[0]["prompt"], generator=torch.Generator().manual_seed(7), **call).images
+    pipe.load_lora_weights(str(out / "final" / "lora"))
+    for rec in records:
+        stock = pipe(rec["prompt"], generator=torch.Generator().manual_seed(rec["seed"]), **call).images[0]
+        ours = np.asarray(Image.open(samples / rec["file"]))
+        diff = np.abs(ours.astype(int) - (stock * 255).round().astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, rec  # float rounding at .5 may flip a level
+    # In floats the two agree to 1e-5 (the uint8 files may differ by one level where a value sits at .5).
+    from dgpo.cli import load_model
+    from tdm_r1.student import sample_student
+    model = load_model(tiny_base, str(out / "final" / "lora"))
+    latents = sample_student(model, model.encode_prompts([records[0]["prompt"]]), initial_noise([7], model.latent_shape),
+                             settings["boundaries"])
+    stock = pipe(records[0]["prompt"], generator=torch.Generator().manual_seed(7), **call).images[0]
+    assert np.abs(model.decode_latents(latents, output="np")[0] - stock).max() < 1e-5
+    assert np.abs(pipe(records[0]["prompt"], generator=torch.Generator().manual_seed(7), **call).images - base).max() > 1e-4, \
+        "the distilled LoRA did not change the model"
+    # The scheduler, fed these sigmas, visits exactly the student's boundaries.
+    pipe.scheduler.set_timesteps(sigmas=settings["sigmas"])
+    assert np.allclose(pipe.scheduler.sigmas[:-1].numpy(), settings["boundaries"], atol=1e-6)
+
+
+def test_killed_run_resumes_exactly(tiny_base, tmp_path):
+    ema = "student.ema_decay=0.9"  # the student's EMA is part of the state
+    full = Distiller(prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "full", "run.iterations=4", ema), False),
+                     log=lambda *a: None)
+    full.run()
+    part = Distiller(prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "part", "run.iterations=2", ema), False),
+                     log=lambda *a: None)
+    part.run()
+    assert main(["distill", "--resume", str(tmp_path / "part"), "--set", "run.iterations=4"]) == 0
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step-4" / "tensors.safetensors"))
+    b = load_file(str(tmp_path / "part" / "checkpoints" / "step-4" / "tensors.safetensors"))
+    assert any(key.startswith("student_ema.") for key in a)
+    for key in a:
+        if key.startswith(("student.", "fake.", "student_ema.")):
+            assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["distill", "--set", "optim.nonsense=1"], "unknown config key 'optim.nonsense'"),
+    (["distill", "--set", "student.boundaries=[1.0, 0.5]"], "student.boundaries has 2 levels"),
+    (["distill", "--set", "teacher.base=/nonexistent"], "no model_index.json"),
+    (["sample", "--model", "/nonexistent", "--out", "x"], "no model_index.json"),
+])
+def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):
+    if argv[0] == "distill":
+        argv = argv + ["--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_options_full_finetune_full_tau_huber_per_dim(tiny_base, tmp_path):
+    """The options run end to end: a full-copy student (the teacher's weights stay untouched), τ up to 1 with
+    the step index as a learned fake-score conditioning, pseudo-Huber distance, per-dimension weights."""
+    out = tmp_path / "run"
+    cfg = prepare_run_dir(tiny_cfg(tiny_base, out, "run.iterations=2", "student.mode=full", "objective.tau=full",
+                                   "objective.distance=huber", "fake.importance=per_dim",
+                                   "fake.updates_per_generator=2", "optim.generator_lr=1e-3"), False)
+    d = Distiller(cfg, log=lambda *a: None)
+    teacher_before = {n: p.detach().clone() for n, p in d.teacher.transformer.named_parameters() if "lora_" not in n}
+    student_before = [p.detach().clone() for p in d.student_params]
+    d.run()
+    assert d.step_embed is not None and d.step_embed.abs().sum().item() > 0
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, d.student_params))
+    for n, p in d.teacher.transformer.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, teacher_before[n]), n
+    assert (out / "final" / "pipeline" / "model_index.json").is_file()
+    settings = json.loads((out / "final" / "sampler.json").read_text())
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out / "final" / "pipeline"), text_encoder_3=None,
+                                                    tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo of a red circle", sigmas=settings["sigmas"], guidance_scale=1.0, max_sequence_length=0,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert np.isfinite(image).all()
