@@ -36,6 +36,7 @@ from dgpo.dgpo_update import RolloutBatch
 from dgpo.ema import EMA
 from dgpo.methods import make_objective
 from dgpo.errors import UserError
+from dgpo.run_metrics import eval_result, read_metrics, truncate_metrics
 from dgpo.evaluation import EvalConfig, evaluate_model, format_table
 from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
 from dgpo.models.pretrain import ensure_base, load_pretrain_config
@@ -258,14 +259,14 @@ class Trainer:
             if ckpt is None:
                 raise UserError(f"--resume: {str(self.out)!r} has no checkpoint yet; start the run without --resume")
             self.restore(ckpt)
-            _truncate_metrics(metrics_path, self.counters.epoch)
+            truncate_metrics(metrics_path, self.counters.epoch, "epoch")
             self.log(f"resumed from {ckpt} (epoch {self.counters.epoch})")
         else:
             metrics_path.unlink(missing_ok=True)
         if cfg.run.tracker != "none":
             os.environ.setdefault("WANDB_DIR", str(self.out))
             self.accelerator.init_trackers("dgpo", config=_flat(to_dict(cfg)))
-        evals = [r for r in _read_metrics(metrics_path) if "eval_geneval" in r]
+        evals = [r for r in read_metrics(metrics_path) if "eval_geneval" in r]
         if not evals:
             evals.append(self._log(metrics_path, self.evaluate()))
             self.log(_eval_line(evals[-1]))
@@ -310,9 +311,9 @@ class Trainer:
         (tmp / "README.md").write_text(_final_note(self.base_path, self.model.max_sequence_length, self.cfg))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        plot_curves(_read_metrics(self.out / "metrics.jsonl"), self.out / "reward_curve.png")
-        table = format_table({"base (epoch 0)": _as_result(evals[0]),
-                              f"{self.objective.label} (epoch {evals[-1]['epoch']})": _as_result(evals[-1])})
+        plot_curves(read_metrics(self.out / "metrics.jsonl"), self.out / "reward_curve.png")
+        table = format_table({"base (epoch 0)": eval_result(evals[0]),
+                              f"{self.objective.label} (epoch {evals[-1]['epoch']})": eval_result(evals[-1])})
         (self.out / "summary.md").write_text(table + "\n")
         (self.out / "summary.json").write_text(json.dumps({"first": evals[0], "last": evals[-1]}, indent=2))
 
@@ -329,25 +330,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-def _truncate_metrics(path: Path, epoch: int) -> None:
-    """Drop rows written after the checkpoint we resume from (they will be recomputed identically)."""
-    rows = [r for r in _read_metrics(path) if r["epoch"] <= epoch]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def _as_result(row: dict) -> dict:
-    out = {"geneval": row["eval_geneval"], "per_category": row["eval_per_category"], "partial": row["eval_partial"]}
-    if row.get("eval_fd") is not None:
-        out["fd"] = row["eval_fd"]
-    return out
 
 
 def _eval_line(row: dict) -> str:

@@ -43,6 +43,7 @@ from dgpo.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, op
 from dgpo.config import from_dict, to_dict
 from dgpo.ema import EMA
 from dgpo.errors import UserError
+from dgpo.run_metrics import eval_result, read_metrics, truncate_metrics
 from dgpo.evaluation import evaluate_images, format_table
 from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
 from dgpo.models.lora import add_lora
@@ -351,11 +352,11 @@ class Distiller:
             if ckpt is None:
                 raise UserError(f"--resume: {str(self.out)!r} has no checkpoint yet; start the run without --resume")
             self.restore(ckpt)
-            _truncate_metrics(metrics_path, self.counters.iteration)
+            truncate_metrics(metrics_path, self.counters.iteration, "iteration")
             self.log(f"resumed from {ckpt} (iteration {self.counters.iteration})")
         else:
             metrics_path.unlink(missing_ok=True)
-        evals = [r for r in _read_metrics(metrics_path) if "eval_geneval" in r]
+        evals = [r for r in read_metrics(metrics_path) if "eval_geneval" in r]
         if not evals:
             evals.append(self._log(metrics_path, self.evaluate()))
             self.log(_eval_line(evals[-1]))
@@ -401,10 +402,10 @@ class Distiller:
         write_sampler_files(tmp, self.student, self.boundaries, base, lora)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        plot_distill_curves(_read_metrics(self.out / "metrics.jsonl"), self.out / "curves.png")
+        plot_distill_curves(read_metrics(self.out / "metrics.jsonl"), self.out / "curves.png")
         k = len(self.boundaries)
-        table = format_table({f"student at init ({k} steps, no CFG)": _as_result(evals[0]),
-                              f"TDM student (iteration {evals[-1]['iteration']})": _as_result(evals[-1])})
+        table = format_table({f"student at init ({k} steps, no CFG)": eval_result(evals[0]),
+                              f"TDM student (iteration {evals[-1]['iteration']})": eval_result(evals[-1])})
         (self.out / "summary.md").write_text(table + "\n")
         (self.out / "summary.json").write_text(json.dumps({"first": evals[0], "last": evals[-1]}, indent=2))
 
@@ -420,25 +421,7 @@ def save_student_lora(transformer, out_dir: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------- helpers
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop rows written after the checkpoint we resume from (they are recomputed identically)."""
-    rows = [r for r in _read_metrics(path) if r["iteration"] <= iteration]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def _as_result(row: dict) -> dict:
-    out = {"geneval": row["eval_geneval"], "per_category": row["eval_per_category"], "partial": row["eval_partial"]}
-    if row.get("eval_fd") is not None:
-        out["fd"] = row["eval_fd"]
-    return out
 
 
 def _eval_line(row: dict) -> str:
