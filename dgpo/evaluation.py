@@ -58,7 +58,7 @@ def generate(model: FlowModel, prompts: list[str], per_prompt: int = 1, sampler:
     for i in tqdm(range(0, len(records), batch_size), desc="sampling", disable=not progress, leave=False):
         chunk = records[i:i + batch_size]
         embeds = PromptEmbeds.cat([embeds_of[r["prompt"]] for r in chunk])
-        noise = initial_noise([r["seed"] for r in chunk], model.latent_shape)
+        noise = initial_noise([r["seed"] for r in chunk], model.latent_shape).to(model.device)
         latents = sample_ode(model, embeds, noise, sampler.steps, sampler.guidance_scale, sampler.solver)
         images.append(model.decode_latents(latents))
     return np.concatenate(images), records

@@ -148,7 +148,7 @@ class Trainer:
         g = self.cfg.rollout.group_size
         flat = [p for p in prompts for _ in range(g)]
         embeds = PromptEmbeds.cat([self.embeds_of[p] for p in flat])
-        noise = torch.randn((len(flat), *self.model.latent_shape), generator=self.gen)
+        noise = torch.randn((len(flat), *self.model.latent_shape), generator=self.gen).to(self.model.device)
         with self.objective.rollout_context() or self.rollout_policy():
             latents, extras = self.objective.rollout(embeds, noise, self.gen)
         images = self.model.decode_latents(latents)
@@ -192,7 +192,8 @@ class Trainer:
             group_ids = torch.arange(len(prompts)).repeat_interleave(self.cfg.rollout.group_size)
             adv = group_advantages(rewards, group_ids, std=self.cfg.advantage.std, eps=self.cfg.advantage.eps,
                                    clip=self.cfg.advantage.clip or None)
-            stats = self.update(RolloutBatch(latents, embeds, adv, group_ids, extras))
+            device = latents.device  # a GPU run keeps the whole batch on the GPU
+            stats = self.update(RolloutBatch(latents, embeds, adv.to(device), group_ids.to(device), extras))
         finally:
             self._counting = False
         self.counters.epoch += 1

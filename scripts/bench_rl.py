@@ -7,9 +7,9 @@ evaluated every ``--eval-minutes`` of training. Methods run one after another in
 process on the machine at a time). Outputs, under ``--out``:
 
 * ``bench_rl.json`` — every evaluation of every method, and the summary below;
-* ``bench_rl.md`` — per method: final test shapes-geneval, per-category scores, quality FD, wall-clock and
-  NFE to reach the target (``--target-frac`` × the best final score among methods) and time-to-target as a
-  ratio to DGPO's;
+* ``bench_rl.md`` — per method: final test shapes-geneval, per-category scores, quality FD, the peak score
+  and when it came, wall-clock and NFE to reach the target (``--target``, or ``--target-frac`` × the best
+  final score among methods) and time-to-target as a ratio to DGPO's;
 * ``bench_rl.png`` — test shapes-geneval against training wall-clock and against NFE, one curve per method;
 * ``bench_rl/<label>/`` — the run folders (config, metrics.jsonl, sample grids, final LoRA).
 
@@ -94,16 +94,23 @@ def read_evals(run_dir: Path) -> list[dict]:
     return [r for r in (json.loads(l) for l in path.read_text().splitlines() if l.strip()) if "eval_geneval" in r]
 
 
-def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_frac: float) -> dict:
+def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_frac: float,
+              target: float | None = None) -> dict:
+    """Per method: final and peak score, time and NFE to the target (``target`` if given, else ``target_frac``
+    of the best final score), and the time-to-target ratio to DGPO's."""
     finals = {k: v[-1]["eval_geneval"] for k, v in curves.items() if v}
-    target = target_frac * max(finals.values()) if finals else float("nan")
+    explicit = target is not None
+    if target is None:
+        target = target_frac * max(finals.values()) if finals else float("nan")
     rows = {}
     for label, evals in curves.items():
         if not evals:
             continue
         hit = next((r for r in evals if r["eval_geneval"] >= target), None)
         last = evals[-1]
+        peak = max(evals, key=lambda r: r["eval_geneval"])
         rows[label] = {"method": methods.get(label, label), "final": last["eval_geneval"],
+                       "peak": peak["eval_geneval"], "peak_seconds": peak["train_seconds"],
                        "per_category": last["eval_per_category"], "fd": last.get("eval_fd"),
                        "epochs": last["epoch"], "train_seconds": last["train_seconds"], "nfe": last["nfe"],
                        "base": evals[0]["eval_geneval"],
@@ -116,22 +123,24 @@ def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_fra
     for r in rows.values():
         s = r["seconds_to_target"]
         r["time_ratio_to_dgpo"] = (s / ref) if (s is not None and ref) else None
-    return {"target": target, "target_frac": target_frac, "methods": rows}
+    return {"target": target, "target_frac": None if explicit else target_frac, "methods": rows}
 
 
 def markdown(summary: dict) -> str:
     from dgpo.worlds import shapes
     cats = list(shapes.CATEGORIES)
-    head = ["method", "base", "final", *cats, "FD", "epochs", "min", "NFE", "min to target", "NFE to target",
-            "time / DGPO's"]
-    lines = [f"Target: {summary['target']:.3f} (= {summary['target_frac']:.0%} of the best final score).", "",
+    head = ["method", "base", "final", *cats, "FD", "peak (min)", "epochs", "min", "NFE", "min to target",
+            "NFE to target", "time / DGPO's"]
+    how = ("set with --target" if summary["target_frac"] is None
+           else f"= {summary['target_frac']:.0%} of the best final score")
+    lines = [f"Target: {summary['target']:.3f} ({how}).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v, f: "-" if v is None else format(v, f)
     for label, r in summary["methods"].items():
         name = label if label == r["method"] else f"{label} ({r['method']})"
         lines.append("| " + " | ".join([
             name, f"{r['base']:.3f}", f"{r['final']:.3f}", *(fmt(r["per_category"].get(c), ".3f") for c in cats),
-            fmt(r["fd"], ".2f"), str(r["epochs"]), f"{r['train_seconds'] / 60:.1f}", f"{r['nfe']:.3g}",
+            fmt(r["fd"], ".2f"), f"{r['peak']:.3f} ({r['peak_seconds'] / 60:.0f})", str(r["epochs"]), f"{r['train_seconds'] / 60:.1f}", f"{r['nfe']:.3g}",
             "not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target'] / 60:.1f}",
             "-" if r["nfe_to_target"] is None else f"{r['nfe_to_target']:.3g}",
             fmt(r["time_ratio_to_dgpo"], ".2f")]) + " |")
@@ -176,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--target-frac", type=float, default=0.9,
                    help="target = this fraction of the best final score among methods (default 0.9)")
+    p.add_argument("--target", type=float, default=None,
+                   help="absolute target score (overrides --target-frac; pick one above the base's noise band)")
     p.add_argument("--base", default="", help="base pipeline folder (default: the cached embedded shapes base)")
     p.add_argument("--set", action="append", default=[], metavar="[LABEL:]KEY=VALUE",
                    help="config override for every run, or for one run with LABEL: (repeatable), "
@@ -201,10 +212,10 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     curves = {label: read_evals(out / "bench_rl" / label) for label in methods}
-    summary = summarise(curves, methods, args.target_frac)
+    summary = summarise(curves, methods, args.target_frac, args.target)
     summary["settings"] = {"budget_minutes": args.budget_minutes, "eval_minutes": args.eval_minutes,
                            "per_prompt": args.per_prompt, "P": args.prompts, "G": args.group_size,
-                           "lora_rank": args.lora_rank, "seed": args.seed, "set": args.set,
+                           "lora_rank": args.lora_rank, "seed": args.seed, "set": args.set, "target": args.target,
                            "methods": methods}
     (out / "bench_rl.json").write_text(json.dumps({"summary": summary, "curves": curves}, indent=2))
     table = markdown(summary)

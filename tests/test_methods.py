@@ -205,6 +205,10 @@ def test_bench_summary_times_to_target_and_ratio_to_dgpo():
     assert s["methods"]["dgpo"]["seconds_to_target"] == 60 and s["methods"]["dgpo"]["nfe_to_target"] == 100
     assert s["methods"]["fg"]["seconds_to_target"] == 180 and s["methods"]["fg"]["time_ratio_to_dgpo"] == 3.0
     assert "| fg (flow_grpo) |" in bench.markdown(s)
+    assert s["methods"]["dgpo"]["peak"] == 0.5 and s["methods"]["fg"]["peak_seconds"] == 180
+    s = bench.summarise(curves, {"dgpo": "dgpo", "fg": "flow_grpo"}, 0.9, target=0.4)   # an absolute target
+    assert s["target"] == 0.4 and s["methods"]["fg"]["seconds_to_target"] == 60
+    assert s["methods"]["fg"]["time_ratio_to_dgpo"] == 1.0 and "set with --target" in bench.markdown(s)
     assert bench.parse_methods("dgpo,lo=flow_grpo") == {"dgpo": "dgpo", "lo": "flow_grpo"}
     assert bench.split_overrides(["optim.lr=1", "lo:optim.lr=2"], ["dgpo", "lo"]) == (
         ["optim.lr=1"], {"dgpo": [], "lo": ["optim.lr=2"]})

@@ -399,3 +399,19 @@ def test_score_is_fast():
     for _ in range(200):
         W.score(im, prompt)
     assert (time.perf_counter() - t0) / 200 < 5e-3  # ~0.25 ms measured; generous for a loaded CI box
+
+
+def test_shape_diagnostic_reads_renders_as_their_shapes():
+    """scripts/diag_shapes.py: renders of a single-object prompt succeed, are detected as that shape, and their
+    fill ratios sit above the verifier's threshold for it; a blank image counts as empty."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("diag_shapes", Path(__file__).resolve().parents[1] / "scripts" / "diag_shapes.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    for shape, threshold in (("square", 0.88), ("circle", 0.66), ("triangle", 0.35)):
+        prompt = f"a photo of a {shape}"
+        images = np.stack([W.render(prompt, seed=s) for s in range(8)] + [np.zeros((32, 32, 3), np.uint8)])
+        r = diag.shape_report(images, prompt)
+        assert r["success"] == 8 / 9 and r["detected"] == {shape: 8} and r["empty_images"] == 1
+        assert r["fill_quartiles"][0] >= threshold
