@@ -147,11 +147,14 @@ class ShapesReward:
     ``kind="strict"``: 1.0 when the whole prompt holds, else 0.0 (the GenEval-style pass/fail);
     ``kind="mixed"``: ½·strict + ½·partial: the dense signal of partial credit, plus a bonus for images that
     pass outright (with partial credit alone, the last missing atom is worth no more than the first, and a
-    policy can settle on half-right images).
+    policy can settle on half-right images);
+    ``kind="soft"``: the partial score with near-miss credit (``shapes.soft_partial_score``): an object drawn
+    just outside its shape's fill band (a square with rounded corners) earns part of its atom, so samples
+    that the partial score ties at 0 are ordered — a shaping of ours, not the spec's reward.
     Every prompt is checked against the grammar before any image is scored.
     """
 
-    KINDS = ("partial", "strict", "mixed")
+    KINDS = ("partial", "strict", "mixed", "soft")
 
     def __init__(self, kind: str = "partial"):
         if kind not in self.KINDS:
@@ -176,7 +179,8 @@ class ShapesReward:
             return np.zeros(0, dtype=np.float64)
         if self.kind == "mixed":
             return 0.5 * shapes.score_batch(images, prompts) + 0.5 * shapes.partial_score_batch(images, prompts)
-        batch = shapes.partial_score_batch if self.kind == "partial" else shapes.score_batch
+        batch = {"partial": shapes.partial_score_batch, "strict": shapes.score_batch,
+                 "soft": shapes.soft_partial_score_batch}[self.kind]
         return np.asarray(batch(images, prompts), dtype=np.float64)
 
 
@@ -409,6 +413,7 @@ _REGISTRY: dict[str, Callable[..., Reward]] = {
     "shapes_partial": lambda: ShapesReward(kind="partial"),
     "shapes_strict": lambda: ShapesReward(kind="strict"),
     "shapes_mixed": lambda: ShapesReward(kind="mixed"),
+    "shapes_soft": lambda: ShapesReward(kind="soft"),
     "remote": RemoteReward,
 }
 
@@ -434,7 +439,8 @@ def register_reward(name: str, factory: Callable[..., Reward], overwrite: bool =
 
 
 def make_reward(name: str, **kwargs) -> Reward:
-    """Build a registered reward: ``"shapes_partial"``, ``"shapes_strict"``, ``"remote"`` (needs ``url=``)
+    """Build a registered reward: ``"shapes_partial"``, ``"shapes_strict"``, ``"shapes_mixed"``,
+    ``"shapes_soft"``, ``"remote"`` (needs ``url=``)
     or any name added with :func:`register_reward`. Unknown names and options are ``UserError``s."""
     if name not in _REGISTRY:
         raise UserError(f"unknown reward {name!r}; allowed names: {available_rewards()} "

@@ -32,7 +32,7 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = option("shapes_partial", "reward: shapes_partial, shapes_strict, remote, or a registered name")
+    name: str = option("shapes_partial", "reward: shapes_partial, shapes_strict, shapes_mixed, shapes_soft, remote, or a registered name")
     url: str = option("", "reward server URL (name=remote)")
     timeout: float = option(30.0, "reward server timeout in seconds (name=remote)", min=0.1)
 
@@ -102,9 +102,13 @@ class NFTConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = option(3e-4, "AdamW learning rate", min=0.0)
+    name: str = option("adamw", "optimiser: adamw (moves every coordinate by about lr per step, whatever the "
+                       "gradient's signal-to-noise) or sgd (steps proportional to the gradient, with momentum)",
+                       choices=("adamw", "sgd"))
+    lr: float = option(3e-4, "learning rate", min=0.0)
     betas: list[float] = option([0.9, 0.999], "AdamW betas")
-    weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
+    momentum: float = option(0.9, "SGD momentum (optim.name=sgd)", min=0.0, max=0.999)
+    weight_decay: float = option(0.0, "weight decay (decoupled for AdamW, L2 for SGD)", min=0.0)
     grad_clip: float = option(1.0, "global gradient-norm clip (0 = off)", min=0.0)
     micro_batch: int = option(64, "samples per forward/backward (whole groups; gradients accumulate)", min=1)
     steps_per_epoch: int = option(1, "optimiser steps per epoch (1 = the whole batch accumulates into one)", min=1)

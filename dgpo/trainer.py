@@ -71,6 +71,18 @@ class Counters:
     history: list = field(default_factory=list)
 
 
+def build_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
+    """The optimiser of ``optim`` (:class:`dgpo.train_config.OptimConfig`): AdamW, or SGD with momentum.
+
+    Why both: Adam's step is about lr per coordinate whatever the gradient's signal-to-noise ratio, so with a
+    few samples per step (noise-dominated gradients) it random-walks the LoRA at a fixed speed; SGD's step
+    is lr × the (momentum-averaged) gradient, so it shrinks where the gradient is noise that averages out.
+    """
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
 def nfe_per_epoch(cfg: TrainConfig) -> int:
     """DGPO's transformer evaluations per epoch: rollouts (×2 with CFG) + training (policy + reference per
     level). The trainer counts NFE at the transformer for every objective; for DGPO the count equals this."""
@@ -104,9 +116,7 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
         self.model = FlowModel(pipe, max_sequence_length=t5)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                           weight_decay=cfg.optim.weight_decay)
-        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.optimizer = self.accelerator.prepare(build_optimizer(self.params, cfg.optim))
         self.policy_ema = EMA(self.params, cfg.optim.ema_decay)
         self.reward = make_reward(cfg.reward.name, **({"url": cfg.reward.url, "timeout": cfg.reward.timeout}
                                                       if cfg.reward.name == "remote" else {}))
@@ -381,8 +391,17 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 
 def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
-    from dgpo.config import load_config
-    return load_config(TrainConfig, path, overrides)
+    """Load and validate a training config; a reward name that is not registered fails here, before any
+    model is loaded (rewards added with ``dgpo.rewards.register_reward`` count)."""
+    from dgpo.config import ConfigError, load_config
+    from dgpo.rewards import available_rewards
+    cfg = load_config(TrainConfig, path, overrides)
+    if cfg.reward.name not in available_rewards():
+        raise ConfigError(f"reward.name: {cfg.reward.name!r} is not a registered reward; choose one of "
+                          f"{available_rewards()} (or register yours with dgpo.rewards.register_reward)")
+    if cfg.reward.name == "remote" and not cfg.reward.url:
+        raise ConfigError("reward.name=remote needs reward.url (e.g. --set reward.url=http://127.0.0.1:8000/score)")
+    return cfg
 
 
 def prepare_run_dir(cfg: TrainConfig, resume: bool, overrides=()) -> TrainConfig:

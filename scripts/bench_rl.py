@@ -8,7 +8,7 @@ process on the machine at a time). Outputs, under ``--out``:
 
 * ``bench_rl.json`` — every evaluation of every method, and the summary below;
 * ``bench_rl.md`` — per method: final test shapes-geneval, per-category scores, quality FD, the peak score
-  and when it came, wall-clock and NFE to reach the target (``--target``, or ``--target-frac`` × the best
+  and when it came, the training reward (mean of the first → last tenth of the epochs), wall-clock and NFE to reach the target (``--target``, or ``--target-frac`` × the best
   final score among methods) and time-to-target as a ratio to DGPO's;
 * ``bench_rl.png`` — test shapes-geneval against training wall-clock and against NFE, one curve per method;
 * ``bench_rl/<label>/`` — the run folders (config, metrics.jsonl, sample grids, final LoRA).
@@ -94,10 +94,32 @@ def read_evals(run_dir: Path) -> list[dict]:
     return [r for r in (json.loads(l) for l in path.read_text().splitlines() if l.strip()) if "eval_geneval" in r]
 
 
+def read_rewards(run_dir: Path) -> list[float]:
+    """The mean training reward of every epoch (on-policy rollouts on train prompts), in epoch order."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = (json.loads(l) for l in path.read_text().splitlines() if l.strip())
+    return [r["reward"] for r in rows if "reward" in r and "eval_geneval" not in r]
+
+
+def reward_trend(rewards: list[float]) -> tuple[float, float] | None:
+    """(mean of the first, mean of the last) tenth of the epochs' training rewards (≥ 1 epoch each), or None.
+
+    Whether a method learns on its own training prompts, apart from the (noisier, square-dominated) test
+    score. Comparable within a method; across methods only where the rollouts match (NFT's are CFG-free).
+    """
+    if not rewards:
+        return None
+    n = max(1, len(rewards) // 10)
+    return float(sum(rewards[:n]) / n), float(sum(rewards[-n:]) / n)
+
+
 def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_frac: float,
-              target: float | None = None) -> dict:
+              target: float | None = None, rewards: dict[str, list[float]] | None = None) -> dict:
     """Per method: final and peak score, time and NFE to the target (``target`` if given, else ``target_frac``
-    of the best final score), and the time-to-target ratio to DGPO's."""
+    of the best final score), the time-to-target ratio to DGPO's, and (given the per-epoch training rewards)
+    the training reward's first and last tenth (:func:`reward_trend`)."""
     finals = {k: v[-1]["eval_geneval"] for k, v in curves.items() if v}
     explicit = target is not None
     if target is None:
@@ -115,7 +137,8 @@ def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_fra
                        "epochs": last["epoch"], "train_seconds": last["train_seconds"], "nfe": last["nfe"],
                        "base": evals[0]["eval_geneval"],
                        "seconds_to_target": hit["train_seconds"] if hit else None,
-                       "nfe_to_target": hit["nfe"] if hit else None}
+                       "nfe_to_target": hit["nfe"] if hit else None,
+                       "train_reward": reward_trend((rewards or {}).get(label, []))}
     # DGPO's row: the run labelled "dgpo", else the only run of method dgpo. No ratio when DGPO never reached the
     # target or reached it at epoch 0 (the base already scores the target: raise --target-frac).
     dgpo_rows = [r for k, r in rows.items() if k == "dgpo"] or [r for r in rows.values() if r["method"] == "dgpo"]
@@ -129,8 +152,8 @@ def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_fra
 def markdown(summary: dict) -> str:
     from dgpo.worlds import shapes
     cats = list(shapes.CATEGORIES)
-    head = ["method", "base", "final", *cats, "FD", "peak (min)", "epochs", "min", "NFE", "min to target",
-            "NFE to target", "time / DGPO's"]
+    head = ["method", "base", "final", *cats, "FD", "peak (min)", "train reward", "epochs", "min", "NFE",
+            "min to target", "NFE to target", "time / DGPO's"]
     how = ("set with --target" if summary["target_frac"] is None
            else f"= {summary['target_frac']:.0%} of the best final score")
     lines = [f"Target: {summary['target']:.3f} ({how}).", "",
@@ -140,7 +163,8 @@ def markdown(summary: dict) -> str:
         name = label if label == r["method"] else f"{label} ({r['method']})"
         lines.append("| " + " | ".join([
             name, f"{r['base']:.3f}", f"{r['final']:.3f}", *(fmt(r["per_category"].get(c), ".3f") for c in cats),
-            fmt(r["fd"], ".2f"), f"{r['peak']:.3f} ({r['peak_seconds'] / 60:.0f})", str(r["epochs"]), f"{r['train_seconds'] / 60:.1f}", f"{r['nfe']:.3g}",
+            fmt(r["fd"], ".2f"), f"{r['peak']:.3f} ({r['peak_seconds'] / 60:.0f})",
+            "-" if not r.get("train_reward") else "{:.3f} → {:.3f}".format(*r["train_reward"]), str(r["epochs"]), f"{r['train_seconds'] / 60:.1f}", f"{r['nfe']:.3g}",
             "not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target'] / 60:.1f}",
             "-" if r["nfe_to_target"] is None else f"{r['nfe_to_target']:.3g}",
             fmt(r["time_ratio_to_dgpo"], ".2f")]) + " |")
@@ -212,7 +236,8 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     curves = {label: read_evals(out / "bench_rl" / label) for label in methods}
-    summary = summarise(curves, methods, args.target_frac, args.target)
+    rewards = {label: read_rewards(out / "bench_rl" / label) for label in methods}
+    summary = summarise(curves, methods, args.target_frac, args.target, rewards)
     summary["settings"] = {"budget_minutes": args.budget_minutes, "eval_minutes": args.eval_minutes,
                            "per_prompt": args.per_prompt, "P": args.prompts, "G": args.group_size,
                            "lora_rank": args.lora_rank, "seed": args.seed, "set": args.set, "target": args.target,

@@ -200,7 +200,11 @@ def test_bench_summary_times_to_target_and_ratio_to_dgpo():
     row = lambda g, s, n: {"eval_geneval": g, "train_seconds": s, "nfe": n, "epoch": int(s), "eval_per_category": cats}
     curves = {"dgpo": [row(0.3, 0, 0), row(0.45, 60, 100), row(0.5, 120, 200)],
               "fg": [row(0.3, 0, 0), row(0.4, 60, 300), row(0.46, 180, 900)]}
-    s = bench.summarise(curves, {"dgpo": "dgpo", "fg": "flow_grpo"}, 0.9)
+    rewards = {"dgpo": [0.2] * 10 + [0.5] * 80 + [0.7] * 10, "fg": [0.4, 0.1]}
+    s = bench.summarise(curves, {"dgpo": "dgpo", "fg": "flow_grpo"}, 0.9, rewards=rewards)
+    assert s["methods"]["dgpo"]["train_reward"] == pytest.approx((0.2, 0.7))   # first and last tenth
+    assert s["methods"]["fg"]["train_reward"] == pytest.approx((0.4, 0.1))     # ≥ 1 epoch each
+    assert "| 0.200 → 0.700 |" in bench.markdown(s)
     assert s["target"] == pytest.approx(0.45)
     assert s["methods"]["dgpo"]["seconds_to_target"] == 60 and s["methods"]["dgpo"]["nfe_to_target"] == 100
     assert s["methods"]["fg"]["seconds_to_target"] == 180 and s["methods"]["fg"]["time_ratio_to_dgpo"] == 3.0
@@ -233,11 +237,14 @@ def test_offline_dpo_rolls_out_the_frozen_base(tiny_base, tmp_path):
     assert torch.equal(latents, base_latents) and not torch.allclose(online, base_latents)
 
 
-@pytest.mark.parametrize("method", ["flow_grpo", "nft"])
+@pytest.mark.parametrize("method", ["flow_grpo", "nft", "dgpo+sgd"])
 def test_baseline_resumes_exactly(method, tiny_base, tmp_path):
-    """Objective state (Flow-GRPO's split of the batch, NFT's old policy) survives a checkpoint exactly."""
+    """Objective state (Flow-GRPO's split of the batch, NFT's old policy) and the SGD optimiser's momentum
+    survive a checkpoint exactly."""
     from safetensors.torch import load_file
     extra = ["run.checkpoint_every=2", "rollout.prompts_per_epoch=2", "rollout.group_size=3"]
+    if method == "dgpo+sgd":
+        method, extra = "dgpo", [*extra, "optim.name=sgd", "optim.lr=0.5"]
     full = make_trainer(tiny_base, tmp_path / "full", method, "run.epochs=4", *extra)
     full.run()
     part = make_trainer(tiny_base, tmp_path / "part", method, "run.epochs=2", *extra)
@@ -249,6 +256,8 @@ def test_baseline_resumes_exactly(method, tiny_base, tmp_path):
     assert a.keys() == b.keys()
     if method == "nft":
         assert any(k.startswith("nft_old.") for k in a)
+    if "optim.name=sgd" in extra:
+        assert isinstance(full.optimizer.optimizer, torch.optim.SGD) and any(k.endswith("momentum_buffer") for k in a)
     for k in a:
         if not k.startswith("rng."):
             assert torch.equal(a[k], b[k]), k

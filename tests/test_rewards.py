@@ -181,8 +181,16 @@ def test_serve_reward_rejects_bad_requests(shapes_server):
 
 
 def test_registry():
-    assert {"shapes_partial", "shapes_strict", "shapes_mixed", "remote"} <= set(available_rewards())
+    assert {"shapes_partial", "shapes_strict", "shapes_mixed", "shapes_soft", "remote"} <= set(available_rewards())
     assert make_reward("shapes_strict").name == "shapes_strict"
+    # the soft reward is the world's soft partial score: a rounded square earns part of "a photo of a square"
+    yy, xx = np.mgrid[0:12, 0:12]
+    corner_l1 = np.minimum(np.minimum(yy, 11 - yy) + np.minimum(xx, 11 - xx), 99)
+    im = np.zeros((1, 32, 32, 3), np.uint8)
+    im[0, 4:16, 4:16][corner_l1 >= 3] = shapes.COLORS["red"]   # corners cut by 6 px each: fill 120/144
+    soft = make_reward("shapes_soft")(im, ["a photo of a square"])
+    assert soft[0] == pytest.approx(shapes.soft_partial_score(im[0], "a photo of a square"))
+    assert 0.0 < soft[0] < 0.5 and make_reward("shapes_partial")(im, ["a photo of a square"])[0] == 0.0
     assert make_reward("remote", url="http://127.0.0.1:1/", timeout=1.0).timeout == 1.0
     with pytest.raises(UserError, match="unknown reward 'clip_score'.*shapes_partial.*shapes_strict"):
         make_reward("clip_score")

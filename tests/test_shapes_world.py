@@ -337,16 +337,21 @@ def test_relation_margin_is_strict():
     assert W.score(im, "a photo of a square above a circle") == 1
 
 
+def random_scene(rng: np.random.Generator, min_objects: int = 1) -> tuple[np.ndarray, list]:
+    """Up to four random objects, one per canvas quadrant: (image, the drawn objects)."""
+    objs = []
+    for k in range(rng.integers(min_objects, 5)):
+        shape = W.SHAPES[rng.integers(3)]
+        colour = list(W.COLORS.values())[rng.integers(4)]
+        objs.append((shape, colour, 2 + 15 * (k % 2), 2 + 15 * (k // 2), int(rng.integers(9, 13))))
+    return draw(objs), objs
+
+
 def test_partial_is_one_iff_strict():
     rng = np.random.default_rng(0)
     all_prompts = W.prompts("all")
     for _ in range(150):
-        objs = []
-        for k in range(rng.integers(1, 5)):
-            shape = W.SHAPES[rng.integers(3)]
-            colour = list(W.COLORS.values())[rng.integers(4)]
-            objs.append((shape, colour, 2 + 15 * (k % 2), 2 + 15 * (k // 2), int(rng.integers(9, 13))))
-        im = draw(objs)
+        im, objs = random_scene(rng)
         for prompt in rng.choice(all_prompts, 10):
             strict, partial = W.score(im, prompt), W.partial_score(im, prompt)
             assert 0.0 <= partial <= 1.0
@@ -415,3 +420,62 @@ def test_shape_diagnostic_reads_renders_as_their_shapes():
         r = diag.shape_report(images, prompt)
         assert r["success"] == 8 / 9 and r["detected"] == {shape: 8} and r["empty_images"] == 1
         assert r["fill_quartiles"][0] >= threshold
+
+
+# --------------------------------------------------------------------------------------------------
+# Soft partial score (near-miss credit; a training reward of ours, not the spec's)
+# --------------------------------------------------------------------------------------------------
+
+
+def rounded_square(s: int, cut: int) -> np.ndarray:
+    """An s×s square with each corner cut by a staircase of ``cut`` pixels (a 'rounded' square)."""
+    m = np.ones((s, s), bool)
+    for i in range(cut):
+        for j in range(cut - i):
+            for y, x in ((i, j), (i, s - 1 - j), (s - 1 - i, j), (s - 1 - i, s - 1 - j)):
+                m[y, x] = False
+    return m
+
+
+def test_shape_credit_formula():
+    square = W.Obj("red", "circle", 5.0, 5.0, (0, 0, 10, 10), 84)      # fill 0.84: 0.04 below the square band
+    assert W.shape_credit(square, "square") == pytest.approx(0.5 * (1 - 0.04 / 0.15))
+    assert W.shape_credit(square, "circle") == 1.0                       # read as what it is: full credit
+    assert W.shape_credit(W.Obj("red", "circle", 5, 5, (0, 0, 10, 10), 70), "square") == 0.0  # 0.18 away
+    assert W.shape_credit(W.Obj("red", "square", 5, 5, (0, 0, 10, 10), 95), "circle") == pytest.approx(
+        0.5 * (1 - 0.07 / 0.15))                                          # too full for a circle
+    assert W.shape_credit(W.Obj("red", "other", 5, 2, (0, 0, 10, 4), 40), "square") == 0.0  # aspect 2.5
+
+
+def test_soft_score_orders_near_misses_and_agrees_with_partial_elsewhere():
+    prompt = "a photo of a square"
+    canvases = []
+    for cut in (0, 3, 4):                          # fill 1.0, 0.83, 0.72 on a 12×12 box
+        im = blank()
+        im[5:17, 5:17][rounded_square(12, cut)] = RED
+        canvases.append(im)
+    soft = [W.soft_partial_score(im, prompt) for im in canvases]
+    part = [W.partial_score(im, prompt) for im in canvases]
+    assert soft[0] == part[0] == 1.0
+    assert soft[1] == pytest.approx(0.5 * (1 - (0.88 - 120 / 144) / 0.15))  # a near miss: part of the atom
+    assert soft[2] == 0.0                                                    # 0.16 below the band: none
+    assert part[1] == part[2] == 0.0               # the partial score ties the two
+
+    # a near miss in the wrong colour earns nothing towards a coloured atom
+    im = blank()
+    im[5:17, 5:17][rounded_square(12, 3)] = BLUE
+    assert W.soft_partial_score(im, "a photo of a red square and a blue circle") == 0.5  # blue circle only
+
+
+def test_soft_score_bounds_and_strict_equivalence():
+    rng = np.random.default_rng(1)
+    all_prompts = W.prompts("all")
+    for _ in range(120):
+        im, objs = random_scene(rng, min_objects=0)
+        for prompt in rng.choice(all_prompts, 8):
+            soft, partial, strict = W.soft_partial_score(im, prompt), W.partial_score(im, prompt), W.score(im, prompt)
+            assert partial - 1e-12 <= soft <= 1.0
+            assert (soft == 1.0) == (strict == 1.0), (prompt, objs)
+    for p in W.prompts("all"):
+        assert W.soft_partial_score(W.render(p, 32, 3), p) == 1.0
+    np.testing.assert_array_equal(W.soft_partial_score_batch(np.stack([blank(), W.render(p, 32, 0)]), p), [0, 1])

@@ -103,6 +103,15 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
 
 
+def test_unknown_reward_is_a_config_error_before_any_model_loads(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--set", f"run.out_dir={out}", "--set", "reward.name=shapes_sof"]) == 2
+    err = capsys.readouterr().err
+    assert "reward.name" in err and "'shapes_sof'" in err and "shapes_soft" in err and not out.exists()
+    assert main(["train", "--set", f"run.out_dir={out}", "--set", "reward.name=remote"]) == 2
+    assert "needs reward.url" in capsys.readouterr().err and not out.exists()
+
+
 class NaNReward:
     name = "test_nan"
 

@@ -44,6 +44,9 @@ __all__ = [
     "partial_score",
     "score_batch",
     "partial_score_batch",
+    "soft_partial_score",
+    "soft_partial_score_batch",
+    "shape_credit",
     "geneval",
 ]
 
@@ -451,30 +454,67 @@ def _holds(a: Obj, b: Obj, relation: str, size: int) -> bool:
     raise ValueError(f"unknown relation {relation!r}")
 
 
-def _atoms(objects: list[Obj], parsed: ParsedPrompt, size: int) -> tuple[bool, float]:
-    """(strict pass, partial score) of detected objects against a parsed prompt. See :func:`partial_score`."""
+#: Near-miss credit of the soft partial score (not part of the spec: a training-reward shaping of ours).
+NEAR_MISS_MAX = 0.5  # a near miss earns at most half of an atom's credit
+NEAR_MISS_WIDTH = 0.15  # fill-ratio distance from the required band at which the credit reaches 0
+_FILL_BANDS = {"square": (FILL_SQUARE, float("inf")), "circle": (FILL_CIRCLE, FILL_SQUARE),
+               "triangle": (FILL_TRIANGLE, FILL_CIRCLE)}
+
+
+def shape_credit(obj: Obj, shape: str) -> float:
+    """How well a detected object counts as ``shape``: 1 when the verifier reads it as that shape, else a
+    near-miss credit NEAR_MISS_MAX · max(0, 1 − d / NEAR_MISS_WIDTH), where d is the distance of the object's
+    fill ratio area / (w·h) from the shape's band ([0.88, ∞) square, [0.66, 0.88) circle, [0.35, 0.66)
+    triangle); 0 when the bbox aspect is outside [0.67, 1.5] (an elongated blob is no near miss).
+
+    E.g. a square drawn with rounded corners, fill 0.84, earns 0.5·(1 − 0.04/0.15) ≈ 0.37 towards "square".
+    """
+    if obj.shape == shape:
+        return 1.0
+    x0, y0, x1, y1 = obj.bbox
+    aspect = (x1 - x0) / (y1 - y0)
+    if aspect < ASPECT_RANGE[0] or aspect > ASPECT_RANGE[1]:
+        return 0.0
+    fill = obj.area / ((x1 - x0) * (y1 - y0))
+    lo, hi = _FILL_BANDS[shape]
+    distance = lo - fill if fill < lo else fill - hi
+    return NEAR_MISS_MAX * max(0.0, 1.0 - max(distance, 0.0) / NEAR_MISS_WIDTH)
+
+
+def _presence(objects: list[Obj], shape: str, color: str | None, soft: bool) -> float:
+    """[some object is ``shape`` (in ``color``)], or with ``soft`` its best :func:`shape_credit`."""
+    candidates = [o for o in objects if color is None or o.color == color]
+    if not soft:
+        return float(any(o.shape == shape for o in candidates))
+    return max((shape_credit(o, shape) for o in candidates), default=0.0)
+
+
+def _atoms(objects: list[Obj], parsed: ParsedPrompt, size: int, soft: bool = False) -> tuple[bool, float]:
+    """(strict pass, partial score) of detected objects against a parsed prompt. See :func:`partial_score`;
+    ``soft`` replaces each presence atom by its near-miss credit (:func:`soft_partial_score`)."""
     of = {s: [o for o in objects if o.shape == s] for s in parsed.shapes}
     cat = parsed.category
     if cat == "single_object":
         ok = bool(of[parsed.shapes[0]])
-        return ok, float(ok)
+        return ok, _presence(objects, parsed.shapes[0], None, soft)
     if cat == "two_object":
         a, b = (bool(of[s]) for s in parsed.shapes)
-        return a and b, 0.5 * a + 0.5 * b
+        return a and b, 0.5 * sum(_presence(objects, s, None, soft) for s in parsed.shapes)
     if cat == "counting":
         n, target = len(of[parsed.shapes[0]]), parsed.count
         return n == target, max(0.0, 1.0 - abs(n - target) / target)
     if cat == "colors":
         present = of[parsed.shapes[0]]
         all_colored = bool(present) and all(o.color == parsed.colors[0] for o in present)
-        return all_colored, 0.5 * bool(present) + 0.5 * all_colored
+        return all_colored, 0.5 * _presence(objects, parsed.shapes[0], None, soft) + 0.5 * all_colored
     if cat == "position":
         objs_a, objs_b = of[parsed.shapes[0]], of[parsed.shapes[1]]
         rel = any(_holds(a, b, parsed.relation, size) for a in objs_a for b in objs_b)
-        return rel, (bool(objs_a) + bool(objs_b) + rel) / 3.0
+        present = sum(_presence(objects, s, None, soft) for s in parsed.shapes)
+        return rel, (present + rel) / 3.0
     if cat == "color_attr":
-        hits = [any(o.color == c for o in of[s]) for s, c in zip(parsed.shapes, parsed.colors)]
-        return all(hits), 0.5 * hits[0] + 0.5 * hits[1]
+        hits = [_presence(objects, s, c, soft) for s, c in zip(parsed.shapes, parsed.colors)]
+        return all(h == 1.0 for h in hits), 0.5 * hits[0] + 0.5 * hits[1]
     raise AssertionError(f"unhandled category {cat!r}")
 
 
@@ -508,6 +548,21 @@ def partial_score(image, prompt: str) -> float:
     return float(_atoms(detect(image), parse(prompt), image.shape[0])[1])
 
 
+def soft_partial_score(image, prompt: str) -> float:
+    """Partial score with near-miss credit, in [0, 1] — a training reward of ours, not part of the spec.
+
+    The atoms of :func:`partial_score`, except that each "some object of shape X (in colour C)" atom
+    earns max over the objects (of colour C) of :func:`shape_credit` instead of 0/1: a square drawn with
+    rounded corners (read as a circle) earns up to NEAR_MISS_MAX of the square's atom, more the closer its
+    fill ratio is to the square's band. Counting and relations stay exact. So the score orders near misses
+    that the partial score ties at 0 — the within-group signal that group-relative methods learn from —
+    while a correct object always outranks a near miss; it equals the partial score on any image whose
+    objects all read as the shapes asked (renders), and is 1 exactly when :func:`score` is 1.
+    """
+    image = _as_image(image)
+    return float(_atoms(detect(image), parse(prompt), image.shape[0], soft=True)[1])
+
+
 def _pairs(images, prompts: Sequence[str] | str) -> Iterable[tuple[np.ndarray, str]]:
     """Zip images with prompts (a single prompt applies to every image); lengths must match."""
     images = list(images) if not isinstance(images, np.ndarray) else images
@@ -526,6 +581,11 @@ def score_batch(images, prompts: Sequence[str] | str) -> np.ndarray:
 def partial_score_batch(images, prompts: Sequence[str] | str) -> np.ndarray:
     """Partial scores (float64 array in [0, 1]) for images and their prompts."""
     return np.array([partial_score(im, p) for im, p in _pairs(images, prompts)], dtype=np.float64)
+
+
+def soft_partial_score_batch(images, prompts: Sequence[str] | str) -> np.ndarray:
+    """Soft partial scores (:func:`soft_partial_score`, float64 in [0, 1]) for images and their prompts."""
+    return np.array([soft_partial_score(im, p) for im, p in _pairs(images, prompts)], dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------------------
