@@ -15,6 +15,8 @@ class ModelConfig:
     base_config: str = option("configs/base/shapes.yaml", "pretraining recipe of the embedded base when base is empty")
     lora_rank: int = option(16, "LoRA rank on the transformer's attention projections", min=1)
     lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / rank)", min=0.0)
+    lora_targets: str = option("attention", "layers that get adapters: the joint-attention projections, or those "
+                               "and the feed-forward layers of both streams", choices=("attention", "attention_ff"))
     gradient_checkpointing: bool = option(False, "recompute activations in backward (saves memory, costs time)")
     mixed_precision: str = option("no", "accelerate mixed precision", choices=("no", "bf16", "fp16"))
 
@@ -28,6 +30,13 @@ class RolloutConfig:
     solver: str = option("euler", "ODE solver of rollouts", choices=SOLVERS)
     policy: str = option("current", "who samples: the current weights or their EMA", choices=("current", "ema"))
     ema_after: int = option(0, "with policy=ema: use the current weights for the first N epochs", min=0)
+    prompt_weighting: str = option("uniform", "uniform over train prompts, or 'failure': weight each prompt by "
+                                   "max(1 − r̄, floor)^power, r̄ its EMA training reward (dgpo.prompt_sampling)",
+                                   choices=("uniform", "failure"))
+    failure_power: float = option(2.0, "prompt_weighting=failure: how sharply failing prompts are preferred", min=0.0)
+    failure_floor: float = option(0.05, "prompt_weighting=failure: least weight base (solved prompts stay in)",
+                                  min=0.0, max=1.0)
+    failure_decay: float = option(0.5, "prompt_weighting=failure: EMA decay of r̄ per visit", min=0.0, max=1.0)
 
 
 @dataclass
@@ -124,6 +133,8 @@ class EvalSection:
     per_prompt: int = option(16, "images per prompt", min=1)
     seed: int = option(1000, "seed of the first evaluation image", min=0)
     fd: bool = option(True, "compute the quality FD")
+    cache_initial: bool = option(True, "reuse the epoch-0 evaluation of a run with the same base and protocol "
+                                 "(at epoch 0 every method's policy is the base; dgpo.eval_cache)")
     sampler: SamplerConfig = section(SamplerConfig, "the evaluation sampler")
 
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from dgpo.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, optimizer_from_flat,
                              optimizer_to_flat, restore_rng, save_checkpoint)
 from dgpo.config import from_dict, to_dict
+from dgpo import eval_cache
 from dgpo.dgpo_update import RolloutBatch
 from dgpo.ema import EMA
 from dgpo.methods import make_objective
@@ -40,8 +41,9 @@ from dgpo.run_metrics import eval_result, read_metrics, truncate_metrics
 from dgpo.evaluation import EvalConfig, evaluate_model, format_table
 from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
 from dgpo.models.pretrain import ensure_base, load_pretrain_config
-from dgpo.models.lora import add_lora, save_lora_diffusers
+from dgpo.models.lora import LORA_TARGETS, add_lora, save_lora_diffusers
 from dgpo.objectives import group_advantages
+from dgpo.prompt_sampling import PromptSampler
 from dgpo.rewards import make_reward
 from dgpo.samples_io import image_grid
 from dgpo.train_config import TrainConfig
@@ -112,7 +114,8 @@ class Trainer:
         pipe.to(self.accelerator.device)
         for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             m.requires_grad_(False)
-        self.params = add_lora(pipe.transformer, cfg.model.lora_rank, cfg.model.lora_alpha, seed=cfg.run.seed)
+        self.params = add_lora(pipe.transformer, cfg.model.lora_rank, cfg.model.lora_alpha,
+                               LORA_TARGETS[cfg.model.lora_targets], seed=cfg.run.seed)
         if cfg.model.gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
         self.model = FlowModel(pipe, max_sequence_length=t5)
@@ -122,6 +125,9 @@ class Trainer:
                                                       if cfg.reward.name == "remote" else {}))
         self.gen = torch.Generator().manual_seed(cfg.run.seed)
         self.train_prompts = shapes.prompts("train")
+        r = cfg.rollout
+        self.prompt_sampler = PromptSampler(self.train_prompts, r.prompts_per_epoch, r.prompt_weighting,
+                                            r.failure_power, r.failure_floor, r.failure_decay)
         self.counters = Counters()
         self.shift = cfg.objective.shift if cfg.objective.shift > 0 else pipe.scheduler.config.shift
         self.objective = make_objective(cfg, self.model, self.params, self.shift)
@@ -142,10 +148,7 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- epoch parts
     def sample_prompts(self) -> list[str]:
-        idx = torch.randperm(len(self.train_prompts), generator=self.gen)[: self.cfg.rollout.prompts_per_epoch]
-        if len(idx) < self.cfg.rollout.prompts_per_epoch:  # more prompts per epoch than train prompts: repeat
-            idx = torch.randint(len(self.train_prompts), (self.cfg.rollout.prompts_per_epoch,), generator=self.gen)
-        return [self.train_prompts[i] for i in idx.tolist()]
+        return self.prompt_sampler.sample(self.gen)
 
     def rollout_policy(self):
         use_ema = self.cfg.rollout.policy == "ema" and self.counters.epoch >= self.cfg.rollout.ema_after
@@ -200,6 +203,7 @@ class Trainer:
             latents, images, embeds, flat, extras = self.rollout(prompts)
             rewards = self.score(images, flat)
             group_ids = torch.arange(len(prompts)).repeat_interleave(self.cfg.rollout.group_size)
+            self.prompt_sampler.observe(prompts, rewards.view(len(prompts), -1).double().mean(1))
             adv = group_advantages(rewards, group_ids, std=self.cfg.advantage.std, eps=self.cfg.advantage.eps,
                                    clip=self.cfg.advantage.clip or None)
             device = latents.device  # a GPU run keeps the whole batch on the GPU
@@ -225,11 +229,37 @@ class Trainer:
         grid_idx = np.arange(0, len(images), e.per_prompt)[:64]
         from PIL import Image
         (self.out / "samples").mkdir(exist_ok=True)
-        Image.fromarray(image_grid(images[grid_idx], columns=8)).save(self.out / "samples" / f"epoch-{self.counters.epoch:05d}.png")
+        Image.fromarray(image_grid(images[grid_idx], columns=8)).save(self._grid_path())
         return {"epoch": self.counters.epoch, "eval_geneval": result["geneval"],
                 "eval_per_category": result["per_category"], "eval_partial": result["partial"],
                 "eval_fd": result.get("fd"), "train_seconds": round(self.counters.train_seconds, 2),
                 "nfe": self.counters.nfe}
+
+    def _grid_path(self) -> Path:
+        return self.out / "samples" / f"epoch-{self.counters.epoch:05d}.png"
+
+    def initial_evaluation(self) -> dict:
+        """The epoch-0 evaluation (the base itself), read from :mod:`dgpo.eval_cache` when a run on the same
+        base with the same protocol stored it; otherwise evaluated and stored."""
+        e = self.cfg.eval
+        if not e.cache_initial or self.counters.epoch != 0:
+            return self.evaluate()
+        protocol = {"split": e.split, "per_prompt": e.per_prompt, "seed": e.seed, "fd": e.fd,
+                    "sampler": to_dict(e.sampler), "t5_tokens": self.model.max_sequence_length,
+                    "precision": self.cfg.model.mixed_precision, "device": self.accelerator.device.type}
+        key = eval_cache.eval_key(self.base_path, protocol)
+        hit = eval_cache.load(key)
+        if hit is None:
+            row = self.evaluate()
+            eval_cache.store(key, {k: v for k, v in row.items() if k.startswith("eval_")}, self._grid_path())
+            return row
+        result, grid = hit
+        if grid is not None:
+            self._grid_path().parent.mkdir(exist_ok=True)
+            shutil.copyfile(grid, self._grid_path())
+        self.log(f"epoch 0: the base's evaluation under this protocol is cached ({eval_cache.entry_dir(key)}); "
+                 f"set eval.cache_initial=false to re-evaluate")
+        return {"epoch": 0, **result, "train_seconds": 0.0, "nfe": 0}
 
     # --------------------------------------------------------------------------------------- state
     def state_tensors(self) -> tuple[dict, dict]:
@@ -238,6 +268,7 @@ class Trainer:
         rng_t, rng_s = capture_rng({"main": self.gen})
         tensors.update(opt_t)
         tensors.update(rng_t)
+        tensors.update(self.prompt_sampler.state_tensors())
         for name, ema in self.emas().items():
             tensors.update({f"{name}.{k}": v for k, v in ema.state_dict().items()})
         state = {"optimizer": opt_s, "rng": rng_s, "counters": {"epoch": self.counters.epoch,
@@ -258,6 +289,7 @@ class Trainer:
         for name, ema in self.emas().items():
             ema.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
         restore_rng({"main": self.gen}, tensors, state["rng"])
+        self.prompt_sampler.load_state_tensors(tensors)
         c = state["counters"]
         self.counters = Counters(c["epoch"], c["train_seconds"], c["nfe"])
 
@@ -279,7 +311,7 @@ class Trainer:
             self.accelerator.init_trackers("dgpo", config=_flat(to_dict(cfg)))
         evals = [r for r in read_metrics(metrics_path) if "eval_geneval" in r]
         if not evals:
-            evals.append(self._log(metrics_path, self.evaluate()))
+            evals.append(self._log(metrics_path, self.initial_evaluation()))
             self.log(_eval_line(evals[-1]))
         budget = cfg.run.time_budget_min * 60
         bar = tqdm(total=cfg.run.epochs, initial=self.counters.epoch, desc=f"{self.objective.label} epochs")

@@ -3,7 +3,9 @@
 Rows: the teacher at its default steps with CFG, the teacher at the student's step count (with CFG), and
 the student at K NFE (and fewer: 1, 2 — an evenly spaced subset of its trained noise levels), all on the
 same test prompts and seeds. For each: shapes-geneval (overall and per category), mean partial score,
-quality FD, and images per second (sampling + decoding, one batch size, evaluation excluded).
+quality FD, and images per second end to end (text encoding + sampling + decoding of one batch of
+``--batch-size`` images, timed ``--speed-repeats`` times with the rows interleaved; the median is kept, so
+the load of a shared machine hits every row alike).
 
 Writes ``NAME.json``, ``NAME.md`` (a markdown table) and ``NAME_grid.png`` (one column per row above,
 one row per test prompt, same seed) into ``--out-dir``:
@@ -35,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--model", help="teacher pipeline folder (default: the embedded shapes base)")
     p.add_argument("--lora", default="runs/tdm-shapes/final/lora", help="the student's LoRA folder "
                    "(default runs/tdm-shapes/final/lora; its sampler.json gives the noise levels)")
+    p.add_argument("--student", help="a full student pipeline folder instead of --lora (`student.mode=full` "
+                   "writes RUN/final/pipeline; RUN/final/sampler.json gives the noise levels)")
     p.add_argument("--teacher-steps", type=int, default=20, help="teacher's default Euler steps (default 20)")
     p.add_argument("--teacher-cfg", type=float, default=1.5, help="teacher's CFG scale (default 1.5)")
     p.add_argument("--student-nfe", default="4,2,1", help="student step counts, comma-separated (default 4,2,1)")
@@ -42,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--per-prompt", type=int, default=16, help="images per prompt (default 16: ±0.025 noise)")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first image (default 1000)")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampler batch (default 64)")
+    p.add_argument("--speed-repeats", type=int, default=5, choices=range(1, 101), metavar="N", help="timed batches per row, interleaved; images/s is "
+                   "batch size / their median (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, for comparable timings)")
     p.add_argument("--out-dir", default=str(ROOT / "scripts" / "results"), help="output folder (default scripts/results)")
     p.add_argument("--name", default="tdm_shapes_bench", help="output file stem (default tdm_shapes_bench)")
@@ -59,14 +65,21 @@ def main(argv=None) -> int:
     from tdm_r1.student import default_boundaries, generate_student, read_sampler_file, subset_boundaries
     try:
         base = resolve_model(args.model)
-        if not Path(args.lora).exists() and (ROOT / args.lora).exists():  # the default, run from elsewhere
-            args.lora = str(ROOT / args.lora)
-        if not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
-            raise UserError(f"--lora {args.lora!r} has no pytorch_lora_weights.safetensors: run `tdm-r1 distill` "
-                            f"first or pass RUN/final/lora")
         teacher = load_model(base)
-        student = load_model(base, args.lora)
-        saved = read_sampler_file(args.lora)
+        if args.student:  # a fully fine-tuned student: its own pipeline folder
+            if not (Path(args.student) / "model_index.json").is_file():
+                raise UserError(f"--student {args.student!r} is not a saved pipeline (no model_index.json): pass "
+                                f"RUN/final/pipeline of a `tdm-r1 distill --set student.mode=full` run")
+            student, args.lora = load_model(args.student), None
+            saved = read_sampler_file(args.student)
+        else:
+            if not Path(args.lora).exists() and (ROOT / args.lora).exists():  # the default, run from elsewhere
+                args.lora = str(ROOT / args.lora)
+            if not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
+                raise UserError(f"--lora {args.lora!r} has no pytorch_lora_weights.safetensors: run `tdm-r1 distill` "
+                                f"first or pass RUN/final/lora")
+            student = load_model(base, args.lora)
+            saved = read_sampler_file(args.lora)
         trained = saved["boundaries"] if saved else default_boundaries(student, 4)
         nfes = [int(x) for x in args.student_nfe.split(",") if x.strip()]
     except (UserError, ValueError) as e:
@@ -76,38 +89,53 @@ def main(argv=None) -> int:
     flat = [p for p in prompts for _ in range(args.per_prompt)]
     k = len(trained)
 
+    def teacher_run(steps):
+        sampler = SamplerConfig(steps, args.teacher_cfg)
+        return lambda ps, n: generate(teacher, ps, n, sampler, args.seed, args.batch_size, progress=False)[0]
+
     rows = {
         f"teacher ({args.teacher_steps} steps, CFG {args.teacher_cfg})":
-            (args.teacher_steps * (2 if args.teacher_cfg > 1 else 1),
-             lambda: generate(teacher, prompts, args.per_prompt, SamplerConfig(args.teacher_steps, args.teacher_cfg),
-                              args.seed, args.batch_size)),
-        f"teacher ({k} steps, CFG {args.teacher_cfg})":
-            (k * (2 if args.teacher_cfg > 1 else 1),
-             lambda: generate(teacher, prompts, args.per_prompt, SamplerConfig(k, args.teacher_cfg), args.seed,
-                              args.batch_size)),
+            (args.teacher_steps * (2 if args.teacher_cfg > 1 else 1), teacher_run(args.teacher_steps)),
+        f"teacher ({k} steps, CFG {args.teacher_cfg})": (k * (2 if args.teacher_cfg > 1 else 1), teacher_run(k)),
     }
     for n in nfes:
         b = subset_boundaries(trained, n)
-        rows[f"TDM student ({n} NFE)"] = (n, lambda b=b: generate_student(student, prompts, b, args.per_prompt,
-                                                                          args.seed, args.batch_size))
+        rows[f"TDM student ({n} NFE)"] = (n, lambda ps, m, b=b: generate_student(
+            student, ps, b, m, args.seed, args.batch_size, progress=False)[0])
     results, images_of = {}, {}
     for name, (nfe, run) in rows.items():
+        print(f"sampling {len(flat)} images: {name} ...", flush=True)
         t0 = time.perf_counter()
         with torch.no_grad():
-            images, _ = run()
+            images = run(prompts, args.per_prompt)
         seconds = time.perf_counter() - t0
         r = evaluate_images(images, flat)
-        r.update(nfe=nfe, seconds=round(seconds, 3), images_per_second=round(len(images) / seconds, 2))
+        r.update(nfe=nfe, seconds=round(seconds, 3))
         results[name], images_of[name] = r, images
-        print(f"{name}: shapes-geneval {r['geneval']:.3f}, FD {r['fd']:.2f}, {r['images_per_second']:.1f} images/s")
+        print(f"{name}: shapes-geneval {r['geneval']:.3f}, FD {r['fd']:.2f}")
+    # Speed: one batch of batch_size images (test prompts cycled), timed --speed-repeats times with the rows
+    # interleaved, median per row — a shared machine's load then hits every row alike.
+    speed_prompts = (prompts * (args.batch_size // len(prompts) + 1))[:args.batch_size]
+    times = {name: [] for name in rows}
+    with torch.no_grad():
+        for _ in range(args.speed_repeats):
+            for name, (_, run) in rows.items():
+                t0 = time.perf_counter()
+                run(speed_prompts, 1)
+                times[name].append(time.perf_counter() - t0)
+    for name, r in results.items():
+        r["batch_seconds"] = [round(t, 4) for t in times[name]]
+        r["images_per_second"] = round(args.batch_size / float(np.median(times[name])), 2)
+        print(f"{name}: {r['images_per_second']:.1f} images/s (median of {args.speed_repeats} batches of "
+              f"{args.batch_size})")
     ref = next(iter(results.values()))["images_per_second"]
     for r in results.values():
         r["speedup_vs_teacher"] = round(r["images_per_second"] / ref, 2)
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"base": str(base), "lora": str(args.lora), "boundaries": trained, "split": args.split,
-            "per_prompt": args.per_prompt, "seed": args.seed, "batch_size": args.batch_size, "threads": args.threads,
+    meta = {"base": str(base), "lora": str(args.lora) if args.lora else None, "student": args.student, "boundaries": trained, "split": args.split,
+            "per_prompt": args.per_prompt, "seed": args.seed, "batch_size": args.batch_size, "speed_repeats": args.speed_repeats, "threads": args.threads,
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
     (out / f"{args.name}.json").write_text(json.dumps({"settings": meta, "results": results}, indent=2))
     speed = ["", "| model | NFE | images/s | speed-up |", "|---|---|---|---|"]

@@ -39,6 +39,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from dgpo.models.handle import flow_interpolate
+    from dgpo.prompt_sampling import PromptSampler
     from dgpo.sampling import shift_sigmas
     from dgpo.trainer import Trainer, load_train_config
     from dgpo.worlds import shapes
@@ -52,6 +53,7 @@ def main(argv=None) -> None:
                                    *args.set])
     trainer = Trainer(cfg, log=lambda *a: None)
     trainer.train_prompts = [args.prompt]
+    trainer.prompt_sampler = PromptSampler([args.prompt], args.groups)  # P groups of the one prompt
     with torch.no_grad():
         trainer.embeds_of = {args.prompt: trainer.model.encode_prompts([args.prompt])}
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,8 @@ class StudentConfig:
                        choices=("lora", "full"))
     lora_rank: int = option(32, "student LoRA rank", min=1)
     lora_alpha: float = option(32.0, "student LoRA alpha (scale = alpha / rank)", min=0.0)
+    lora_targets: str = option("attention", "student LoRA layers: the joint-attention projections, or those and "
+                               "the MLPs of both streams", choices=("attention", "attention_ff"))
     ema_decay: float = option(0.0, "EMA of the student's weights, used for evaluation and export (0 = off); "
                               "smooths the iteration-to-iteration swings of the student", min=0.0, max=1.0)
 
@@ -32,6 +34,8 @@ class StudentConfig:
 class FakeConfig:
     lora_rank: int = option(32, "fake-score LoRA rank (a second adapter on the teacher's backbone)", min=1)
     lora_alpha: float = option(32.0, "fake-score LoRA alpha", min=0.0)
+    lora_targets: str = option("attention", "fake-score LoRA layers: the joint-attention projections, or those "
+                               "and the MLPs of both streams", choices=("attention", "attention_ff"))
     importance: str = option("self_normalized", "importance weight of the fake loss: the exact ratio "
                              "self-normalised over the batch, its per-dimension geometric mean, or none",
                              choices=("self_normalized", "per_dim", "none"))

@@ -46,7 +46,7 @@ from dgpo.errors import UserError
 from dgpo.run_metrics import eval_result, read_metrics, truncate_metrics
 from dgpo.evaluation import evaluate_images, format_table
 from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
-from dgpo.models.lora import add_lora
+from dgpo.models.lora import LORA_TARGETS, add_lora
 from dgpo.models.pretrain import ensure_base, load_pretrain_config
 from dgpo.samples_io import image_grid
 from dgpo.worlds import shapes
@@ -118,10 +118,11 @@ class Distiller:
                                      max_sequence_length=t5)
             self.student.pipe.set_progress_bar_config(disable=True)
             self.student_params = list(student_tr.parameters())
-        add_lora(pipe.transformer, cfg.fake.lora_rank, cfg.fake.lora_alpha, adapter_name=FAKE, seed=cfg.run.seed + 1)
+        add_lora(pipe.transformer, cfg.fake.lora_rank, cfg.fake.lora_alpha, LORA_TARGETS[cfg.fake.lora_targets],
+                 adapter_name=FAKE, seed=cfg.run.seed + 1)
         if cfg.student.mode == "lora":  # a second adapter on the same backbone
-            add_lora(pipe.transformer, cfg.student.lora_rank, cfg.student.lora_alpha, adapter_name=STUDENT,
-                     seed=cfg.run.seed)
+            add_lora(pipe.transformer, cfg.student.lora_rank, cfg.student.lora_alpha,
+                     LORA_TARGETS[cfg.student.lora_targets], adapter_name=STUDENT, seed=cfg.run.seed)
             self.student = FlowModel(pipe, max_sequence_length=t5)
             self.student_params = adapter_parameters(pipe.transformer, STUDENT)
         self.fake_params = adapter_parameters(pipe.transformer, FAKE)

@@ -2,12 +2,14 @@
 stock diffusers reproduces the exported student from the settings written next to it."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 from PIL import Image
+from safetensors.torch import load_file
 
 from dgpo.models.handle import PromptEmbeds
 from dgpo.sampling import initial_noise, sample_ode
@@ -75,10 +77,17 @@ def test_distillation_moves_the_student_towards_the_teacher(tiny_base, tmp_path)
     assert after < 0.75 * before, (before, after)
 
 
-def test_stock_diffusers_reproduces_the_exported_student(tiny_base, tmp_path):
+@pytest.mark.parametrize("targets", ["attention", "attention_ff"])
+def test_stock_diffusers_reproduces_the_exported_student(targets, tiny_base, tmp_path):
     out = tmp_path / "run"
-    cfg = prepare_run_dir(tiny_cfg(tiny_base, out, "run.iterations=3", "optim.generator_lr=1e-2"), resume=False)
-    Distiller(cfg, log=lambda *a: None).run()
+    cfg = prepare_run_dir(tiny_cfg(tiny_base, out, "run.iterations=3", "optim.generator_lr=1e-2",
+                                   f"student.lora_targets={targets}", f"fake.lora_targets={targets}"), resume=False)
+    d = Distiller(cfg, log=lambda *a: None)
+    d.run()
+    exported = load_file(str(out / "final" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(".ff.net.2." in k for k in exported) == (targets == "attention_ff")
+    fake_modules = {n for n, _ in d.teacher.transformer.named_parameters() if "lora_" in n and "fake" in n}
+    assert any(".ff.net.2." in n for n in fake_modules) == (targets == "attention_ff")
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.md", "final/lora/pytorch_lora_weights.safetensors",
                  "final/sampler.json", "final/USAGE.md", "checkpoints/step-3/tensors.safetensors"):
         assert (out / name).is_file(), name
@@ -175,3 +184,13 @@ def test_options_full_finetune_full_tau_huber_per_dim(tiny_base, tmp_path):
     image = pipe("a photo of a red circle", sigmas=settings["sigmas"], guidance_scale=1.0, max_sequence_length=0,
                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert np.isfinite(image).all()
+
+
+def test_bench_tdm_rejects_a_student_folder_that_is_not_a_pipeline(tiny_base, tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_tdm", Path(__file__).resolve().parents[1] / "scripts" / "bench_tdm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model", str(tiny_base), "--student", str(tmp_path), "--out-dir", str(tmp_path / "out")]) == 2
+    assert "not a saved pipeline" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

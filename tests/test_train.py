@@ -1,6 +1,7 @@
 """The DGPO loop on a tiny base: run folder, diffusers-format LoRA, exact resume."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -38,14 +39,18 @@ def tiny_cfg(tiny_base, out, *extra):
                              [f"model.base={tiny_base}", f"run.out_dir={out}", "run.time_budget_min=0", *TINY_RUN, *extra])
 
 
-def test_run_folder_and_plain_diffusers_lora(tiny_base, tmp_path):
+@pytest.mark.parametrize("targets", ["attention", "attention_ff"])
+def test_run_folder_and_plain_diffusers_lora(targets, tiny_base, tmp_path):
     out = tmp_path / "run"
-    cfg = prepare_run_dir(tiny_cfg(tiny_base, out, "run.epochs=2"), resume=False)
+    cfg = prepare_run_dir(tiny_cfg(tiny_base, out, "run.epochs=2", f"model.lora_targets={targets}"), resume=False)
     trainer = Trainer(cfg, log=lambda *a: None)
     trainer.run()
     for name in ("config.yaml", "metrics.jsonl", "reward_curve.png", "summary.md", "final/lora/pytorch_lora_weights.safetensors"):
         assert (out / name).is_file(), name
     assert (out / "checkpoints" / "step-2" / "tensors.safetensors").is_file()
+    saved = load_file(str(out / "final" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(".ff.net.2." in k for k in saved) == (targets == "attention_ff")
+    assert any(".attn.to_q." in k for k in saved)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "reward" in r] == [1, 2]
     assert rows[-1]["nfe"] > 0 and rows[-1]["train_seconds"] > 0
@@ -65,12 +70,14 @@ def test_run_folder_and_plain_diffusers_lora(tiny_base, tmp_path):
     assert np.array_equal(ours[0], (tuned[0] * 255).round().astype(np.uint8))
 
 
-def test_killed_run_resumes_exactly(tiny_base, tmp_path, monkeypatch):
+@pytest.mark.parametrize("weighting", ["uniform", "failure"])
+def test_killed_run_resumes_exactly(weighting, tiny_base, tmp_path, monkeypatch):
+    extra = ("run.epochs=4", f"rollout.prompt_weighting={weighting}")
     # Uninterrupted: 4 epochs.
-    full = Trainer(prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "full", "run.epochs=4"), False), log=lambda *a: None)
+    full = Trainer(prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "full", *extra), False), log=lambda *a: None)
     full.run()
     # Killed during epoch 4 (after the step-2 checkpoint and epoch 3's metrics row), then resumed.
-    cfg = prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "killed", "run.epochs=4"), False)
+    cfg = prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "killed", *extra), False)
     killed = Trainer(cfg, log=lambda *a: None)
     real_epoch = Trainer.epoch
 
@@ -151,3 +158,46 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_ba
     good = load_file(str(out / "checkpoints" / "step-2" / "tensors.safetensors"))
     assert all(torch.isfinite(v).all() for k, v in good.items() if k.startswith("lora."))
     assert not (out / "final").exists()
+
+
+def test_epoch0_evaluation_is_cached_per_base_and_protocol(tiny_base, tmp_path, monkeypatch):
+    import dgpo.trainer as T
+    calls = []
+    real = T.evaluate_model
+    monkeypatch.setattr(T, "evaluate_model", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+
+    def run(name, *extra):
+        n = len(calls)
+        Trainer(prepare_run_dir(tiny_cfg(tiny_base, tmp_path / name, "run.epochs=1", *extra), False),
+                log=lambda *a: None).run()
+        first = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        return first, len(calls) - n
+
+    a, evals_a = run("a", "eval.seed=7")
+    b, evals_b = run("b", "eval.seed=7")                                  # same base and protocol: cached
+    c, evals_c = run("c", "eval.seed=8")                                  # another protocol: evaluated
+    d, evals_d = run("d", "eval.seed=7", "eval.cache_initial=false")      # forced: evaluated again
+    assert (evals_a, evals_b, evals_c, evals_d) == (2, 1, 2, 2)           # epoch 0 (unless cached) + the end
+    assert a["epoch"] == 0 and a == b == d                                # the cache returns what evaluating does
+    assert (tmp_path / "b" / "samples" / "epoch-00000.png").is_file()
+
+
+def test_eval_cache_key_follows_weights_protocol_and_code(tmp_path, monkeypatch):
+    import os
+    from dgpo import eval_cache
+    base = tmp_path / "base"
+    (base / "transformer").mkdir(parents=True)
+    w = base / "transformer" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(b"0" * 10)
+    key = eval_cache.eval_key(base, {"seed": 1})
+    assert eval_cache.eval_key(base, {"seed": 1}) == key
+    assert eval_cache.eval_key(base, {"seed": 2}) != key                  # protocol
+    os.utime(w, ns=(1, 1))
+    assert eval_cache.eval_key(base, {"seed": 1}) != key                  # retrained weights
+    key = eval_cache.eval_key(base, {"seed": 1})
+    code = tmp_path / "pkg"
+    shutil.copytree(eval_cache.PACKAGE, code)
+    monkeypatch.setattr(eval_cache, "PACKAGE", code)
+    assert eval_cache.eval_key(base, {"seed": 1}) == key
+    (code / "worlds" / "shapes.py").write_text((code / "worlds" / "shapes.py").read_text() + "\n# edited\n")
+    assert eval_cache.eval_key(base, {"seed": 1}) != key                  # an edited verifier

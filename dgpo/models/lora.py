@@ -18,6 +18,9 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 # The joint-attention projections of every MM-DiT block (image and text streams).
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# The feed-forward layers of both streams (the MLPs hold most of a block's weights).
+FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+LORA_TARGETS = {"attention": ATTENTION_PROJECTIONS, "attention_ff": ATTENTION_PROJECTIONS + FEED_FORWARD}
 
 
 def add_lora(transformer, rank: int = 16, alpha: float | None = None,
