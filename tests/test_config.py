@@ -67,3 +67,12 @@ def test_every_field_is_documented():
     assert any(line.startswith("flow.lr = ") for line in lines)
     for line in lines:
         assert line.split(": ", 1)[1].strip(), f"field without help text: {line}"
+
+
+def test_patch1_base_config_differs_from_the_default_only_in_patch_size():
+    """The README compares the two bases as one controlled change: keep it that way."""
+    default = to_dict(load_config(PretrainConfig, "configs/base/shapes.yaml"))
+    patch1 = to_dict(load_config(PretrainConfig, "configs/base/shapes_patch1.yaml"))
+    assert patch1["model"]["transformer"].pop("patch_size") == 1
+    assert default["model"]["transformer"].pop("patch_size") == 2
+    assert patch1 == default
