@@ -148,6 +148,39 @@ def cmd_train(args) -> None:
           f"in {last['train_seconds'] / 60:.1f} min of training; LoRA: {cfg.run.out_dir}/final/lora")
 
 
+def cmd_export(args) -> None:
+    """A checkpoint's LoRA (its raw weights, or with --ema the policy EMA) as a diffusers-format folder."""
+    import shutil
+    from contextlib import nullcontext
+
+    from dgpo.checkpoint import STEP_DIR, list_checkpoints
+    from dgpo.models.lora import save_lora_diffusers
+    from dgpo.trainer import Trainer, load_train_config
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{str(run)!r} is not a run folder (no config.yaml): pass a folder `dgpo train` wrote")
+    steps = {int(STEP_DIR.match(p.name).group(1)): p for p in list_checkpoints(run)}
+    if not steps:
+        raise UserError(f"{str(run)!r} has no complete checkpoint under checkpoints/ (run.checkpoint_every sets how often "
+                        f"`dgpo train` writes one)")
+    step = max(steps) if args.step is None else args.step
+    if step not in steps:
+        raise UserError(f"{str(run)!r} keeps no checkpoint of step {step}; it keeps steps {sorted(steps)} "
+                        f"(run.keep_checkpoints sets how many)")
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"--out {str(out)!r} already exists: pass a new folder")
+    trainer = Trainer(load_train_config(run / "config.yaml"), log=lambda *a: None)
+    trainer.restore(steps[step])
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with trainer.policy_ema.swapped_in() if args.ema else nullcontext():
+        save_lora_diffusers(trainer.model.transformer, tmp)
+    os.replace(tmp, out)  # all or nothing: no half-written LoRA folder
+    print(f"wrote {out}: the {'policy EMA' if args.ema else 'LoRA'} of step {step} of {run} "
+          f"(load with pipe.load_lora_weights, or `dgpo eval --lora {out}`)")
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 def _add_sampler_args(p, steps=20, cfg=1.5) -> None:
@@ -222,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (overrides run.out_dir)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a checkpoint's LoRA (or its policy EMA) as a diffusers LoRA folder",
+                       description="Export the LoRA of one checkpoint of a `dgpo train` run (default: the latest), "
+                       "e.g. to keep an earlier, better evaluation than the final one, or to compare the raw "
+                       "weights with their EMA (optim.ema_decay). The folder loads like RUN/final/lora.")
+    p.add_argument("run", help="the run folder (holds config.yaml and checkpoints/step-N)")
+    p.add_argument("--step", type=int, help="the checkpoint's epoch (default: the latest kept)")
+    p.add_argument("--ema", action="store_true", help="export the policy EMA instead of the raw weights")
+    p.add_argument("--out", required=True, help="a new folder for the LoRA")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

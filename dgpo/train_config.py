@@ -118,6 +118,11 @@ class OptimConfig:
     betas: list[float] = option([0.9, 0.999], "AdamW betas")
     momentum: float = option(0.9, "SGD momentum (optim.name=sgd)", min=0.0, max=0.999)
     weight_decay: float = option(0.0, "weight decay (decoupled for AdamW, L2 for SGD)", min=0.0)
+    lr_schedule: str = option("constant", "constant, or cosine: lr decays to lr_min_ratio·lr over the run "
+                              "(over run.time_budget_min of training when a budget is set, else over run.epochs)",
+                              choices=("constant", "cosine"))
+    lr_min_ratio: float = option(0.1, "lr_schedule=cosine: the final learning rate as a fraction of lr",
+                                 min=0.0, max=1.0)
     grad_clip: float = option(1.0, "global gradient-norm clip (0 = off)", min=0.0)
     micro_batch: int = option(64, "samples per forward/backward (whole groups; gradients accumulate)", min=1)
     steps_per_epoch: int = option(1, "optimiser steps per epoch (1 = the whole batch accumulates into one)", min=1)

@@ -5,7 +5,9 @@ the student at K NFE (and fewer: 1, 2 — an evenly spaced subset of its trained
 same test prompts and seeds. For each: shapes-geneval (overall and per category), mean partial score,
 quality FD, and images per second end to end (text encoding + sampling + decoding of one batch of
 ``--batch-size`` images, timed ``--speed-repeats`` times with the rows interleaved; the median is kept, so
-the load of a shared machine hits every row alike).
+the load of a shared machine hits every row alike), with the three pieces timed separately: the sampling
+loop's speed-up is what distillation changes, text encoding and decoding cost every row the same
+(``dgpo.sampling_speed``).
 
 Writes ``NAME.json``, ``NAME.md`` (a markdown table) and ``NAME_grid.png`` (one column per row above,
 one row per test prompt, same seed) into ``--out-dir``:
@@ -61,8 +63,11 @@ def main(argv=None) -> int:
     from dgpo.errors import UserError
     from dgpo.evaluation import SamplerConfig, evaluate_images, format_table, generate
     from dgpo.samples_io import image_grid
+    from dgpo.sampling import sample_ode
+    from dgpo.sampling_speed import median_breakdown, timed_generation
     from dgpo.worlds import shapes
-    from tdm_r1.student import default_boundaries, generate_student, read_sampler_file, subset_boundaries
+    from tdm_r1.student import (default_boundaries, generate_student, read_sampler_file, sample_student,
+                                subset_boundaries)
     try:
         base = resolve_model(args.model)
         teacher = load_model(base)
@@ -93,17 +98,24 @@ def main(argv=None) -> int:
         sampler = SamplerConfig(steps, args.teacher_cfg)
         return lambda ps, n: generate(teacher, ps, n, sampler, args.seed, args.batch_size, progress=False)[0]
 
+    def teacher_loop(steps):
+        return lambda e, x: sample_ode(teacher, e, x, steps, args.teacher_cfg, "euler")
+
+    # name -> (NFE per image, model, generation of the whole set, the bare sampling loop for the timing)
+    cfg_factor = 2 if args.teacher_cfg > 1 else 1
     rows = {
         f"teacher ({args.teacher_steps} steps, CFG {args.teacher_cfg})":
-            (args.teacher_steps * (2 if args.teacher_cfg > 1 else 1), teacher_run(args.teacher_steps)),
-        f"teacher ({k} steps, CFG {args.teacher_cfg})": (k * (2 if args.teacher_cfg > 1 else 1), teacher_run(k)),
+            (args.teacher_steps * cfg_factor, teacher, teacher_run(args.teacher_steps), teacher_loop(args.teacher_steps)),
+        f"teacher ({k} steps, CFG {args.teacher_cfg})": (k * cfg_factor, teacher, teacher_run(k), teacher_loop(k)),
     }
     for n in nfes:
         b = subset_boundaries(trained, n)
-        rows[f"TDM student ({n} NFE)"] = (n, lambda ps, m, b=b: generate_student(
-            student, ps, b, m, args.seed, args.batch_size, progress=False)[0])
+        rows[f"TDM student ({n} NFE)"] = (
+            n, student,
+            lambda ps, m, b=b: generate_student(student, ps, b, m, args.seed, args.batch_size, progress=False)[0],
+            lambda e, x, b=b: sample_student(student, e, x, b))
     results, images_of = {}, {}
-    for name, (nfe, run) in rows.items():
+    for name, (nfe, _, run, _) in rows.items():
         print(f"sampling {len(flat)} images: {name} ...", flush=True)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -113,24 +125,28 @@ def main(argv=None) -> int:
         r.update(nfe=nfe, seconds=round(seconds, 3))
         results[name], images_of[name] = r, images
         print(f"{name}: shapes-geneval {r['geneval']:.3f}, FD {r['fd']:.2f}")
-    # Speed: one batch of batch_size images (test prompts cycled), timed --speed-repeats times with the rows
-    # interleaved, median per row — a shared machine's load then hits every row alike.
+    # Speed: one batch of batch_size images (test prompts cycled), timed piece by piece (text encoding,
+    # sampling loop, VAE decode; dgpo.sampling_speed) --speed-repeats times with the rows interleaved, median
+    # per row — a shared machine's load then hits every row alike.
     speed_prompts = (prompts * (args.batch_size // len(prompts) + 1))[:args.batch_size]
-    times = {name: [] for name in rows}
+    runs = {name: [] for name in rows}
     with torch.no_grad():
+        for name, (_, model, _, loop) in rows.items():  # warm-up (caches the CFG branch's empty prompt)
+            timed_generation(model, speed_prompts, args.seed, loop)
         for _ in range(args.speed_repeats):
-            for name, (_, run) in rows.items():
-                t0 = time.perf_counter()
-                run(speed_prompts, 1)
-                times[name].append(time.perf_counter() - t0)
+            for name, (_, model, _, loop) in rows.items():
+                runs[name].append(timed_generation(model, speed_prompts, args.seed, loop)[1])
     for name, r in results.items():
-        r["batch_seconds"] = [round(t, 4) for t in times[name]]
-        r["images_per_second"] = round(args.batch_size / float(np.median(times[name])), 2)
+        med = median_breakdown(runs[name])
+        r["batch_seconds"] = [round(x["total_s"], 4) for x in runs[name]]
+        r["breakdown_seconds"] = {key: round(v, 4) for key, v in med.items()}
+        r["images_per_second"] = round(args.batch_size / med["total_s"], 2)
         print(f"{name}: {r['images_per_second']:.1f} images/s (median of {args.speed_repeats} batches of "
-              f"{args.batch_size})")
-    ref = next(iter(results.values()))["images_per_second"]
+              f"{args.batch_size}: text {med['text_s']:.3f} s, loop {med['loop_s']:.3f} s, decode {med['decode_s']:.3f} s)")
+    ref = next(iter(results.values()))
     for r in results.values():
-        r["speedup_vs_teacher"] = round(r["images_per_second"] / ref, 2)
+        r["speedup_vs_teacher"] = round(r["images_per_second"] / ref["images_per_second"], 2)
+        r["loop_speedup_vs_teacher"] = round(ref["breakdown_seconds"]["loop_s"] / r["breakdown_seconds"]["loop_s"], 2)
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,8 +154,13 @@ def main(argv=None) -> int:
             "per_prompt": args.per_prompt, "seed": args.seed, "batch_size": args.batch_size, "speed_repeats": args.speed_repeats, "threads": args.threads,
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
     (out / f"{args.name}.json").write_text(json.dumps({"settings": meta, "results": results}, indent=2))
-    speed = ["", "| model | NFE | images/s | speed-up |", "|---|---|---|---|"]
-    speed += [f"| {n} | {r['nfe']} | {r['images_per_second']:.1f} | {r['speedup_vs_teacher']:.1f}× |"
+    speed = ["", f"Speed: one batch of {args.batch_size} images, median of {args.speed_repeats} (seconds: text "
+             "encoding, sampling loop, VAE decode).", "",
+             "| model | NFE | images/s | speed-up | text s | loop s | decode s | loop speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    speed += [f"| {n} | {r['nfe']} | {r['images_per_second']:.1f} | {r['speedup_vs_teacher']:.1f}× | "
+              f"{r['breakdown_seconds']['text_s']:.3f} | {r['breakdown_seconds']['loop_s']:.3f} | "
+              f"{r['breakdown_seconds']['decode_s']:.3f} | {r['loop_speedup_vs_teacher']:.1f}× |"
               for n, r in results.items()]
     table = format_table(results) + "\n" + "\n".join(speed) + "\n"
     (out / f"{args.name}.md").write_text(table)

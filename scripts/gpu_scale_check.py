@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from dgpo.models.lora import add_lora
 from dgpo.models.pretrain import world_vocabulary
 from dgpo.models.tokenizer import build_clip_tokenizer
 from dgpo.objectives import group_advantages
+from dgpo import sampling_speed
 from dgpo.sampling import sample_ode
 from dgpo.train_config import ObjectiveConfig
 from dgpo.worlds import shapes
@@ -70,17 +70,9 @@ def _build(resolution: int, layers: int) -> StableDiffusion3Pipeline:
     return pipe
 
 
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn):
-    _sync()
-    t = time.perf_counter()
-    out = fn()
-    _sync()
-    return out, time.perf_counter() - t
+    """``(fn(), seconds)``, the GPU synchronised before and after (``dgpo.sampling_speed.timed``)."""
+    return sampling_speed.timed(fn, DEVICE)
 
 
 def main() -> None:

@@ -77,7 +77,8 @@ from dgpo.methods import make_objective  # noqa: E402
 from dgpo.models.handle import FlowModel, PromptEmbeds  # noqa: E402
 from dgpo.models.lora import add_lora  # noqa: E402
 from dgpo.objectives import group_advantages  # noqa: E402
-from dgpo.sampling import initial_noise, sample_ode  # noqa: E402
+from dgpo.sampling import sample_ode  # noqa: E402
+from dgpo.sampling_speed import timed_generation  # noqa: E402
 from dgpo.trainer import load_train_config  # noqa: E402
 from dgpo.worlds import shapes  # noqa: E402
 from tdm_r1.student import default_boundaries, generate_student, sample_student  # noqa: E402
@@ -173,17 +174,9 @@ class PassCounter:
 
 def composed_generation(model: FlowModel, prompts: list[str], seed: int, sample) -> tuple[np.ndarray, dict]:
     """``generate`` / ``generate_student`` for one batch, piece by piece with a sync between pieces:
-    encode the unique prompts, initial noise per seed (on the model's device), the sampling loop, decode."""
-    t0 = time.perf_counter()
-    unique = sorted(set(prompts))
-    all_embeds, t_text = timed(lambda: model.encode_prompts(unique))
-    embeds_of = {p: all_embeds.index(slice(i, i + 1)) for i, p in enumerate(unique)}
-    embeds = PromptEmbeds.cat([embeds_of[p] for p in prompts])
-    noise = initial_noise([seed + k for k in range(len(prompts))], model.latent_shape).to(model.device)
-    latents, t_loop = timed(lambda: sample(embeds, noise))
-    images, t_dec = timed(lambda: model.decode_latents(latents))
-    total = time.perf_counter() - t0  # timed() synced at the end of decode
-    return images, {"text_s": t_text, "loop_s": t_loop, "decode_s": t_dec, "total_s": total}
+    encode the unique prompts, initial noise per seed (on the model's device), the sampling loop, decode
+    (``dgpo.sampling_speed.timed_generation``)."""
+    return timed_generation(model, prompts, seed, sample)
 
 
 def time_row(name: str, nfe: int, model, prompts, seed, reps, dtype, sample, helper) -> dict:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dgpo.cli import main
 from dgpo.rewards import register_reward
-from dgpo.trainer import Trainer, load_train_config, prepare_run_dir
+from dgpo.trainer import Trainer, load_train_config, prepare_run_dir, scheduled_lr
 
 
 class Brightness:
@@ -70,9 +70,10 @@ def test_run_folder_and_plain_diffusers_lora(targets, tiny_base, tmp_path):
     assert np.array_equal(ours[0], (tuned[0] * 255).round().astype(np.uint8))
 
 
-@pytest.mark.parametrize("weighting", ["uniform", "failure"])
-def test_killed_run_resumes_exactly(weighting, tiny_base, tmp_path, monkeypatch):
-    extra = ("run.epochs=4", f"rollout.prompt_weighting={weighting}")
+@pytest.mark.parametrize("weighting,schedule", [("uniform", "constant"), ("failure", "constant"),
+                                                ("uniform", "cosine")])
+def test_killed_run_resumes_exactly(weighting, schedule, tiny_base, tmp_path, monkeypatch):
+    extra = ("run.epochs=4", f"rollout.prompt_weighting={weighting}", f"optim.lr_schedule={schedule}")
     # Uninterrupted: 4 epochs.
     full = Trainer(prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "full", *extra), False), log=lambda *a: None)
     full.run()
@@ -103,6 +104,21 @@ def test_killed_run_resumes_exactly(weighting, tiny_base, tmp_path, monkeypatch)
     assert [r["epoch"] for r in rb] == [1, 2, 3, 4]
     assert [r["reward"] for r in ra] == [r["reward"] for r in rb]
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+    # The schedule is a function of the checkpointed counters: epoch e (1-based) steps at progress (e − 1) / 4.
+    assert [r["lr"] for r in rb] == [r["lr"] for r in ra] == [
+        scheduled_lr(full.cfg.optim, (e - 1) / 4) for e in range(1, 5)]
+
+
+def test_cosine_schedule_matches_its_formula():
+    cfg = load_train_config("configs/dgpo/shapes.yaml", ["optim.lr=1e-3", "optim.lr_schedule=cosine",
+                                                          "optim.lr_min_ratio=0.1"]).optim
+    for p in (0.0, 0.25, 0.5, 0.9, 1.0):
+        assert scheduled_lr(cfg, p) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * p))))
+    assert scheduled_lr(cfg, 0.0) == pytest.approx(1e-3) and scheduled_lr(cfg, 1.0) == pytest.approx(1e-4)
+    assert scheduled_lr(cfg, 1.7) == scheduled_lr(cfg, 1.0)  # a run past its budget stays at the floor
+    assert all(scheduled_lr(cfg, a / 10) > scheduled_lr(cfg, (a + 1) / 10) for a in range(10))
+    constant = load_train_config("configs/dgpo/shapes.yaml", ["optim.lr=1e-3"]).optim
+    assert scheduled_lr(constant, 0.7) == 1e-3
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -201,3 +217,25 @@ def test_eval_cache_key_follows_weights_protocol_and_code(tmp_path, monkeypatch)
     assert eval_cache.eval_key(base, {"seed": 1}) == key
     (code / "worlds" / "shapes.py").write_text((code / "worlds" / "shapes.py").read_text() + "\n# edited\n")
     assert eval_cache.eval_key(base, {"seed": 1}) != key                  # an edited verifier
+
+
+def test_export_writes_a_checkpoints_lora_or_its_ema(tiny_base, tmp_path, capsys):
+    # Rollouts from the EMA: final/lora holds the EMA weights, so `export --ema` of the last step must equal it.
+    cfg = prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "run", "run.epochs=2", "rollout.policy=ema"), False)
+    Trainer(cfg, log=lambda *a: None).run()
+    run = str(tmp_path / "run")
+    assert main(["export", run, "--ema", "--out", str(tmp_path / "ema")]) == 0
+    assert main(["export", run, "--step", "2", "--out", str(tmp_path / "raw")]) == 0
+    weights = lambda d: load_file(str(d / "pytorch_lora_weights.safetensors"))
+    final, ema, raw = (weights(tmp_path / d) for d in ("run/final/lora", "ema", "raw"))
+    assert final.keys() == ema.keys() == raw.keys()
+    assert all(torch.equal(final[k], ema[k]) for k in final)
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # two steps moved the weights off their EMA
+    capsys.readouterr()
+    # Bad input: a step that was not kept, an existing folder — one clear line, nothing written.
+    assert main(["export", run, "--step", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "keeps steps [2]" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["export", run, "--out", str(tmp_path / "raw")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
+    assert "not a run folder" in capsys.readouterr().err and not (tmp_path / "y").exists()
