@@ -479,3 +479,26 @@ def test_soft_score_bounds_and_strict_equivalence():
     for p in W.prompts("all"):
         assert W.soft_partial_score(W.render(p, 32, 3), p) == 1.0
     np.testing.assert_array_equal(W.soft_partial_score_batch(np.stack([blank(), W.render(p, 32, 0)]), p), [0, 1])
+
+
+def test_relation_diagnostic_separates_presence_from_relation():
+    """scripts/diag_relations.py: renders of a position / colour-attribution prompt have both objects and the
+    relation; renders of the opposite relation (or swapped colours) have both objects but not the relation;
+    blank images count as absent. Chance relations of random layouts lie strictly between 0 and 1."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("diag_relations", Path(__file__).resolve().parents[1] / "scripts" / "diag_relations.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    blank = np.zeros((32, 32, 3), np.uint8)
+    for prompt, opposite in (("a photo of a square left of a circle", "a photo of a square right of a circle"),
+                             ("a photo of a red square and a blue circle", "a photo of a blue square and a red circle")):
+        images = np.stack([W.render(prompt, seed=s) for s in range(6)] + [blank, blank])
+        r = diag.relation_report(images, prompt)
+        assert (r["both_present"], r["relation_given_both"], r["strict"]) == (0.75, 1.0, 0.75)
+        flipped = diag.relation_report(np.stack([W.render(opposite, seed=s) for s in range(6)]), prompt)
+        assert (flipped["both_present"], flipped["relation_given_both"], flipped["strict"]) == (1.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="counting prompt"):
+        diag.relation_report(images, "a photo of two squares")
+    chance = diag.chance_relations(renders_per_prompt=10)
+    assert set(chance) == {"left of", "right of", "above", "below"} and all(0 < p < 1 for p in chance.values())

@@ -440,7 +440,7 @@ def detect(image) -> list[Obj]:
     return objects
 
 
-def _holds(a: Obj, b: Obj, relation: str, size: int) -> bool:
+def relation_holds(a: Obj, b: Obj, relation: str, size: int) -> bool:
     """Whether "a {relation} b" holds: e.g. left of ⇔ cx_a + 0.1·S < cx_b (y grows downwards)."""
     m = RELATION_MARGIN * size
     if relation == "left of":
@@ -509,7 +509,7 @@ def _atoms(objects: list[Obj], parsed: ParsedPrompt, size: int, soft: bool = Fal
         return all_colored, 0.5 * _presence(objects, parsed.shapes[0], None, soft) + 0.5 * all_colored
     if cat == "position":
         objs_a, objs_b = of[parsed.shapes[0]], of[parsed.shapes[1]]
-        rel = any(_holds(a, b, parsed.relation, size) for a in objs_a for b in objs_b)
+        rel = any(relation_holds(a, b, parsed.relation, size) for a in objs_a for b in objs_b)
         present = sum(_presence(objects, s, None, soft) for s in parsed.shapes)
         return rel, (present + rel) / 3.0
     if cat == "color_attr":
