@@ -1,6 +1,6 @@
-"""Diagnostic: how far can the DGPO adapter move the base when it is shown *perfect* samples?
+"""Diagnostic: how far does the DGPO adapter move the base when it is shown *perfect* samples?
 
-An upper-bound probe for the RL demo. DGPO learns through the flow-matching error of a LoRA adapter on the
+A reference point for the RL demo. DGPO learns through the flow-matching error of a LoRA adapter on the
 policy's own samples, weighted by their advantages; the best any reward could do is to show it only correct
 images. This script trains the same adapter (rank, targets, AdamW, lr) by plain supervised flow matching on
 fresh renders of the *train* prompts — the verifier's ground truth, each render scoring 1.0 — for a wall-clock
@@ -8,18 +8,23 @@ budget, then saves it in the diffusers LoRA format for ``dgpo eval``:
 
     L(θ) = E_{x₀ ~ renders(c), ε, σ} ‖(ε − x₀) − v_θ(x_σ, σ, c)‖²,   x_σ = (1 − σ)·x₀ + σ·ε   (SD3 Eq. 2),
 
-σ from the base's logit-normal density on its shifted schedule, as in pretraining. If this oracle does not lift the
-test score by some amount within the budget, no reward-driven method that learns through the same adapter and
-loss can be expected to (its samples are the policy's own, its signal an advantage, not a label).
+σ from the base's logit-normal density on its shifted schedule, as in pretraining. It would bound what a reward can
+teach if the limit were the quality of the signal; measured, it is no bound: DGPO, reweighting the model towards
+its own successes, lifts the test score more than perfect renders do (README, DGPO, session 8). With ``--full``
+the whole transformer and both text encoders train instead (no adapter): whether the *architecture* can learn
+what the renders show at all, e.g. the relation words of the position prompts (``--category position``).
 
     python scripts/diag_oracle_sft.py --model BASE --minutes 30 --out OUT   # then
     dgpo eval --model BASE --lora OUT/lora --per-prompt 32
+    python scripts/diag_oracle_sft.py --model BASE --full --lr 1e-4 --category position --minutes 15 --out OUT2
+    python scripts/diag_relations.py --model OUT2/pipeline --category position
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,13 +41,15 @@ def render_batch(prompts: list[str], size: int, n: int, rng: np.random.Generator
     return np.stack([shapes.render(p, size=size, seed=int(s)) for p, s in zip(chosen, rng.integers(1 << 30, size=n))]), chosen
 
 
-def flow_matching_loss(model, images: np.ndarray, prompts: list[str], gen):
-    """‖(ε − x₀) − v_θ(x_σ, σ, c)‖² averaged over the batch, σ from the base's logit-normal density (shifted)."""
+def flow_matching_loss(model, images: np.ndarray, prompts: list[str], gen, text_grad: bool = False):
+    """‖(ε − x₀) − v_θ(x_σ, σ, c)‖² averaged over the batch, σ from the base's logit-normal density (shifted);
+    ``text_grad`` lets the gradient reach the text encoders (full fine-tuning)."""
     import torch
     from dgpo.models.handle import flow_interpolate
     from dgpo.models.pretrain import FlowTrainConfig, sample_sigmas
     with torch.no_grad():
         x0 = model.encode_images(images)
+    with torch.set_grad_enabled(text_grad):
         embeds = model.encode_prompts(prompts)
     noise = torch.randn(x0.shape, generator=gen)
     sigma = sample_sigmas(len(x0), FlowTrainConfig(), model.pipe.scheduler.config.shift, gen)
@@ -51,19 +58,21 @@ def flow_matching_loss(model, images: np.ndarray, prompts: list[str], gen):
 
 
 def train_on_renders(model, params, prompts: list[str], lr: float, batch: int, seconds: float, max_steps: int,
-                     seed: int) -> list[dict]:
+                     seed: int, text_grad: bool = False) -> list[dict]:
     """AdamW on :func:`flow_matching_loss` over fresh renders until ``seconds`` or ``max_steps`` (0 = no limit)
     run out; returns the loss curve (step, seconds, loss)."""
     import torch
     from tqdm import tqdm
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
-    model.transformer.train()
+    modules = [model.transformer] + ([model.pipe.text_encoder, model.pipe.text_encoder_2] if text_grad else [])
+    for m in modules:
+        m.train()
     curve, start = [], time.perf_counter()
     bar = tqdm(desc="oracle SFT on renders", unit="step")
     while time.perf_counter() - start < seconds and (max_steps <= 0 or len(curve) < max_steps):
         images, chosen = render_batch(prompts, model.image_size, batch, rng)
-        loss = flow_matching_loss(model, images, chosen, gen)
+        loss = flow_matching_loss(model, images, chosen, gen, text_grad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -71,7 +80,8 @@ def train_on_renders(model, params, prompts: list[str], lr: float, batch: int, s
         bar.update()
         bar.set_postfix(loss=f"{np.mean([c['loss'] for c in curve[-50:]]):.4f}")
     bar.close()
-    model.transformer.eval()
+    for m in modules:
+        m.eval()
     return curve
 
 
@@ -84,11 +94,15 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16, as DGPO)")
     ap.add_argument("--lora-targets", default="attention", choices=("attention", "attention_ff"),
                     help="layers with adapters (default attention, as DGPO)")
+    ap.add_argument("--full", action="store_true",
+                    help="train the whole transformer and both text encoders instead of an adapter; writes the "
+                         "pipeline to OUT/pipeline (use --lr 1e-4, the pretraining's final rate)")
     ap.add_argument("--batch", type=int, default=64, help="renders per step (default 64 = DGPO's P x G)")
     ap.add_argument("--category", default="", help="train only on this category's train prompts (default: all)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0, help="seed of renders, noise and σ (default 0)")
-    ap.add_argument("--out", required=True, help="output folder (must not exist): lora/ (diffusers format), curve.json")
+    ap.add_argument("--out", required=True,
+                    help="output folder (must not exist): lora/ (diffusers format) or pipeline/ (--full), curve.json")
     args = ap.parse_args(argv)
 
     import torch
@@ -110,20 +124,34 @@ def main(argv=None) -> int:
             return 2
         prompts = [p for p in prompts if shapes.category(p) == args.category]
     try:
-        model = load_model(resolve_model(args.model or None))
+        base = resolve_model(args.model or None)
+        model = load_model(base)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = add_lora(model.transformer, rank=args.lora_rank, target_modules=LORA_TARGETS[args.lora_targets])
-    curve = train_on_renders(model, params, prompts, args.lr, args.batch, args.minutes * 60, args.max_steps, args.seed)
+    if args.full:
+        modules = (model.transformer, model.pipe.text_encoder, model.pipe.text_encoder_2)
+        params = [p for m in modules for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        params = add_lora(model.transformer, rank=args.lora_rank, target_modules=LORA_TARGETS[args.lora_targets])
+    curve = train_on_renders(model, params, prompts, args.lr, args.batch, args.minutes * 60, args.max_steps, args.seed,
+                             text_grad=args.full)
     out.mkdir(parents=True)
-    save_lora_diffusers(model.transformer, out / "lora")
+    if args.full:
+        model.pipe.save_pretrained(str(out / "pipeline"), safe_serialization=True)
+        if (base / "pretrain_config.yaml").is_file():  # records the base's T5 token count for load_model
+            shutil.copy(base / "pretrain_config.yaml", out / "pipeline")
+        written = out / "pipeline"
+    else:
+        written = save_lora_diffusers(model.transformer, out / "lora")
     (out / "curve.json").write_text(json.dumps({"args": vars(args), "prompts": len(prompts), "curve": curve}))
     first, last = (np.mean([c["loss"] for c in part]) for part in (curve[:50], curve[-50:]))
     print(f"{len(curve)} steps in {curve[-1]['seconds'] / 60:.1f} min; loss, first / last 50 steps: {first:.4f} / "
-          f"{last:.4f}; LoRA in {out / 'lora'}")
+          f"{last:.4f}; wrote {written}")
     return 0
 
 

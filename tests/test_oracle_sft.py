@@ -53,3 +53,16 @@ def test_cli_writes_a_loadable_lora_and_refuses_bad_input(tiny_base, tmp_path, c
 
     assert oracle.main(["--model", str(tiny_base), "--max-steps", "1", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_full_fine_tuning_writes_a_loadable_pipeline_with_new_text_encoders(tiny_base, tmp_path):
+    from dgpo.cli import load_model
+    oracle = load_script()
+    out = tmp_path / "full"
+    assert oracle.main(["--model", str(tiny_base), "--full", "--lr", "1e-3", "--max-steps", "2", "--batch", "4",
+                        "--out", str(out)]) == 0
+    base, tuned = load_model(tiny_base), load_model(out / "pipeline")
+    for name in ("transformer", "text_encoder", "text_encoder_2"):
+        pairs = zip(getattr(base.pipe, name).parameters(), getattr(tuned.pipe, name).parameters())
+        assert any(not torch.equal(a, b) for a, b in pairs), name
+    assert all(torch.equal(a, b) for a, b in zip(base.vae.parameters(), tuned.vae.parameters()))
