@@ -1,4 +1,4 @@
-"""scripts/diag_oracle_sft.py: the supervised upper-bound probe for the RL demo (adapter trained on renders)."""
+"""scripts/diag_oracle_sft.py: supervised training on perfect renders, the reference point for the RL demo."""
 
 import importlib.util
 import json
