@@ -140,3 +140,16 @@ def test_quality_fd_checks_lengths(net, test_set):
     images, prompts = test_set
     with pytest.raises(ValueError, match="prompts"):
         Q.quality_fd(images, prompts[:-1], net=net)
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_first_build_inside_a_no_grad_evaluation(tmp_path, monkeypatch, context):
+    """The network is trained lazily on first use, which for `dgpo train` is inside a no-grad evaluation:
+    training must run under its own grad mode whatever the caller's (a fresh machine crashed here)."""
+    import torch
+    monkeypatch.setenv("DGPO_CACHE", str(tmp_path))
+    monkeypatch.setattr(Q, "_NETS", {})
+    with getattr(torch, context)():
+        net = Q.feature_network(32, train_steps=3, train_seeds=1)
+        assert not torch.is_grad_enabled()  # the caller's mode is left as it was
+    assert (tmp_path / "quality" / f"{net.config.key()}.safetensors").is_file()

@@ -191,8 +191,9 @@ def _train(cfg: QualityConfig) -> FeatureNet:
     Adam with a cosine schedule on the MSE between the head's predictions and [scene targets, corruption
     levels] (see :func:`_targets`, :func:`_corrupt`).
     """
-    x, y = _training_set(cfg)
-    with torch.random.fork_rng(devices=[]), _single_thread():
+    # trained lazily on first use, often inside a no-grad evaluation: take our own grad mode
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]), _single_thread():
+        x, y = _training_set(cfg)
         torch.manual_seed(cfg.seed)
         net = FeatureNet(cfg.image_size, cfg.channels, cfg.feature_dim)
         gen = torch.Generator().manual_seed(cfg.seed)
