@@ -92,7 +92,9 @@ def cmd_pretrain(args) -> None:
 
 def cmd_sample(args) -> None:
     from dgpo.evaluation import SamplerConfig, check_prompts, generate
+    from dgpo.output_dir import check_output
     from dgpo.samples_io import write_samples
+    check_output(args.out, "dgpo sample", args.overwrite)  # before the work, not after it
     prompts = _prompts_from_args(args)
     if args.world == "shapes" and not args.prompts:
         check_prompts(prompts)
@@ -100,13 +102,16 @@ def cmd_sample(args) -> None:
     sampler = SamplerConfig(steps=args.steps, guidance_scale=args.cfg, solver=args.solver)
     images, records = generate(model, prompts, args.per_prompt, sampler, args.seed, args.batch_size)
     meta = {"steps": args.steps, "guidance_scale": args.cfg, "solver": args.solver}
-    write_samples(args.out, images, [{**r, **meta} for r in records])
+    write_samples(args.out, images, [{**r, **meta} for r in records], tool="dgpo sample", overwrite=args.overwrite)
     print(f"wrote {len(images)} images to {args.out}")
 
 
 def cmd_eval(args) -> None:
     from dgpo.evaluation import EvalConfig, SamplerConfig, check_prompts, evaluate_images, evaluate_model, format_table
+    from dgpo.output_dir import check_output, write_json_output
     from dgpo.samples_io import read_samples
+    if args.out:
+        check_output(args.out, "dgpo eval", args.overwrite)  # before the work, not after it
     if args.samples:
         images, records = read_samples(args.samples)
         prompts = [r["prompt"] for r in records]
@@ -123,23 +128,27 @@ def cmd_eval(args) -> None:
         name = args.lora or str(args.model or "base")
     print(format_table({name: result}))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
-        print(f"wrote {out}")
+        write_json_output(args.out, result, "dgpo eval", args.overwrite)
+        print(f"wrote {args.out}")
+
+
+def run_config_from_args(args, config_cls, load_config, default_config: Path, tool: str):
+    """The config of the run a training command starts (``CONFIG``, ``--set``, ``--out``, ``--overwrite``)
+    or continues (``--resume RUN``), with its run folder claimed or reopened (:mod:`dgpo.run_folder`)."""
+    from dgpo.run_folder import reopen_run, start_run
+    if args.resume:
+        if args.out or args.overwrite or args.config:
+            raise UserError(f"--resume {args.resume!r} continues that run with its own config and folder; "
+                            f"drop CONFIG, --out and --overwrite (--set may change e.g. run.epochs)")
+        return reopen_run(config_cls, args.resume, args.set)
+    overrides = list(args.set) + ([f"run.out_dir={args.out}"] if args.out else [])
+    named = bool(args.out) or any(o.startswith("run.out_dir=") for o in args.set)
+    return start_run(load_config(args.config or default_config, overrides), tool, overwrite=args.overwrite, named=named)
 
 
 def cmd_train(args) -> None:
-    from dgpo.trainer import Trainer, load_train_config, prepare_run_dir
-    overrides = list(args.set) + ([f"run.out_dir={args.out}"] if args.out else [])
-    if args.resume:
-        from dgpo.trainer import TrainConfig
-        from dgpo.config import from_dict
-        cfg = prepare_run_dir(from_dict(TrainConfig, {"run": {"out_dir": args.resume}}), True, args.set)
-    else:
-        cfg = prepare_run_dir(load_train_config(args.config or DEFAULT_TRAIN_CONFIG, overrides), False)
+    from dgpo.trainer import TrainConfig, Trainer, load_train_config
+    cfg = run_config_from_args(args, TrainConfig, load_train_config, DEFAULT_TRAIN_CONFIG, "dgpo train")
     print(f"run folder: {cfg.run.out_dir}")
     result = Trainer(cfg).run(resume=bool(args.resume))
     print((Path(cfg.run.out_dir) / "summary.md").read_text())
@@ -150,12 +159,12 @@ def cmd_train(args) -> None:
 
 def cmd_export(args) -> None:
     """A checkpoint's LoRA (its raw weights, or with --ema the policy EMA) as a diffusers-format folder."""
-    import shutil
     from contextlib import nullcontext
 
     from dgpo.checkpoint import STEP_DIR, list_checkpoints
     from dgpo.models.lora import save_lora_diffusers
-    from dgpo.trainer import Trainer, load_train_config
+    from dgpo.run_folder import reopen_run
+    from dgpo.trainer import TrainConfig, Trainer
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{str(run)!r} is not a run folder (no config.yaml): pass a folder `dgpo train` wrote")
@@ -167,16 +176,13 @@ def cmd_export(args) -> None:
     if step not in steps:
         raise UserError(f"{str(run)!r} keeps no checkpoint of step {step}; it keeps steps {sorted(steps)} "
                         f"(run.keep_checkpoints sets how many)")
-    out = Path(args.out)
-    if out.exists():
-        raise UserError(f"--out {str(out)!r} already exists: pass a new folder")
-    trainer = Trainer(load_train_config(run / "config.yaml"), log=lambda *a: None)
+    from dgpo.output_dir import atomic_output_dir, check_output
+    out = check_output(args.out, "dgpo export", args.overwrite)
+    trainer = Trainer(reopen_run(TrainConfig, run), log=lambda *a: None)
     trainer.restore(steps[step])
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with trainer.policy_ema.swapped_in() if args.ema else nullcontext():
-        save_lora_diffusers(trainer.model.transformer, tmp)
-    os.replace(tmp, out)  # all or nothing: no half-written LoRA folder
+    with atomic_output_dir(out, "dgpo export", args.overwrite) as tmp:  # all or nothing
+        with trainer.policy_ema.swapped_in() if args.ema else nullcontext():
+            save_lora_diffusers(trainer.model.transformer, tmp)
     print(f"wrote {out}: the {'policy EMA' if args.ema else 'LoRA'} of step {step} of {run} "
           f"(load with pipe.load_lora_weights, or `dgpo eval --lora {out}`)")
 
@@ -201,6 +207,24 @@ def _add_prompt_args(p) -> None:
     p.add_argument("--split", choices=["train", "test", "all"], default="test", help="world prompts split (default test)")
 
 
+def _add_out_args(p, what: str, required: bool = True) -> None:
+    p.add_argument("--out", required=required, help=what)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of this command at --out (only the files it wrote; "
+                        "a path holding anything else is still refused)")
+
+
+def add_run_args(p) -> None:
+    """--out, --overwrite and --resume of a training command (see dgpo.run_folder)."""
+    p.add_argument("--out", help="run folder (overrides run.out_dir); must be new or empty. Without it a taken "
+                                 "default folder is not reused: the run goes to NAME-2, NAME-3, ...")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an earlier run's folder of this command (its files are removed; "
+                        "a folder holding anything else is refused)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                   "(RUN_DIR itself is read and written, wherever it was moved)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dgpo", description="Group preference optimisation for flow-matching text-to-image models. "
@@ -221,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample images into a folder (PNGs, samples.jsonl, grid.png)")
     _add_model_args(p)
     _add_prompt_args(p)
-    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    _add_out_args(p, "output folder (new or empty; written all at once)")
     _add_sampler_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k (default 0)")
     p.add_argument("--per-prompt", type=int, default=1, help="images per prompt (default 1)")
@@ -238,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-prompt", type=int, default=16, help="images per prompt (default 16)")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first image (default 1000)")
     p.add_argument("--no-fd", action="store_true", help="skip the quality FD")
-    p.add_argument("--out", help="write the result as JSON here")
+    _add_out_args(p, "write the result as JSON to this new file", required=False)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="DGPO (or baseline) online training (no arguments: the embedded shapes demo)",
@@ -252,8 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help=f"YAML config (default {DEFAULT_TRAIN_CONFIG.relative_to(CONFIG_DIR.parent)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. optim.lr=1e-4 or run.time_budget_min=10")
-    p.add_argument("--out", help="run folder (overrides run.out_dir)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    add_run_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a checkpoint's LoRA (or its policy EMA) as a diffusers LoRA folder",
@@ -263,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the run folder (holds config.yaml and checkpoints/step-N)")
     p.add_argument("--step", type=int, help="the checkpoint's epoch (default: the latest kept)")
     p.add_argument("--ema", action="store_true", help="export the policy EMA instead of the raw weights")
-    p.add_argument("--out", required=True, help="a new folder for the LoRA")
+    _add_out_args(p, "a new folder for the LoRA")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -1,41 +1,21 @@
 """Sample folders: ``00000.png …``, ``samples.jsonl`` (one {"file", "prompt", "seed"} per line), ``grid.png``.
 
-Folders are written atomically: everything goes to a hidden temporary sibling that is renamed into place
-at the end, so an interrupted or failed command never leaves a half-written folder.
+Folders are written atomically under the output rules of :mod:`dgpo.output_dir`: an existing, non-empty
+folder is refused (with ``overwrite``, replaced only if it is an earlier sample folder of the same tool),
+and an interrupted or failed command never leaves a half-written folder.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from dgpo.errors import UserError
-
-
-@contextmanager
-def atomic_dir(out_dir: str | Path, overwrite: bool = True):
-    """Yield a temporary directory that replaces ``out_dir`` only if the block finishes without error."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"output folder {str(out_dir)!r} already exists; remove it or pick another --out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+from dgpo.output_dir import atomic_output_dir
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, scale: int = 2, pad: int = 2) -> np.ndarray:
@@ -52,11 +32,12 @@ def image_grid(images: np.ndarray, columns: int | None = None, scale: int = 2, p
     return grid
 
 
-def write_samples(out_dir: str | Path, images: np.ndarray, records: list[dict], columns: int | None = None) -> Path:
+def write_samples(out_dir: str | Path, images: np.ndarray, records: list[dict], columns: int | None = None,
+                  tool: str = "dgpo sample", overwrite: bool = False) -> Path:
     """Write a sample folder (atomically); ``records[i]`` holds at least ``prompt`` and ``seed``."""
     if len(images) != len(records):
         raise ValueError(f"{len(images)} images but {len(records)} records")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, tool, overwrite) as tmp:
         with open(tmp / "samples.jsonl", "w") as f:
             for i, (im, rec) in enumerate(zip(images, records)):
                 name = f"{i:05d}.png"

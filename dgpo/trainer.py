@@ -24,19 +24,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from dgpo.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, optimizer_from_flat,
                              optimizer_to_flat, restore_rng, save_checkpoint)
-from dgpo.config import from_dict, to_dict
+from dgpo.config import to_dict
 from dgpo import eval_cache
 from dgpo.dgpo_update import RolloutBatch
 from dgpo.ema import EMA
 from dgpo.methods import make_objective
 from dgpo.errors import UserError
+from dgpo.run_folder import reopen_run, start_run
 from dgpo.run_metrics import eval_result, read_metrics, truncate_metrics
 from dgpo.evaluation import EvalConfig, evaluate_model, format_table
 from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
@@ -461,18 +461,10 @@ def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
     return cfg
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: bool, overrides=()) -> TrainConfig:
-    """Create (or, with resume, reopen) the run folder; the resolved config lives in ``config.yaml``."""
-    out = Path(cfg.run.out_dir)
-    saved = out / "config.yaml"
+def prepare_run_dir(cfg: TrainConfig, resume: bool, overrides=(), overwrite: bool = False, named: bool = True,
+                    log=print) -> TrainConfig:
+    """A new run's folder (claimed and holding the resolved ``config.yaml``), or with ``resume`` the run in
+    ``cfg.run.out_dir`` reopened; see :mod:`dgpo.run_folder`."""
     if resume:
-        if not saved.is_file():
-            raise UserError(f"--resume: {str(out)!r} is not a run folder (no config.yaml)")
-        from dgpo.config import apply_overrides
-        cfg = from_dict(TrainConfig, apply_overrides(yaml.safe_load(saved.read_text()), overrides))
-        return cfg
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, saved)
-    return cfg
+        return reopen_run(TrainConfig, cfg.run.out_dir, overrides)
+    return start_run(cfg, "dgpo train", overwrite=overwrite, named=named, log=log)

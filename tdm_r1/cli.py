@@ -17,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from dgpo.cli import _add_model_args, _add_prompt_args, _prompts_from_args, load_model, resolve_model  # noqa: E402
+from dgpo.cli import (_add_model_args, _add_out_args, _add_prompt_args, _prompts_from_args, add_run_args,  # noqa: E402
+                      load_model, resolve_model, run_config_from_args)
 from dgpo.errors import UserError  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -26,13 +27,8 @@ DEFAULT_DISTILL_CONFIG = CONFIG_DIR / "tdm" / "shapes.yaml"
 
 def cmd_distill(args) -> None:
     from tdm_r1.config import DistillConfig, load_distill_config
-    from tdm_r1.distill import Distiller, prepare_run_dir
-    if args.resume:
-        from dgpo.config import from_dict
-        cfg = prepare_run_dir(from_dict(DistillConfig, {"run": {"out_dir": args.resume}}), True, args.set)
-    else:
-        overrides = list(args.set) + ([f"run.out_dir={args.out}"] if args.out else [])
-        cfg = prepare_run_dir(load_distill_config(args.config or DEFAULT_DISTILL_CONFIG, overrides), False)
+    from tdm_r1.distill import Distiller
+    cfg = run_config_from_args(args, DistillConfig, load_distill_config, DEFAULT_DISTILL_CONFIG, "tdm-r1 distill")
     print(f"run folder: {cfg.run.out_dir}")
     result = Distiller(cfg).run(resume=bool(args.resume))
     print((Path(cfg.run.out_dir) / "summary.md").read_text())
@@ -60,10 +56,12 @@ def student_boundaries(model, nfe: int, boundaries: str | None, lora: str | None
 
 def cmd_sample(args) -> None:
     from dgpo.evaluation import check_prompts
+    from dgpo.output_dir import check_output
     from dgpo.samples_io import write_samples
     from tdm_r1.student import generate_student, pipeline_sigmas
     if args.nfe < 1:
         raise UserError(f"--nfe must be at least 1, got {args.nfe}")
+    check_output(args.out, "tdm-r1 sample", args.overwrite)  # before the work, not after it
     prompts = _prompts_from_args(args)
     if args.world == "shapes" and not args.prompts:
         check_prompts(prompts)
@@ -71,7 +69,7 @@ def cmd_sample(args) -> None:
     boundaries = student_boundaries(model, args.nfe, args.boundaries, args.lora)
     images, records = generate_student(model, prompts, boundaries, args.per_prompt, args.seed, args.batch_size)
     meta = {"steps": args.nfe, "guidance_scale": 1.0, "solver": "euler", "sigmas": pipeline_sigmas(model, boundaries)}
-    write_samples(args.out, images, [{**r, **meta} for r in records])
+    write_samples(args.out, images, [{**r, **meta} for r in records], tool="tdm-r1 sample", overwrite=args.overwrite)
     print(f"wrote {len(images)} images to {args.out}")
 
 
@@ -94,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"YAML config (default {DEFAULT_DISTILL_CONFIG.relative_to(CONFIG_DIR.parent)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. optim.generator_lr=1e-4 or run.time_budget_min=5")
-    p.add_argument("--out", help="run folder (overrides run.out_dir)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    add_run_args(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sample", help="sample a K-step student into a folder (PNGs, samples.jsonl, grid.png)",
@@ -104,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "CFG. Image k uses seed S + k.")
     _add_model_args(p)
     _add_prompt_args(p)
-    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    _add_out_args(p, "output folder (new or empty; written all at once)")
     p.add_argument("--nfe", "--steps", dest="nfe", type=int, default=4, help="student steps (default 4)")
     p.add_argument("--boundaries", help="comma-separated noise levels σ_0=1 > … > σ_{K-1} (default: saved with --lora)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k (default 0)")

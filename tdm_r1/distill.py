@@ -33,16 +33,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from diffusers import StableDiffusion3Pipeline
 from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from dgpo.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, optimizer_from_flat,
                              optimizer_to_flat, restore_rng, save_checkpoint)
-from dgpo.config import from_dict, to_dict
 from dgpo.ema import EMA
 from dgpo.errors import UserError
+from dgpo.run_folder import reopen_run, start_run
 from dgpo.run_metrics import eval_result, read_metrics, truncate_metrics
 from dgpo.evaluation import evaluate_images, format_table
 from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
@@ -457,17 +456,10 @@ def plot_distill_curves(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def prepare_run_dir(cfg: DistillConfig, resume: bool, overrides=()) -> DistillConfig:
-    """Create (or, with resume, reopen) the run folder; the resolved config lives in ``config.yaml``."""
-    out = Path(cfg.run.out_dir)
-    saved = out / "config.yaml"
+def prepare_run_dir(cfg: DistillConfig, resume: bool, overrides=(), overwrite: bool = False, named: bool = True,
+                    log=print) -> DistillConfig:
+    """A new run's folder (claimed and holding the resolved ``config.yaml``), or with ``resume`` the run in
+    ``cfg.run.out_dir`` reopened; see :mod:`dgpo.run_folder`."""
     if resume:
-        if not saved.is_file():
-            raise UserError(f"--resume: {str(out)!r} is not a run folder (no config.yaml)")
-        from dgpo.config import apply_overrides
-        return from_dict(DistillConfig, apply_overrides(yaml.safe_load(saved.read_text()), overrides))
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, saved)
-    return cfg
+        return reopen_run(DistillConfig, cfg.run.out_dir, overrides)
+    return start_run(cfg, "tdm-r1 distill", overwrite=overwrite, named=named, log=log)

@@ -1,0 +1,173 @@
+"""Output folders and files that commands write, without ever losing what a user put there.
+
+The rules, the same for every command that takes ``--out``:
+
+- a path that does not exist, or an empty folder, is used;
+- a path that exists and is not empty is refused with one line, and nothing is touched;
+- with ``--overwrite``, a folder is reused only if the tool that writes it wrote it before: it holds the
+  manifest (:data:`MANIFEST`) that every tool leaves in its folders, naming the tool and the files it owns
+  (exact names, or for a run folder the patterns of its layout). Those files are removed and the folder is
+  written again; a folder that holds anything the manifest does not name is still refused, naming what.
+  A single output file (``dgpo eval --out FILE``) is replaced only if it carries the writing tool's mark.
+
+Paths are resolved first (``sub/..`` is the working directory, and is refused if it holds anything), and
+temporary files and folders get fresh, unique names next to their target, so no command ever removes a
+path it did not create. Sample folders and exported LoRAs appear all at once (written into a temporary
+sibling, then renamed into place).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from dgpo.errors import UserError
+
+MANIFEST = ".dgpo-manifest.json"  # {"tool": "dgpo sample", "owns": ["00000.png", ..., "checkpoints/step-*/*"]}
+_SHOWN = 3  # foreign files named in a refusal
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file under ``folder`` (links and special files included), as sorted POSIX relative paths."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        out += [(rel / f).as_posix() for f in files]
+        out += [(rel / d).as_posix() for d in dirs if (Path(root) / d).is_symlink()]
+    return sorted(out)
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The folder's manifest, or None when it has none (or an unreadable one)."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, dict) and isinstance(data.get("tool"), str) and isinstance(data.get("owns"), list)
+    return data if ok else None
+
+
+def write_manifest(folder: Path, tool: str, owns: list[str]) -> None:
+    """Record (atomically) that ``tool`` owns the files matching ``owns`` in ``folder``."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{MANIFEST}.", suffix=".tmp", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"tool": tool, "owns": sorted(owns)}, f, indent=1)
+    os.replace(tmp, folder / MANIFEST)
+
+
+def _owned(rel: str, patterns: list[str]) -> bool:
+    return rel == MANIFEST or any(fnmatch.fnmatchcase(rel, p) for p in patterns)
+
+
+def check_output(path: str | Path, tool: str, overwrite: bool, flag: str = "--out") -> Path:
+    """The resolved output path if ``tool`` may write there (see the module's rules); else a UserError.
+    Nothing is changed on disk."""
+    out = Path(path).expanduser().resolve()
+    if not out.exists():
+        return out
+    if out.is_file():
+        if not overwrite:
+            raise UserError(f"{flag} {str(path)!r} already exists; pass a new path, or --overwrite to replace a "
+                            f"file {tool} wrote")
+        if _file_mark(out) != tool:
+            raise UserError(f"{flag} {str(path)!r} exists and was not written by {tool}: it is left as it is; "
+                            f"pass a new path")
+        return out
+    if not out.is_dir():
+        raise UserError(f"{flag} {str(path)!r} exists and is not a folder")
+    present = _files(out)
+    if not present and not any(out.iterdir()):
+        return out
+    if not overwrite:
+        raise UserError(f"{flag} {str(path)!r} already exists and is not empty; pass a new folder, or --overwrite "
+                        f"to replace what {tool} wrote there (nothing else is touched)")
+    manifest = read_manifest(out)
+    if manifest is None or manifest["tool"] != tool:
+        who = "no manifest" if manifest is None else f"it was written by {manifest['tool']}"
+        raise UserError(f"--overwrite: {str(path)!r} is not a folder {tool} wrote ({who}); nothing was touched: "
+                        f"pass a new folder")
+    foreign = [f for f in present if not _owned(f, manifest["owns"])]
+    if foreign:
+        more = f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN else ""
+        raise UserError(f"--overwrite: {str(path)!r} also holds files {tool} did not write "
+                        f"({', '.join(foreign[:_SHOWN])}{more}); nothing was touched: move them, or pass a new folder")
+    return out
+
+
+def clear_owned(folder: Path) -> None:
+    """Remove the files the folder's manifest owns (the manifest last) and the folders left empty.
+    Call only after :func:`check_output` accepted the folder with ``overwrite``."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return
+    for rel in _files(folder):
+        if rel != MANIFEST and _owned(rel, manifest["owns"]):
+            (folder / rel).unlink()
+    for root, dirs, _ in sorted(os.walk(folder), key=lambda t: -len(t[0])):
+        for d in dirs:
+            p = Path(root) / d
+            if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+                p.rmdir()
+    (folder / MANIFEST).unlink(missing_ok=True)
+
+
+def claim_run_dir(path: str | Path, tool: str, layout: list[str], overwrite: bool = False,
+                  flag: str = "--out") -> Path:
+    """Make ``path`` this run's folder: new or empty, or (``overwrite``) a folder of an earlier run of
+    ``tool``, whose files are removed first. ``layout`` are the patterns of the files a run writes."""
+    out = check_output(path, tool, overwrite, flag)
+    if out.exists():
+        clear_owned(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, tool, layout)
+    return out
+
+
+@contextmanager
+def atomic_output_dir(path: str | Path, tool: str, overwrite: bool = False, flag: str = "--out"):
+    """Yield an empty temporary folder beside ``path``; when the block succeeds, its files become
+    ``path`` (renamed into place, with a manifest naming them as ``tool``'s). On failure nothing changes."""
+    out = check_output(path, tool, overwrite, flag)  # fail before the work, not after it
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        write_manifest(tmp, tool, _files(tmp))
+        out = check_output(path, tool, overwrite, flag)  # the folder may have changed meanwhile
+        if not out.exists():
+            os.replace(tmp, out)
+        else:  # an empty folder, or an earlier output of this tool (may be the working directory): fill it
+            clear_owned(out)
+            for name in [MANIFEST] + sorted(set(os.listdir(tmp)) - {MANIFEST}):  # manifest first: a partial
+                os.replace(tmp / name, out / name)                           # folder stays overwritable
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_json_output(path: str | Path, data: dict, tool: str, overwrite: bool = False, flag: str = "--out") -> Path:
+    """Write ``data`` (with a ``"written_by": tool`` mark) to a JSON file atomically, under the rules above."""
+    out = check_output(path, tool, overwrite, flag)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({**data, "written_by": tool}, f, indent=2)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _file_mark(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("written_by") if isinstance(data, dict) else None

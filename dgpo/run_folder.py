@@ -1,0 +1,74 @@
+"""Run folders: a run folder is its run's identity.
+
+A new run claims a folder that is new or empty (with ``--overwrite``: a folder of an earlier run of the
+same command, whose files are removed first; anything else in it is refused, see
+:mod:`dgpo.output_dir`), so two runs never mix their checkpoints. When the user did not name the folder
+(the config's default ``run.out_dir``), a taken default is not an error: the run gets the next free
+``NAME-2``, ``NAME-3`` … and says so. ``--resume RUN`` reads and writes RUN itself, wherever the folder was
+moved and whatever the working directory: the ``run.out_dir`` saved in its config is not followed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from dgpo.config import apply_overrides, from_dict, to_dict
+from dgpo.errors import UserError
+from dgpo.output_dir import check_output, claim_run_dir
+
+#: What the training commands write into a run folder (``dgpo train``, ``tdm-r1 distill``); tracker logs
+#: go to wandb/ and (tensorboard) dgpo/.
+RUN_LAYOUT = ["config.yaml", "metrics.jsonl", "summary.md", "summary.json", "reward_curve.png", "curves.png",
+              "samples/epoch-*.png", "samples/iter-*.png", "checkpoints/step-*/*", "checkpoints/.step-*/*",
+              "final/*", ".final.tmp/*", "wandb/*", "dgpo/*"]
+
+
+def next_free(path: str | Path, tool: str) -> Path:
+    """``path`` if a new run may claim it, else the first free ``path-2``, ``path-3`` …"""
+    path = Path(path)
+    candidate, n = path, 1
+    while True:
+        try:
+            check_output(candidate, tool, overwrite=False)
+            return candidate
+        except UserError:
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
+
+
+def start_run(cfg, tool: str, overwrite: bool = False, named: bool = True, log=print):
+    """Claim ``cfg.run.out_dir`` for a new run and save the resolved config in it; returns the config with
+    ``run.out_dir`` set to the folder used. ``named``: the user chose the folder (``--out`` or
+    ``--set run.out_dir=…``), so a taken one is refused rather than numbered."""
+    wanted = Path(cfg.run.out_dir)
+    folder = wanted if named or overwrite else next_free(wanted, tool)
+    if folder != wanted:
+        log(f"{wanted} holds an earlier run; this run goes to {folder} (--out names the folder, --resume continues a run)")
+    claim_run_dir(folder, tool, RUN_LAYOUT, overwrite)
+    cfg = replace(cfg, run=replace(cfg.run, out_dir=str(folder)))
+    save_config(cfg, folder)
+    return cfg
+
+
+def reopen_run(config_cls, run_dir: str | Path, overrides=()):
+    """The config of the run in ``run_dir`` (with ``--set`` overrides), pointed at ``run_dir`` itself."""
+    folder = Path(run_dir)
+    saved = folder / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"--resume: {str(run_dir)!r} is not a run folder (no config.yaml)")
+    data = apply_overrides(yaml.safe_load(saved.read_text()), overrides)
+    data.setdefault("run", {})["out_dir"] = str(folder.resolve())
+    return from_dict(config_cls, data)
+
+
+def save_config(cfg, folder: Path) -> None:
+    """The resolved config as ``config.yaml`` (atomically)."""
+    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, folder / "config.yaml")

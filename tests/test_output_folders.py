@@ -1,0 +1,160 @@
+"""Output folders never lose a user's files, and a run folder is its run's identity.
+
+Every command with ``--out`` refuses a path that holds anything; ``--overwrite`` replaces only an earlier
+output of the same command (its manifest names the files), and a folder with anything else is refused;
+``--resume RUN`` reads and writes RUN itself, wherever it was moved.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from dgpo.cli import main
+from dgpo.output_dir import MANIFEST
+from test_train import TINY_RUN  # also registers the test reward
+
+TRAIN = ["--set", "run.time_budget_min=0", "--set", "run.epochs=2", *[a for s in TINY_RUN for a in ("--set", s)]]
+
+
+def _tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _refused(capsys, command, *args) -> str:
+    """Run a command that must be refused: exit status 2 and one line on stderr, which is returned."""
+    capsys.readouterr()
+    assert command(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def _sample(tiny_base, out, *extra):
+    return main(["sample", "--model", str(tiny_base), "--split", "test", "--steps", "2", "--out", str(out), *extra])
+
+
+def test_sample_refuses_a_folder_holding_a_users_files(tiny_base, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    for extra in ([], ["--overwrite"]):  # not even with --overwrite: dgpo sample did not write it
+        _refused(capsys, _sample, tiny_base, out, *extra)
+        assert _tree(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "my notes"
+    assert _tree(tmp_path) == ["mine", "mine/notes.txt"]  # no temporary folder left behind
+
+
+def test_sample_out_resolving_to_the_working_directory_is_refused(tiny_base, tmp_path, monkeypatch, capsys):
+    (tmp_path / "keep.txt").write_text("x")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert "not empty" in _refused(capsys, _sample, tiny_base, "sub/..")
+    assert _tree(tmp_path) == ["keep.txt", "sub"]
+
+
+def test_sample_overwrite_replaces_only_its_own_earlier_output(tiny_base, tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert _sample(tiny_base, out, "--per-prompt", "2") == 0
+    first = _tree(out)
+    assert MANIFEST in first and "00065.png" in first
+    _refused(capsys, _sample, tiny_base, out)  # taken, and no --overwrite
+    assert _tree(out) == first
+    assert _sample(tiny_base, out, "--overwrite") == 0  # 33 images now: the old 66 are all gone
+    assert "00032.png" in _tree(out) and "00033.png" not in _tree(out)
+    assert len(open(out / "samples.jsonl").readlines()) == 33
+    (out / "mine.txt").write_text("x")
+    assert "mine.txt" in _refused(capsys, _sample, tiny_base, out, "--overwrite")
+    assert (out / "mine.txt").is_file() and (out / "00032.png").is_file()
+
+
+def test_empty_existing_folder_is_used(tiny_base, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert _sample(tiny_base, out) == 0
+    assert (out / "grid.png").is_file()
+
+
+def test_eval_out_file_is_never_a_users_file(tiny_base, tmp_path, capsys):
+    samples = tmp_path / "s"
+    assert _sample(tiny_base, samples) == 0
+    mine = tmp_path / "result.json"
+    mine.write_text("my own results")
+    for extra in ([], ["--overwrite"]):
+        _refused(capsys, main, ["eval", "--samples", str(samples), "--no-fd", "--out", str(mine), *extra])
+        assert mine.read_text() == "my own results"
+    ours = tmp_path / "ours.json"
+    assert main(["eval", "--samples", str(samples), "--no-fd", "--out", str(ours)]) == 0
+    assert main(["eval", "--samples", str(samples), "--no-fd", "--out", str(ours), "--overwrite"]) == 0
+    assert json.loads(ours.read_text())["written_by"] == "dgpo eval"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.json", "result.json", "s"]
+
+
+def _train(tiny_base, *args):
+    return main(["train", "--set", f"model.base={tiny_base}", *TRAIN, *args])
+
+
+def _checkpoints(run):
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def test_train_on_an_existing_run_is_refused_and_overwrite_starts_over(tiny_base, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(tiny_base, "--out", str(run), "--set", "run.checkpoint_every=1", "--set", "run.keep_checkpoints=5") == 0
+    assert _checkpoints(run) == ["step-1", "step-2"]
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert "already exists" in _refused(capsys, _train, tiny_base, "--out", str(run), "--set", "run.epochs=1")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    # --overwrite starts over: none of the old run's later checkpoints survive to be exported or resumed
+    assert _train(tiny_base, "--out", str(run), "--set", "run.epochs=1", "--overwrite") == 0
+    assert _checkpoints(run) == ["step-1"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["epoch"] for r in rows) == 1
+    # a folder that also holds a user's file is refused even with --overwrite
+    (run / "samples" / "my-figure.png").write_bytes(b"png")
+    assert "my-figure.png" in _refused(capsys, _train, tiny_base, "--out", str(run), "--overwrite")
+    assert _checkpoints(run) == ["step-1"] and (run / "samples" / "my-figure.png").is_file()
+
+
+def test_default_run_folder_taken_gives_the_next_free_name(tiny_base, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _train(tiny_base) == 0
+    assert _train(tiny_base) == 0
+    assert "dgpo-shapes-2" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "runs")) == ["dgpo-shapes", "dgpo-shapes-2"]
+    for name in ("dgpo-shapes", "dgpo-shapes-2"):
+        assert _checkpoints(tmp_path / "runs" / name) == ["step-2"]
+
+
+def test_resume_reads_and_writes_the_run_folder_itself(tiny_base, tmp_path, monkeypatch, capsys):
+    """A run started with a relative --out, copied elsewhere, resumed from another working directory:
+    the copy is continued; the original is not touched."""
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert _train(tiny_base, "--out", "run") == 0
+    original = tmp_path / "a" / "run"
+    copy = tmp_path / "b" / "moved"
+    shutil.copytree(original, copy)
+    before = {p: p.stat().st_mtime_ns for p in original.rglob("*") if p.is_file()}
+    (tmp_path / "c").mkdir()
+    monkeypatch.chdir(tmp_path / "c")
+    assert main(["train", "--resume", str(copy), "--set", "run.epochs=4"]) == 0
+    assert _checkpoints(copy) == ["step-2", "step-4"] and _checkpoints(original) == ["step-2"]
+    assert {p: p.stat().st_mtime_ns for p in original.rglob("*") if p.is_file()} == before
+    assert os.listdir(tmp_path / "c") == []
+    assert "moved/final/lora" in capsys.readouterr().out
+
+
+def test_resume_rejects_out_and_overwrite(tmp_path, capsys):
+    assert "--resume" in _refused(capsys, main, ["train", "--resume", str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+def test_tdm_commands_follow_the_same_rules(tiny_base, tmp_path, capsys):
+    from tdm_r1.cli import main as tdm
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    _refused(capsys, tdm, ["sample", "--model", str(tiny_base), "--split", "test", "--out", str(mine)])
+    _refused(capsys, tdm, ["distill", "--set", f"teacher.base={tiny_base}", "--out", str(mine), "--overwrite"])
+    assert _tree(mine) == ["notes.txt"]
+    assert "--resume" in _refused(capsys, tdm, ["distill", "--resume", str(mine), "--overwrite"])
