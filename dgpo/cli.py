@@ -64,18 +64,26 @@ def _prompts_from_args(args) -> list[str]:
 
 # ------------------------------------------------------------------------------------------- commands
 
-def cmd_pretrain(args) -> None:
+def cmd_pretrain(args) -> int | None:
     from dgpo.config import to_dict
     from dgpo.evaluation import EvalConfig, SamplerConfig, evaluate_model, format_table
-    from dgpo.models.pretrain import base_dir, ensure_base
+    from dgpo.models.pretrain import FlowPaused, base_dir, ensure_base, forget_base
     cfg = load_base_config(args.config, args.set)
     target = base_dir(cfg)
-    if args.force and target.exists():
-        import shutil
-        shutil.rmtree(target)
+    if args.force:
+        forget_base(cfg)
     cached = (target / "model_index.json").is_file()
     t0 = time.time()
-    path = ensure_base(cfg)
+    deadline = None if args.max_minutes is None else t0 + 60.0 * args.max_minutes
+
+    def stop(steps_done: int) -> bool:
+        return deadline is not None and time.time() >= deadline
+
+    try:
+        path = ensure_base(cfg, stop=stop)
+    except FlowPaused as paused:
+        print(f"--max-minutes {args.max_minutes:g}: {paused}")
+        return 3
     print(f"base model: {path}" + (" (cached)" if cached else f" (trained in {time.time() - t0:.0f} s)"))
     if args.no_eval:
         return
@@ -237,7 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "shapes-geneval table. A second call with the same config only prints the cached result.")
     p.add_argument("config", nargs="?", help=f"YAML config (default {DEFAULT_BASE_CONFIG.relative_to(CONFIG_DIR.parent)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. flow.steps=100")
-    p.add_argument("--force", action="store_true", help="retrain even if a cached base exists")
+    p.add_argument("--force", action="store_true", help="retrain from scratch even if a cached base (or an "
+                   "unfinished pretraining of this config) exists")
+    p.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="stop the flow stage at a checkpoint once M minutes have passed since the start (exit "
+                   "status 3); run the same command again to continue. Without it a stopped or killed pretraining "
+                   "also continues from its last checkpoint (flow.checkpoint_every)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     p.add_argument("--per-prompt", type=int, default=64, help="evaluation images per test prompt (default 64: ±0.012 noise)")
     p.set_defaults(func=cmd_pretrain)
@@ -294,14 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

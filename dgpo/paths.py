@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -23,3 +24,28 @@ def config_hash(obj) -> str:
     """A short stable hash of a JSON-serialisable object (a config as a dict)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, on_wait=None):
+    """Hold an exclusive ``fcntl.flock`` on the file ``path`` (created if missing) for the ``with`` block.
+
+    One process at a time runs the block per lock file; the others wait. ``on_wait()`` is called once
+    when the lock is busy, before waiting. The kernel drops the lock when the process exits, even when it
+    is killed, so a lock is never left stale. The lock file itself stays (removing it would let a waiting
+    process and a newcomer lock two different files).
+    """
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -19,6 +19,16 @@ Two stages, both supervised on free, always-correct renders, and an optional thi
    1–2, a base that differs only in ``decoder`` reuses the cached stage-1–2 base and runs stage 3 alone.
 
 The weights saved are an exponential moving average of the trained ones.
+
+Captions (``data.captions``): the benchmark prompts (``benchmark``), or the world's compositional caption
+grammar without the held-out captions (``grammar``, :func:`dgpo.worlds.shapes_captions.pretraining_captions`),
+each pool entry's caption corrupted with probability 1 − ``data.fidelity``
+(:mod:`dgpo.worlds.shapes_fidelity`) while its image stays the true render.
+
+Pretraining is resumable: :func:`ensure_base` works in ``<key>.partial/`` beside the cache entry
+(:mod:`dgpo.models.pretrain_state`), keeps stage 1's autoencoder there and checkpoints the flow stage every
+``flow.checkpoint_every`` steps; a call stopped (``stop``, ``dgpo pretrain --max-minutes``) or killed
+continues from there on the next call with the same config and ends with the same weights.
 """
 
 from __future__ import annotations
@@ -40,19 +50,27 @@ from tqdm.auto import tqdm
 from dgpo.config import option, section, to_dict
 from dgpo.ema import EMA
 from dgpo.models.handle import FlowModel, flow_interpolate
+from dgpo.models.pretrain_state import PartialBase
 from dgpo.models.tiny_sd3 import BaseModelConfig, build_pipeline, usage_note
-from dgpo.paths import cache_root, config_hash
+from dgpo.paths import cache_root, config_hash, exclusive_lock
 from dgpo.sampling import shift_sigmas
-from dgpo.worlds import shapes
+from dgpo.worlds import shapes, shapes_captions, shapes_fidelity
 
 PRETRAIN_VERSION = "1"  # bump when the training code changes what a config produces
 
 
 @dataclass
 class DataConfig:
-    renders_per_prompt: int = option(160, "renders per prompt in the training pool (different seeds)", min=1)
-    split: str = option("all", "which prompts the base sees ('all' = the world's whole data distribution)",
+    renders_per_prompt: int = option(160, "renders per caption in the training pool (different seeds)", min=1)
+    split: str = option("all", "which benchmark prompts the base sees with captions=benchmark ('all' = the "
+                        "world's whole benchmark; grammar captions are held out from test prompts anyway)",
                         choices=("all", "train"))
+    captions: str = option("benchmark", "pretraining captions: 'benchmark' = the benchmark prompts of `split`; "
+                           "'grammar' = the world's compositional caption grammar minus the held-out captions",
+                           choices=("benchmark", "grammar"))
+    fidelity: float = option(1.0, "probability that a pool entry keeps its true caption (else one web-like "
+                             "corruption: relation swapped/dropped, a colour wrong, a count off by one)",
+                             min=0.0, max=1.0)
 
 
 @dataclass
@@ -76,6 +94,8 @@ class FlowTrainConfig:
     logit_mean: float = option(0.0, "mean of the logit-normal timestep density", min=-5.0, max=5.0)
     logit_std: float = option(1.0, "std of the logit-normal timestep density", min=0.01)
     ema_decay: float = option(0.999, "EMA decay of the saved weights (0 = no EMA)", min=0.0, max=1.0)
+    checkpoint_every: int = option(500, "write a resumable checkpoint every N steps (0 = only when stopped "
+                                   "early or done); changes no weight, so not part of the cache key", min=0)
 
 
 @dataclass
@@ -104,9 +124,19 @@ def load_pretrain_config(path, overrides=()) -> PretrainConfig:
 
 
 def base_key(cfg: PretrainConfig) -> str:
-    """Cache key of a base: the hash of everything that changes the weights."""
+    """Cache key of a base: the hash of everything that changes the weights.
+
+    Keys that change no weight (``threads``, ``flow.checkpoint_every``) are left out, and so are keys at the
+    value that reproduces a recipe from before they existed (``data.captions: benchmark``, ``data.fidelity:
+    1.0``, ``decoder.steps: 0``), so such a base keeps the key it was cached under.
+    """
     d = to_dict(cfg)
     d.pop("threads")
+    d["flow"].pop("checkpoint_every")
+    if d["data"]["captions"] == "benchmark":
+        d["data"].pop("captions")
+    if d["data"]["fidelity"] == 1.0:
+        d["data"].pop("fidelity")
     if d["decoder"]["steps"] == 0:
         d.pop("decoder")  # without stage 3 the key is the stage-1–2 key (bases cached before stage 3 existed)
     return config_hash({"version": PRETRAIN_VERSION, **d})
@@ -126,21 +156,64 @@ def is_cached(cfg: PretrainConfig) -> bool:
     return (base_dir(cfg) / "model_index.json").is_file()
 
 
+def partial_dir(cfg: PretrainConfig) -> Path:
+    """The work folder of an unfinished pretraining of ``cfg`` (stage-1 autoencoder, flow checkpoints)."""
+    final = base_dir(cfg)
+    return final.with_name(f"{final.name}.partial")
+
+
+def _lock_file(cfg: PretrainConfig) -> Path:
+    final = base_dir(cfg)
+    return final.with_name(f"{final.name}.lock")
+
+
 # ------------------------------------------------------------------------------------------- data
 
 def world_vocabulary() -> list[str]:
-    """Every word of the world's prompts: the tokenizer's vocabulary."""
-    return sorted({w for p in shapes.prompts("all") for w in p.split()})
+    """Every word of the world's prompts and captions (the benchmark's words are all among the grammar's):
+    the tokenizer's vocabulary."""
+    return sorted({w for p in shapes.prompts("all") + shapes_captions.captions() for w in p.split()})
+
+
+def pool_captions(cfg: PretrainConfig) -> list[str]:
+    """The true captions of the render pool: the benchmark prompts of ``data.split`` (canonical order), or
+    :func:`dgpo.worlds.shapes_captions.pretraining_captions` (576, sorted) for ``data.captions: grammar``."""
+    if cfg.data.captions == "grammar":
+        return shapes_captions.pretraining_captions()
+    return shapes.prompts(cfg.data.split)
 
 
 def render_pool(cfg: PretrainConfig) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Renders (N, S, S, 3) uint8, the prompt list, and each render's prompt index (N,)."""
-    prompt_list = shapes.prompts(cfg.data.split)
+    """Renders (N, S, S, 3) uint8, the caption list, and each render's caption index (N,).
+
+    ``renders_per_prompt`` renders of every caption of :func:`pool_captions`, render i of a caption with
+    seed ``seed·1000003 + i`` (10,000–14,000 renders/s at S = 32 on one core: the grammar's 576 × 160
+    take 6–10 s, and hold 283 MB of images and 377 MB of latents).
+    """
+    prompt_list = pool_captions(cfg)
     n = cfg.data.renders_per_prompt
-    images = np.stack([shapes.render(p, size=cfg.model.image_size, seed=cfg.seed * 1_000_003 + i)
+    images = np.stack([shapes_captions.render_caption(p, size=cfg.model.image_size, seed=cfg.seed * 1_000_003 + i)
                        for p in tqdm(prompt_list, desc="render pool", leave=False) for i in range(n)])
     prompt_idx = np.repeat(np.arange(len(prompt_list)), n)
     return images, prompt_list, prompt_idx
+
+
+def training_captions(cfg: PretrainConfig, prompt_list: list[str], prompt_idx: np.ndarray
+                      ) -> tuple[list[str], np.ndarray]:
+    """The captions the flow stage trains each pool entry with: the true one, or with probability
+    1 − ``data.fidelity`` one corruption of it (:func:`dgpo.worlds.shapes_fidelity.with_fidelity`, restricted
+    to the pool's caption set), drawn per entry in pool order from a generator seeded by (seed, 0xF1DE).
+
+    Returns (distinct captions, each entry's index into them); with fidelity 1 that is the input.
+    """
+    if cfg.data.fidelity == 1.0:
+        return prompt_list, prompt_idx
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xF1DE]))
+    noisy = shapes_fidelity.with_fidelity([prompt_list[i] for i in prompt_idx], cfg.data.fidelity, rng,
+                                          allowed=prompt_list)
+    distinct = sorted(set(noisy))
+    where = {c: i for i, c in enumerate(distinct)}
+    return distinct, np.array([where[c] for c in noisy], dtype=np.int64)
 
 
 def _to_unit(images: np.ndarray) -> torch.Tensor:
@@ -177,9 +250,14 @@ def encode_pool(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
                       for i in range(0, len(images), batch)])
 
 
-def set_latent_scale(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Set shift_factor = mean, scaling_factor = 1 / std of the latents; return scaled latents."""
-    shift, std = latents.mean().item(), latents.std().item()
+def set_latent_scale(vae, latents: torch.Tensor, shift: float | None = None, std: float | None = None
+                     ) -> torch.Tensor:
+    """Set shift_factor = mean, scaling_factor = 1 / std of the latents; return scaled (latents − mean) / std.
+
+    ``shift`` and ``std`` given (a resumed pretraining) replace the latents' own statistics.
+    """
+    shift = latents.mean().item() if shift is None else shift
+    std = latents.std().item() if std is None else std
     vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / std)
     return (latents - shift) / std
 
@@ -191,7 +269,7 @@ def reconstruction_accuracy(model: FlowModel, images: np.ndarray, prompt_list: l
     ok = 0
     for i in range(0, len(images), batch):
         recon = model.decode_latents(model.encode_images(images[i:i + batch]))
-        ok += sum(shapes.score(r, prompt_list[j]) for r, j in zip(recon, prompt_idx[i:i + batch]))
+        ok += sum(shapes_captions.score_caption(r, prompt_list[j]) for r, j in zip(recon, prompt_idx[i:i + batch]))
     return ok / len(images)
 
 
@@ -250,25 +328,53 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
+class FlowPaused(Exception):
+    """The flow stage stopped before its last step (``stop`` said so) after writing a checkpoint."""
+
+    def __init__(self, step: int, total: int, folder: Path):
+        self.step, self.total, self.folder = step, total, folder
+        super().__init__(f"pretraining stopped at flow step {step} of {total}; its checkpoint is in {folder}. "
+                         "Run the same command again to continue from there.")
+
+
 def train_flow(model: FlowModel, latents: torch.Tensor, prompt_list: list[str], prompt_idx: np.ndarray,
-               cfg: FlowTrainConfig, shift: float, gen: torch.Generator) -> list[float]:
-    """Flow-matching stage on pre-encoded scaled latents; returns the loss curve (EMA applied at the end)."""
+               cfg: FlowTrainConfig, shift: float, gen: torch.Generator, work: PartialBase | None = None,
+               stop=None, log=print) -> list[float]:
+    """Flow-matching stage on pre-encoded scaled latents; returns the loss curve (EMA applied at the end).
+
+    With ``work``, training starts from the newest checkpoint there (if any) and writes one every
+    ``cfg.checkpoint_every`` steps and after the last; ``stop(steps_done)``, asked after every step, may end
+    the stage early: a checkpoint is written and :class:`FlowPaused` raised.
+    """
     pipe = model.pipe
-    modules = [pipe.transformer]
+    modules = {"transformer": pipe.transformer}
     groups = [{"params": pipe.transformer.parameters(), "lr": cfg.lr}]
     if cfg.text_lr > 0:
-        modules += [pipe.text_encoder, pipe.text_encoder_2]
-        groups.append({"params": [p for m in modules[1:] for p in m.parameters()], "lr": cfg.text_lr})
+        modules.update(text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
+        groups.append({"params": [p for m in (pipe.text_encoder, pipe.text_encoder_2) for p in m.parameters()],
+                       "lr": cfg.text_lr})
     for m in (pipe.text_encoder, pipe.text_encoder_2):
         m.requires_grad_(cfg.text_lr > 0)
-    for m in modules:
+    for m in modules.values():
         m.train()
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.steps))
-    ema = EMA([p for m in modules for p in m.parameters()], cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = (EMA([p for m in modules.values() for p in m.parameters()], cfg.ema_decay) if cfg.ema_decay > 0
+           else None)
     params = [p for g in opt.param_groups for p in g["params"]]
-    losses = []
-    bar = tqdm(range(cfg.steps), desc="pretrain 2/2: flow matching")
+    losses, start, seconds = [], 0, 0.0
+    resumed = work.load_flow(modules, opt, sched, ema, {"data": gen}) if work is not None else None
+    if resumed is not None:
+        start, info = resumed
+        losses, seconds = info["losses"], info["seconds"]
+        log(f"resuming the flow stage at step {start} of {cfg.steps} from {work.folder}")
+    t0 = time.time()
+
+    def checkpoint(done: int) -> None:
+        info = {"losses": losses, "seconds": seconds + time.time() - t0}
+        work.save_flow(done, modules, opt, sched, ema, {"data": gen}, info)
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain 2/2: flow matching")
     for step in bar:
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
         x0 = latents[idx]
@@ -290,17 +396,32 @@ def train_flow(model: FlowModel, latents: torch.Tensor, prompt_list: list[str], 
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+        done = step + 1
+        paused = work is not None and stop is not None and done < cfg.steps and stop(done)
+        if work is not None and (paused or done == cfg.steps
+                                 or (cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0)):
+            checkpoint(done)
+        if paused:
+            bar.close()
+            raise FlowPaused(done, cfg.steps, work.folder)
     if ema is not None:
         ema.copy_to_params()
-    for m in modules:
+    for m in modules.values():
         m.eval()
     return losses
 
 
 # ------------------------------------------------------------------------------------------- recipe
 
-def pretrain(cfg: PretrainConfig, out_dir: str | Path, log=print) -> dict:
-    """Train a base from scratch and save it with ``save_pretrained`` into ``out_dir``; returns a summary."""
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, log=print, work: PartialBase | None = None,
+             stop=None) -> dict:
+    """Train a base from scratch and save it with ``save_pretrained`` into ``out_dir``; returns a summary.
+
+    With ``work`` the stage-1 autoencoder and the flow-stage checkpoints are kept there, and whatever is
+    already there is continued instead of redone (``stop``: see :func:`train_flow`; it needs ``work``).
+    """
+    if stop is not None and work is None:
+        raise ValueError("pretrain: stopping early needs a work folder to continue from (pass work=)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
@@ -310,27 +431,48 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, log=print) -> dict:
     pipe.set_progress_bar_config(disable=True)
     model = FlowModel(pipe, max_sequence_length=cfg.model.t5_tokens)
     images, prompt_list, prompt_idx = render_pool(cfg)
-    log(f"render pool: {len(images)} images of {len(prompt_list)} prompts")
+    log(f"render pool: {len(images)} images of {len(prompt_list)} captions ({cfg.data.captions}, "
+        f"fidelity {cfg.data.fidelity})")
 
-    vae_losses = train_vae(pipe.vae, images, cfg.vae, gen)
+    stage1 = work.load_autoencoder(pipe.vae, {"data": gen}) if work is not None else None
+    if stage1 is None:
+        vae_losses = train_vae(pipe.vae, images, cfg.vae, gen)
+    else:
+        log(f"autoencoder: reusing stage 1 from {work.folder}")
     pipe.vae.eval()
     pipe.vae.requires_grad_(False)
-    latents = set_latent_scale(pipe.vae, encode_pool(pipe.vae, images))
-    recon_acc = reconstruction_check(model, images, prompt_list, prompt_idx)
-    log(f"autoencoder: reconstructions that still score 1: {recon_acc:.4f}")
-    t_vae = time.time() - t0
+    latents = encode_pool(pipe.vae, images)
+    if stage1 is None:
+        shift, std = latents.mean().item(), latents.std().item()
+        latents = set_latent_scale(pipe.vae, latents, shift, std)
+        recon_acc = reconstruction_check(model, images, prompt_list, prompt_idx)
+        log(f"autoencoder: reconstructions that still score 1: {recon_acc:.4f}")
+        stage1 = {"latent_shift": shift, "latent_std": std, "seconds_vae": round(time.time() - t0, 1),
+                  "vae_final_loss": float(np.mean(vae_losses[-50:])) if vae_losses else None,
+                  "vae_reconstruction_accuracy": recon_acc}
+        if work is not None:
+            work.save_autoencoder(pipe.vae, {"data": gen}, stage1)
+    else:
+        latents = set_latent_scale(pipe.vae, latents, stage1["latent_shift"], stage1["latent_std"])
 
-    flow_losses = train_flow(model, latents, prompt_list, prompt_idx, cfg.flow, cfg.model.shift, gen)
-    elapsed = time.time() - t0
-    summary = {"key": base_key(stage12_config(cfg)), "seconds": round(elapsed, 1), "seconds_vae": round(t_vae, 1),
-               "vae_final_loss": float(np.mean(vae_losses[-50:])) if vae_losses else None,
-               "vae_reconstruction_accuracy": recon_acc,
+    train_list, train_idx = training_captions(cfg, prompt_list, prompt_idx)
+    t_flow = time.time()
+    flow_losses = train_flow(model, latents, train_list, train_idx, cfg.flow, cfg.model.shift, gen,
+                             work=work, stop=stop, log=log)
+    seconds_flow = time.time() - t_flow
+    if work is not None and (info := work.flow_info()) is not None:
+        seconds_flow = info["seconds"]  # every piece of a resumed run, not only this call's
+    summary = {"key": base_key(stage12_config(cfg)),
+               "seconds": round(stage1["seconds_vae"] + seconds_flow, 1),
+               "seconds_vae": stage1["seconds_vae"], "vae_final_loss": stage1["vae_final_loss"],
+               "vae_reconstruction_accuracy": stage1["vae_reconstruction_accuracy"],
                "flow_final_loss": float(np.mean(flow_losses[-200:])) if flow_losses else None,
+               "captions": cfg.data.captions, "fidelity": cfg.data.fidelity, "pool_captions": len(prompt_list),
                "parameters": {n: sum(p.numel() for p in getattr(pipe, n).parameters())
                               for n in ("transformer", "vae", "text_encoder", "text_encoder_2")}}
     if cfg.decoder.steps > 0:
         summary.update(refine_stage(pipe, model, cfg, images, prompt_list, prompt_idx, _stage3_generator(cfg), log))
-        summary["seconds"] = round(time.time() - t0, 1)
+        summary["seconds"] = round(summary["seconds"] + summary["seconds_decoder"], 1)
     save_base(pipe, cfg, out_dir, summary)
     return summary
 
@@ -376,23 +518,45 @@ def save_base(pipe, cfg: PretrainConfig, out_dir: str | Path, summary: dict) -> 
     (out_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def ensure_base(cfg: PretrainConfig, log=print) -> Path:
-    """The cached base for ``cfg``, pretraining it first if needed (atomically: a half-trained base is
-    never visible under the cache key)."""
+def ensure_base(cfg: PretrainConfig, log=print, stop=None) -> Path:
+    """The cached base for ``cfg``, pretraining it first if needed.
+
+    Safe under concurrent first use and resumable: the training runs under an exclusive lock on
+    ``<key>.lock`` (a process that gets the lock after another one finished the base just returns it), in
+    the work folder ``<key>.partial/`` (continued where a stopped or killed call left it), and the finished
+    base is saved into ``<key>.tmp-<pid>`` and renamed to ``<key>`` atomically: a half-trained base is never
+    visible under the cache key. The work folder is removed once the base is in place. ``stop(steps_done)``
+    may end the flow stage early (see :func:`train_flow`): :class:`FlowPaused` is raised, the next call
+    continues.
+    """
     final = base_dir(cfg)
     if (final / "model_index.json").is_file():
         return final
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    stage12 = base_dir(stage12_config(cfg))
-    try:
-        if cfg.decoder.steps > 0 and (stage12 / "model_index.json").is_file():
-            refine_cached(cfg, stage12, tmp, log=log)
-        else:
-            log(f"no cached base for this config; pretraining it into {final}")
-            pretrain(cfg, tmp, log=log)
-        (tmp / "USAGE.md").write_text(usage_note(cfg.model, str(final)))
-        os.replace(tmp, final)
-    finally:
+    with exclusive_lock(_lock_file(cfg), on_wait=lambda: log(f"waiting for another process pretraining {final}")):
+        if (final / "model_index.json").is_file():
+            log(f"another process pretrained {final} meanwhile; using it")
+            return final
+        work = PartialBase(partial_dir(cfg))
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        stage12 = base_dir(stage12_config(cfg))
+        try:
+            if cfg.decoder.steps > 0 and (stage12 / "model_index.json").is_file():
+                refine_cached(cfg, stage12, tmp, log=log)
+            else:
+                verb = "continuing" if work.exists() else "pretraining"
+                log(f"no cached base for this config; {verb} it in {work.folder}")
+                pretrain(cfg, tmp, log=log, work=work, stop=stop)
+            (tmp / "USAGE.md").write_text(usage_note(cfg.model, str(final)))
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        work.remove()
     return final
+
+
+def forget_base(cfg: PretrainConfig) -> None:
+    """Delete the cached base of ``cfg`` and its unfinished work (waiting for a process training it)."""
+    with exclusive_lock(_lock_file(cfg)):
+        shutil.rmtree(base_dir(cfg), ignore_errors=True)
+        PartialBase(partial_dir(cfg)).remove()

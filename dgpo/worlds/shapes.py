@@ -5,9 +5,10 @@ objects (square / circle / triangle, in red / green / blue / yellow). The module
 
 * the prompt grammar (126 prompts in six categories) and a fixed train/test split: :func:`prompts`,
   :func:`parse`, :func:`category`;
-* a renderer that draws a random scene satisfying a prompt: :func:`render`;
+* a renderer that draws a random scene satisfying a prompt: :func:`render` (and :func:`render_parsed` for
+  any meaning, e.g. a caption of the wider pretraining grammar in :mod:`dgpo.worlds.shapes_captions`);
 * the rule-based verifier (the reward): :func:`detect`, :func:`score`, :func:`partial_score` and their
-  batch versions;
+  batch versions (and :func:`score_parsed`, :func:`partial_score_parsed` for any meaning);
 * the task metric ("shapes-geneval"): :func:`geneval`.
 
 Everything is deterministic: the split depends only on the prompt strings, a render only on
@@ -39,9 +40,12 @@ __all__ = [
     "category",
     "size_range",
     "render",
+    "render_parsed",
     "detect",
     "score",
     "partial_score",
+    "score_parsed",
+    "partial_score_parsed",
     "score_batch",
     "partial_score_batch",
     "soft_partial_score",
@@ -101,10 +105,17 @@ _PALETTE = np.array([(0, 0, 0)] + [COLORS[c] for c in _COLOR_NAMES], dtype=np.in
 class ParsedPrompt:
     """A prompt's meaning.
 
+    The benchmark prompts use a subset of what this type can say: their counting and position prompts
+    leave every colour free, and their color_attr prompts name two different colours. The wider caption
+    grammar of :mod:`dgpo.worlds.shapes_captions` uses the rest (a colour on any object, equal colours),
+    and the renderer and verifier handle every combination.
+
     Attributes:
-        category: one of :data:`CATEGORIES`.
+        category: one of :data:`CATEGORIES`: the verifier rule that applies (a coloured two-object caption
+            is "color_attr" whichever colours it names, one or both, equal or not).
         shapes: the shapes named, in prompt order (one for single_object / counting / colors, two otherwise).
-        colors: one entry per shape: the required colour name, or ``None`` where the colour is free.
+        colors: one entry per shape: the required colour name, or ``None`` where the colour is free
+            (for counting, the colour of all N objects).
         count: objects required of each listed shape (N for counting, 1 otherwise).
         relation: for position prompts the relation of ``shapes[0]`` to ``shapes[1]``
             ("left of", "right of", "above", "below"); ``None`` otherwise.
@@ -324,9 +335,17 @@ def render(prompt: str, size: int = 32, seed: int = 0) -> np.ndarray:
     relation holds with the verifier's margin. Every render scores 1.0 under the verifier for S ≥ 24
     (tested at 32, 48 and 64); at smaller S the objects get too small for the verifier's shape rules.
     """
-    parsed = parse(prompt)
+    return render_parsed(parse(prompt), size, seed, key=prompt.strip())
+
+
+def render_parsed(parsed: ParsedPrompt, size: int = 32, seed: int = 0, key: str = "") -> np.ndarray:
+    """Render a random scene with exactly the meaning ``parsed`` (see :func:`render`).
+
+    ``key`` is the text whose hash seeds the scene together with (size, seed): :func:`render` passes the
+    prompt, so a render depends only on (prompt, size, seed).
+    """
     size = int(size)
-    rng = _rng(prompt.strip(), size, seed)
+    rng = _rng(key, size, seed)
     objects = _scene(parsed, rng)
     shapes = [shape for shape, _ in objects]
     sides, xy = _place(shapes, parsed, size, rng)
@@ -502,20 +521,46 @@ def _atoms(objects: list[Obj], parsed: ParsedPrompt, size: int, soft: bool = Fal
         return a and b, 0.5 * sum(_presence(objects, s, None, soft) for s in parsed.shapes)
     if cat == "counting":
         n, target = len(of[parsed.shapes[0]]), parsed.count
-        return n == target, max(0.0, 1.0 - abs(n - target) / target)
+        count_atom = max(0.0, 1.0 - abs(n - target) / target)
+        if parsed.colors[0] is None:
+            return n == target, count_atom
+        colored = n > 0 and all(o.color == parsed.colors[0] for o in of[parsed.shapes[0]])
+        return n == target and colored, 0.5 * count_atom + 0.5 * colored
     if cat == "colors":
         present = of[parsed.shapes[0]]
         all_colored = bool(present) and all(o.color == parsed.colors[0] for o in present)
         return all_colored, 0.5 * _presence(objects, parsed.shapes[0], None, soft) + 0.5 * all_colored
     if cat == "position":
-        objs_a, objs_b = of[parsed.shapes[0]], of[parsed.shapes[1]]
+        objs_a, objs_b = ([o for o in of[s] if c is None or o.color == c] for s, c in zip(parsed.shapes, parsed.colors))
         rel = any(relation_holds(a, b, parsed.relation, size) for a in objs_a for b in objs_b)
-        present = sum(_presence(objects, s, None, soft) for s in parsed.shapes)
+        present = sum(_presence(objects, s, c, soft) for s, c in zip(parsed.shapes, parsed.colors))
         return rel, (present + rel) / 3.0
     if cat == "color_attr":
         hits = [_presence(objects, s, c, soft) for s, c in zip(parsed.shapes, parsed.colors)]
         return all(h == 1.0 for h in hits), 0.5 * hits[0] + 0.5 * hits[1]
     raise AssertionError(f"unhandled category {cat!r}")
+
+
+def score_parsed(image, parsed: ParsedPrompt) -> float:
+    """Strict score (1.0 or 0.0) of an image for any meaning: :func:`score`'s rules, where a colour given on
+    an object of a counting or position meaning also binds: counting "N C X" needs exactly N objects of
+    shape X, all in colour C; position "C₁ A rel C₂ B" needs some A in C₁ and some B in C₂ in the relation.
+    """
+    image = _as_image(image)
+    return float(_atoms(detect(image), parsed, image.shape[0])[0])
+
+
+def partial_score_parsed(image, parsed: ParsedPrompt) -> float:
+    """Partial score in [0, 1] of an image for any meaning: :func:`partial_score`'s atoms, with a colour on
+    a counting or position meaning binding as follows (``None`` colours give the benchmark formulas):
+
+    * counting with colour C: ½·max(0, 1 − |n_X − N| / N) + ½·[n_X ≥ 1 and every object of shape X in C];
+    * position with colours: ⅓·[some A in C₁] + ⅓·[some B in C₂] + ⅓·[some such A, B pair satisfies it].
+
+    It is 1 exactly when :func:`score_parsed` is 1.
+    """
+    image = _as_image(image)
+    return float(_atoms(detect(image), parsed, image.shape[0])[1])
 
 
 def score(image, prompt: str) -> float:
