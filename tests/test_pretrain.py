@@ -49,3 +49,16 @@ def test_refinement_reuses_the_cached_base_and_changes_only_the_decoder(tiny_bas
     pretrain(cfg, tmp_path / "one-go", log=lambda *a: None)
     one_go = _state(load_pipeline(tmp_path / "one-go").vae.decoder)
     assert all(torch.allclose(one_go[k], dec_b[k], atol=1e-6) for k in dec_b)
+
+
+def test_first_use_inside_a_no_grad_block_pretrains(tmp_path, monkeypatch):
+    """A base is built lazily by whatever needs it first, possibly from inside a no-grad evaluation."""
+    from conftest import TINY_BASE
+    from dgpo.cli import load_base_config
+    from dgpo.models.pretrain import ensure_base
+    monkeypatch.setenv("DGPO_CACHE", str(tmp_path))
+    cfg = load_base_config(None, [*TINY_BASE, "seed=5"])
+    with torch.inference_mode():
+        path = ensure_base(cfg, log=lambda *a: None)
+        assert not torch.is_grad_enabled()
+    assert (path / "model_index.json").is_file() and path.parent == tmp_path / "base"

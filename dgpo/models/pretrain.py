@@ -541,12 +541,14 @@ def ensure_base(cfg: PretrainConfig, log=print, stop=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         stage12 = base_dir(stage12_config(cfg))
         try:
-            if cfg.decoder.steps > 0 and (stage12 / "model_index.json").is_file():
-                refine_cached(cfg, stage12, tmp, log=log)
-            else:
-                verb = "continuing" if work.exists() else "pretraining"
-                log(f"no cached base for this config; {verb} it in {work.folder}")
-                pretrain(cfg, tmp, log=log, work=work, stop=stop)
+            # built lazily on first use, maybe inside a caller's no-grad block: training takes its own grad mode
+            with torch.inference_mode(False), torch.enable_grad():
+                if cfg.decoder.steps > 0 and (stage12 / "model_index.json").is_file():
+                    refine_cached(cfg, stage12, tmp, log=log)
+                else:
+                    verb = "continuing" if work.exists() else "pretraining"
+                    log(f"no cached base for this config; {verb} it in {work.folder}")
+                    pretrain(cfg, tmp, log=log, work=work, stop=stop)
             (tmp / "USAGE.md").write_text(usage_note(cfg.model, str(final)))
             os.replace(tmp, final)
         finally:
