@@ -154,15 +154,21 @@ def run_config_from_args(args, config_cls, load_config, default_config: Path, to
     return start_run(load_config(args.config or default_config, overrides), tool, overwrite=args.overwrite, named=named)
 
 
-def cmd_train(args) -> None:
-    from dgpo.trainer import TrainConfig, Trainer, load_train_config
-    cfg = run_config_from_args(args, TrainConfig, load_train_config, DEFAULT_TRAIN_CONFIG, "dgpo train")
+def train_command(args, recipe_cls, config_cls, load_config, default_config: Path, tool: str) -> None:
+    """A training command (``dgpo train``, ``tdm-r1 distill``): claim or reopen the run folder, run the
+    recipe on it, print the summary table and where the weights are."""
+    cfg = run_config_from_args(args, config_cls, load_config, default_config, tool)
     print(f"run folder: {cfg.run.out_dir}")
-    result = Trainer(cfg).run(resume=bool(args.resume))
+    result = recipe_cls(cfg).run(resume=bool(args.resume))
     print((Path(cfg.run.out_dir) / "summary.md").read_text())
     first, last = result["first"], result["last"]
-    print(f"test shapes-geneval {first['eval_geneval']:.3f} -> {last['eval_geneval']:.3f} "
-          f"in {last['train_seconds'] / 60:.1f} min of training; LoRA: {cfg.run.out_dir}/final/lora")
+    print(f"test shapes-geneval {first['eval_geneval']:.3f} -> {last['eval_geneval']:.3f} in "
+          f"{last['train_seconds'] / 60:.1f} min of training; weights: {cfg.run.out_dir}/final")
+
+
+def cmd_train(args) -> None:
+    from dgpo.trainer import TrainConfig, Trainer, load_train_config
+    train_command(args, Trainer, TrainConfig, load_train_config, DEFAULT_TRAIN_CONFIG, "dgpo train")
 
 
 def cmd_export(args) -> None:
@@ -304,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse and run one command: a UserError is one line on stderr and exit status 2."""
+    args = parser.parse_args(argv)
     try:
         status = args.func(args)
     except UserError as e:
@@ -315,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return status or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

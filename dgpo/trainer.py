@@ -1,35 +1,30 @@
-"""The online loop, read top to bottom: rollout → reward → advantage → update → (evaluate, checkpoint).
+"""The DGPO recipe (and its baselines): one epoch = rollout → reward → advantage → update.
 
 One epoch samples P train prompts, G rollouts each from different initial noise (drawn by the objective's
 sampler: ODE for DGPO, Diffusion-DPO and DiffusionNFT, SDE with log-probs for Flow-GRPO; see
 :mod:`dgpo.methods`), scores the decoded images with the reward, turns rewards into group advantages and
 takes ``optim.steps_per_epoch`` passes of the objective's optimiser steps on that batch (gradients of
-micro-batches accumulate; DGPO takes one step per pass on the whole batch). Every ``eval.every`` epochs
-(and, with ``eval.every_minutes``, every so many minutes of training) the policy is evaluated on test
-prompts: shapes-geneval (per category), quality FD, cumulative training wall-clock (evaluation excluded)
-and cumulative transformer evaluations (NFE: single-sample transformer calls, counted at the transformer,
-rollouts and updates alike; evaluation excluded).
+micro-batches accumulate; DGPO takes one step per pass on the whole batch). The run around the epochs —
+the folder, evaluation every ``eval.every`` epochs (and every ``eval.every_minutes`` of training),
+checkpoints and exact resume, metrics, the final export and summary — is :class:`dgpo.run.Run`'s. Counted:
+training wall-clock (evaluation excluded) and transformer evaluations (NFE: single-sample transformer
+calls, counted at the transformer, rollouts and updates alike; evaluation excluded).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import nullcontext
 import os
 import shutil
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
-from dgpo.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, optimizer_from_flat,
-                             optimizer_to_flat, restore_rng, save_checkpoint)
+from dgpo.checkpoint import optimizer_from_flat, optimizer_to_flat
 from dgpo.config import to_dict
 from dgpo import eval_cache
 from dgpo.dgpo_update import RolloutBatch
@@ -37,15 +32,14 @@ from dgpo.ema import EMA
 from dgpo.methods import make_objective
 from dgpo.errors import UserError
 from dgpo.run_folder import reopen_run, start_run
-from dgpo.run_metrics import eval_result, read_metrics, truncate_metrics
-from dgpo.evaluation import EvalConfig, evaluate_model, format_table
+from dgpo.run import Counters, Run, Schedule, flat_dict, plot_run
+from dgpo.evaluation import EvalConfig, evaluate_model
 from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
 from dgpo.models.pretrain import ensure_base, load_pretrain_config
 from dgpo.models.lora import LORA_TARGETS, add_lora, save_lora_diffusers
 from dgpo.objectives import group_advantages
 from dgpo.prompt_sampling import PromptSampler
 from dgpo.rewards import make_reward
-from dgpo.samples_io import image_grid
 from dgpo.train_config import TrainConfig
 from dgpo.worlds import shapes
 
@@ -63,14 +57,6 @@ def resolve_base(cfg: TrainConfig, log=print) -> tuple[Path, int]:
         base_cfg = base_cfg if base_cfg.is_absolute() else REPO_ROOT / base_cfg
         path = ensure_base(load_pretrain_config(base_cfg), log=log)
     return path, t5_tokens_of(path)
-
-
-@dataclass
-class Counters:
-    epoch: int = 0
-    train_seconds: float = 0.0
-    nfe: int = 0  # transformer evaluations per sample, summed over the batch
-    history: list = field(default_factory=list)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
@@ -143,6 +129,11 @@ class Trainer:
         self.prompt_sampler = PromptSampler(self.train_prompts, r.prompts_per_epoch, r.prompt_weighting,
                                             r.failure_power, r.failure_floor, r.failure_decay)
         self.counters = Counters()
+        run = cfg.run
+        tracker = None if run.tracker == "none" else (lambda row, step: self.accelerator.log(row, step=step))
+        self.runner = Run(self, self.out, Schedule(run.epochs, run.time_budget_min, cfg.eval.every,
+                                                   cfg.eval.every_minutes, run.checkpoint_every, run.keep_checkpoints),
+                          step_key="epoch", grid_prefix="epoch", tracker=tracker, log=log)
         self.shift = cfg.objective.shift if cfg.objective.shift > 0 else pipe.scheduler.config.shift
         self.objective = make_objective(cfg, self.model, self.params, self.shift)
         self._counting, self._calls = False, 0
@@ -150,6 +141,10 @@ class Trainer:
         with torch.no_grad():
             embeds = self.model.encode_prompts(self.train_prompts)
         self.embeds_of = {p: embeds.index(slice(i, i + 1)) for i, p in enumerate(self.train_prompts)}
+
+    @property
+    def label(self) -> str:
+        return self.objective.label
 
     def _count_call(self, module, args, kwargs) -> None:
         if self._counting:
@@ -221,7 +216,13 @@ class Trainer:
         return {**{k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}, "lr": lr}
 
     def epoch(self) -> dict:
-        t0 = time.time()
+        """One epoch (rollout → reward → advantages → update), timed and counted; its metrics row."""
+        return self.runner.timed_step(self._epoch)
+
+    def train_step(self) -> dict:
+        return self.epoch()
+
+    def _epoch(self) -> tuple[dict, int]:
         prompts = self.sample_prompts()
         self._counting, self._calls = True, 0
         try:
@@ -235,13 +236,12 @@ class Trainer:
             stats = self.update(RolloutBatch(latents, embeds, adv.to(device), group_ids.to(device), extras))
         finally:
             self._counting = False
-        self.counters.epoch += 1
-        self.counters.train_seconds += time.time() - t0
-        self.counters.nfe += self._calls
         self._last_images = images
-        return {"epoch": self.counters.epoch, "reward": rewards.mean().item(),
-                "reward_std": rewards.std().item(), "train_seconds": round(self.counters.train_seconds, 2),
-                "nfe": self.counters.nfe, **{k: v if k == "lr" else round(v, 6) for k, v in stats.items()}}
+        return {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+                **{k: v if k == "lr" else round(v, 6) for k, v in stats.items()}}, self._calls
+
+    def postfix(self, row: dict) -> dict:
+        return {"reward": f"{row['reward']:.3f}", "loss": f"{row['loss']:.4f}"}
 
     # --------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -251,17 +251,7 @@ class Trainer:
             result, images, _ = evaluate_model(self.model, EvalConfig(split=e.split, per_prompt=e.per_prompt,
                                                                       seed=e.seed, fd=e.fd), e.sampler,
                                                progress=False)
-        grid_idx = np.arange(0, len(images), e.per_prompt)[:64]
-        from PIL import Image
-        (self.out / "samples").mkdir(exist_ok=True)
-        Image.fromarray(image_grid(images[grid_idx], columns=8)).save(self._grid_path())
-        return {"epoch": self.counters.epoch, "eval_geneval": result["geneval"],
-                "eval_per_category": result["per_category"], "eval_partial": result["partial"],
-                "eval_fd": result.get("fd"), "train_seconds": round(self.counters.train_seconds, 2),
-                "nfe": self.counters.nfe}
-
-    def _grid_path(self) -> Path:
-        return self.out / "samples" / f"epoch-{self.counters.epoch:05d}.png"
+        return self.runner.evaluation_row(result, images, e.per_prompt)
 
     def initial_evaluation(self) -> dict:
         """The epoch-0 evaluation (the base itself), read from :mod:`dgpo.eval_cache` when a run on the same
@@ -274,138 +264,74 @@ class Trainer:
                     "precision": self.cfg.model.mixed_precision, "device": self.accelerator.device.type}
         key = eval_cache.eval_key(self.base_path, protocol)
         hit = eval_cache.load(key)
+        grid_path = self.runner.grid_path()
         if hit is None:
             row = self.evaluate()
-            eval_cache.store(key, {k: v for k, v in row.items() if k.startswith("eval_")}, self._grid_path())
+            eval_cache.store(key, {k: v for k, v in row.items() if k.startswith("eval_")}, grid_path)
             return row
         result, grid = hit
         if grid is not None:
-            self._grid_path().parent.mkdir(exist_ok=True)
-            shutil.copyfile(grid, self._grid_path())
+            grid_path.parent.mkdir(exist_ok=True)
+            shutil.copyfile(grid, grid_path)
         self.log(f"epoch 0: the base's evaluation under this protocol is cached ({eval_cache.entry_dir(key)}); "
                  f"set eval.cache_initial=false to re-evaluate")
         return {"epoch": 0, **result, "train_seconds": 0.0, "nfe": 0}
 
     # --------------------------------------------------------------------------------------- state
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"main": self.gen}
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+
     def state_tensors(self) -> tuple[dict, dict]:
+        """The LoRA, optimiser, prompt sampler and EMAs (the run adds counters and generators)."""
         tensors = {f"lora.{i}": p.detach() for i, p in enumerate(self.params)}
-        opt_t, opt_s = optimizer_to_flat(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer)
-        rng_t, rng_s = capture_rng({"main": self.gen})
+        opt_t, opt_s = optimizer_to_flat(self._optimizer())
         tensors.update(opt_t)
-        tensors.update(rng_t)
         tensors.update(self.prompt_sampler.state_tensors())
         for name, ema in self.emas().items():
             tensors.update({f"{name}.{k}": v for k, v in ema.state_dict().items()})
-        state = {"optimizer": opt_s, "rng": rng_s, "counters": {"epoch": self.counters.epoch,
-                 "train_seconds": self.counters.train_seconds, "nfe": self.counters.nfe}}
-        return tensors, state
-
-    def save(self) -> Path:
-        tensors, state = self.state_tensors()
-        return save_checkpoint(self.out, self.counters.epoch, tensors, state, self.cfg.run.keep_checkpoints)
+        return tensors, {"optimizer": opt_s}
 
     @torch.no_grad()
-    def restore(self, path: Path) -> None:
-        tensors, state = load_checkpoint(path)
+    def load_state(self, tensors: dict, state: dict) -> None:
         for i, p in enumerate(self.params):
             p.copy_(tensors[f"lora.{i}"])
-        optimizer_from_flat(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
-                            tensors, state["optimizer"])
+        optimizer_from_flat(self._optimizer(), tensors, state["optimizer"])
         for name, ema in self.emas().items():
             ema.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
-        restore_rng({"main": self.gen}, tensors, state["rng"])
         self.prompt_sampler.load_state_tensors(tensors)
-        c = state["counters"]
-        self.counters = Counters(c["epoch"], c["train_seconds"], c["nfe"])
+
+    def save(self) -> Path:
+        return self.runner.save()
+
+    def restore(self, path: Path) -> None:
+        self.runner.restore(path)
 
     # --------------------------------------------------------------------------------------- loop
     def run(self, resume: bool = False) -> dict:
-        cfg = self.cfg
-        metrics_path = self.out / "metrics.jsonl"
-        if resume:
-            ckpt = latest_checkpoint(self.out)
-            if ckpt is None:
-                raise UserError(f"--resume: {str(self.out)!r} has no checkpoint yet; start the run without --resume")
-            self.restore(ckpt)
-            truncate_metrics(metrics_path, self.counters.epoch, "epoch")
-            self.log(f"resumed from {ckpt} (epoch {self.counters.epoch})")
-        else:
-            metrics_path.unlink(missing_ok=True)
-        if cfg.run.tracker != "none":
-            os.environ.setdefault("WANDB_DIR", str(self.out))
-            self.accelerator.init_trackers("dgpo", config=_flat(to_dict(cfg)))
-        evals = [r for r in read_metrics(metrics_path) if "eval_geneval" in r]
-        if not evals:
-            evals.append(self._log(metrics_path, self.initial_evaluation()))
-            self.log(_eval_line(evals[-1]))
-        budget = cfg.run.time_budget_min * 60
-        bar = tqdm(total=cfg.run.epochs, initial=self.counters.epoch, desc=f"{self.objective.label} epochs")
-        every_s = cfg.eval.every_minutes * 60
-        while self.counters.epoch < cfg.run.epochs and not (budget and self.counters.train_seconds >= budget):
-            row = self._log(metrics_path, self.epoch())
-            bar.update(1)
-            bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}",
-                            eval=f"{evals[-1]['eval_geneval']:.3f}")
-            timed = every_s and (self.counters.train_seconds // every_s > evals[-1]["train_seconds"] // every_s)
-            if self.counters.epoch % cfg.eval.every == 0 or timed:
-                evals.append(self._log(metrics_path, self.evaluate()))
-                self.log(_eval_line(evals[-1]))
-            if self.counters.epoch % cfg.run.checkpoint_every == 0:
-                self.save()
-        bar.close()
-        if evals[-1]["epoch"] != self.counters.epoch:
-            evals.append(self._log(metrics_path, self.evaluate()))
-            self.log(_eval_line(evals[-1]))
-        self.save()
-        self.finish(evals)
-        self.accelerator.end_training()
-        return {"first": evals[0], "last": evals[-1], "best": max(evals, key=lambda r: r["eval_geneval"])}
-
-    def _log(self, path: Path, row: dict) -> dict:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
         if self.cfg.run.tracker != "none":
-            self.accelerator.log({k: v for k, v in _flat(row).items() if isinstance(v, (int, float))},
-                                 step=row["epoch"])
-        return row
+            os.environ.setdefault("WANDB_DIR", str(self.out))
+            self.accelerator.init_trackers("dgpo", config=flat_dict(to_dict(self.cfg)))
+        result = self.runner.loop(resume)
+        self.accelerator.end_training()
+        return result
 
-    def finish(self, evals: list[dict]) -> None:
-        """final/lora (diffusers format; EMA weights when rollouts use the EMA), curve PNG, summary."""
-        final = self.out / "final"
-        tmp = self.out / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+    def export(self, folder: Path) -> None:
+        """final/: lora/ (diffusers format; the EMA weights when rollouts use the EMA) and a usage note."""
         with self.rollout_policy():
-            save_lora_diffusers(self.model.transformer, tmp / "lora")
-        (tmp / "README.md").write_text(_final_note(self.base_path, self.model.max_sequence_length, self.cfg))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        plot_curves(read_metrics(self.out / "metrics.jsonl"), self.out / "reward_curve.png")
-        table = format_table({"base (epoch 0)": eval_result(evals[0]),
-                              f"{self.objective.label} (epoch {evals[-1]['epoch']})": eval_result(evals[-1])})
-        (self.out / "summary.md").write_text(table + "\n")
-        (self.out / "summary.json").write_text(json.dumps({"first": evals[0], "last": evals[-1]}, indent=2))
+            save_lora_diffusers(self.model.transformer, folder / "lora")
+        (folder / "README.md").write_text(_final_note(self.base_path, self.model.max_sequence_length, self.cfg))
+
+    def plot(self, rows: list[dict], out: Path) -> None:
+        plot_curves(rows, out / "reward_curve.png")
+
+    def summary_names(self, first: dict, last: dict) -> tuple[str, str]:
+        return "base (epoch 0)", f"{self.objective.label} (epoch {last['epoch']})"
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-
-
-
-def _eval_line(row: dict) -> str:
-    fd = f", FD {row['eval_fd']:.2f}" if row.get("eval_fd") is not None else ""
-    return (f"epoch {row['epoch']}: test shapes-geneval {row['eval_geneval']:.3f}{fd} "
-            f"after {row['train_seconds']:.0f} s of training, {row['nfe']} NFE")
-
 
 def _final_note(base: Path, t5: int, cfg: TrainConfig) -> str:
     return f"""# Trained LoRA
@@ -424,27 +350,7 @@ image = pipe("a photo of a red circle", num_inference_steps={cfg.eval.sampler.st
 
 def plot_curves(rows: list[dict], path: Path) -> None:
     """Training reward per epoch and test shapes-geneval against training wall-clock, as one PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    train = [r for r in rows if "reward" in r]
-    evals = [r for r in rows if "eval_geneval" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    if train:
-        ep = np.array([r["epoch"] for r in train])
-        rw = np.array([r["reward"] for r in train])
-        k = max(1, len(rw) // 50)
-        axes[0].plot(ep, rw, alpha=0.3, color="C0")
-        axes[0].plot(ep[k - 1:], np.convolve(rw, np.ones(k) / k, mode="valid"), color="C0")
-    axes[0].set(xlabel="epoch", ylabel="training reward (mean over rollouts)", title="reward")
-    if evals:
-        axes[1].plot([r["train_seconds"] / 60 for r in evals], [r["eval_geneval"] for r in evals], "o-", color="C1")
-    axes[1].set(xlabel="training wall-clock (min)", ylabel="test shapes-geneval", title="evaluation")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_run(rows, path, "epoch", [("reward", "training reward (mean over rollouts)")], "evaluation")
 
 
 def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:

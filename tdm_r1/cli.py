@@ -18,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from dgpo.cli import (_add_model_args, _add_out_args, _add_prompt_args, _prompts_from_args, add_run_args,  # noqa: E402
-                      load_model, resolve_model, run_config_from_args)
+                      load_model, resolve_model, run_command, train_command)
 from dgpo.errors import UserError  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -28,13 +28,7 @@ DEFAULT_DISTILL_CONFIG = CONFIG_DIR / "tdm" / "shapes.yaml"
 def cmd_distill(args) -> None:
     from tdm_r1.config import DistillConfig, load_distill_config
     from tdm_r1.distill import Distiller
-    cfg = run_config_from_args(args, DistillConfig, load_distill_config, DEFAULT_DISTILL_CONFIG, "tdm-r1 distill")
-    print(f"run folder: {cfg.run.out_dir}")
-    result = Distiller(cfg).run(resume=bool(args.resume))
-    print((Path(cfg.run.out_dir) / "summary.md").read_text())
-    first, last = result["first"], result["last"]
-    print(f"student test shapes-geneval {first['eval_geneval']:.3f} -> {last['eval_geneval']:.3f} in "
-          f"{last['train_seconds'] / 60:.1f} min; LoRA and its diffusers settings: {cfg.run.out_dir}/final")
+    train_command(args, Distiller, DistillConfig, load_distill_config, DEFAULT_DISTILL_CONFIG, "tdm-r1 distill")
 
 
 def student_boundaries(model, nfe: int, boundaries: str | None, lora: str | None) -> list[float]:
@@ -112,16 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -22,32 +22,24 @@ follows ``dgpo train``: ``config.yaml``, ``metrics.jsonl``, ``samples/iter-N.png
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import shutil
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
 from peft.utils import get_peft_model_state_dict
-from tqdm.auto import tqdm
 
-from dgpo.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, optimizer_from_flat,
-                             optimizer_to_flat, restore_rng, save_checkpoint)
+from dgpo.checkpoint import optimizer_from_flat, optimizer_to_flat
 from dgpo.ema import EMA
 from dgpo.errors import UserError
 from dgpo.run_folder import reopen_run, start_run
-from dgpo.run_metrics import eval_result, read_metrics, truncate_metrics
-from dgpo.evaluation import evaluate_images, format_table
+from dgpo.run import Counters, Run, Schedule, plot_run
+from dgpo.evaluation import evaluate_images
 from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
 from dgpo.models.lora import LORA_TARGETS, add_lora
 from dgpo.models.pretrain import ensure_base, load_pretrain_config
-from dgpo.samples_io import image_grid
 from dgpo.worlds import shapes
 from tdm_r1.config import DistillConfig
 from tdm_r1.objectives import (fake_score_loss, generator_loss, log_importance_weight, normalise_weights,
@@ -81,15 +73,10 @@ class Rollout:
     embeds: PromptEmbeds
 
 
-@dataclass
-class Counters:
-    iteration: int = 0
-    train_seconds: float = 0.0
-    nfe: int = 0  # transformer evaluations (per sample), summed over the batch
-
-
 class Distiller:
-    """Teacher, student, fake score, optimisers and counters of one run; ``run()`` is the loop."""
+    """Teacher, student, fake score and optimisers of one run: the TDM recipe on :class:`dgpo.run.Run`."""
+
+    label = "TDM"
 
     def __init__(self, cfg: DistillConfig, log=print):
         self.cfg, self.log = cfg, log
@@ -144,6 +131,10 @@ class Distiller:
             embeds = self.teacher.encode_prompts(self.train_prompts)
         self.embeds_of = {p: embeds.index(slice(i, i + 1)) for i, p in enumerate(self.train_prompts)}
         self.counters = Counters()
+        run = cfg.run
+        self.runner = Run(self, self.out, Schedule(run.iterations, run.time_budget_min, cfg.eval.every, 0.0,
+                                                   run.checkpoint_every, run.keep_checkpoints),
+                          step_key="iteration", grid_prefix="iter", log=log)
 
     # --------------------------------------------------------------------------------------- models
     @contextmanager
@@ -271,17 +262,22 @@ class Distiller:
         return b * (k + 2 * self.cfg.fake.updates_per_generator + teacher + 1 + 2)
 
     def iteration(self) -> dict:
-        t0 = time.time()
+        """One iteration (rollout, fake-score update(s), generator update), timed and counted; its metrics row."""
+        return self.runner.timed_step(self._iteration)
+
+    def train_step(self) -> dict:
+        return self.iteration()
+
+    def _iteration(self) -> tuple[dict, int]:
         r = self.rollout(self.sample_prompts(self.cfg.optim.batch_size))
         stats: dict = {}
         for _ in range(self.cfg.fake.updates_per_generator):
             stats.update(self.fake_update(r))
         stats.update(self.generator_update(r))
-        self.counters.iteration += 1
-        self.counters.train_seconds += time.time() - t0
-        self.counters.nfe += self.nfe_per_iteration()
-        return {"iteration": self.counters.iteration, "train_seconds": round(self.counters.train_seconds, 2),
-                "nfe": self.counters.nfe, **{k: round(v, 6) for k, v in stats.items()}}
+        return {k: round(v, 6) for k, v in stats.items()}, self.nfe_per_iteration()
+
+    def postfix(self, row: dict) -> dict:
+        return {"fake": f"{row['loss_fake']:.3f}", "gen": f"{row['loss_gen']:.4f}"}
 
     # --------------------------------------------------------------------------------------- evaluation
     def student_weights(self):
@@ -296,18 +292,16 @@ class Distiller:
         with self.as_student() as student, self.student_weights():
             images, records = generate_student(student, prompts, self.boundaries, e.per_prompt, e.seed, progress=False)
         result = evaluate_images(images, [r["prompt"] for r in records], fd=e.fd)
-        from PIL import Image
-        (self.out / "samples").mkdir(parents=True, exist_ok=True)
-        grid_idx = np.arange(0, len(images), e.per_prompt)[:64]
-        Image.fromarray(image_grid(images[grid_idx], columns=8)).save(
-            self.out / "samples" / f"iter-{self.counters.iteration:05d}.png")
-        return {"iteration": self.counters.iteration, "eval_geneval": result["geneval"],
-                "eval_per_category": result["per_category"], "eval_partial": result["partial"],
-                "eval_fd": result.get("fd"), "train_seconds": round(self.counters.train_seconds, 2),
-                "nfe": self.counters.nfe}
+        return self.runner.evaluation_row(result, images, e.per_prompt)
+
+    initial_evaluation = evaluate
 
     # --------------------------------------------------------------------------------------- state
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"main": self.gen}
+
     def state_tensors(self) -> tuple[dict, dict]:
+        """Student, fake score, the student's EMA and both optimisers (the run adds counters and generators)."""
         tensors = {f"student.{i}": p.detach() for i, p in enumerate(self.student_params)}
         tensors.update({f"fake.{i}": p.detach() for i, p in enumerate(self.fake_params)})
         if self.student_ema is not None:
@@ -317,19 +311,10 @@ class Distiller:
             t, s = optimizer_to_flat(opt)
             tensors.update({f"{name}.{k}": v for k, v in t.items()})
             scalars[name] = s
-        rng_t, rng_s = capture_rng({"main": self.gen})
-        tensors.update(rng_t)
-        c = self.counters
-        return tensors, {"optimizers": scalars, "rng": rng_s,
-                         "counters": {"iteration": c.iteration, "train_seconds": c.train_seconds, "nfe": c.nfe}}
-
-    def save(self) -> Path:
-        tensors, state = self.state_tensors()
-        return save_checkpoint(self.out, self.counters.iteration, tensors, state, self.cfg.run.keep_checkpoints)
+        return tensors, {"optimizers": scalars}
 
     @torch.no_grad()
-    def restore(self, path: Path) -> None:
-        tensors, state = load_checkpoint(path)
+    def load_state(self, tensors: dict, state: dict) -> None:
         for prefix, params in (("student", self.student_params), ("fake", self.fake_params)):
             for i, p in enumerate(params):
                 p.copy_(tensors[f"{prefix}.{i}"])
@@ -339,75 +324,36 @@ class Distiller:
         for name, opt in (("gen", self.gen_opt), ("fake_opt", self.fake_opt)):
             sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".opt.")}
             optimizer_from_flat(opt, sub, state["optimizers"][name])
-        restore_rng({"main": self.gen}, tensors, state["rng"])
-        c = state["counters"]
-        self.counters = Counters(c["iteration"], c["train_seconds"], c["nfe"])
+
+    def save(self) -> Path:
+        return self.runner.save()
+
+    def restore(self, path: Path) -> None:
+        self.runner.restore(path)
 
     # --------------------------------------------------------------------------------------- loop
     def run(self, resume: bool = False) -> dict:
-        cfg = self.cfg
-        metrics_path = self.out / "metrics.jsonl"
-        if resume:
-            ckpt = latest_checkpoint(self.out)
-            if ckpt is None:
-                raise UserError(f"--resume: {str(self.out)!r} has no checkpoint yet; start the run without --resume")
-            self.restore(ckpt)
-            truncate_metrics(metrics_path, self.counters.iteration, "iteration")
-            self.log(f"resumed from {ckpt} (iteration {self.counters.iteration})")
-        else:
-            metrics_path.unlink(missing_ok=True)
-        evals = [r for r in read_metrics(metrics_path) if "eval_geneval" in r]
-        if not evals:
-            evals.append(self._log(metrics_path, self.evaluate()))
-            self.log(_eval_line(evals[-1]))
-        budget = cfg.run.time_budget_min * 60
-        bar = tqdm(total=cfg.run.iterations, initial=self.counters.iteration, desc="TDM iterations")
-        while self.counters.iteration < cfg.run.iterations and not (budget and self.counters.train_seconds >= budget):
-            row = self._log(metrics_path, self.iteration())
-            bar.update(1)
-            bar.set_postfix(fake=f"{row['loss_fake']:.3f}", gen=f"{row['loss_gen']:.4f}",
-                            eval=f"{evals[-1]['eval_geneval']:.3f}")
-            if self.counters.iteration % cfg.eval.every == 0:
-                evals.append(self._log(metrics_path, self.evaluate()))
-                self.log(_eval_line(evals[-1]))
-            if self.counters.iteration % cfg.run.checkpoint_every == 0:
-                self.save()
-        bar.close()
-        if evals[-1]["iteration"] != self.counters.iteration:
-            evals.append(self._log(metrics_path, self.evaluate()))
-            self.log(_eval_line(evals[-1]))
-        self.save()
-        self.finish(evals)
-        return {"first": evals[0], "last": evals[-1]}
+        return self.runner.loop(resume)
 
-    def _log(self, path: Path, row: dict) -> dict:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        return row
-
-    def finish(self, evals: list[dict]) -> None:
-        """final/lora (or final/pipeline in full mode) + sampler.json + USAGE.md, curves.png, summary."""
-        final, tmp = self.out / "final", self.out / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    def export(self, folder: Path) -> None:
+        """final/: lora/ (or pipeline/ in full mode) with sampler.json + USAGE.md, the stock diffusers call."""
+        final = self.out / "final"
         with self.student_weights():  # the exported student is the evaluated one (its EMA if enabled)
             if self.cfg.student.mode == "lora":
-                save_student_lora(self.teacher.transformer, tmp / "lora")
+                save_student_lora(self.teacher.transformer, folder / "lora")
                 base, lora = self.base_path.resolve(), (final / "lora").resolve()
-                write_sampler_files(tmp / "lora", self.student, self.boundaries, base, lora)
+                write_sampler_files(folder / "lora", self.student, self.boundaries, base, lora)
             else:
-                self.student.pipe.save_pretrained(str(tmp / "pipeline"))
+                self.student.pipe.save_pretrained(str(folder / "pipeline"))
                 base, lora = (final / "pipeline").resolve(), None
-        write_sampler_files(tmp, self.student, self.boundaries, base, lora)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        plot_distill_curves(read_metrics(self.out / "metrics.jsonl"), self.out / "curves.png")
-        k = len(self.boundaries)
-        table = format_table({f"student at init ({k} steps, no CFG)": eval_result(evals[0]),
-                              f"TDM student (iteration {evals[-1]['iteration']})": eval_result(evals[-1])})
-        (self.out / "summary.md").write_text(table + "\n")
-        (self.out / "summary.json").write_text(json.dumps({"first": evals[0], "last": evals[-1]}, indent=2))
+        write_sampler_files(folder, self.student, self.boundaries, base, lora)
+
+    def plot(self, rows: list[dict], out: Path) -> None:
+        plot_distill_curves(rows, out / "curves.png")
+
+    def summary_names(self, first: dict, last: dict) -> tuple[str, str]:
+        return (f"student at init ({len(self.boundaries)} steps, no CFG)",
+                f"TDM student (iteration {last['iteration']})")
 
 
 def save_student_lora(transformer, out_dir: Path) -> Path:
@@ -424,36 +370,9 @@ def save_student_lora(transformer, out_dir: Path) -> Path:
 
 
 
-def _eval_line(row: dict) -> str:
-    fd = f", FD {row['eval_fd']:.2f}" if row.get("eval_fd") is not None else ""
-    return (f"iteration {row['iteration']}: student test shapes-geneval {row['eval_geneval']:.3f}{fd} "
-            f"after {row['train_seconds']:.0f} s of training")
-
-
 def plot_distill_curves(rows: list[dict], path: Path) -> None:
-    """Fake and generator losses per iteration, and test shapes-geneval against training wall-clock."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    train = [r for r in rows if "loss_fake" in r]
-    evals = [r for r in rows if "eval_geneval" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    for ax, key in zip(axes[:2], ("loss_fake", "score_gap")):
-        if train:
-            it = np.array([r["iteration"] for r in train])
-            y = np.array([r[key] for r in train])
-            k = max(1, len(y) // 50)
-            ax.plot(it, y, alpha=0.3, color="C0")
-            ax.plot(it[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), color="C0")
-        ax.set(xlabel="iteration", title=key)
-    if evals:
-        axes[2].plot([r["train_seconds"] / 60 for r in evals], [r["eval_geneval"] for r in evals], "o-", color="C1")
-    axes[2].set(xlabel="training wall-clock (min)", ylabel="test shapes-geneval", title="student evaluation")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Fake-score loss and teacher–fake score gap per iteration, and the student's evaluations, as one PNG."""
+    plot_run(rows, path, "iteration", [("loss_fake", "loss_fake"), ("score_gap", "score_gap")], "student evaluation")
 
 
 def prepare_run_dir(cfg: DistillConfig, resume: bool, overrides=(), overwrite: bool = False, named: bool = True,

@@ -1,0 +1,233 @@
+"""The run: what every training recipe shares, so that a recipe keeps only its own step.
+
+A *recipe* (DGPO and its baselines in :mod:`dgpo.trainer`, TDM in the few-step package) builds its
+components and knows how to take one training step, evaluate, and export its weights. :class:`Run` owns the
+rest, read top to bottom in :meth:`Run.loop`:
+
+    resume?  → restore the latest checkpoint, cut metrics.jsonl back to it
+    step 0   → the recipe's initial evaluation (maybe cached), logged
+    repeat   → one timed step, logged; evaluate every ``eval_every`` steps or ``eval_every_minutes`` of
+               training; checkpoint every ``checkpoint_every`` steps; until ``steps`` or the time budget
+    end      → a last evaluation and checkpoint, ``final/`` (atomically), the curve PNG, summary.md/json
+
+Counters (step, training wall-clock without evaluation, transformer evaluations) and the recipe's random
+generators are checkpointed with its state, so a resumed run continues exactly as the uninterrupted one
+would. The run folder itself is claimed and reopened by :mod:`dgpo.run_folder`.
+
+What a recipe provides (duck-typed; see ``Trainer``):
+
+- ``label`` (progress bars, summaries), ``counters`` (the :class:`Counters` the run advances);
+- ``train_step() -> dict``: one step's metrics, taken through :meth:`Run.timed_step`;
+- ``evaluate() -> dict``: an evaluation row (:meth:`Run.evaluation_row`), ``initial_evaluation() -> dict``;
+- ``state_tensors() -> (tensors, scalars)``, ``load_state(tensors, scalars)``: everything but the counters
+  and the generators in ``generators()``;
+- ``export(folder)``: the contents of ``final/``; ``plot(rows, path)``: the curve PNG; ``postfix(row)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dgpo.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from dgpo.errors import UserError
+from dgpo.evaluation import format_table
+from dgpo.run_metrics import eval_result, read_metrics, truncate_metrics
+from dgpo.samples_io import image_grid
+
+
+@dataclass
+class Counters:
+    """What a run has done so far; ``epoch`` and ``iteration`` are the recipes' names for ``step``."""
+
+    step: int = 0
+    train_seconds: float = 0.0
+    nfe: int = 0  # transformer evaluations per sample, summed over the batch (evaluation excluded)
+
+    @property
+    def epoch(self) -> int:
+        return self.step
+
+    @property
+    def iteration(self) -> int:
+        return self.step
+
+
+@dataclass
+class Schedule:
+    """How long a run lasts and how often it evaluates and checkpoints (from the recipe's config)."""
+
+    steps: int
+    time_budget_min: float = 0.0
+    eval_every: int = 100
+    eval_every_minutes: float = 0.0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+
+
+class Run:
+    """The loop and the run folder of one recipe. ``step_key`` names the step in metrics rows and
+    checkpoints (``epoch`` / ``iteration``), ``grid_prefix`` the evaluation grids (``samples/PREFIX-N.png``)."""
+
+    def __init__(self, recipe, out: str | Path, schedule: Schedule, step_key: str, grid_prefix: str,
+                 tracker=None, log=print):
+        self.recipe, self.out, self.schedule = recipe, Path(out), schedule
+        self.step_key, self.grid_prefix = step_key, grid_prefix
+        self.tracker, self.log = tracker, log
+        self.metrics_path = self.out / "metrics.jsonl"
+
+    @property
+    def counters(self) -> Counters:
+        return self.recipe.counters
+
+    # --------------------------------------------------------------------------------------- steps
+    def timed_step(self, step) -> dict:
+        """Run ``step() -> (stats, nfe)``, advance the counters by one step, its seconds and its NFE, and
+        return the metrics row."""
+        t0 = time.time()
+        stats, nfe = step()
+        c = self.counters
+        c.step += 1
+        c.train_seconds += time.time() - t0
+        c.nfe += nfe
+        return {self.step_key: c.step, "train_seconds": round(c.train_seconds, 2), "nfe": c.nfe, **stats}
+
+    def grid_path(self) -> Path:
+        return self.out / "samples" / f"{self.grid_prefix}-{self.counters.step:05d}.png"
+
+    def evaluation_row(self, result: dict, images: np.ndarray, per_prompt: int) -> dict:
+        """Save the evaluation grid (the first image of up to 64 prompts) and return the metrics row."""
+        from PIL import Image
+        self.grid_path().parent.mkdir(parents=True, exist_ok=True)
+        grid_idx = np.arange(0, len(images), per_prompt)[:64]
+        Image.fromarray(image_grid(images[grid_idx], columns=8)).save(self.grid_path())
+        c = self.counters
+        return {self.step_key: c.step, "eval_geneval": result["geneval"], "eval_per_category": result["per_category"],
+                "eval_partial": result["partial"], "eval_fd": result.get("fd"),
+                "train_seconds": round(c.train_seconds, 2), "nfe": c.nfe}
+
+    # --------------------------------------------------------------------------------------- state
+    def save(self) -> Path:
+        tensors, state = self.recipe.state_tensors()
+        rng_t, rng_s = capture_rng(self.recipe.generators())
+        c = self.counters
+        state = {**state, "rng": rng_s,
+                 "counters": {self.step_key: c.step, "train_seconds": c.train_seconds, "nfe": c.nfe}}
+        return save_checkpoint(self.out, c.step, {**tensors, **rng_t}, state, self.schedule.keep_checkpoints)
+
+    def restore(self, path: Path) -> None:
+        tensors, state = load_checkpoint(path)
+        self.recipe.load_state(tensors, state)
+        restore_rng(self.recipe.generators(), tensors, state["rng"])
+        c = state["counters"]
+        counters = self.counters
+        counters.step, counters.train_seconds, counters.nfe = c[self.step_key], c["train_seconds"], c["nfe"]
+
+    # --------------------------------------------------------------------------------------- loop
+    def loop(self, resume: bool = False) -> dict:
+        """The run, from its first or its latest checkpointed step to the end; returns the first, last and
+        best evaluation rows."""
+        s, c = self.schedule, self.counters
+        if resume:
+            ckpt = latest_checkpoint(self.out)
+            if ckpt is None:
+                raise UserError(f"--resume: {str(self.out)!r} has no checkpoint yet; start the run without --resume")
+            self.restore(ckpt)
+            truncate_metrics(self.metrics_path, c.step, self.step_key)
+            self.log(f"resumed from {ckpt} ({self.step_key} {c.step})")
+        else:
+            self.metrics_path.unlink(missing_ok=True)
+        evals = [r for r in read_metrics(self.metrics_path) if "eval_geneval" in r]
+        if not evals:
+            evals.append(self._evaluated(self.recipe.initial_evaluation()))
+        budget, every_s = s.time_budget_min * 60, s.eval_every_minutes * 60
+        bar = tqdm(total=s.steps, initial=c.step, desc=f"{self.recipe.label} {self.step_key}s")
+        while c.step < s.steps and not (budget and c.train_seconds >= budget):
+            row = self.log_row(self.recipe.train_step())
+            bar.update(1)
+            bar.set_postfix(**self.recipe.postfix(row), eval=f"{evals[-1]['eval_geneval']:.3f}")
+            timed = every_s and (c.train_seconds // every_s > evals[-1]["train_seconds"] // every_s)
+            if c.step % s.eval_every == 0 or timed:
+                evals.append(self._evaluated(self.recipe.evaluate()))
+            if c.step % s.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        if evals[-1][self.step_key] != c.step:
+            evals.append(self._evaluated(self.recipe.evaluate()))
+        self.save()
+        self.finish(evals)
+        return {"first": evals[0], "last": evals[-1], "best": max(evals, key=lambda r: r["eval_geneval"])}
+
+    def _evaluated(self, row: dict) -> dict:
+        self.log_row(row)
+        fd = f", FD {row['eval_fd']:.2f}" if row.get("eval_fd") is not None else ""
+        self.log(f"{self.step_key} {row[self.step_key]}: test shapes-geneval {row['eval_geneval']:.3f}{fd} "
+                 f"after {row['train_seconds']:.0f} s of training, {row['nfe']} NFE")
+        return row
+
+    def log_row(self, row: dict) -> dict:
+        """Append a row to metrics.jsonl (and the tracker, if any)."""
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            self.tracker({k: v for k, v in flat_dict(row).items() if isinstance(v, (int, float))}, row[self.step_key])
+        return row
+
+    def finish(self, evals: list[dict]) -> None:
+        """``final/`` (written beside, then renamed into place), the curve PNG and summary.md / summary.json."""
+        final, tmp = self.out / "final", self.out / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.recipe.export(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        self.recipe.plot(read_metrics(self.metrics_path), self.out)
+        first_name, last_name = self.recipe.summary_names(evals[0], evals[-1])
+        table = format_table({first_name: eval_result(evals[0]), last_name: eval_result(evals[-1])})
+        (self.out / "summary.md").write_text(table + "\n")
+        (self.out / "summary.json").write_text(json.dumps({"first": evals[0], "last": evals[-1]}, indent=2))
+
+
+def plot_run(rows: list[dict], path: Path, step_key: str, panels: list[tuple[str, str]], eval_title: str) -> None:
+    """One PNG: per-step curves (raw and a moving average over ~1/50 of the run), one panel per
+    ``(metric, title)``, then the evaluations' shapes-geneval against training wall-clock."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [r for r in rows if "eval_geneval" not in r]
+    evals = [r for r in rows if "eval_geneval" in r]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.7 * (len(panels) + 1), 3.6))
+    for ax, (key, title) in zip(axes[:-1], panels):
+        if train:
+            x = np.array([r[step_key] for r in train])
+            y = np.array([r[key] for r in train])
+            k = max(1, len(y) // 50)
+            ax.plot(x, y, alpha=0.3, color="C0")
+            ax.plot(x[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), color="C0")
+        ax.set(xlabel=step_key, ylabel=key, title=title)
+    if evals:
+        axes[-1].plot([r["train_seconds"] / 60 for r in evals], [r["eval_geneval"] for r in evals], "o-", color="C1")
+    axes[-1].set(xlabel="training wall-clock (min)", ylabel="test shapes-geneval", title=eval_title)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_dict(v, f"{prefix}{k}/"))
+        else:
+            out[prefix + k] = v
+    return out
