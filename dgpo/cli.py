@@ -176,9 +176,8 @@ def cmd_export(args) -> None:
     from contextlib import nullcontext
 
     from dgpo.checkpoint import STEP_DIR, list_checkpoints
-    from dgpo.models.lora import save_lora_diffusers
     from dgpo.run_folder import reopen_run
-    from dgpo.trainer import TrainConfig, Trainer
+    from dgpo.trainer import POLICY, TrainConfig, Trainer
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{str(run)!r} is not a run folder (no config.yaml): pass a folder `dgpo train` wrote")
@@ -196,7 +195,7 @@ def cmd_export(args) -> None:
     trainer.restore(steps[step])
     with atomic_output_dir(out, "dgpo export", args.overwrite) as tmp:  # all or nothing
         with trainer.policy_ema.swapped_in() if args.ema else nullcontext():
-            save_lora_diffusers(trainer.model.transformer, tmp)
+            trainer.adapters.save_diffusers(POLICY, tmp)
     print(f"wrote {out}: the {'policy EMA' if args.ema else 'LoRA'} of step {step} of {run} "
           f"(load with pipe.load_lora_weights, or `dgpo eval --lora {out}`)")
 

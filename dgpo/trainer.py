@@ -36,7 +36,8 @@ from dgpo.run import Counters, Run, Schedule, flat_dict, plot_run
 from dgpo.evaluation import EvalConfig, evaluate_model
 from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
 from dgpo.models.pretrain import ensure_base, load_pretrain_config
-from dgpo.models.lora import LORA_TARGETS, add_lora, save_lora_diffusers
+from dgpo.models.adapters import AdapterRoles
+from dgpo.models.lora import LORA_TARGETS
 from dgpo.objectives import group_advantages
 from dgpo.prompt_sampling import PromptSampler
 from dgpo.rewards import make_reward
@@ -44,6 +45,7 @@ from dgpo.train_config import TrainConfig
 from dgpo.worlds import shapes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+POLICY = "policy"  # the adapter role DGPO and its baselines train
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -114,8 +116,9 @@ class Trainer:
         pipe.to(self.accelerator.device)
         for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             m.requires_grad_(False)
-        self.params = add_lora(pipe.transformer, cfg.model.lora_rank, cfg.model.lora_alpha,
-                               LORA_TARGETS[cfg.model.lora_targets], seed=cfg.run.seed)
+        self.adapters = AdapterRoles(pipe.transformer)  # the reference = the backbone with the policy off
+        self.params = self.adapters.add(POLICY, cfg.model.lora_rank, cfg.model.lora_alpha,
+                                        LORA_TARGETS[cfg.model.lora_targets], seed=cfg.run.seed)
         if cfg.model.gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
         self.model = FlowModel(pipe, max_sequence_length=t5)
@@ -321,7 +324,7 @@ class Trainer:
     def export(self, folder: Path) -> None:
         """final/: lora/ (diffusers format; the EMA weights when rollouts use the EMA) and a usage note."""
         with self.rollout_policy():
-            save_lora_diffusers(self.model.transformer, folder / "lora")
+            self.adapters.save_diffusers(POLICY, folder / "lora")
         (folder / "README.md").write_text(_final_note(self.base_path, self.model.max_sequence_length, self.cfg))
 
     def plot(self, rows: list[dict], out: Path) -> None:

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusion3Pipeline
-from peft.utils import get_peft_model_state_dict
 
 from dgpo.checkpoint import optimizer_from_flat, optimizer_to_flat
 from dgpo.ema import EMA
@@ -38,7 +37,8 @@ from dgpo.run_folder import reopen_run, start_run
 from dgpo.run import Counters, Run, Schedule, plot_run
 from dgpo.evaluation import evaluate_images
 from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
-from dgpo.models.lora import LORA_TARGETS, add_lora
+from dgpo.models.adapters import AdapterRoles
+from dgpo.models.lora import LORA_TARGETS
 from dgpo.models.pretrain import ensure_base, load_pretrain_config
 from dgpo.worlds import shapes
 from tdm_r1.config import DistillConfig
@@ -57,11 +57,6 @@ def resolve_teacher(cfg: DistillConfig, log=print) -> Path:
     base_cfg = Path(cfg.teacher.base_config)
     base_cfg = base_cfg if base_cfg.is_absolute() else REPO_ROOT / base_cfg
     return ensure_base(load_pretrain_config(base_cfg), log=log)
-
-
-def adapter_parameters(transformer, name: str) -> list[torch.nn.Parameter]:
-    """The LoRA parameters of adapter ``name``, in a fixed order."""
-    return [p for n, p in transformer.named_parameters() if "lora_" in n and f".{name}." in n]
 
 
 @dataclass
@@ -104,14 +99,13 @@ class Distiller:
                                      max_sequence_length=t5)
             self.student.pipe.set_progress_bar_config(disable=True)
             self.student_params = list(student_tr.parameters())
-        add_lora(pipe.transformer, cfg.fake.lora_rank, cfg.fake.lora_alpha, LORA_TARGETS[cfg.fake.lora_targets],
-                 adapter_name=FAKE, seed=cfg.run.seed + 1)
+        self.adapters = AdapterRoles(pipe.transformer)  # the teacher = the backbone with every adapter off
+        self.fake_params = self.adapters.add(FAKE, cfg.fake.lora_rank, cfg.fake.lora_alpha,
+                                             LORA_TARGETS[cfg.fake.lora_targets], seed=cfg.run.seed + 1)
         if cfg.student.mode == "lora":  # a second adapter on the same backbone
-            add_lora(pipe.transformer, cfg.student.lora_rank, cfg.student.lora_alpha,
-                     LORA_TARGETS[cfg.student.lora_targets], adapter_name=STUDENT, seed=cfg.run.seed)
+            self.student_params = self.adapters.add(STUDENT, cfg.student.lora_rank, cfg.student.lora_alpha,
+                                                    LORA_TARGETS[cfg.student.lora_targets], seed=cfg.run.seed)
             self.student = FlowModel(pipe, max_sequence_length=t5)
-            self.student_params = adapter_parameters(pipe.transformer, STUDENT)
-        self.fake_params = adapter_parameters(pipe.transformer, FAKE)
         self.step_embed = None
         if cfg.objective.tau == "full":  # the step index k as extra conditioning of the fake score
             dim = pipe.transformer.config.pooled_projection_dim
@@ -141,36 +135,20 @@ class Distiller:
     def as_student(self):
         """The student's weights are live (LoRA mode: only the student adapter is active)."""
         if self.cfg.student.mode == "lora":
-            with self._adapter(STUDENT):
+            with self.adapters.active(STUDENT):
                 yield self.student
         else:
             yield self.student
 
     @contextmanager
     def as_fake(self):
-        with self._adapter(FAKE):
+        with self.adapters.active(FAKE):
             yield self.teacher
 
     @contextmanager
     def as_teacher(self):
-        tr = self.teacher.transformer
-        tr.disable_adapters()
-        try:
+        with self.adapters.reference():
             yield self.teacher
-        finally:
-            tr.enable_adapters()
-            self._fix_requires_grad()
-
-    @contextmanager
-    def _adapter(self, name: str):
-        tr = self.teacher.transformer
-        tr.set_adapter(name)
-        self._fix_requires_grad()  # peft freezes inactive adapters; gradients are scoped by no_grad instead
-        yield
-
-    def _fix_requires_grad(self):
-        for p in self.student_params + self.fake_params:
-            p.requires_grad_(True)
 
     def fake_embeds(self, embeds: PromptEmbeds, k: torch.Tensor) -> PromptEmbeds:
         if self.step_embed is None:
@@ -340,7 +318,7 @@ class Distiller:
         final = self.out / "final"
         with self.student_weights():  # the exported student is the evaluated one (its EMA if enabled)
             if self.cfg.student.mode == "lora":
-                save_student_lora(self.teacher.transformer, folder / "lora")
+                self.adapters.save_diffusers(STUDENT, folder / "lora")
                 base, lora = self.base_path.resolve(), (final / "lora").resolve()
                 write_sampler_files(folder / "lora", self.student, self.boundaries, base, lora)
             else:
@@ -354,20 +332,6 @@ class Distiller:
     def summary_names(self, first: dict, last: dict) -> tuple[str, str]:
         return (f"student at init ({len(self.boundaries)} steps, no CFG)",
                 f"TDM student (iteration {last['iteration']})")
-
-
-def save_student_lora(transformer, out_dir: Path) -> Path:
-    """The student adapter in the diffusers LoRA format (``pipe.load_lora_weights(out_dir)``)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    StableDiffusion3Pipeline.save_lora_weights(
-        str(out_dir), transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=STUDENT),
-        safe_serialization=True)
-    return out_dir
-
-
-# ------------------------------------------------------------------------------------------- helpers
-
-
 
 
 def plot_distill_curves(rows: list[dict], path: Path) -> None:

@@ -1,0 +1,101 @@
+"""Named adapter roles on one backbone.
+
+A recipe that needs several models of the same architecture keeps one frozen backbone and one LoRA adapter
+per *role* on it (peft adapters, see :mod:`dgpo.models.lora`): DGPO's ``policy``; TDM's ``student`` and
+``fake`` score; TDM-R1 adds a ``surrogate`` reward. The *reference* is the backbone with every adapter
+switched off (LoRA's B starts at zero, so a fresh role equals the reference). Exactly one role is live at a
+time; every role keeps training (peft freezes the inactive adapters when it switches; which parameters
+get gradients is decided by the caller's no-grad scopes instead).
+
+Roles are saved and loaded by peft name (``transformer_blocks.0.attn.to_q.lora_A.weight`` …, the adapter
+name dropped), so a checkpoint or an exported LoRA does not depend on the order parameters were created in.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from dgpo.models.lora import ATTENTION_PROJECTIONS, add_lora
+
+
+class AdapterRoles:
+    """The roles on ``transformer``: add, switch, parameters, state by peft name, diffusers export."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        self.names: list[str] = []
+
+    def add(self, role: str, rank: int, alpha: float | None = None,
+            targets: tuple[str, ...] = ATTENTION_PROJECTIONS, seed: int = 0) -> list[torch.nn.Parameter]:
+        """A new LoRA role (B = 0: it starts as the reference); returns its trainable parameters."""
+        if role in self.names:
+            raise ValueError(f"adapter role {role!r} exists already")
+        add_lora(self.transformer, rank, alpha, targets, adapter_name=role, seed=seed)
+        self.names.append(role)
+        self._keep_trainable()
+        return self.parameters(role)
+
+    def parameters(self, role: str) -> list[torch.nn.Parameter]:
+        """The LoRA parameters of ``role``, in the backbone's module order."""
+        self._check(role)
+        return [p for n, p in self.transformer.named_parameters() if "lora_" in n and f".{role}." in n]
+
+    @contextmanager
+    def active(self, role: str):
+        """``role`` is the live adapter inside the block (the previously live one again after it)."""
+        self._check(role)
+        previous = self.transformer.active_adapters()
+        self.transformer.set_adapter(role)
+        self._keep_trainable()
+        try:
+            yield
+        finally:
+            self.transformer.set_adapter(previous[0] if len(previous) == 1 else previous)
+            self._keep_trainable()
+
+    @contextmanager
+    def reference(self):
+        """The frozen backbone alone (every adapter off) inside the block."""
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+            self._keep_trainable()
+
+    def state(self, role: str) -> dict[str, torch.Tensor]:
+        """The weights of ``role`` by peft name (adapter name dropped), detached copies."""
+        self._check(role)
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.transformer, adapter_name=role).items()}
+
+    @torch.no_grad()
+    def load(self, role: str, state: dict[str, torch.Tensor]) -> None:
+        """Load weights saved by :meth:`state` into ``role``; a key that matches nothing is an error."""
+        self._check(role)
+        result = set_peft_model_state_dict(self.transformer, state, adapter_name=role)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"adapter {role!r}: the state has keys the model does not: {unexpected[:3]}")
+        self._keep_trainable()
+
+    def save_diffusers(self, role: str, folder: str | Path) -> Path:
+        """``role`` as a diffusers LoRA folder (``pipe.load_lora_weights(folder)``)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=self.state(role),
+                                                   safe_serialization=True)
+        return folder
+
+    def _check(self, role: str) -> None:
+        if role not in self.names:
+            raise KeyError(f"no adapter role {role!r}; the roles are {self.names}")
+
+    def _keep_trainable(self) -> None:
+        for role in self.names:
+            for p in self.parameters(role):
+                p.requires_grad_(True)
