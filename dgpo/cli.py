@@ -67,8 +67,15 @@ def _prompts_from_args(args) -> list[str]:
 def cmd_pretrain(args) -> int | None:
     from dgpo.config import to_dict
     from dgpo.evaluation import EvalConfig, SamplerConfig, evaluate_model, format_table
-    from dgpo.models.pretrain import FlowPaused, base_dir, ensure_base, forget_base
+    from dgpo.models.pretrain import FlowPaused, base_dir, ensure_base, forget_base, snapshot_base
     cfg = load_base_config(args.config, args.set)
+    if args.snapshot:
+        from dgpo.output_dir import atomic_output_dir
+        with atomic_output_dir(args.snapshot, "dgpo pretrain --snapshot", args.overwrite, "--snapshot") as tmp:
+            step = snapshot_base(cfg, tmp)
+        print(f"wrote {args.snapshot}: the unfinished base at flow step {step} of {cfg.flow.steps} "
+              f"(evaluate it with `dgpo eval --model {args.snapshot}`)")
+        return None
     target = base_dir(cfg)
     if args.force:
         forget_base(cfg)
@@ -258,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "also continues from its last checkpoint (flow.checkpoint_every)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     p.add_argument("--per-prompt", type=int, default=64, help="evaluation images per test prompt (default 64: ±0.012 noise)")
+    p.add_argument("--snapshot", metavar="DIR", help="do not train: write the weights an unfinished pretraining of "
+                   "this config has reached (its newest checkpoint) as a pipeline folder, to evaluate it meanwhile")
+    p.add_argument("--overwrite", action="store_true", help="with --snapshot: replace an earlier snapshot at DIR")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("sample", help="sample images into a folder (PNGs, samples.jsonl, grid.png)")

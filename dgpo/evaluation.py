@@ -11,13 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from dgpo.config import option
 from dgpo.errors import UserError
-from dgpo.models.handle import FlowModel, PromptEmbeds
-from dgpo.sampling import SOLVERS, initial_noise, sample_ode
+from dgpo.models.handle import FlowModel
+from dgpo.generation import generate_images
+from dgpo.sampling import SOLVERS, sample_ode
 from dgpo.worlds import quality, shapes
 
 
@@ -46,26 +45,13 @@ def check_prompts(prompts: list[str]) -> None:
             raise UserError(str(e)) from None
 
 
-@torch.no_grad()
 def generate(model: FlowModel, prompts: list[str], per_prompt: int = 1, sampler: SamplerConfig = SamplerConfig(),
              seed: int = 0, batch_size: int = 128, progress: bool = True) -> tuple[np.ndarray, list[dict]]:
-    """uint8 images (len(prompts)·per_prompt, S, S, 3) and one {"prompt", "seed"} record per image."""
-    records = [{"prompt": p, "seed": seed + k}
-               for k, p in enumerate(p for p in prompts for _ in range(per_prompt))]
-    unique = sorted(set(prompts))
-    embeds_of = dict(zip(unique, _split_embeds(model.encode_prompts(unique))))
-    images = []
-    for i in tqdm(range(0, len(records), batch_size), desc="sampling", disable=not progress, leave=False):
-        chunk = records[i:i + batch_size]
-        embeds = PromptEmbeds.cat([embeds_of[r["prompt"]] for r in chunk])
-        noise = initial_noise([r["seed"] for r in chunk], model.latent_shape).to(model.device)
-        latents = sample_ode(model, embeds, noise, sampler.steps, sampler.guidance_scale, sampler.solver)
-        images.append(model.decode_latents(latents))
-    return np.concatenate(images), records
-
-
-def _split_embeds(embeds):
-    return [embeds.index(slice(i, i + 1)) for i in range(len(embeds))]
+    """uint8 images (len(prompts)·per_prompt, S, S, 3) and one {"prompt", "seed"} record per image, drawn
+    with the ODE sampler ``sampler`` through the one generation loop (:func:`dgpo.generation.generate_images`)."""
+    def sample(embeds, noise):
+        return sample_ode(model, embeds, noise, sampler.steps, sampler.guidance_scale, sampler.solver)
+    return generate_images(model, prompts, sample, per_prompt, seed, batch_size, progress)
 
 
 def evaluate_images(images: np.ndarray, prompts: list[str], fd: bool = True) -> dict:

@@ -15,49 +15,23 @@ report the loop speed-up next to the end-to-end one.
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import numpy as np
-import torch
 
-from dgpo.models.handle import FlowModel, PromptEmbeds
-from dgpo.sampling import initial_noise
-
-#: ``sample(embeds, noise) -> latents``: a sampling loop, e.g. ``lambda e, n: sample_ode(model, e, n, 20, 1.5)``.
-SampleFn = Callable[[PromptEmbeds, torch.Tensor], torch.Tensor]
-
-
-def synchronize(device) -> None:
-    """Wait for queued GPU work (a no-op on the CPU), so wall-clock times mean what they say."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable, device="cpu"):
-    """``(fn(), seconds)`` with the device synchronised before and after."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - t0
+from dgpo.generation import SampleFn, generate_images, synchronize, timed  # noqa: F401  (re-exported for tools)
+from dgpo.models.handle import FlowModel
 
 
 def timed_generation(model: FlowModel, prompts: list[str], seed: int, sample: SampleFn) -> tuple[np.ndarray, dict]:
-    """One batch (image k: ``prompts[k]``, seed ``seed + k``), as the generation helpers make it.
+    """One batch (image k: ``prompts[k]``, seed ``seed + k``), made by the one generation loop.
 
     Returns the uint8 images and ``{"text_s", "loop_s", "decode_s", "total_s"}``; ``total_s`` also covers
     the glue between the pieces (embedding lookup, initial noise).
     """
+    times: dict = {}
     t0 = time.perf_counter()
-    unique = sorted(set(prompts))
-    all_embeds, text_s = timed(lambda: model.encode_prompts(unique), model.device)
-    embeds_of = {p: all_embeds.index(slice(i, i + 1)) for i, p in enumerate(unique)}
-    embeds = PromptEmbeds.cat([embeds_of[p] for p in prompts])
-    noise = initial_noise([seed + k for k in range(len(prompts))], model.latent_shape).to(model.device)
-    latents, loop_s = timed(lambda: sample(embeds, noise), model.device)
-    images, decode_s = timed(lambda: model.decode_latents(latents), model.device)
-    total_s = time.perf_counter() - t0
-    return images, {"text_s": text_s, "loop_s": loop_s, "decode_s": decode_s, "total_s": total_s}
+    images, _ = generate_images(model, prompts, sample, 1, seed, batch_size=len(prompts), progress=False, times=times)
+    return images, {**times, "total_s": time.perf_counter() - t0}
 
 
 def median_breakdown(runs: list[dict]) -> dict:

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from tqdm.auto import tqdm
 
 from dgpo.errors import UserError
 from dgpo.models.handle import FlowModel, PromptEmbeds
-from dgpo.sampling import Trajectory, initial_noise, shift_sigmas
+from dgpo.generation import generate_images
+from dgpo.sampling import Trajectory, shift_sigmas
 
 SAMPLER_FILE = "sampler.json"
 
@@ -110,17 +110,8 @@ def sample_student(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, 
 def generate_student(model: FlowModel, prompts: list[str], boundaries: list[float], per_prompt: int = 1,
                      seed: int = 0, batch_size: int = 128, progress: bool = True) -> tuple[np.ndarray, list[dict]]:
     """Like :func:`dgpo.evaluation.generate` (image k uses seed ``seed + k``) with the student sampler."""
-    records = [{"prompt": p, "seed": seed + k} for k, p in enumerate(p for p in prompts for _ in range(per_prompt))]
-    unique = sorted(set(prompts))
-    all_embeds = model.encode_prompts(unique)
-    embeds_of = {p: all_embeds.index(slice(i, i + 1)) for i, p in enumerate(unique)}
-    images = []
-    for i in tqdm(range(0, len(records), batch_size), desc="sampling", disable=not progress, leave=False):
-        chunk = records[i:i + batch_size]
-        embeds = PromptEmbeds.cat([embeds_of[r["prompt"]] for r in chunk])
-        noise = initial_noise([r["seed"] for r in chunk], model.latent_shape).to(model.device)
-        images.append(model.decode_latents(sample_student(model, embeds, noise, boundaries)))
-    return np.concatenate(images), records
+    return generate_images(model, prompts, lambda e, n: sample_student(model, e, n, boundaries), per_prompt, seed,
+                           batch_size, progress)
 
 
 # ------------------------------------------------------------------------------------------- export

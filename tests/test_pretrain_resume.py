@@ -141,3 +141,23 @@ def test_concurrent_first_use_trains_once(tmp_path):
     assert (path / "model_index.json").is_file() and (path / "pretrain_summary.json").is_file()
     assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, f"{path.name}.lock"])
     load_pipeline(path)  # a complete, loadable pipeline
+
+
+def test_snapshot_of_an_unfinished_pretraining_is_the_base_it_would_save(tmp_path, monkeypatch, capsys):
+    """`dgpo pretrain --snapshot DIR` rebuilds a pipeline from the work folder alone; at the last checkpoint
+    it equals, bit for bit, the base the pretraining saves (so a mid-run snapshot is what that run has)."""
+    from dgpo.models.pretrain import PartialBase, pretrain
+    monkeypatch.setenv("DGPO_CACHE", str(tmp_path / "cache"))
+    cfg = load_base_config(None, GRAMMAR)
+    sets = [x for s in GRAMMAR for x in ("--set", s)]
+    assert main(["pretrain", *sets, "--snapshot", str(tmp_path / "none")]) == 2  # nothing to snapshot yet
+    assert "no unfinished pretraining" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    saved = pretrain(cfg, tmp_path / "saved", log=lambda *a: None, work=PartialBase(partial_dir(cfg)))
+    assert saved["key"] and partial_dir(cfg).is_dir()  # pretrain() keeps its work folder; ensure_base removes it
+    assert main(["pretrain", *sets, "--snapshot", str(tmp_path / "snap")]) == 0
+    assert "flow step 6 of 6" in capsys.readouterr().out
+    a, b = _tensors(tmp_path / "saved"), _tensors(tmp_path / "snap")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert main(["pretrain", *sets, "--snapshot", str(tmp_path / "snap")]) == 2  # taken: refused
+    assert main(["pretrain", *sets, "--snapshot", str(tmp_path / "snap"), "--overwrite"]) == 0

@@ -557,6 +557,33 @@ def ensure_base(cfg: PretrainConfig, log=print, stop=None) -> Path:
     return final
 
 
+def snapshot_base(cfg: PretrainConfig, out_dir: str | Path) -> int:
+    """The weights an unfinished pretraining of ``cfg`` has reached (its newest flow checkpoint, the saved
+    EMA of them as the finished base would get) as a pipeline folder in ``out_dir``, which every command
+    reads like a base (``dgpo eval --model out_dir``); the pretraining itself is not touched. Returns the step."""
+    from dgpo.errors import UserError
+    work = PartialBase(partial_dir(cfg))
+    pipe = build_pipeline(cfg.model, world_vocabulary(), seed=cfg.seed)
+    stage1 = work.load_autoencoder(pipe.vae, {"data": torch.Generator()}) if work.exists() else None
+    if stage1 is None:
+        raise UserError(f"no unfinished pretraining of this config to snapshot (nothing in {work.folder}); "
+                        f"a finished base is in {base_dir(cfg)}")
+    pipe.vae.register_to_config(shift_factor=stage1["latent_shift"], scaling_factor=1.0 / stage1["latent_std"])
+    modules = {"transformer": pipe.transformer}
+    if cfg.flow.text_lr > 0:
+        modules.update(text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
+    ema = (EMA([p for m in modules.values() for p in m.parameters()], cfg.flow.ema_decay)
+           if cfg.flow.ema_decay > 0 else None)
+    step = work.load_flow_weights(modules, ema)
+    if step is None:
+        raise UserError(f"the pretraining in {work.folder} has no flow-stage checkpoint yet "
+                        f"(one is written every flow.checkpoint_every = {cfg.flow.checkpoint_every} steps)")
+    for m in (pipe.vae, pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+        m.eval()
+    save_base(pipe, cfg, out_dir, {**stage1, "snapshot_of_flow_step": step, "flow_steps": cfg.flow.steps})
+    return step
+
+
 def forget_base(cfg: PretrainConfig) -> None:
     """Delete the cached base of ``cfg`` and its unfinished work (waiting for a process training it)."""
     with exclusive_lock(_lock_file(cfg)):

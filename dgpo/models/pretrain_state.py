@@ -109,6 +109,20 @@ class PartialBase:
         restore_rng(generators, tensors, state["rng"])
         return int(state["step"]), state["info"]
 
+    @torch.no_grad()
+    def load_flow_weights(self, modules: dict[str, torch.nn.Module], ema: EMA | None) -> int | None:
+        """Only the newest flow checkpoint's weights (the EMA's copied in when given), e.g. to look at an
+        unfinished pretraining; returns its step, or None when there is no checkpoint."""
+        path = latest_checkpoint(self.folder)
+        if path is None:
+            return None
+        tensors, state = load_checkpoint(path)
+        _load_modules(modules, tensors)
+        if ema is not None:
+            ema.load_state_dict(tensors)
+            ema.copy_to_params()
+        return int(state["step"])
+
     def flow_info(self) -> dict | None:
         """The info (loss history, seconds) of the newest flow checkpoint, without loading its tensors."""
         path = latest_checkpoint(self.folder)
