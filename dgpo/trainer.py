@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 from dgpo.checkpoint import optimizer_from_flat, optimizer_to_flat
 from dgpo.config import to_dict
 from dgpo import eval_cache
-from dgpo.dgpo_update import RolloutBatch
+from dgpo.methods.batch import RolloutBatch
 from dgpo.ema import EMA
 from dgpo.methods import make_objective
 from dgpo.errors import UserError

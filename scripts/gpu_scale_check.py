@@ -25,7 +25,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from dgpo.dgpo_update import RolloutBatch, dgpo_backward
+from dgpo.methods.batch import RolloutBatch
+from dgpo.methods.dgpo import dgpo_backward
 from dgpo.models.handle import FlowModel
 from dgpo.models.lora import add_lora
 from dgpo.models.pretrain import world_vocabulary

@@ -70,7 +70,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_scale_check import DEVICE, build_sd35m_like, timed  # noqa: E402
 
-from dgpo.dgpo_update import RolloutBatch  # noqa: E402
+from dgpo.methods.batch import RolloutBatch  # noqa: E402
 from dgpo.ema import EMA  # noqa: E402
 from dgpo.evaluation import SamplerConfig, generate  # noqa: E402
 from dgpo.methods import make_objective  # noqa: E402

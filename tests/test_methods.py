@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dgpo.config import ConfigError
-from dgpo.dgpo_update import RolloutBatch
+from dgpo.methods.batch import RolloutBatch
 from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline
 from dgpo.objectives import diffusion_dpo_loss, flow_grpo_loss, group_advantages, nft_loss, nft_optimality
 from dgpo.rewards import register_reward

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from dgpo.config import ConfigError
-from dgpo.dgpo_update import RolloutBatch
+from dgpo.methods.batch import RolloutBatch
 from dgpo.ema import EMA
 from dgpo.models.handle import FlowModel, PromptEmbeds
 from dgpo.sampling import sample_ode

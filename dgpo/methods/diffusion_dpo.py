@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dgpo.dgpo_update import RolloutBatch, per_sample_mse
+from dgpo.methods.batch import RolloutBatch, per_sample_mse
 from dgpo.methods import Objective, register_objective
 from dgpo.models.handle import PromptEmbeds, flow_interpolate
 from dgpo.models.lora import adapters_disabled

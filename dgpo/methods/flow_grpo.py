@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from dgpo.config import ConfigError
-from dgpo.dgpo_update import RolloutBatch
+from dgpo.methods.batch import RolloutBatch
 from dgpo.methods import Objective, register_objective
 from dgpo.models.lora import adapters_disabled
 from dgpo.objectives import flow_grpo_loss

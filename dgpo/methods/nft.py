@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from dgpo.dgpo_update import RolloutBatch, micro_batches
+from dgpo.methods.batch import RolloutBatch, micro_batches
 from dgpo.ema import EMA
 from dgpo.methods import Objective, register_objective
 from dgpo.models.handle import flow_interpolate
