@@ -174,8 +174,8 @@ def train_command(args, recipe_cls, config_cls, load_config, default_config: Pat
 
 
 def cmd_train(args) -> None:
-    from dgpo.trainer import TrainConfig, Trainer, load_train_config
-    train_command(args, Trainer, TrainConfig, load_train_config, DEFAULT_TRAIN_CONFIG, "dgpo train")
+    from dgpo.trainer import Trainer, load_train_config, train_config_class
+    train_command(args, Trainer, train_config_class(), load_train_config, DEFAULT_TRAIN_CONFIG, "dgpo train")
 
 
 def cmd_export(args) -> None:
@@ -184,7 +184,7 @@ def cmd_export(args) -> None:
 
     from dgpo.checkpoint import STEP_DIR, list_checkpoints
     from dgpo.run_folder import reopen_run
-    from dgpo.trainer import POLICY, TrainConfig, Trainer
+    from dgpo.trainer import POLICY, Trainer, train_config_class
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{str(run)!r} is not a run folder (no config.yaml): pass a folder `dgpo train` wrote")
@@ -198,7 +198,7 @@ def cmd_export(args) -> None:
                         f"(run.keep_checkpoints sets how many)")
     from dgpo.output_dir import atomic_output_dir, check_output
     out = check_output(args.out, "dgpo export", args.overwrite)
-    trainer = Trainer(reopen_run(TrainConfig, run), log=lambda *a: None)
+    trainer = Trainer(reopen_run(train_config_class(), run), log=lambda *a: None)
     trainer.restore(steps[step])
     with atomic_output_dir(out, "dgpo export", args.overwrite) as tmp:  # all or nothing
         with trainer.policy_ema.swapped_in() if args.ema else nullcontext():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from dgpo.config import option, section
@@ -55,8 +56,8 @@ class AdvantageConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = option("dgpo", "training objective; the DGPO keys below apply to dgpo, each baseline has its own "
-                       "section (flow_grpo, diffusion_dpo, nft)", choices=("dgpo", "flow_grpo", "diffusion_dpo", "nft"))
+    name: str = option("dgpo", "training objective: a registered method (dgpo.methods; built in: dgpo, flow_grpo, "
+                       "diffusion_dpo, nft); the DGPO keys below apply to dgpo, other methods have their own section")
     beta: float = option(100.0, "β of the group DPO loss", min=0.0)
     normalization: str = option("group_size", "β/|g| (paper), none, or the released code's gradient-equivalent scaling",
                                 choices=("group_size", "none", "gradient_equivalent"))
@@ -70,43 +71,6 @@ class ObjectiveConfig:
     kl_weight: float = option(0.0, "β_KL · ‖v_θ − v_ref‖² added to the loss", min=0.0)
     clip_range: float = option(0.0, "PPO-style clip of ℓ_θ − ℓ_old against an EMA 'old' model (0 = off)", min=0.0)
     old_ema_decay: float = option(0.9, "decay of the EMA 'old' model used by clip_range", min=0.0, max=1.0)
-
-
-@dataclass
-class FlowGRPOConfig:
-    """Flow-GRPO (arXiv 2505.05470); defaults from the paper and its released GenEval config for SD3.5-M."""
-    noise_level: float = option(0.7, "a: SDE noise level, s_t = a·sqrt(t / (1 − t)); must be > 0", min=0.0)
-    clip_range: float = option(1e-4, "ε of the clipped per-step likelihood ratio (ratios of per-element log-probs)",
-                               min=0.0)
-    kl_weight: float = option(0.04, "β_KL: weight of the per-step Gaussian KL to the reference", min=0.0)
-    timestep_fraction: float = option(0.99, "fraction of each trajectory's steps trained on (random per sample)",
-                                      min=0.0, max=1.0)
-    updates_per_epoch: int = option(2, "optimiser steps per rollout batch, each on a disjoint part of it "
-                                    "(the 2nd onward are off-policy, where the clip acts)", min=1)
-    reference: str = option("base", "π_ref of the KL: the frozen base (adapters off)", choices=("base",))
-
-
-@dataclass
-class DiffusionDPOConfig:
-    """Diffusion-DPO (arXiv 2311.12908): pairs of the best and worst sample of each group."""
-    beta: float = option(5000.0, "β of the DPO loss (the paper's default for SD1.5)", min=0.0)
-    data: str = option("online", "online: pairs from the policy's rollouts; offline: pairs from the frozen base's",
-                       choices=("online", "offline"))
-    timesteps_per_sample: int = option(1, "noise levels per pair per epoch (shared by the pair)", min=1)
-    t_min: float = option(0.0, "u ~ U[t_min, 1] before the schedule shift", min=0.0, max=1.0)
-
-
-@dataclass
-class NFTConfig:
-    """DiffusionNFT (arXiv 2509.16117): forward-process RL with implicit positive/negative policies."""
-    beta: float = option(1.0, "β: strength of the implicit policies v± = v_old ± β(v_θ − v_old)", min=0.0)
-    adv_clip: float = option(5.0, "r = 1/2 + 1/2·clip(A / adv_clip, −1, 1)", min=0.0)
-    timesteps_per_sample: int = option(1, "noise levels per sample per epoch", min=1)
-    t_min: float = option(0.0, "u ~ U[t_min, 1] before the schedule shift", min=0.0, max=1.0)
-    old_decay: float = option(0.5, "max decay η of the soft update θ_old ← η·θ_old + (1 − η)·θ", min=0.0, max=1.0)
-    old_decay_ramp: float = option(0.001, "η at epoch i = min(old_decay, ramp·i) (0 at the start: θ_old = θ)",
-                                   min=0.0)
-    adaptive_weight: bool = option(True, "divide each sample's loss by its (detached) mean |x̂₀ − x₀| error")
 
 
 @dataclass
@@ -158,14 +122,28 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
+    """The sections every method shares; :func:`train_config_class` adds each registered method's own."""
+
     run: RunConfig = section(RunConfig, "run folder, length, logging")
     model: ModelConfig = section(ModelConfig, "base model and LoRA")
     rollout: RolloutConfig = section(RolloutConfig, "online rollouts")
     reward: RewardConfig = section(RewardConfig, "the reward")
     advantage: AdvantageConfig = section(AdvantageConfig, "group advantages")
     objective: ObjectiveConfig = section(ObjectiveConfig, "the training objective (and DGPO's settings)")
-    flow_grpo: FlowGRPOConfig = section(FlowGRPOConfig, "Flow-GRPO (objective.name=flow_grpo)")
-    diffusion_dpo: DiffusionDPOConfig = section(DiffusionDPOConfig, "Diffusion-DPO (objective.name=diffusion_dpo)")
-    nft: NFTConfig = section(NFTConfig, "DiffusionNFT (objective.name=nft)")
     optim: OptimConfig = section(OptimConfig, "optimiser")
     eval: EvalSection = section(EvalSection, "evaluation on test prompts")
+
+
+def train_config_class() -> type:
+    """The config type of a training run: :class:`TrainConfig` plus one section per registered method that
+    declares one (``Objective.config_section``; e.g. ``flow_grpo:``), so registering a method adds its keys.
+    Built from the registry when called: a method registered before a run is loaded is part of it."""
+    from dgpo.methods import method_sections
+    sections = tuple(method_sections().items())
+    if sections not in _CLASSES:
+        fields = [(name, cls, section(cls, f"{label} (objective.name={name})")) for name, (cls, label) in sections]
+        _CLASSES[sections] = dataclasses.make_dataclass("TrainConfig", fields, bases=(TrainConfig,))
+    return _CLASSES[sections]
+
+
+_CLASSES: dict[tuple, type] = {}

@@ -41,7 +41,7 @@ from dgpo.models.lora import LORA_TARGETS
 from dgpo.objectives import group_advantages
 from dgpo.prompt_sampling import PromptSampler
 from dgpo.rewards import make_reward
-from dgpo.train_config import TrainConfig
+from dgpo.train_config import TrainConfig, train_config_class
 from dgpo.worlds import shapes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -361,7 +361,9 @@ def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
     model is loaded (rewards added with ``dgpo.rewards.register_reward`` count)."""
     from dgpo.config import ConfigError, load_config
     from dgpo.rewards import available_rewards
-    cfg = load_config(TrainConfig, path, overrides)
+    from dgpo.methods import objective_class
+    cfg = load_config(train_config_class(), path, overrides)
+    objective_class(cfg.objective.name).validate(cfg)  # an unknown method or bad settings fail before any model loads
     if cfg.reward.name not in available_rewards():
         raise ConfigError(f"reward.name: {cfg.reward.name!r} is not a registered reward; choose one of "
                           f"{available_rewards()} (or register yours with dgpo.rewards.register_reward)")
@@ -375,5 +377,5 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, overrides=(), overwrite: boo
     """A new run's folder (claimed and holding the resolved ``config.yaml``), or with ``resume`` the run in
     ``cfg.run.out_dir`` reopened; see :mod:`dgpo.run_folder`."""
     if resume:
-        return reopen_run(TrainConfig, cfg.run.out_dir, overrides)
+        return reopen_run(train_config_class(), cfg.run.out_dir, overrides)
     return start_run(cfg, "dgpo train", overwrite=overwrite, named=named, log=log)

@@ -12,7 +12,9 @@ the objective (``objective.name`` in the config) only for what differs between m
   return diagnostics (``loss`` first);
 * ``emas()`` — extra parameter EMAs it keeps (checkpointed under these names), ``after_epoch(step)`` —
   their update;
-* ``validate(cfg)`` — cross-key checks, raising :class:`ConfigError` that names the key.
+* ``validate(cfg)`` — cross-key checks, raising :class:`ConfigError` that names the key;
+* ``config_section`` — a dataclass of the method's own keys (typed :func:`dgpo.config.option` fields): it
+  becomes the section ``<name>:`` of the training config (:func:`dgpo.train_config.train_config_class`).
 
 NFE are counted by the trainer from the transformer calls themselves (every method alike).
 
@@ -38,6 +40,7 @@ class Objective:
 
     name = "base"
     label = "base"
+    config_section: type | None = None  # a dataclass of the method's own keys, loaded as the section ``name:``
 
     def __init__(self, cfg, model: FlowModel, params: list[torch.nn.Parameter], shift: float):
         self.cfg, self.model, self.params, self.shift = cfg, model, params, shift
@@ -72,8 +75,21 @@ _REGISTRY: dict[str, type[Objective]] = {}
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Add a method (usable as ``objective.name``; its ``config_section``, if any, becomes the config section
+    ``<name>:`` of every training run)."""
+    from dgpo.train_config import TrainConfig
+    import dataclasses
+    if cls.config_section is not None and cls.name in {f.name for f in dataclasses.fields(TrainConfig)}:
+        raise ValueError(f"method {cls.name!r}: its config section would replace the shared section {cls.name!r}")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def method_sections() -> dict[str, tuple[type, str]]:
+    """Every registered method's own config section: ``{name: (dataclass, label)}``, sorted by name."""
+    _load_builtin()
+    return {name: (cls.config_section, cls.label) for name, cls in sorted(_REGISTRY.items())
+            if cls.config_section is not None}
 
 
 def objective_class(name: str) -> type[Objective]:

@@ -10,8 +10,11 @@ the loss is :func:`dgpo.objectives.diffusion_dpo_loss` against the frozen base a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from dgpo.config import option
 from dgpo.methods.batch import RolloutBatch, per_sample_mse
 from dgpo.methods import Objective, register_objective
 from dgpo.models.handle import PromptEmbeds, flow_interpolate
@@ -33,10 +36,21 @@ def best_worst_pairs(advantages: torch.Tensor, group_ids: torch.Tensor) -> tuple
     return (torch.stack(wins) if wins else empty), (torch.stack(losses) if losses else empty)
 
 
+@dataclass
+class DiffusionDPOConfig:
+    """Diffusion-DPO (arXiv 2311.12908): pairs of the best and worst sample of each group."""
+    beta: float = option(5000.0, "β of the DPO loss (the paper's default for SD1.5)", min=0.0)
+    data: str = option("online", "online: pairs from the policy's rollouts; offline: pairs from the frozen base's",
+                       choices=("online", "offline"))
+    timesteps_per_sample: int = option(1, "noise levels per pair per epoch (shared by the pair)", min=1)
+    t_min: float = option(0.0, "u ~ U[t_min, 1] before the schedule shift", min=0.0, max=1.0)
+
+
 @register_objective
 class DiffusionDPO(Objective):
     name = "diffusion_dpo"
     label = "Diffusion-DPO"
+    config_section = DiffusionDPOConfig
 
     def rollout_context(self):
         return adapters_disabled(self.model.transformer) if self.cfg.diffusion_dpo.data == "offline" else None

@@ -13,9 +13,11 @@ where the clip acts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from dgpo.config import ConfigError
+from dgpo.config import ConfigError, option
 from dgpo.methods.batch import RolloutBatch
 from dgpo.methods import Objective, register_objective
 from dgpo.models.lora import adapters_disabled
@@ -23,10 +25,25 @@ from dgpo.objectives import flow_grpo_loss
 from dgpo.sde import gaussian_kl, gaussian_log_prob, sample_sde, sde_mean, sde_std
 
 
+@dataclass
+class FlowGRPOConfig:
+    """Flow-GRPO (arXiv 2505.05470); defaults from the paper and its released GenEval config for SD3.5-M."""
+    noise_level: float = option(0.7, "a: SDE noise level, s_t = a·sqrt(t / (1 − t)); must be > 0", min=0.0)
+    clip_range: float = option(1e-4, "ε of the clipped per-step likelihood ratio (ratios of per-element log-probs)",
+                               min=0.0)
+    kl_weight: float = option(0.04, "β_KL: weight of the per-step Gaussian KL to the reference", min=0.0)
+    timestep_fraction: float = option(0.99, "fraction of each trajectory's steps trained on (random per sample)",
+                                      min=0.0, max=1.0)
+    updates_per_epoch: int = option(2, "optimiser steps per rollout batch, each on a disjoint part of it "
+                                    "(the 2nd onward are off-policy, where the clip acts)", min=1)
+    reference: str = option("base", "π_ref of the KL: the frozen base (adapters off)", choices=("base",))
+
+
 @register_objective
 class FlowGRPO(Objective):
     name = "flow_grpo"
     label = "Flow-GRPO"
+    config_section = FlowGRPOConfig
 
     @staticmethod
     def validate(cfg) -> None:

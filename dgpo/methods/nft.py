@@ -12,8 +12,11 @@ Adaptive weighting divides each sample's loss by its detached mean |x̂₀ − x
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from dgpo.config import option
 from dgpo.methods.batch import RolloutBatch, micro_batches
 from dgpo.ema import EMA
 from dgpo.methods import Objective, register_objective
@@ -22,10 +25,24 @@ from dgpo.objectives import nft_loss, nft_optimality
 from dgpo.sampling import shift_sigmas
 
 
+@dataclass
+class NFTConfig:
+    """DiffusionNFT (arXiv 2509.16117): forward-process RL with implicit positive/negative policies."""
+    beta: float = option(1.0, "β: strength of the implicit policies v± = v_old ± β(v_θ − v_old)", min=0.0)
+    adv_clip: float = option(5.0, "r = 1/2 + 1/2·clip(A / adv_clip, −1, 1)", min=0.0)
+    timesteps_per_sample: int = option(1, "noise levels per sample per epoch", min=1)
+    t_min: float = option(0.0, "u ~ U[t_min, 1] before the schedule shift", min=0.0, max=1.0)
+    old_decay: float = option(0.5, "max decay η of the soft update θ_old ← η·θ_old + (1 − η)·θ", min=0.0, max=1.0)
+    old_decay_ramp: float = option(0.001, "η at epoch i = min(old_decay, ramp·i) (0 at the start: θ_old = θ)",
+                                   min=0.0)
+    adaptive_weight: bool = option(True, "divide each sample's loss by its (detached) mean |x̂₀ − x₀| error")
+
+
 @register_objective
 class NFT(Objective):
     name = "nft"
     label = "DiffusionNFT"
+    config_section = NFTConfig
 
     def __init__(self, cfg, model, params, shift):
         super().__init__(cfg, model, params, shift)
