@@ -215,7 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="[LABEL:]KEY=VALUE",
                    help="config override for every run, or for one run with LABEL: (repeatable), "
                         "e.g. --set flow_grpo:optim.lr=1e-3")
-    p.add_argument("--out", default=str(REPO / "scripts" / "results"), help="output folder (default scripts/results)")
+    p.add_argument("--out", default=str(REPO / "docs" / "experiments" / "results"),
+                   help="output folder (default docs/experiments/results)")
     p.add_argument("--report-only", action="store_true", help="only rebuild JSON/markdown/PNG from the run folders")
     args = p.parse_args(argv)
 

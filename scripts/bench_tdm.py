@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--speed-repeats", type=int, default=5, choices=range(1, 101), metavar="N", help="timed batches per row, interleaved; images/s is "
                    "batch size / their median (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, for comparable timings)")
-    p.add_argument("--out-dir", default=str(ROOT / "scripts" / "results"), help="output folder (default scripts/results)")
+    p.add_argument("--out-dir", default=str(ROOT / "docs" / "experiments" / "results"),
+                   help="output folder (default docs/experiments/results)")
     p.add_argument("--name", default="tdm_shapes_bench", help="output file stem (default tdm_shapes_bench)")
     return p.parse_args(argv)
 

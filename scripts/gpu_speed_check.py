@@ -5,7 +5,7 @@ Companion of ``scripts/gpu_scale_check.py``: the same SD3.5-Medium-sized pipelin
 encoders, 256 zero T5 tokens), bf16 weights and bf16 autocast, timed through the project's own code paths.
 Random weights make every image fail the shapes verifier, so nothing here measures quality, only time.
 
-1. **Few-step sampling** (for the TDM issue). A batch of ``--batch`` images (distinct test prompts, image k
+1. **Few-step sampling** (``docs/experiments/sampling-time.md``). A batch of ``--batch`` images (distinct test prompts, image k
    with seed ``seed + k``) at ``--resolution``, end to end = text encoding + sampling loop + VAE decode, the
    way ``scripts/bench_tdm.py`` times it, for
 
@@ -24,7 +24,7 @@ Random weights make every image fail the shapes verifier, so nothing here measur
    The CFG branch's empty-prompt embedding is cached by ``FlowModel`` after the warm-up, as in ``generate``.
    Speed-ups are images/s relative to the 20-step CFG 1.5 teacher.
 
-2. **RL epoch cost per method** (for the benchmark issue). For each of ``--methods`` the method's recipe
+2. **RL epoch cost per method** (``docs/experiments/gpu-scale-check.md``). For each of ``--methods`` the method's recipe
    ``configs/<method>/shapes.yaml`` (as ``scripts/bench_rl.py`` uses it) with P = ``--prompts``,
    G = ``--group-size``, ``--rollout-steps``, LoRA rank ``--lora-rank`` and micro-batch ``--micro-batch``
    overridden, loaded with ``dgpo.trainer.load_train_config`` (no base pretraining), driven like

@@ -7,5 +7,5 @@
 - :mod:`tdm_r1.distill` — the distillation loop and its run folder; :mod:`tdm_r1.config` — its typed config;
 - :mod:`tdm_r1.cli` — the ``tdm-r1`` command (``distill``, ``sample``).
 
-Layering: tdm_r1 imports dgpo; dgpo never imports tdm_r1. TDM-R1 lands with its issue.
+Layering: tdm_r1 imports dgpo; dgpo never imports tdm_r1. TDM-R1 (reward-guided students) is on the roadmap.
 """

@@ -70,7 +70,7 @@ def test_every_field_is_documented():
 
 
 def test_patch1_base_config_differs_from_the_default_only_in_patch_size():
-    """The README compares the two bases as one controlled change: keep it that way."""
+    """docs/experiments/base-models.md compares the two bases as one controlled change: keep it that way."""
     default = to_dict(load_config(PretrainConfig, "configs/base/shapes.yaml"))
     patch1 = to_dict(load_config(PretrainConfig, "configs/base/shapes_patch1.yaml"))
     assert patch1["model"]["transformer"].pop("patch_size") == 1

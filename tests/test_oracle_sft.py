@@ -1,4 +1,4 @@
-"""scripts/diag_oracle_sft.py: supervised training on perfect renders, the reference point for the RL demo."""
+"""scripts/diagnostics/diag_oracle_sft.py: supervised training on perfect renders, the reference point for the RL demo."""
 
 import importlib.util
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "diag_oracle_sft.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "diagnostics" / "diag_oracle_sft.py"
 
 
 def load_script():

@@ -1,4 +1,4 @@
-"""The shapes world (spec v1, ``/work/shared/SHAPES.md``): a procedural, GenEval-like compositional world.
+"""The shapes world (spec v1; ``docs/shapes.md``): a procedural, GenEval-like compositional world.
 
 Images are S×S RGB uint8 canvases (default S = 32) with a black background and a few flat-coloured
 objects (square / circle / triangle, in red / green / blue / yellow). The module provides

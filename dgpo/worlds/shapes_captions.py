@@ -1,4 +1,4 @@
-"""The shapes world's caption grammar: the base's pretraining distribution (spec v2, ``SHAPES.md``).
+"""The shapes world's caption grammar: the base's pretraining distribution (spec v2; ``docs/shapes.md``).
 
 Every caption is in the benchmark's phrasing family "a photo of …", with an optional colour word on every
 object ([c] below: one of the four palette colours, or nothing):

@@ -10,7 +10,7 @@ For calibration it also reports how often each relation holds by chance between 
 the two-object prompts (random layouts): a relation conditional at that level means the model ignores the word.
 Reports train and test prompts separately, as JSON with ``--out``.
 
-    python scripts/diag_relations.py --model BASE --lora RUN/final/lora --per-prompt 32 --out OUT.json
+    python scripts/diagnostics/diag_relations.py --model BASE --lora RUN/final/lora --per-prompt 32 --out OUT.json
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 CATEGORIES = ("position", "color_attr")
 

@@ -10,14 +10,15 @@ budget, then saves it in the diffusers LoRA format for ``dgpo eval``:
 
 σ from the base's logit-normal density on its shifted schedule, as in pretraining. It would bound what a reward can
 teach if the limit were the quality of the signal; measured, it is no bound: DGPO, reweighting the model towards
-its own successes, lifts the test score more than perfect renders do (README, DGPO, session 8). With ``--full``
+its own successes, lifts the test score more than perfect renders do
+(``docs/experiments/what-limits-dgpo-on-shapes.md``). With ``--full``
 the whole transformer and both text encoders train instead (no adapter): whether the *architecture* can learn
 what the renders show at all, e.g. the relation words of the position prompts (``--category position``).
 
-    python scripts/diag_oracle_sft.py --model BASE --minutes 30 --out OUT   # then
+    python scripts/diagnostics/diag_oracle_sft.py --model BASE --minutes 30 --out OUT   # then
     dgpo eval --model BASE --lora OUT/lora --per-prompt 32
-    python scripts/diag_oracle_sft.py --model BASE --full --lr 1e-4 --category position --minutes 15 --out OUT2
-    python scripts/diag_relations.py --model OUT2/pipeline --category position
+    python scripts/diagnostics/diag_oracle_sft.py --model BASE --full --lr 1e-4 --category position --minutes 15 --out OUT2
+    python scripts/diagnostics/diag_relations.py --model OUT2/pipeline --category position
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def render_batch(prompts: list[str], size: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:

@@ -4,11 +4,11 @@ For each prompt (default: the three single-object prompts, "a photo of a square"
 samples K images with the evaluation sampler and prints the strict success rate, how the verifier classified
 the detected objects (square / circle / triangle / other) and the quartiles of their fill ratio
 area / (w·h) — the quantity the verifier thresholds (square ≥ 0.88, circle ≥ 0.66, triangle ≥ 0.35;
-``SHAPES.md``). It tells whether a model's failures are missing objects or shapes drawn just below a
+``docs/shapes.md``). It tells whether a model's failures are missing objects or shapes drawn just below a
 threshold (e.g. squares with rounded corners read as circles). Writes the numbers as JSON with ``--out``; ``--steps/--cfg/--solver``
 change the sampler (does a failure come from the sampler or from the model?).
 
-    python scripts/diag_shapes.py --lora runs/dgpo-shapes/final/lora --per-prompt 64
+    python scripts/diagnostics/diag_shapes.py --lora runs/dgpo-shapes/final/lora --per-prompt 64
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 SINGLE_OBJECT = ["a photo of a square", "a photo of a circle", "a photo of a triangle"]
 

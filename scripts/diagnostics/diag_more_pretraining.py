@@ -4,12 +4,13 @@ Continues the flow-matching stage of the cached embedded base (`dgpo pretrain`'s
 loss: :func:`dgpo.models.pretrain.train_flow`) for ``--steps`` more steps at ``--lr`` (warm-up + cosine) and saves
 the result as a separate pipeline folder; the cached base is not touched. Then compare, e.g.::
 
-    python scripts/diag_more_pretraining.py --steps 2000 --out runs/base-plus2000
-    python scripts/diag_shapes.py --model runs/base-plus2000
+    python scripts/diagnostics/diag_more_pretraining.py --steps 2000 --out runs/base-plus2000
+    python scripts/diagnostics/diag_shapes.py --model runs/base-plus2000
     dgpo eval --model runs/base-plus2000 --per-prompt 64
 
-This is a diagnostic for the DGPO issue (is the base's fidelity the cap?), not a way to make a base: a base
-is made by `dgpo pretrain` from its config.
+A diagnostic of what caps DGPO on the shapes world (is the base's fidelity the cap?
+``docs/experiments/what-limits-dgpo-on-shapes.md``), not a way to make a base: a base is made by
+`dgpo pretrain` from its config.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main(argv=None) -> int:

@@ -7,9 +7,9 @@ prompt) and prints the training success rate, averaged over blocks of epochs. Tw
 * ``--mode raft``: supervised flow matching on the epoch's successful samples only (reward > 0.5), σ from
   the shifted schedule above ``--t-min`` — "fine-tune on your own best samples", the simplest baseline.
 
-Example (README, DGPO diagnostics)::
+Example (``docs/experiments/what-limits-dgpo-on-shapes.md``)::
 
-    python scripts/diag_single_prompt.py --prompt "a photo of a red circle and a green triangle" --mode raft
+    python scripts/diagnostics/diag_single_prompt.py --prompt "a photo of a red circle and a green triangle" --mode raft
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main(argv=None) -> None:
