@@ -67,21 +67,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_scale_check import DEVICE, build_sd35m_like, timed  # noqa: E402
+from gpu_scale_check import DEVICE, build_sd35m_like, timed
 
-from dgpo.methods.batch import RolloutBatch  # noqa: E402
-from dgpo.ema import EMA  # noqa: E402
-from dgpo.evaluation import SamplerConfig, generate  # noqa: E402
-from dgpo.methods import make_objective  # noqa: E402
-from dgpo.models.handle import FlowModel, PromptEmbeds  # noqa: E402
-from dgpo.models.lora import add_lora  # noqa: E402
-from dgpo.objectives import group_advantages  # noqa: E402
-from dgpo.sampling import sample_ode  # noqa: E402
-from dgpo.sampling_speed import timed_generation  # noqa: E402
-from dgpo.trainer import load_train_config  # noqa: E402
-from dgpo.worlds import shapes  # noqa: E402
-from tdm_r1.student import default_boundaries, generate_student, sample_student  # noqa: E402
+from dgpo.methods.batch import RolloutBatch
+from dgpo.ema import EMA
+from dgpo.evaluation import SamplerConfig, generate
+from dgpo.methods import make_objective
+from dgpo.models.handle import FlowModel, PromptEmbeds
+from dgpo.models.lora import add_lora
+from dgpo.objectives import group_advantages
+from dgpo.sampling import sample_ode
+from dgpo.sampling_speed import timed_generation
+from dgpo.trainer import load_train_config
+from dgpo.worlds import shapes
+from tdm_r1.student import default_boundaries, generate_student, sample_student
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("dgpo", "flow_grpo", "diffusion_dpo", "nft")

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def render_batch(prompts: list[str], size: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:

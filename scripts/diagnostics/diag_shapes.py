@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 SINGLE_OBJECT = ["a photo of a square", "a photo of a circle", "a photo of a triangle"]
 

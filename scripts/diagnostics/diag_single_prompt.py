@@ -15,12 +15,10 @@ Example (``docs/experiments/what-limits-dgpo-on-shapes.md``)::
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main(argv=None) -> None:
