@@ -344,6 +344,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 pipe = StableDiffusion3Pipeline.from_pretrained("{base}", text_encoder_3=None, tokenizer_3=None)
 pipe.load_lora_weights("{Path(cfg.run.out_dir).resolve() / 'final' / 'lora'}")
+pipe.fuse_lora()  # only sampling: fold the adapters into the weights (the same function, faster)
 image = pipe("a photo of a red circle", num_inference_steps={cfg.eval.sampler.steps},
              guidance_scale={cfg.eval.sampler.guidance_scale}, max_sequence_length={t5},
              generator=torch.Generator().manual_seed(0)).images[0]
