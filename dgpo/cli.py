@@ -169,8 +169,12 @@ def train_command(args, recipe_cls, config_cls, load_config, default_config: Pat
     result = recipe_cls(cfg).run(resume=bool(args.resume))
     print((Path(cfg.run.out_dir) / "summary.md").read_text())
     first, last = result["first"], result["last"]
+    out = Path(cfg.run.out_dir)
+    grids = sorted((out / "samples").glob("*.png"))
     print(f"test shapes-geneval {first['eval_geneval']:.3f} -> {last['eval_geneval']:.3f} in "
-          f"{last['train_seconds'] / 60:.1f} min of training; weights: {cfg.run.out_dir}/final")
+          f"{last['train_seconds'] / 60:.1f} min of training; weights: {out / 'final'}")
+    print(f"curves: {', '.join(str(p) for p in sorted(out.glob('*.png')))}"
+          + (f"; samples of the last evaluation: {grids[-1]}" if grids else ""))
 
 
 def cmd_train(args) -> None:

@@ -148,11 +148,13 @@ class Run:
         if not evals:
             evals.append(self._evaluated(self.recipe.initial_evaluation()))
         budget, every_s = s.time_budget_min * 60, s.eval_every_minutes * 60
-        bar = tqdm(total=s.steps, initial=c.step, desc=f"{self.recipe.label} {self.step_key}s")
+        bar = self._progress_bar()
         while c.step < s.steps and not (budget and c.train_seconds >= budget):
+            before = c.train_seconds
             row = self.log_row(self.recipe.train_step())
-            bar.update(1)
-            bar.set_postfix(**self.recipe.postfix(row), eval=f"{evals[-1]['eval_geneval']:.3f}")
+            bar.update(min(c.train_seconds, budget) / 60 - min(before, budget) / 60 if budget else 1)
+            bar.set_postfix(**{self.step_key: c.step}, **self.recipe.postfix(row),
+                            eval=f"{evals[-1]['eval_geneval']:.3f}")
             timed = every_s and (c.train_seconds // every_s > evals[-1]["train_seconds"] // every_s)
             if c.step % s.eval_every == 0 or timed:
                 evals.append(self._evaluated(self.recipe.evaluate()))
@@ -164,6 +166,16 @@ class Run:
         self.save()
         self.finish(evals)
         return {"first": evals[0], "last": evals[-1], "best": max(evals, key=lambda r: r["eval_geneval"])}
+
+    def _progress_bar(self):
+        """Steps towards ``steps``; with a time budget, minutes of training towards the budget (what ends the
+        run), so the bar's remaining time is the run's (evaluations included at the rate they occur)."""
+        s, c = self.schedule, self.counters
+        if s.time_budget_min:
+            return tqdm(total=s.time_budget_min, initial=min(c.train_seconds / 60, s.time_budget_min),
+                        desc=f"{self.recipe.label} training", unit="min",
+                        bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} min of training [{elapsed}<{remaining}{postfix}]")
+        return tqdm(total=s.steps, initial=c.step, desc=f"{self.recipe.label} {self.step_key}s")
 
     def _evaluated(self, row: dict) -> dict:
         self.log_row(row)

@@ -52,8 +52,11 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> 
         raise UserError(
             f"model directory {str(path)!r} has no model_index.json: pass a folder written by "
             f"`save_pretrained` (e.g. the one `dgpo pretrain` prints)")
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(path), text_encoder_3=None, tokenizer_3=None,
-                                                    torch_dtype=dtype)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.disable_progress_bar()  # no per-component loading bars: a local load takes a blink
+    transformers_logging.disable_progress_bar()
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(path), text_encoder_3=None, tokenizer_3=None, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
