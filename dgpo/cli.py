@@ -161,10 +161,15 @@ def run_config_from_args(args, config_cls, load_config, default_config: Path, to
     return start_run(load_config(args.config or default_config, overrides), tool, overwrite=args.overwrite, named=named)
 
 
-def train_command(args, recipe_cls, config_cls, load_config, default_config: Path, tool: str) -> None:
-    """A training command (``dgpo train``, ``tdm-r1 distill``): claim or reopen the run folder, run the
-    recipe on it, print the summary table and where the weights are."""
-    cfg = run_config_from_args(args, config_cls, load_config, default_config, tool)
+def train_command(args, recipe_cls, config_class, load_config, default_config: Path, tool: str) -> None:
+    """A training command (``dgpo train``, ``tdm-r1 distill``): load the plug-ins (``--plugin``, and those the
+    resumed run recorded), claim or reopen the run folder, run the recipe on it, print the summary table and
+    where the weights are. ``config_class()`` gives the config type once the plug-ins are in."""
+    from dgpo.plugins import load_plugins, record_plugins, recorded_plugins
+    loaded = load_plugins([*(recorded_plugins(args.resume) if args.resume else []), *args.plugin])
+    cfg = run_config_from_args(args, config_class(), load_config, default_config, tool)
+    if not args.resume:
+        record_plugins(Path(cfg.run.out_dir), loaded)
     print(f"run folder: {cfg.run.out_dir}")
     result = recipe_cls(cfg).run(resume=bool(args.resume))
     print((Path(cfg.run.out_dir) / "summary.md").read_text())
@@ -179,7 +184,7 @@ def train_command(args, recipe_cls, config_cls, load_config, default_config: Pat
 
 def cmd_train(args) -> None:
     from dgpo.trainer import Trainer, load_train_config, train_config_class
-    train_command(args, Trainer, train_config_class(), load_train_config, DEFAULT_TRAIN_CONFIG, "dgpo train")
+    train_command(args, Trainer, train_config_class, load_train_config, DEFAULT_TRAIN_CONFIG, "dgpo train")
 
 
 def cmd_export(args) -> None:
@@ -247,6 +252,9 @@ def add_run_args(p) -> None:
                         "a folder holding anything else is refused)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
                    "(RUN_DIR itself is read and written, wherever it was moved)")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
+                   help="import a plug-in first: a file or module that registers a reward or a method "
+                        "(dgpo.plugins); recorded in the run folder and loaded again by --resume")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ from dgpo.output_dir import check_output, claim_run_dir
 
 #: What the training commands write into a run folder (``dgpo train``, ``tdm-r1 distill``); tracker logs
 #: go to wandb/ and (tensorboard) dgpo/.
-RUN_LAYOUT = ["config.yaml", "metrics.jsonl", "summary.md", "summary.json", "reward_curve.png", "curves.png",
+RUN_LAYOUT = ["config.yaml", "plugins.json", "metrics.jsonl", "summary.md", "summary.json", "reward_curve.png", "curves.png",
               "samples/epoch-*.png", "samples/iter-*.png", "checkpoints/step-*/*", "checkpoints/.step-*/*",
               "final/*", ".final.tmp/*", "wandb/*", "dgpo/*"]
 

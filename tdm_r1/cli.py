@@ -28,7 +28,7 @@ DEFAULT_DISTILL_CONFIG = CONFIG_DIR / "tdm" / "shapes.yaml"
 def cmd_distill(args) -> None:
     from tdm_r1.config import DistillConfig, load_distill_config
     from tdm_r1.distill import Distiller
-    train_command(args, Distiller, DistillConfig, load_distill_config, DEFAULT_DISTILL_CONFIG, "tdm-r1 distill")
+    train_command(args, Distiller, lambda: DistillConfig, load_distill_config, DEFAULT_DISTILL_CONFIG, "tdm-r1 distill")
 
 
 def student_boundaries(model, nfe: int, boundaries: str | None, lora: str | None) -> list[float]:
