@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from dgpo.config import option
 from dgpo.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from dgpo.errors import UserError
 from dgpo.evaluation import format_table
@@ -58,6 +59,18 @@ class Counters:
     @property
     def iteration(self) -> int:
         return self.step
+
+
+@dataclass
+class RunSettings:
+    """The ``run:`` keys every recipe shares; a recipe's own ``run:`` section extends it (its length, defaults)."""
+
+    out_dir: str = option("runs/run", "run folder (config, metrics, grids, checkpoints, final weights)")
+    seed: int = option(0, "seed of prompts, noise and LoRA initialisation", min=0)
+    time_budget_min: float = option(0.0, "stop after this many minutes of training wall-clock (0 = no limit)", min=0.0)
+    checkpoint_every: int = option(50, "save a full checkpoint every N steps", min=1)
+    keep_checkpoints: int = option(2, "checkpoints to keep", min=1)
+    threads: int = option(0, "torch CPU threads (0 = torch's default; 1 on a machine shared with other jobs)", min=0)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from dgpo.config import option, section
+from dgpo.run import RunSettings
 from dgpo.evaluation import SamplerConfig
 from dgpo.sampling import SOLVERS
 
@@ -108,16 +109,12 @@ class EvalSection:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(RunSettings):
     out_dir: str = option("runs/dgpo-shapes", "run folder (config, metrics, grids, checkpoints, final LoRA)")
-    seed: int = option(0, "seed of prompts, noise and LoRA initialisation", min=0)
     epochs: int = option(1000, "maximum epochs (one rollout batch each)", min=0)
-    time_budget_min: float = option(0.0, "stop after this many minutes of training wall-clock (0 = no limit)", min=0.0)
     checkpoint_every: int = option(50, "save a full checkpoint every N epochs", min=1)
-    keep_checkpoints: int = option(2, "checkpoints to keep", min=1)
     tracker: str = option("none", "accelerate tracker (metrics.jsonl is always written)",
                           choices=("none", "wandb", "tensorboard"))
-    threads: int = option(0, "torch CPU threads (0 = torch's default)", min=0)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dgpo.config import load_config, option, section
+from dgpo.run import RunSettings
 
 
 @dataclass
@@ -72,14 +73,10 @@ class EvalSection:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(RunSettings):
     out_dir: str = option("runs/tdm-shapes", "run folder (config, metrics, grids, checkpoints, final LoRA)")
-    seed: int = option(0, "seed of prompts, noise and LoRA initialisation", min=0)
     iterations: int = option(5000, "maximum generator updates", min=0)
-    time_budget_min: float = option(0.0, "stop after this many minutes of training wall-clock (0 = no limit)", min=0.0)
     checkpoint_every: int = option(100, "save a full checkpoint every N iterations", min=1)
-    keep_checkpoints: int = option(2, "checkpoints to keep", min=1)
-    threads: int = option(0, "torch CPU threads (0 = torch's default)", min=0)
 
 
 @dataclass
