@@ -55,11 +55,12 @@ def load_model(model_dir: str | Path, lora: str | None = None):
 
 
 def _prompts_from_args(args) -> list[str]:
+    """--prompts FILE, else the prompts of --split of --world."""
     from dgpo.samples_io import read_prompt_file
-    from dgpo.worlds import shapes
+    from dgpo.worlds import make_world
     if args.prompts:
         return read_prompt_file(args.prompts)
-    return shapes.prompts(args.split)
+    return make_world(args.world).prompts(args.split)
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -106,13 +107,11 @@ def cmd_pretrain(args) -> int | None:
 
 
 def cmd_sample(args) -> None:
-    from dgpo.evaluation import SamplerConfig, check_prompts, generate
+    from dgpo.evaluation import SamplerConfig, generate
     from dgpo.output_dir import check_output
     from dgpo.samples_io import write_samples
     check_output(args.out, "dgpo sample", args.overwrite)  # before the work, not after it
-    prompts = _prompts_from_args(args)
-    if args.world == "shapes" and not args.prompts:
-        check_prompts(prompts)
+    prompts = _prompts_from_args(args)  # any prompt can be sampled; `dgpo eval` checks that the world can score it
     model = load_model(resolve_model(args.model), args.lora)
     sampler = SamplerConfig(steps=args.steps, guidance_scale=args.cfg, solver=args.solver)
     images, records = generate(model, prompts, args.per_prompt, sampler, args.seed, args.batch_size)
@@ -122,26 +121,28 @@ def cmd_sample(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from dgpo.evaluation import EvalConfig, SamplerConfig, check_prompts, evaluate_images, evaluate_model, format_table
+    from dgpo.evaluation import EvalConfig, SamplerConfig, evaluate_images, evaluate_model, format_table
     from dgpo.output_dir import check_output, write_json_output
     from dgpo.samples_io import read_samples
+    from dgpo.worlds import make_world
+    world = make_world(args.world)
     if args.out:
         check_output(args.out, "dgpo eval", args.overwrite)  # before the work, not after it
     if args.samples:
         images, records = read_samples(args.samples)
         prompts = [r["prompt"] for r in records]
-        check_prompts(prompts)
-        result = evaluate_images(images, prompts, fd=not args.no_fd)
+        world.check_prompts(prompts)
+        result = evaluate_images(images, prompts, fd=not args.no_fd, world=world)
         name = str(args.samples)
     else:
         prompts = _prompts_from_args(args)
-        check_prompts(prompts)
+        world.check_prompts(prompts)
         model = load_model(resolve_model(args.model), args.lora)
         cfg = EvalConfig(split=args.split, per_prompt=args.per_prompt, seed=args.seed, fd=not args.no_fd)
         sampler = SamplerConfig(steps=args.steps, guidance_scale=args.cfg, solver=args.solver)
-        result, _, _ = evaluate_model(model, cfg, sampler, prompts=prompts)
+        result, _, _ = evaluate_model(model, cfg, sampler, prompts=prompts, world=world)
         name = args.lora or str(args.model or "base")
-    print(format_table({name: result}))
+    print(format_table({name: result}, world.metric))
     if args.out:
         write_json_output(args.out, result, "dgpo eval", args.overwrite)
         print(f"wrote {args.out}")
@@ -171,12 +172,13 @@ def train_command(args, recipe_cls, config_class, load_config, default_config: P
     if not args.resume:
         record_plugins(Path(cfg.run.out_dir), loaded)
     print(f"run folder: {cfg.run.out_dir}")
-    result = recipe_cls(cfg).run(resume=bool(args.resume))
+    recipe = recipe_cls(cfg)
+    result = recipe.run(resume=bool(args.resume))
     print((Path(cfg.run.out_dir) / "summary.md").read_text())
     first, last = result["first"], result["last"]
     out = Path(cfg.run.out_dir)
     grids = sorted((out / "samples").glob("*.png"))
-    print(f"test shapes-geneval {first['eval_geneval']:.3f} -> {last['eval_geneval']:.3f} in "
+    print(f"{cfg.eval.split} {recipe.world.metric} {first['eval_geneval']:.3f} -> {last['eval_geneval']:.3f} in "
           f"{last['train_seconds'] / 60:.1f} min of training; weights: {out / 'final'}")
     print(f"curves: {', '.join(str(p) for p in sorted(out.glob('*.png')))}"
           + (f"; samples of the last evaluation: {grids[-1]}" if grids else ""))
@@ -232,7 +234,8 @@ def _add_model_args(p) -> None:
 
 def _add_prompt_args(p) -> None:
     p.add_argument("--prompts", help="a text file with one prompt per line")
-    p.add_argument("--world", choices=["shapes"], default="shapes", help="the world whose prompts to use")
+    p.add_argument("--world", default="shapes", help="the world whose prompts and metrics to use (default shapes; "
+                   "a registered world, see dgpo.worlds)")
     p.add_argument("--split", choices=["train", "test", "all"], default="test", help="world prompts split (default test)")
 
 

@@ -22,7 +22,8 @@ from dgpo.paths import cache_root, config_hash
 
 PACKAGE = Path(__file__).resolve().parent
 # The code an evaluation's numbers depend on; any edit to these files changes the key.
-SOURCES = ("evaluation.py", "sampling.py", "models/handle.py", "worlds/shapes.py", "worlds/quality.py")
+SOURCES = ("evaluation.py", "generation.py", "sampling.py", "models/handle.py", "worlds/shapes.py", "worlds/quality.py",
+           "worlds/shapes_world.py")
 
 
 def weight_files(base: Path) -> list[list]:

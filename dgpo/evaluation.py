@@ -1,9 +1,9 @@
-"""Generate images for a set of prompts and score them on the shapes world.
+"""Generate images for a set of prompts and score them on a world (default: the shapes world).
 
 ``generate`` draws ``per_prompt`` images per prompt with a deterministic ODE sampler; image k gets seed
 ``seed + k`` (k the running index), drawn as the stock pipeline draws it, so any image can be reproduced
-with plain diffusers. ``evaluate_images`` gives the world's task metric (shapes-geneval: the mean over
-categories of the mean strict score, per-category numbers beside it) and the quality FD.
+with plain diffusers. ``evaluate_images`` gives the world's task metric (for shapes, shapes-geneval: the
+mean over categories of the mean strict score, per-category numbers beside it) and its quality metric (FD).
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from dgpo.config import option
-from dgpo.errors import UserError
 from dgpo.models.handle import FlowModel
 from dgpo.generation import generate_images
 from dgpo.sampling import SOLVERS, sample_ode
-from dgpo.worlds import quality, shapes
+from dgpo.worlds import World, make_world
 
 
 @dataclass
@@ -36,15 +35,6 @@ class EvalConfig:
     fd: bool = option(True, "also compute the quality FD")
 
 
-def check_prompts(prompts: list[str]) -> None:
-    """Raise a UserError quoting the first prompt outside the shapes grammar."""
-    for p in prompts:
-        try:
-            shapes.parse(p)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-
-
 def generate(model: FlowModel, prompts: list[str], per_prompt: int = 1, sampler: SamplerConfig = SamplerConfig(),
              seed: int = 0, batch_size: int = 128, progress: bool = True) -> tuple[np.ndarray, list[dict]]:
     """uint8 images (len(prompts)·per_prompt, S, S, 3) and one {"prompt", "seed"} record per image, drawn
@@ -54,33 +44,25 @@ def generate(model: FlowModel, prompts: list[str], per_prompt: int = 1, sampler:
     return generate_images(model, prompts, sample, per_prompt, seed, batch_size, progress)
 
 
-def evaluate_images(images: np.ndarray, prompts: list[str], fd: bool = True) -> dict:
-    """Shapes-geneval (overall + per category), mean partial score and quality FD of scored images."""
-    strict = shapes.score_batch(images, prompts)
-    by_prompt: dict[str, list[float]] = {}
-    for p, s in zip(prompts, strict):
-        by_prompt.setdefault(p, []).append(float(s))
-    result = shapes.geneval(by_prompt)
-    out = {"geneval": result["overall"], "per_category": result["per_category"],
-           "partial": float(np.mean(shapes.partial_score_batch(images, prompts))),
-           "n_images": len(images), "n_prompts": len(by_prompt)}
-    if fd:
-        out["fd"] = quality.quality_fd(images, prompts)
-    return out
+def evaluate_images(images: np.ndarray, prompts: list[str], fd: bool = True, world: World | None = None) -> dict:
+    """The world's task metric (overall + per category), dense score and quality FD of generated images."""
+    return (world or make_world()).score(images, prompts, fd=fd)
 
 
 def evaluate_model(model: FlowModel, cfg: EvalConfig = EvalConfig(), sampler: SamplerConfig = SamplerConfig(),
-                   prompts: list[str] | None = None, progress: bool = True) -> tuple[dict, np.ndarray, list[dict]]:
+                   prompts: list[str] | None = None, progress: bool = True,
+                   world: World | None = None) -> tuple[dict, np.ndarray, list[dict]]:
     """Sample ``cfg.per_prompt`` images for each prompt of the split and score them."""
-    prompts = prompts if prompts is not None else shapes.prompts(cfg.split)
+    world = world or make_world()
+    prompts = prompts if prompts is not None else world.prompts(cfg.split)
     images, records = generate(model, prompts, cfg.per_prompt, sampler, cfg.seed, cfg.batch_size, progress)
-    return evaluate_images(images, [r["prompt"] for r in records], fd=cfg.fd), images, records
+    return evaluate_images(images, [r["prompt"] for r in records], fd=cfg.fd, world=world), images, records
 
 
-def format_table(results: dict[str, dict]) -> str:
-    """A markdown table: one row per model, columns overall, each category, partial, FD."""
-    cats = [c for c in shapes.CATEGORIES if any(c in r["per_category"] for r in results.values())]
-    head = ["model", "shapes-geneval", *cats, "partial", "FD"]
+def format_table(results: dict[str, dict], metric: str = "shapes-geneval") -> str:
+    """A markdown table: one row per model, columns the task metric overall, each category, partial, FD."""
+    cats = list(dict.fromkeys(c for r in results.values() for c in r["per_category"]))
+    head = ["model", metric, *cats, "partial", "FD"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         row = [name, f"{r['geneval']:.3f}", *(f"{r['per_category'].get(c, float('nan')):.3f}" for c in cats),

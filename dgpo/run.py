@@ -16,7 +16,8 @@ would. The run folder itself is claimed and reopened by :mod:`dgpo.run_folder`.
 
 What a recipe provides (duck-typed; see ``Trainer``):
 
-- ``label`` (progress bars, summaries), ``counters`` (the :class:`Counters` the run advances);
+- ``label`` (progress bars, summaries), ``counters`` (the :class:`Counters` the run advances), ``world``
+  (its task metric names the evaluations);
 - ``train_step() -> dict``: one step's metrics, taken through :meth:`Run.timed_step`;
 - ``evaluate() -> dict``: an evaluation row (:meth:`Run.evaluation_row`), ``initial_evaluation() -> dict``;
 - ``state_tensors() -> (tensors, scalars)``, ``load_state(tensors, scalars)``: everything but the counters
@@ -193,7 +194,7 @@ class Run:
     def _evaluated(self, row: dict) -> dict:
         self.log_row(row)
         fd = f", FD {row['eval_fd']:.2f}" if row.get("eval_fd") is not None else ""
-        self.log(f"{self.step_key} {row[self.step_key]}: test shapes-geneval {row['eval_geneval']:.3f}{fd} "
+        self.log(f"{self.step_key} {row[self.step_key]}: {self.recipe.world.metric} {row['eval_geneval']:.3f}{fd} "
                  f"after {row['train_seconds']:.0f} s of training, {row['nfe']} NFE")
         return row
 
@@ -216,7 +217,8 @@ class Run:
         os.replace(tmp, final)
         self.recipe.plot(read_metrics(self.metrics_path), self.out)
         first_name, last_name = self.recipe.summary_names(evals[0], evals[-1])
-        table = format_table({first_name: eval_result(evals[0]), last_name: eval_result(evals[-1])})
+        table = format_table({first_name: eval_result(evals[0]), last_name: eval_result(evals[-1])},
+                             self.recipe.world.metric)
         (self.out / "summary.md").write_text(table + "\n")
         (self.out / "summary.json").write_text(json.dumps({"first": evals[0], "last": evals[-1]}, indent=2))
 

@@ -121,6 +121,7 @@ class RunConfig(RunSettings):
 class TrainConfig:
     """The sections every method shares; :func:`train_config_class` adds each registered method's own."""
 
+    world: str = option("shapes", "the world: train/test prompts, task and quality metric (dgpo.worlds registry)")
     run: RunConfig = section(RunConfig, "run folder, length, logging")
     model: ModelConfig = section(ModelConfig, "base model and LoRA")
     rollout: RolloutConfig = section(RolloutConfig, "online rollouts")

@@ -42,7 +42,7 @@ from dgpo.objectives import group_advantages
 from dgpo.prompt_sampling import PromptSampler
 from dgpo.rewards import make_reward
 from dgpo.train_config import TrainConfig, train_config_class
-from dgpo.worlds import shapes
+from dgpo.worlds import make_world
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POLICY = "policy"  # the adapter role DGPO and its baselines train
@@ -127,7 +127,8 @@ class Trainer:
         self.reward = make_reward(cfg.reward.name, **({"url": cfg.reward.url, "timeout": cfg.reward.timeout}
                                                       if cfg.reward.name == "remote" else {}))
         self.gen = torch.Generator().manual_seed(cfg.run.seed)
-        self.train_prompts = shapes.prompts("train")
+        self.world = make_world(cfg.world)
+        self.train_prompts = self.world.prompts("train")
         r = cfg.rollout
         self.prompt_sampler = PromptSampler(self.train_prompts, r.prompts_per_epoch, r.prompt_weighting,
                                             r.failure_power, r.failure_floor, r.failure_decay)
@@ -253,7 +254,7 @@ class Trainer:
         with self.rollout_policy():
             result, images, _ = evaluate_model(self.model, EvalConfig(split=e.split, per_prompt=e.per_prompt,
                                                                       seed=e.seed, fd=e.fd), e.sampler,
-                                               progress=False)
+                                               progress=False, world=self.world)
         return self.runner.evaluation_row(result, images, e.per_prompt)
 
     def initial_evaluation(self) -> dict:
@@ -262,7 +263,7 @@ class Trainer:
         e = self.cfg.eval
         if not e.cache_initial or self.counters.epoch != 0:
             return self.evaluate()
-        protocol = {"split": e.split, "per_prompt": e.per_prompt, "seed": e.seed, "fd": e.fd,
+        protocol = {"world": self.world.name, "split": e.split, "per_prompt": e.per_prompt, "seed": e.seed, "fd": e.fd,
                     "sampler": to_dict(e.sampler), "t5_tokens": self.model.max_sequence_length,
                     "precision": self.cfg.model.mixed_precision, "device": self.accelerator.device.type}
         key = eval_cache.eval_key(self.base_path, protocol)

@@ -49,7 +49,6 @@ def student_boundaries(model, nfe: int, boundaries: str | None, lora: str | None
 
 
 def cmd_sample(args) -> None:
-    from dgpo.evaluation import check_prompts
     from dgpo.output_dir import check_output
     from dgpo.samples_io import write_samples
     from tdm_r1.student import generate_student, pipeline_sigmas
@@ -57,8 +56,6 @@ def cmd_sample(args) -> None:
         raise UserError(f"--nfe must be at least 1, got {args.nfe}")
     check_output(args.out, "tdm-r1 sample", args.overwrite)  # before the work, not after it
     prompts = _prompts_from_args(args)
-    if args.world == "shapes" and not args.prompts:
-        check_prompts(prompts)
     model = load_model(resolve_model(args.model), args.lora)
     boundaries = student_boundaries(model, args.nfe, args.boundaries, args.lora)
     images, records = generate_student(model, prompts, boundaries, args.per_prompt, args.seed, args.batch_size)

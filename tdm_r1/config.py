@@ -81,6 +81,7 @@ class RunConfig(RunSettings):
 
 @dataclass
 class DistillConfig:
+    world: str = option("shapes", "the world: train/test prompts, task and quality metric (dgpo.worlds registry)")
     run: RunConfig = section(RunConfig, "run folder, length")
     teacher: TeacherConfig = section(TeacherConfig, "the teacher (the base model)")
     student: StudentConfig = section(StudentConfig, "the few-step student")

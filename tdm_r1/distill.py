@@ -40,7 +40,7 @@ from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens
 from dgpo.models.adapters import AdapterRoles
 from dgpo.models.lora import LORA_TARGETS
 from dgpo.models.pretrain import ensure_base, load_pretrain_config
-from dgpo.worlds import shapes
+from dgpo.worlds import make_world
 from tdm_r1.config import DistillConfig
 from tdm_r1.objectives import (fake_score_loss, generator_loss, log_importance_weight, normalise_weights,
                                sample_tau, transition_sample, x0_from_velocity)
@@ -120,7 +120,8 @@ class Distiller:
         self.fake_opt = torch.optim.Adam(self.fake_params, lr=cfg.optim.fake_lr, betas=betas)
         self.gen = torch.Generator().manual_seed(cfg.run.seed)
         self.device = device
-        self.train_prompts = shapes.prompts("train")
+        self.world = make_world(cfg.world)
+        self.train_prompts = self.world.prompts("train")
         with torch.no_grad():
             embeds = self.teacher.encode_prompts(self.train_prompts)
         self.embeds_of = {p: embeds.index(slice(i, i + 1)) for i, p in enumerate(self.train_prompts)}
@@ -266,10 +267,10 @@ class Distiller:
     @torch.no_grad()
     def evaluate(self) -> dict:
         e = self.cfg.eval
-        prompts = shapes.prompts(e.split)
+        prompts = self.world.prompts(e.split)
         with self.as_student() as student, self.student_weights():
             images, records = generate_student(student, prompts, self.boundaries, e.per_prompt, e.seed, progress=False)
-        result = evaluate_images(images, [r["prompt"] for r in records], fd=e.fd)
+        result = evaluate_images(images, [r["prompt"] for r in records], fd=e.fd, world=self.world)
         return self.runner.evaluation_row(result, images, e.per_prompt)
 
     initial_evaluation = evaluate

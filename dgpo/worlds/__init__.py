@@ -1,1 +1,57 @@
+"""Worlds: the tasks a model is trained and measured on, as plug-ins.
 
+A world provides its prompts and their fixed split, a check that a prompt belongs to it, and the score of a
+set of generated images: its task metric (overall, under the key ``geneval``, and per category) and a
+quality metric beside it (``fd``), so the recipes and the evaluation never name a world. The embedded shapes
+world (:mod:`dgpo.worlds.shapes_world`) is the first; ``register_world`` adds another, e.g. from a
+``--plugin`` file, and ``world: NAME`` in a training config (or ``--world NAME``) selects it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class World(Protocol):
+    name: str        # registry name
+    metric: str      # display name of the task metric, e.g. "shapes-geneval"
+
+    def prompts(self, split: str) -> list[str]:
+        """The prompts of ``split`` ("train", "test" or "all"), in a fixed order."""
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise a UserError naming the first prompt that is not of this world."""
+
+    def score(self, images: np.ndarray, prompts: list[str], fd: bool = True) -> dict:
+        """``{"geneval": task metric, "per_category": {...}, "partial": a dense score in [0, 1], "fd": quality
+        (with ``fd``), "n_images", "n_prompts"}`` of uint8 images (N, S, S, 3) made for ``prompts``."""
+
+
+_WORLDS: dict[str, Callable[[], World]] = {}
+
+
+def register_world(name: str, factory: Callable[[], World]) -> None:
+    """Make ``factory()`` the world called ``name`` (replacing an earlier registration of that name)."""
+    _WORLDS[name] = factory
+
+
+def world_names() -> list[str]:
+    _load_builtin()
+    return sorted(_WORLDS)
+
+
+def make_world(name: str = "shapes") -> World:
+    """The registered world ``name``; an unknown name is a UserError listing the registered ones."""
+    from dgpo.errors import UserError
+    _load_builtin()
+    if name not in _WORLDS:
+        raise UserError(f"world {name!r} is not registered; choose one of {sorted(_WORLDS)} "
+                        f"(or register yours with dgpo.worlds.register_world)")
+    return _WORLDS[name]()
+
+
+def _load_builtin() -> None:
+    from dgpo.worlds import shapes_world  # noqa: F401  (registration side effect)
