@@ -94,3 +94,28 @@ def test_active_restores_the_previous_role(roles):
         with r.active("fake"):
             assert r.transformer.active_adapters() == ["fake"]
         assert r.transformer.active_adapters() == ["policy"]
+
+
+@pytest.mark.parametrize("rank, alpha", [(2, 2.0), (2, 8.0)])
+def test_exported_role_reproduces_itself_in_stock_diffusers(tiny_base, tmp_path, rank, alpha):
+    """The diffusers LoRA of a role loads with `load_lora_weights` and gives the role's outputs — also when
+    alpha ≠ rank (the scale α/r must travel with the weights)."""
+    from diffusers import StableDiffusion3Pipeline
+    ours = StableDiffusion3Pipeline.from_pretrained(str(tiny_base), text_encoder_3=None, tokenizer_3=None)
+    r = AdapterRoles(ours.transformer)
+    with torch.no_grad():
+        for p in r.add("student", rank=rank, alpha=alpha, seed=3):
+            p.add_(0.1 * torch.randn_like(p))
+    r.save_diffusers("student", tmp_path / "lora")
+    stock = StableDiffusion3Pipeline.from_pretrained(str(tiny_base), text_encoder_3=None, tokenizer_3=None)
+    stock.load_lora_weights(str(tmp_path / "lora"))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, ours.transformer.config.in_channels, 8, 8, generator=g)
+    text = torch.randn(2, 4, ours.transformer.config.joint_attention_dim, generator=g)
+    pooled = torch.randn(2, ours.transformer.config.pooled_projection_dim, generator=g)
+    t = torch.tensor([500.0, 250.0])
+    with torch.no_grad(), r.active("student"):
+        a = ours.transformer(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t).sample
+    with torch.no_grad():
+        b = stock.transformer(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t).sample
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

@@ -20,7 +20,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from dgpo.models.lora import ATTENTION_PROJECTIONS, add_lora
+from dgpo.models.lora import ATTENTION_PROJECTIONS, add_lora, lora_metadata
 
 
 class AdapterRoles:
@@ -84,10 +84,11 @@ class AdapterRoles:
         self._keep_trainable()
 
     def save_diffusers(self, role: str, folder: str | Path) -> Path:
-        """``role`` as a diffusers LoRA folder (``pipe.load_lora_weights(folder)``)."""
+        """``role`` as a diffusers LoRA folder (``pipe.load_lora_weights(folder)``), its rank and alpha with it."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=self.state(role),
+                                                   transformer_lora_adapter_metadata=lora_metadata(self.transformer, role),
                                                    safe_serialization=True)
         return folder
 

@@ -64,10 +64,17 @@ def load_lora_state(transformer, state: dict[str, torch.Tensor], adapter_name: s
         raise ValueError(f"LoRA state has keys the model does not: {unexpected[:3]}")
 
 
-def save_lora_diffusers(transformer, out_dir: str | Path) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` loadable with ``pipe.load_lora_weights(out_dir)``."""
+def lora_metadata(transformer, adapter_name: str = "default") -> dict:
+    """The adapter's LoRA config (rank, alpha, targets …) as diffusers saves it beside the weights: without it
+    a loader assumes alpha = rank, and a LoRA trained with another alpha would load at the wrong scale."""
+    return transformer.peft_config[adapter_name].to_dict()
+
+
+def save_lora_diffusers(transformer, out_dir: str | Path, adapter_name: str = "default") -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (with its LoRA config) for ``pipe.load_lora_weights(out_dir)``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    StableDiffusion3Pipeline.save_lora_weights(str(out_dir), transformer_lora_layers=get_peft_model_state_dict(transformer),
-                                               safe_serialization=True)
+    StableDiffusion3Pipeline.save_lora_weights(
+        str(out_dir), transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=adapter_name),
+        transformer_lora_adapter_metadata=lora_metadata(transformer, adapter_name), safe_serialization=True)
     return out_dir
