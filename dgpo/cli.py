@@ -191,11 +191,7 @@ def cmd_train(args) -> None:
 
 def cmd_export(args) -> None:
     """A checkpoint's LoRA (its raw weights, or with --ema the policy EMA) as a diffusers-format folder."""
-    from contextlib import nullcontext
-
     from dgpo.checkpoint import STEP_DIR, list_checkpoints
-    from dgpo.run_folder import reopen_run
-    from dgpo.trainer import POLICY, Trainer, train_config_class
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{str(run)!r} is not a run folder (no config.yaml): pass a folder `dgpo train` wrote")
@@ -207,13 +203,23 @@ def cmd_export(args) -> None:
     if step not in steps:
         raise UserError(f"{str(run)!r} keeps no checkpoint of step {step}; it keeps steps {sorted(steps)} "
                         f"(run.keep_checkpoints sets how many)")
+    from dgpo.checkpoint import load_checkpoint
+    from dgpo.models.adapters import write_diffusers_lora
     from dgpo.output_dir import atomic_output_dir, check_output
     out = check_output(args.out, "dgpo export", args.overwrite)
-    trainer = Trainer(reopen_run(train_config_class(), run), log=lambda *a: None)
-    trainer.restore(steps[step])
+    tensors, state = load_checkpoint(steps[step])  # the checkpoint alone: no model is built
+    if "lora_keys" not in state:
+        raise UserError(f"checkpoint {str(steps[step])!r} was written by an older version without LoRA names; "
+                        f"export it with that version, or take final/lora")
+    keys = state["lora_keys"]
+    if args.ema:  # the policy EMA keeps the LoRA parameters in the order of lora_keys
+        if f"policy.ema.{len(keys) - 1}" not in tensors:
+            raise UserError(f"checkpoint {str(steps[step])!r} holds no policy EMA")
+        weights = {k: tensors[f"policy.ema.{i}"] for i, k in enumerate(keys)}
+    else:
+        weights = {k: tensors[f"lora.{k}"] for k in keys}
     with atomic_output_dir(out, "dgpo export", args.overwrite) as tmp:  # all or nothing
-        with trainer.policy_ema.swapped_in() if args.ema else nullcontext():
-            trainer.adapters.save_diffusers(POLICY, tmp)
+        write_diffusers_lora(weights, state["lora_config"], tmp)
     print(f"wrote {out}: the {'policy EMA' if args.ema else 'LoRA'} of step {step} of {run} "
           f"(load with pipe.load_lora_weights, or `dgpo eval --lora {out}`)")
 

@@ -289,19 +289,21 @@ class Trainer:
         return self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
 
     def state_tensors(self) -> tuple[dict, dict]:
-        """The LoRA, optimiser, prompt sampler and EMAs (the run adds counters and generators)."""
-        tensors = {f"lora.{i}": p.detach() for i, p in enumerate(self.params)}
+        """The LoRA (by peft name), optimiser, prompt sampler and EMAs (the run adds counters and generators)."""
+        tensors = {f"lora.{k}": p.detach() for k, p in self.adapters.named_parameters(POLICY)}
         opt_t, opt_s = optimizer_to_flat(self._optimizer())
         tensors.update(opt_t)
         tensors.update(self.prompt_sampler.state_tensors())
         for name, ema in self.emas().items():
             tensors.update({f"{name}.{k}": v for k, v in ema.state_dict().items()})
-        return tensors, {"optimizer": opt_s}
+        # the LoRA's names (the EMAs are in the same order) and config: `dgpo export` needs no model
+        return tensors, {"optimizer": opt_s, "lora_keys": [k for k, _ in self.adapters.named_parameters(POLICY)],
+                         "lora_config": self.adapters.config(POLICY)}
 
     @torch.no_grad()
     def load_state(self, tensors: dict, state: dict) -> None:
-        for i, p in enumerate(self.params):
-            p.copy_(tensors[f"lora.{i}"])
+        for k, p in self.adapters.named_parameters(POLICY):
+            p.copy_(tensors[f"lora.{k}"])
         optimizer_from_flat(self._optimizer(), tensors, state["optimizer"])
         for name, ema in self.emas().items():
             ema.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})

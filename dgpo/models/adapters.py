@@ -13,6 +13,7 @@ name dropped), so a checkpoint or an exported LoRA does not depend on the order 
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,8 +43,19 @@ class AdapterRoles:
 
     def parameters(self, role: str) -> list[torch.nn.Parameter]:
         """The LoRA parameters of ``role``, in the backbone's module order."""
+        return [p for _, p in self.named_parameters(role)]
+
+    def named_parameters(self, role: str) -> list[tuple[str, torch.nn.Parameter]]:
+        """``(peft name, parameter)`` of ``role`` in :meth:`parameters`' order; the names are the keys of
+        :meth:`state` and of the diffusers export."""
         self._check(role)
-        return [p for n, p in self.transformer.named_parameters() if "lora_" in n and f".{role}." in n]
+        return [(n.replace(f".{role}.", "."), p) for n, p in self.transformer.named_parameters()
+                if "lora_" in n and f".{role}." in n]
+
+    def config(self, role: str) -> dict:
+        """The role's LoRA config (rank, alpha, targets), JSON-safe, as exported beside its weights."""
+        self._check(role)
+        return json.loads(json.dumps(lora_metadata(self.transformer, role), default=sorted))
 
     @contextmanager
     def active(self, role: str):
@@ -85,12 +97,7 @@ class AdapterRoles:
 
     def save_diffusers(self, role: str, folder: str | Path) -> Path:
         """``role`` as a diffusers LoRA folder (``pipe.load_lora_weights(folder)``), its rank and alpha with it."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=self.state(role),
-                                                   transformer_lora_adapter_metadata=lora_metadata(self.transformer, role),
-                                                   safe_serialization=True)
-        return folder
+        return write_diffusers_lora(self.state(role), self.config(role), folder)
 
     def _check(self, role: str) -> None:
         if role not in self.names:
@@ -100,3 +107,13 @@ class AdapterRoles:
         for role in self.names:
             for p in self.parameters(role):
                 p.requires_grad_(True)
+
+
+def write_diffusers_lora(weights: dict[str, torch.Tensor], config: dict, folder: str | Path) -> Path:
+    """A diffusers LoRA folder from weights by peft name and their LoRA config (no model needed), e.g. from
+    a checkpoint."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=weights,
+                                               transformer_lora_adapter_metadata=config, safe_serialization=True)
+    return folder
