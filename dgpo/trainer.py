@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 from dgpo.checkpoint import optimizer_from_flat, optimizer_to_flat
 from dgpo.config import to_dict
 from dgpo import eval_cache
-from dgpo.methods.batch import RolloutBatch
+from dgpo.methods.batch import RolloutBatch, checked_rewards, score_groups
 from dgpo.ema import EMA
 from dgpo.methods import make_objective
 from dgpo.errors import UserError
@@ -38,7 +38,6 @@ from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens
 from dgpo.models.pretrain import ensure_base, load_pretrain_config
 from dgpo.models.adapters import AdapterRoles
 from dgpo.models.lora import LORA_TARGETS
-from dgpo.objectives import group_advantages
 from dgpo.prompt_sampling import PromptSampler
 from dgpo.rewards import make_reward
 from dgpo.train_config import TrainConfig, train_config_class
@@ -181,11 +180,7 @@ class Trainer:
         return latents, images, embeds, flat, extras
 
     def score(self, images: np.ndarray, prompts: list[str]) -> torch.Tensor:
-        rewards = np.asarray(self.reward(images, prompts), dtype=np.float64)
-        if rewards.shape != (len(prompts),) or not np.all(np.isfinite(rewards)):
-            raise UserError(f"reward {self.cfg.reward.name!r} returned {rewards.shape} values "
-                            f"(finite: {bool(np.all(np.isfinite(rewards)))}) for {len(prompts)} images")
-        return torch.from_numpy(rewards).float()
+        return checked_rewards(self.reward, images, prompts, self.cfg.reward.name)
 
     def run_progress(self) -> float:
         """Fraction of the run done before this epoch: of the time budget if one is set, else of run.epochs.
@@ -231,13 +226,13 @@ class Trainer:
         self._counting, self._calls = True, 0
         try:
             latents, images, embeds, flat, extras = self.rollout(prompts)
-            rewards = self.score(images, flat)
-            group_ids = torch.arange(len(prompts)).repeat_interleave(self.cfg.rollout.group_size)
+            scored = score_groups(self.reward, images, flat, self.cfg.rollout.group_size, self.cfg.advantage,
+                                  self.cfg.reward.name)
+            rewards = scored.rewards
             self.prompt_sampler.observe(prompts, rewards.view(len(prompts), -1).double().mean(1))
-            adv = group_advantages(rewards, group_ids, std=self.cfg.advantage.std, eps=self.cfg.advantage.eps,
-                                   clip=self.cfg.advantage.clip or None)
             device = latents.device  # a GPU run keeps the whole batch on the GPU
-            stats = self.update(RolloutBatch(latents, embeds, adv.to(device), group_ids.to(device), extras))
+            stats = self.update(RolloutBatch(latents, embeds, scored.advantages.to(device),
+                                             scored.group_ids.to(device), extras))
         finally:
             self._counting = False
         self._last_images = images

@@ -261,3 +261,24 @@ def test_baseline_resumes_exactly(method, tiny_base, tmp_path):
     for k in a:
         if not k.startswith("rng."):
             assert torch.equal(a[k], b[k]), k
+
+
+def test_score_groups_is_rollout_reward_advantages():
+    """The shared start of every group recipe: rewards checked, consecutive groups, advantages per group."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from dgpo.errors import UserError
+    from dgpo.methods.batch import score_groups
+    from dgpo.objectives import group_advantages
+    images = np.zeros((6, 4, 4, 3), np.uint8)
+    prompts = ["a"] * 3 + ["b"] * 3
+    adv_cfg = SimpleNamespace(std="group", eps=1e-4, clip=0.0)
+    scored = score_groups(lambda im, p: np.array([0.0, 1.0, 2.0, 5.0, 5.0, 5.0]), images, prompts, 3, adv_cfg, "r")
+    assert scored.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    expected = group_advantages(torch.tensor([0.0, 1.0, 2.0, 5.0, 5.0, 5.0]), scored.group_ids, std="group", eps=1e-4)
+    assert torch.allclose(scored.advantages, expected) and scored.advantages[3:].abs().max() == 0
+    with pytest.raises(UserError, match="reward 'r' returned"):
+        score_groups(lambda im, p: np.array([0.0, np.nan, 1.0, 1.0, 1.0, 1.0]), images, prompts, 3, adv_cfg, "r")
+    with pytest.raises(UserError, match=r"returned \(5,\) values"):
+        score_groups(lambda im, p: np.zeros(5), images, prompts, 3, adv_cfg, "r")

@@ -65,3 +65,36 @@ def micro_batches(group_ids: torch.Tensor, max_size: int) -> list[torch.Tensor]:
     if current:
         batches.append(torch.cat(current))
     return batches
+
+
+@dataclass
+class ScoredGroups:
+    """Rollouts scored and turned into group advantages: rewards, group ids and advantages, each (N,)."""
+
+    rewards: torch.Tensor
+    group_ids: torch.Tensor
+    advantages: torch.Tensor
+
+
+def checked_rewards(reward, images, prompts: list[str], name: str) -> torch.Tensor:
+    """``reward(images, prompts)`` as a float tensor (N,); a reward that answers the wrong number of scores or
+    a non-finite one is a UserError naming it (the run's last checkpoint stays intact)."""
+    import numpy as np
+    from dgpo.errors import UserError
+    scores = np.asarray(reward(images, prompts), dtype=np.float64)
+    if scores.shape != (len(prompts),) or not np.all(np.isfinite(scores)):
+        raise UserError(f"reward {name!r} returned {scores.shape} values "
+                        f"(finite: {bool(np.all(np.isfinite(scores)))}) for {len(prompts)} images")
+    return torch.from_numpy(scores).float()
+
+
+def score_groups(reward, images, prompts: list[str], group_size: int, advantage, name: str) -> ScoredGroups:
+    """Rollout → reward → group advantages, for ``prompts`` made of consecutive groups of ``group_size``
+    samples of one prompt each: A = (r − mean_g) / (std + eps) per :func:`dgpo.objectives.group_advantages`
+    with the ``advantage`` settings (std per group / batch / none, eps, clip). Every recipe that learns from
+    groups of its own samples — DGPO and its baselines, a stepwise surrogate reward — starts here."""
+    from dgpo.objectives import group_advantages
+    rewards = checked_rewards(reward, images, prompts, name)
+    group_ids = torch.arange(len(prompts) // group_size).repeat_interleave(group_size)
+    adv = group_advantages(rewards, group_ids, std=advantage.std, eps=advantage.eps, clip=advantage.clip or None)
+    return ScoredGroups(rewards, group_ids, adv)
