@@ -37,7 +37,25 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from dgpo.models.handle import flow_interpolate
-    from dgpo.prompt_sampling import PromptSampler
+    from dgpo.worlds import make_world, register_world
+
+    class SinglePromptWorld:
+        """The shapes world reduced to one prompt, for training and testing alike."""
+
+        name, metric = "single_prompt", "shapes-geneval"
+
+        def __init__(self, prompt):
+            self.prompt, self.shapes = prompt, make_world("shapes")
+
+        def prompts(self, split):
+            return [self.prompt]
+
+        def check_prompts(self, prompts):
+            self.shapes.check_prompts(prompts)
+
+        def score(self, images, prompts, fd=True):
+            return self.shapes.score(images, prompts, fd)
+
     from dgpo.sampling import shift_sigmas
     from dgpo.trainer import Trainer, load_train_config
     from dgpo.worlds import shapes
@@ -46,14 +64,11 @@ def main(argv=None) -> None:
         shapes.parse(args.prompt)
     except ValueError as e:
         raise SystemExit(f"--prompt: {e}") from None
-    cfg = load_train_config(None, [f"rollout.prompts_per_epoch={args.groups}", f"rollout.group_size={args.group_size}",
-                                   "reward.name=shapes_strict", f"optim.lr={args.lr}", f"run.out_dir={args.out}",
-                                   *args.set])
+    register_world("single_prompt", lambda: SinglePromptWorld(args.prompt))  # P groups of the one prompt
+    cfg = load_train_config(None, ["world=single_prompt", f"rollout.prompts_per_epoch={args.groups}",
+                                   f"rollout.group_size={args.group_size}", "reward.name=shapes_strict",
+                                   f"optim.lr={args.lr}", f"run.out_dir={args.out}", *args.set])
     trainer = Trainer(cfg, log=lambda *a: None)
-    trainer.train_prompts = [args.prompt]
-    trainer.prompt_sampler = PromptSampler([args.prompt], args.groups)  # P groups of the one prompt
-    with torch.no_grad():
-        trainer.embeds_of = {args.prompt: trainer.model.encode_prompts([args.prompt])}
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
     success = []
