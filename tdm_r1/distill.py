@@ -279,10 +279,19 @@ class Distiller:
     def generators(self) -> dict[str, torch.Generator]:
         return {"main": self.gen}
 
+    def named_trainables(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """Every trained parameter by name: ``student.<peft name>`` (or ``student.<module name>`` in full mode),
+        ``fake.<peft name>`` and ``fake.step_embed``; checkpoints use these keys."""
+        if self.cfg.student.mode == "lora":
+            student = self.adapters.named_parameters(STUDENT)
+        else:
+            student = list(self.student.transformer.named_parameters())
+        fake = self.adapters.named_parameters(FAKE) + ([("step_embed", self.step_embed)] if self.step_embed is not None else [])
+        return [(f"student.{k}", p) for k, p in student] + [(f"fake.{k}", p) for k, p in fake]
+
     def state_tensors(self) -> tuple[dict, dict]:
         """Student, fake score, the student's EMA and both optimisers (the run adds counters and generators)."""
-        tensors = {f"student.{i}": p.detach() for i, p in enumerate(self.student_params)}
-        tensors.update({f"fake.{i}": p.detach() for i, p in enumerate(self.fake_params)})
+        tensors = {k: p.detach() for k, p in self.named_trainables()}
         if self.student_ema is not None:
             tensors.update({f"student_{k}": v for k, v in self.student_ema.state_dict().items()})
         scalars = {}
@@ -294,9 +303,8 @@ class Distiller:
 
     @torch.no_grad()
     def load_state(self, tensors: dict, state: dict) -> None:
-        for prefix, params in (("student", self.student_params), ("fake", self.fake_params)):
-            for i, p in enumerate(params):
-                p.copy_(tensors[f"{prefix}.{i}"])
+        for k, p in self.named_trainables():
+            p.copy_(tensors[k])
         if self.student_ema is not None:
             self.student_ema.load_state_dict({k[len("student_"):]: v for k, v in tensors.items()
                                               if k.startswith("student_ema.")})
