@@ -204,7 +204,7 @@ def cmd_export(args) -> None:
         raise UserError(f"{str(run)!r} keeps no checkpoint of step {step}; it keeps steps {sorted(steps)} "
                         f"(run.keep_checkpoints sets how many)")
     from dgpo.checkpoint import load_checkpoint
-    from dgpo.models.adapters import write_diffusers_lora
+    from dgpo.models.lora import write_diffusers_lora
     from dgpo.output_dir import atomic_output_dir, check_output
     out = check_output(args.out, "dgpo export", args.overwrite)
     tensors, state = load_checkpoint(steps[step])  # the checkpoint alone: no model is built

@@ -18,10 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from dgpo.models.lora import ATTENTION_PROJECTIONS, add_lora, lora_metadata
+from dgpo.models.lora import ATTENTION_PROJECTIONS, add_lora, lora_metadata, write_diffusers_lora
 
 
 class AdapterRoles:
@@ -107,13 +106,3 @@ class AdapterRoles:
         for role in self.names:
             for p in self.parameters(role):
                 p.requires_grad_(True)
-
-
-def write_diffusers_lora(weights: dict[str, torch.Tensor], config: dict, folder: str | Path) -> Path:
-    """A diffusers LoRA folder from weights by peft name and their LoRA config (no model needed), e.g. from
-    a checkpoint."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=weights,
-                                               transformer_lora_adapter_metadata=config, safe_serialization=True)
-    return folder

@@ -72,9 +72,15 @@ def lora_metadata(transformer, adapter_name: str = "default") -> dict:
 
 def save_lora_diffusers(transformer, out_dir: str | Path, adapter_name: str = "default") -> Path:
     """Write ``pytorch_lora_weights.safetensors`` (with its LoRA config) for ``pipe.load_lora_weights(out_dir)``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    StableDiffusion3Pipeline.save_lora_weights(
-        str(out_dir), transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=adapter_name),
-        transformer_lora_adapter_metadata=lora_metadata(transformer, adapter_name), safe_serialization=True)
-    return out_dir
+    return write_diffusers_lora(get_peft_model_state_dict(transformer, adapter_name=adapter_name),
+                                lora_metadata(transformer, adapter_name), out_dir)
+
+
+def write_diffusers_lora(weights: dict[str, torch.Tensor], config: dict, folder: str | Path) -> Path:
+    """A diffusers LoRA folder from weights by peft name and their LoRA config (no model needed, e.g. from a
+    checkpoint)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=weights,
+                                               transformer_lora_adapter_metadata=config, safe_serialization=True)
+    return folder
