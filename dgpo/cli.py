@@ -166,14 +166,30 @@ def train_command(args, recipe_cls, config_class, load_config, default_config: P
     """A training command (``dgpo train``, ``tdm-r1 distill``): load the plug-ins (``--plugin``, and those the
     resumed run recorded), claim or reopen the run folder, run the recipe on it, print the summary table and
     where the weights are. ``config_class()`` gives the config type once the plug-ins are in."""
+    from dgpo.config import from_dict, to_dict
     from dgpo.plugins import load_plugins, record_plugins, recorded_plugins
+    from dgpo.processes import Processes
+    processes = Processes.launched()
     loaded = load_plugins([*(recorded_plugins(args.resume) if args.resume else []), *args.plugin])
-    cfg = run_config_from_args(args, config_class(), load_config, default_config, tool)
-    if not args.resume:
-        record_plugins(Path(cfg.run.out_dir), loaded)
-    print(f"run folder: {cfg.run.out_dir}")
+    cfg, data = None, None
+    if processes.is_main:  # the main process claims (or reopens) the run folder; the others take its config
+        try:
+            cfg = run_config_from_args(args, config_class(), load_config, default_config, tool)
+            data = to_dict(cfg)
+        except Exception as e:  # every process stops with the main one's message
+            data = e
+    data = processes.broadcast(data)
+    if isinstance(data, Exception):
+        raise data
+    cfg = cfg if cfg is not None else from_dict(config_class(), data)
+    if processes.is_main:
+        if not args.resume:
+            record_plugins(Path(cfg.run.out_dir), loaded)
+        print(f"run folder: {cfg.run.out_dir}" + (f" ({processes.world} processes)" if processes.distributed else ""))
     recipe = recipe_cls(cfg)
     result = recipe.run(resume=bool(args.resume))
+    if not processes.is_main:
+        return
     print((Path(cfg.run.out_dir) / "summary.md").read_text())
     first, last = result["first"], result["last"]
     out = Path(cfg.run.out_dir)

@@ -15,6 +15,7 @@ import numpy as np
 from dgpo.config import option
 from dgpo.models.handle import FlowModel
 from dgpo.generation import generate_images
+from dgpo.processes import SINGLE, Processes
 from dgpo.sampling import SOLVERS, sample_ode
 from dgpo.worlds import World, make_world
 
@@ -36,12 +37,13 @@ class EvalConfig:
 
 
 def generate(model: FlowModel, prompts: list[str], per_prompt: int = 1, sampler: SamplerConfig = SamplerConfig(),
-             seed: int = 0, batch_size: int = 128, progress: bool = True) -> tuple[np.ndarray, list[dict]]:
+             seed: int = 0, batch_size: int = 128, progress: bool = True,
+             processes: Processes = SINGLE) -> tuple[np.ndarray, list[dict]]:
     """uint8 images (len(prompts)·per_prompt, S, S, 3) and one {"prompt", "seed"} record per image, drawn
     with the ODE sampler ``sampler`` through the one generation loop (:func:`dgpo.generation.generate_images`)."""
     def sample(embeds, noise):
         return sample_ode(model, embeds, noise, sampler.steps, sampler.guidance_scale, sampler.solver)
-    return generate_images(model, prompts, sample, per_prompt, seed, batch_size, progress)
+    return generate_images(model, prompts, sample, per_prompt, seed, batch_size, progress, processes=processes)
 
 
 def evaluate_images(images: np.ndarray, prompts: list[str], fd: bool = True, world: World | None = None) -> dict:
@@ -51,12 +53,14 @@ def evaluate_images(images: np.ndarray, prompts: list[str], fd: bool = True, wor
 
 def evaluate_model(model: FlowModel, cfg: EvalConfig = EvalConfig(), sampler: SamplerConfig = SamplerConfig(),
                    prompts: list[str] | None = None, progress: bool = True,
-                   world: World | None = None) -> tuple[dict, np.ndarray, list[dict]]:
-    """Sample ``cfg.per_prompt`` images for each prompt of the split and score them."""
+                   world: World | None = None, processes: Processes = SINGLE) -> tuple[dict, np.ndarray, list[dict]]:
+    """Sample ``cfg.per_prompt`` images for each prompt of the split and score them (on several processes: the
+    images made by all of them, scored by the main process)."""
     world = world or make_world()
     prompts = prompts if prompts is not None else world.prompts(cfg.split)
-    images, records = generate(model, prompts, cfg.per_prompt, sampler, cfg.seed, cfg.batch_size, progress)
-    return evaluate_images(images, [r["prompt"] for r in records], fd=cfg.fd, world=world), images, records
+    images, records = generate(model, prompts, cfg.per_prompt, sampler, cfg.seed, cfg.batch_size, progress, processes)
+    result = evaluate_images(images, [r["prompt"] for r in records], fd=cfg.fd, world=world) if processes.is_main else None
+    return processes.broadcast(result), images, records
 
 
 def format_table(results: dict[str, dict], metric: str = "shapes-geneval") -> str:

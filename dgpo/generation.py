@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dgpo.models.handle import FlowModel, PromptEmbeds
+from dgpo.processes import SINGLE, Processes
 from dgpo.sampling import initial_noise
 
 #: ``sample(embeds, noise) -> latents``: a sampling loop, e.g. ``lambda e, n: sample_ode(model, e, n, 20, 1.5)``.
@@ -47,9 +48,12 @@ def timed(fn: Callable, device="cpu"):
 @torch.no_grad()
 def generate_images(model: FlowModel, prompts: list[str], sample: SampleFn, per_prompt: int = 1, seed: int = 0,
                     batch_size: int = 128, progress: bool = True,
-                    times: dict | None = None) -> tuple[np.ndarray, list[dict]]:
-    """uint8 images (len(prompts)·per_prompt, S, S, 3) and one {"prompt", "seed"} record per image."""
-    records = [{"prompt": p, "seed": seed + k} for k, p in enumerate(p for p in prompts for _ in range(per_prompt))]
+                    times: dict | None = None, processes: Processes = SINGLE) -> tuple[np.ndarray, list[dict]]:
+    """uint8 images (len(prompts)·per_prompt, S, S, 3) and one {"prompt", "seed"} record per image. On several
+    processes each makes every world-th image and all of them get every image (an image depends only on its
+    prompt and seed, so the images do not depend on the number of processes)."""
+    everyone = [{"prompt": p, "seed": seed + k} for k, p in enumerate(p for p in prompts for _ in range(per_prompt))]
+    records = processes.stride(everyone)
 
     def piece(name: str, fn: Callable):
         if times is None:
@@ -68,4 +72,7 @@ def generate_images(model: FlowModel, prompts: list[str], sample: SampleFn, per_
         noise = initial_noise([r["seed"] for r in chunk], model.latent_shape).to(model.device)
         latents = piece("loop_s", lambda: sample(embeds, noise))
         images.append(piece("decode_s", lambda: model.decode_latents(latents)))
-    return np.concatenate(images), records
+    if not processes.distributed:
+        return np.concatenate(images), records
+    mine = list(np.concatenate(images)) if images else []
+    return np.stack(processes.gather_objects(mine)), everyone

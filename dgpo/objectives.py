@@ -31,11 +31,12 @@ ADVANTAGE_STDS: tuple[str, ...] = ("group", "batch", "none")
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def _check_vector(name: str, x, fn: str, *, finite: bool = True) -> torch.Tensor:
-    """``x`` must be a 1-D floating tensor (B,) with B ≥ 1 and (optionally) only finite values."""
+def _check_vector(name: str, x, fn: str, *, finite: bool = True, allow_empty: bool = False) -> torch.Tensor:
+    """``x`` must be a 1-D floating tensor (B,) with B ≥ 1 (B = 0 with ``allow_empty``) and (optionally) only
+    finite values."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{fn}: {name} must be a torch.Tensor of shape (B,), got {type(x).__name__}")
-    if x.ndim != 1 or x.shape[0] == 0:
+    if x.ndim != 1 or (x.shape[0] == 0 and not allow_empty):
         raise ValueError(f"{fn}: {name} must have shape (B,) with B >= 1, got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{fn}: {name} must be a floating-point tensor, got dtype {x.dtype}")
@@ -211,14 +212,15 @@ def dgpo_loss(loss_policy: torch.Tensor, loss_ref: torch.Tensor, advantages: tor
 
     Groups that span processes: pass ``num_groups`` G and *global* group ids in [0, G); the per-group
     sums Σ A_i(ℓ_θ,i − ℓ_ref,i) and sizes |g| are then computed into dense (G,) tensors and, if
-    ``reduce_fn`` is given, replaced by ``reduce_fn(sums)`` and ``reduce_fn(sizes)`` before the softplus.
-    The trainer passes an autograd-aware all-reduce *sum* (e.g. ``torch.distributed.nn.functional
-    .all_reduce``, whose backward all-reduces the incoming gradient). Every process then computes the same
-    global loss, the mean being over the groups with global size > 0; each process's gradient on its own
-    samples is ``world_size`` times the global gradient, which DDP's gradient averaging divides back out,
-    so the update equals the single-process one exactly (checked with two gloo processes). An all-reduce
-    whose backward passes the gradient through unchanged would instead give 1/world_size of it. Without ``num_groups``/``reduce_fn`` the ids are
-    arbitrary and the groups are those of this batch.
+    ``reduce_fn`` is given, replaced by ``reduce_fn(sums)`` and ``reduce_fn(sizes)`` before the softplus
+    (a process may then hold no sample at all, B = 0). The trainers pass
+    :meth:`dgpo.processes.Processes.sum_across`: an all-reduce sum whose backward is the identity. Every
+    process computes the same global loss, the mean being over the groups with global size > 0; each
+    process's gradient is the part of the global gradient that flows through its own samples, and summing
+    the gradients over processes gives the single-process gradient exactly (a 2-process gloo run is checked
+    against one process). An all-reduce whose backward also all-reduces (``torch.distributed.nn``'s) would
+    instead give world_size times it. Without ``num_groups``/``reduce_fn`` the ids are arbitrary and the
+    groups are those of this batch.
 
     Args:
         loss_policy, loss_ref, advantages: (B,) finite floating tensors (computation is done in at least
@@ -236,9 +238,10 @@ def dgpo_loss(loss_policy: torch.Tensor, loss_ref: torch.Tensor, advantages: tor
         ValueError: shapes differ, a value is NaN/inf, β ≤ 0, an unknown ``normalization``, bad ids.
     """
     fn = "dgpo_loss"
-    _check_vector("loss_policy", loss_policy, fn)
-    _check_vector("loss_ref", loss_ref, fn)
-    _check_vector("advantages", advantages, fn)
+    shared = reduce_fn is not None  # a process may hold no sample of these groups and still join the sums
+    _check_vector("loss_policy", loss_policy, fn, allow_empty=shared)
+    _check_vector("loss_ref", loss_ref, fn, allow_empty=shared)
+    _check_vector("advantages", advantages, fn, allow_empty=shared)
     shapes = {n: tuple(t.shape) for n, t in
               (("loss_policy", loss_policy), ("loss_ref", loss_ref), ("advantages", advantages))}
     if len(set(shapes.values())) != 1:

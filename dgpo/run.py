@@ -12,7 +12,8 @@ rest, read top to bottom in :meth:`Run.loop`:
 
 Counters (step, training wall-clock without evaluation, transformer evaluations) and the recipe's random
 generators are checkpointed with its state, so a resumed run continues exactly as the uninterrupted one
-would. The run folder itself is claimed and reopened by :mod:`dgpo.run_folder`.
+would. The run folder itself is claimed and reopened by :mod:`dgpo.run_folder`. On several processes
+(:mod:`dgpo.processes`) every process runs the loop alike and only the main one writes the folder.
 
 What a recipe provides (duck-typed; see ``Trainer``):
 
@@ -41,6 +42,7 @@ from dgpo.config import option
 from dgpo.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from dgpo.errors import UserError
 from dgpo.evaluation import format_table
+from dgpo.processes import SINGLE, Processes
 from dgpo.run_metrics import eval_result, read_metrics, truncate_metrics
 from dgpo.samples_io import image_grid
 
@@ -91,10 +93,12 @@ class Run:
     checkpoints (``epoch`` / ``iteration``), ``grid_prefix`` the evaluation grids (``samples/PREFIX-N.png``)."""
 
     def __init__(self, recipe, out: str | Path, schedule: Schedule, step_key: str, grid_prefix: str,
-                 tracker=None, log=print):
+                 tracker=None, log=print, processes: Processes = SINGLE):
         self.recipe, self.out, self.schedule = recipe, Path(out), schedule
         self.step_key, self.grid_prefix = step_key, grid_prefix
-        self.tracker, self.log = tracker, log
+        self.processes = processes
+        self.writes = processes.is_main
+        self.tracker, self.log = tracker, (log if self.writes else (lambda *a, **k: None))
         self.metrics_path = self.out / "metrics.jsonl"
 
     @property
@@ -109,7 +113,7 @@ class Run:
         stats, nfe = step()
         c = self.counters
         c.step += 1
-        c.train_seconds += time.time() - t0
+        c.train_seconds += self.processes.broadcast(time.time() - t0)  # one clock, so all stop together
         c.nfe += nfe
         return {self.step_key: c.step, "train_seconds": round(c.train_seconds, 2), "nfe": c.nfe, **stats}
 
@@ -119,16 +123,20 @@ class Run:
     def evaluation_row(self, result: dict, images: np.ndarray, per_prompt: int) -> dict:
         """Save the evaluation grid (the first image of up to 64 prompts) and return the metrics row."""
         from PIL import Image
-        self.grid_path().parent.mkdir(parents=True, exist_ok=True)
-        grid_idx = np.arange(0, len(images), per_prompt)[:64]
-        Image.fromarray(image_grid(images[grid_idx], columns=8)).save(self.grid_path())
+        if self.writes:
+            self.grid_path().parent.mkdir(parents=True, exist_ok=True)
+            grid_idx = np.arange(0, len(images), per_prompt)[:64]
+            Image.fromarray(image_grid(images[grid_idx], columns=8)).save(self.grid_path())
         c = self.counters
         return {self.step_key: c.step, "eval_geneval": result["geneval"], "eval_per_category": result["per_category"],
                 "eval_partial": result["partial"], "eval_fd": result.get("fd"),
                 "train_seconds": round(c.train_seconds, 2), "nfe": c.nfe}
 
     # --------------------------------------------------------------------------------------- state
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """A full checkpoint (by the main process; the state is the same on every process)."""
+        if not self.writes:
+            return None
         tensors, state = self.recipe.state_tensors()
         rng_t, rng_s = capture_rng(self.recipe.generators())
         c = self.counters
@@ -154,10 +162,12 @@ class Run:
             if ckpt is None:
                 raise UserError(f"--resume: {str(self.out)!r} has no checkpoint yet; start the run without --resume")
             self.restore(ckpt)
-            truncate_metrics(self.metrics_path, c.step, self.step_key)
+            if self.writes:
+                truncate_metrics(self.metrics_path, c.step, self.step_key)
             self.log(f"resumed from {ckpt} ({self.step_key} {c.step})")
-        else:
+        elif self.writes:
             self.metrics_path.unlink(missing_ok=True)
+        self.processes.barrier()  # the metrics file is as the main process left it
         evals = [r for r in read_metrics(self.metrics_path) if "eval_geneval" in r]
         if not evals:
             evals.append(self._evaluated(self.recipe.initial_evaluation()))
@@ -178,7 +188,9 @@ class Run:
         if evals[-1][self.step_key] != c.step:
             evals.append(self._evaluated(self.recipe.evaluate()))
         self.save()
-        self.finish(evals)
+        if self.writes:
+            self.finish(evals)
+        self.processes.barrier()
         return {"first": evals[0], "last": evals[-1], "best": max(evals, key=lambda r: r["eval_geneval"])}
 
     def _progress_bar(self):
@@ -187,9 +199,9 @@ class Run:
         s, c = self.schedule, self.counters
         if s.time_budget_min:
             return tqdm(total=s.time_budget_min, initial=min(c.train_seconds / 60, s.time_budget_min),
-                        desc=f"{self.recipe.label} training", unit="min",
+                        desc=f"{self.recipe.label} training", unit="min", disable=not self.writes,
                         bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} min of training [{elapsed}<{remaining}{postfix}]")
-        return tqdm(total=s.steps, initial=c.step, desc=f"{self.recipe.label} {self.step_key}s")
+        return tqdm(total=s.steps, initial=c.step, desc=f"{self.recipe.label} {self.step_key}s", disable=not self.writes)
 
     def _evaluated(self, row: dict) -> dict:
         self.log_row(row)
@@ -199,7 +211,9 @@ class Run:
         return row
 
     def log_row(self, row: dict) -> dict:
-        """Append a row to metrics.jsonl (and the tracker, if any)."""
+        """Append a row to metrics.jsonl (and the tracker, if any); the main process writes."""
+        if not self.writes:
+            return row
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -79,9 +79,11 @@ class SDETrajectory:
 
 @torch.no_grad()
 def sample_sde(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, steps: int, guidance_scale: float,
-               noise_level: float, gen: torch.Generator) -> SDETrajectory:
+               noise_level: float, gen: torch.Generator, rows: torch.Tensor | None = None,
+               total: int | None = None) -> SDETrajectory:
     """Sample with the SDE above on the Euler scheduler's schedule (the same σ's and transformer timesteps as
-    :func:`dgpo.sampling.sample_ode` with ``solver="euler"``); ``gen`` (CPU) draws the step noises.
+    :func:`dgpo.sampling.sample_ode` with ``solver="euler"``); ``gen`` (CPU) draws the step noises — for a
+    global batch of ``total`` samples of which these are ``rows`` when given (:mod:`dgpo.processes`).
     With ``noise_level = 0`` the result is the ODE sample and the log-probabilities are 0 (undefined)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -100,7 +102,11 @@ def sample_sde(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, step
         mean = sde_mean(x, v, sigma, sigma_next, sigma_1, noise_level)
         if noise_level > 0:
             std = sde_std(sigma, sigma_next, sigma_1, noise_level)
-            eps = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+            if rows is None:
+                eps = torch.randn(x.shape, generator=gen)
+            else:
+                eps = torch.randn((total, *x.shape[1:]), generator=gen)[rows]
+            eps = eps.to(x.device, x.dtype)
             x = mean + _b(std, mean) * eps
             log_probs.append(gaussian_log_prob(x, mean, std))
         else:

@@ -38,6 +38,7 @@ from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens
 from dgpo.models.pretrain import ensure_base, load_pretrain_config
 from dgpo.models.adapters import AdapterRoles
 from dgpo.models.lora import LORA_TARGETS
+from dgpo.processes import Processes
 from dgpo.prompt_sampling import PromptSampler
 from dgpo.rewards import make_reward
 from dgpo.train_config import TrainConfig, train_config_class
@@ -109,7 +110,8 @@ class Trainer:
                                        log_with=None if cfg.run.tracker == "none" else cfg.run.tracker,
                                        project_dir=str(self.out))
         set_seed(cfg.run.seed)
-        base, t5 = resolve_base(cfg, log)
+        self.processes = Processes.of(self.accelerator)
+        base, t5 = self._resolve_base(cfg, log)
         self.base_path = base
         pipe = load_pipeline(base)
         pipe.to(self.accelerator.device)
@@ -121,7 +123,7 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
         self.model = FlowModel(pipe, max_sequence_length=t5)
-        self.optimizer = self.accelerator.prepare(build_optimizer(self.params, cfg.optim))
+        self.optimizer = self.accelerator.prepare(build_optimizer(self.params, cfg.optim))  # fp16: its loss scaler
         self.policy_ema = EMA(self.params, cfg.optim.ema_decay)
         self.reward = make_reward(cfg.reward.name, **({"url": cfg.reward.url, "timeout": cfg.reward.timeout}
                                                       if cfg.reward.name == "remote" else {}))
@@ -136,9 +138,14 @@ class Trainer:
         tracker = None if run.tracker == "none" else (lambda row, step: self.accelerator.log(row, step=step))
         self.runner = Run(self, self.out, Schedule(run.epochs, run.time_budget_min, cfg.eval.every,
                                                    cfg.eval.every_minutes, run.checkpoint_every, run.keep_checkpoints),
-                          step_key="epoch", grid_prefix="epoch", tracker=tracker, log=log)
+                          step_key="epoch", grid_prefix="epoch", tracker=tracker, log=log, processes=self.processes)
         self.shift = cfg.objective.shift if cfg.objective.shift > 0 else pipe.scheduler.config.shift
         self.objective = make_objective(cfg, self.model, self.params, self.shift)
+        if self.processes.distributed and not self.objective.multi_process:
+            raise UserError(f"objective.name={cfg.objective.name}: {self.objective.label} runs on one process only "
+                            f"({self.objective.multi_process_note}); launch it without accelerate's --num_processes")
+        self.processes.rows(cfg.rollout.prompts_per_epoch * cfg.rollout.group_size,
+                            "an epoch (rollout.prompts_per_epoch × rollout.group_size)")
         self._counting, self._calls = False, 0
         pipe.transformer.register_forward_pre_hook(self._count_call, with_kwargs=True)
         with torch.no_grad():
@@ -148,6 +155,15 @@ class Trainer:
     @property
     def label(self) -> str:
         return self.objective.label
+
+    def _resolve_base(self, cfg: TrainConfig, log) -> tuple[Path, int]:
+        """The base; a base that is not cached yet is pretrained by the main process while the others wait."""
+        if not self.processes.is_main:
+            self.processes.barrier()
+        found = resolve_base(cfg, log)
+        if self.processes.is_main:
+            self.processes.barrier()
+        return found
 
     def _count_call(self, module, args, kwargs) -> None:
         if self._counting:
@@ -168,14 +184,17 @@ class Trainer:
 
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> tuple[torch.Tensor, np.ndarray, PromptEmbeds, list[str], dict]:
-        """G samples per prompt from the objective's sampler: latents (P·G, C, h, w), uint8 images,
-        embeddings, prompts and the sampler's per-sample extras."""
+        """G samples per prompt from the objective's sampler, for this process's rows of the epoch's global
+        batch (all of it on one process): latents (n, C, h, w), uint8 images, embeddings, prompts and the
+        sampler's per-sample extras. The initial noise is drawn for the whole global batch (:mod:`dgpo.processes`)."""
         g = self.cfg.rollout.group_size
-        flat = [p for p in prompts for _ in range(g)]
+        everyone = [p for p in prompts for _ in range(g)]
+        rows = self.processes.rows(len(everyone))
+        flat = [everyone[i] for i in rows.tolist()]
         embeds = PromptEmbeds.cat([self.embeds_of[p] for p in flat])
-        noise = torch.randn((len(flat), *self.model.latent_shape), generator=self.gen).to(self.model.device)
+        noise = torch.randn((len(everyone), *self.model.latent_shape), generator=self.gen)[rows].to(self.model.device)
         with self.objective.rollout_context() or self.rollout_policy():
-            latents, extras = self.objective.rollout(embeds, noise, self.gen)
+            latents, extras = self.objective.rollout(embeds, noise, self.gen, rows=rows, total=len(everyone))
         images = self.model.decode_latents(latents)
         return latents, images, embeds, flat, extras
 
@@ -198,8 +217,9 @@ class Trainer:
         steps: list[dict] = []
         for _ in range(self.cfg.optim.steps_per_epoch):
             for part in self.objective.minibatches(batch, self.gen):
-                stats = self.objective.backward(part, self.gen, self.accelerator.backward)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
+                stats = self.processes.mean_stats(self.objective.backward(part, self.gen, self.accelerator.backward))
+                self.processes.sum_gradients(self.params)  # each process's gradient is its share of the global one
+                grad_norm = self.accelerator.clip_grad_norm_(  # fp16: unscaled first
                     self.params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
                 if not math.isfinite(stats["loss"]) or not torch.isfinite(grad_norm):
                     raise UserError(f"non-finite loss or gradient at epoch {self.counters.epoch} "
@@ -227,17 +247,20 @@ class Trainer:
         try:
             latents, images, embeds, flat, extras = self.rollout(prompts)
             scored = score_groups(self.reward, images, flat, self.cfg.rollout.group_size, self.cfg.advantage,
-                                  self.cfg.reward.name)
+                                  self.cfg.reward.name, self.processes)  # every process's rewards, global groups
             rewards = scored.rewards
             self.prompt_sampler.observe(prompts, rewards.view(len(prompts), -1).double().mean(1))
             device = latents.device  # a GPU run keeps the whole batch on the GPU
-            stats = self.update(RolloutBatch(latents, embeds, scored.advantages.to(device),
-                                             scored.group_ids.to(device), extras))
+            rows = self.processes.rows(len(rewards))
+            stats = self.update(RolloutBatch(latents, embeds, scored.advantages[rows].to(device),
+                                             scored.group_ids[rows].to(device), extras, rows=rows,
+                                             epoch_group_ids=scored.group_ids, total=len(rewards),
+                                             processes=self.processes))
         finally:
             self._counting = False
-        self._last_images = images
+        calls = int(self.processes.sum(self._calls))
         return {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-                **{k: v if k == "lr" else round(v, 6) for k, v in stats.items()}}, self._calls
+                **{k: v if k == "lr" else round(v, 6) for k, v in stats.items()}}, calls
 
     def postfix(self, row: dict) -> dict:
         return {"reward": f"{row['reward']:.3f}", "loss": f"{row['loss']:.4f}"}
@@ -249,7 +272,7 @@ class Trainer:
         with self.rollout_policy():
             result, images, _ = evaluate_model(self.model, EvalConfig(split=e.split, per_prompt=e.per_prompt,
                                                                       seed=e.seed, fd=e.fd), e.sampler,
-                                               progress=False, world=self.world)
+                                               progress=False, world=self.world, processes=self.processes)
         return self.runner.evaluation_row(result, images, e.per_prompt)
 
     def initial_evaluation(self) -> dict:
@@ -262,14 +285,15 @@ class Trainer:
                     "sampler": to_dict(e.sampler), "t5_tokens": self.model.max_sequence_length,
                     "precision": self.cfg.model.mixed_precision, "device": self.accelerator.device.type}
         key = eval_cache.eval_key(self.base_path, protocol)
-        hit = eval_cache.load(key)
+        hit = self.processes.broadcast(eval_cache.load(key) if self.processes.is_main else None)
         grid_path = self.runner.grid_path()
         if hit is None:
             row = self.evaluate()
-            eval_cache.store(key, {k: v for k, v in row.items() if k.startswith("eval_")}, grid_path)
+            if self.processes.is_main:
+                eval_cache.store(key, {k: v for k, v in row.items() if k.startswith("eval_")}, grid_path)
             return row
         result, grid = hit
-        if grid is not None:
+        if grid is not None and self.processes.is_main:
             grid_path.parent.mkdir(exist_ok=True)
             shutil.copyfile(grid, grid_path)
         self.log(f"epoch 0: the base's evaluation under this protocol is cached ({eval_cache.entry_dir(key)}); "
@@ -312,11 +336,12 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- loop
     def run(self, resume: bool = False) -> dict:
-        if self.cfg.run.tracker != "none":
+        if self.cfg.run.tracker != "none" and self.processes.is_main:
             os.environ.setdefault("WANDB_DIR", str(self.out))
             self.accelerator.init_trackers("dgpo", config=flat_dict(to_dict(self.cfg)))
         result = self.runner.loop(resume)
-        self.accelerator.end_training()
+        if self.processes.is_main:
+            self.accelerator.end_training()
         return result
 
     def export(self, folder: Path) -> None:

@@ -33,11 +33,11 @@ class RewardWeightedRegression(Objective):
     config_section = RWRConfig
 
     def backward(self, batch, gen, backward) -> dict:
-        c, ids = self.cfg.rwr, batch.group_ids.cpu()
-        sigma = group_noise_levels(ids, c.t_min, self.shift, gen).to(batch.latents.device)
-        noise = group_shared_noise(ids, tuple(batch.latents.shape[1:]), gen).to(batch.latents.device)
+        c = self.cfg.rwr
+        sigma = group_noise_levels(batch, c.t_min, self.shift, gen).to(batch.latents.device)
+        noise = group_shared_noise(batch, tuple(batch.latents.shape[1:]), gen).to(batch.latents.device)
         v = self.model.velocity(flow_interpolate(batch.latents, noise, sigma), sigma, batch.embeds)
         per_sample = per_sample_mse(noise - batch.latents, v)
         loss = c.weight * (batch.advantages.clamp(min=0) * per_sample).mean()
-        backward(loss)
+        backward(loss * batch.share())  # on several processes: this process's share of the global mean
         return {"loss": loss.item(), "weighted_fraction": (batch.advantages > 0).float().mean().item()}

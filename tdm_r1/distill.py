@@ -33,6 +33,7 @@ from diffusers import StableDiffusion3Pipeline
 from dgpo.checkpoint import optimizer_from_flat, optimizer_to_flat
 from dgpo.ema import EMA
 from dgpo.errors import UserError
+from dgpo.processes import Processes
 from dgpo.run_folder import reopen_run, start_run
 from dgpo.run import Counters, Run, Schedule, plot_run
 from dgpo.evaluation import evaluate_images
@@ -66,6 +67,11 @@ class Rollout:
     states: torch.Tensor
     x0: torch.Tensor
     embeds: PromptEmbeds
+    rows: torch.Tensor   # this process's rows of the iteration's global batch (:mod:`dgpo.processes`)
+    total: int           # the global batch size
+
+    def share(self) -> float:
+        return len(self.rows) / self.total
 
 
 class Distiller:
@@ -79,8 +85,17 @@ class Distiller:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
+        self.processes = Processes.launched()
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.processes.distributed and device.type == "cuda":
+            from accelerate import PartialState
+            device = PartialState().device
+        self.processes.rows(cfg.optim.batch_size, "optim.batch_size")
+        if not self.processes.is_main:  # the main process pretrains a teacher that is not cached yet
+            self.processes.barrier()
         self.base_path = resolve_teacher(cfg, log)
+        if self.processes.is_main:
+            self.processes.barrier()
         pipe = load_pipeline(self.base_path)
         pipe.to(device)
         for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
@@ -129,7 +144,7 @@ class Distiller:
         run = cfg.run
         self.runner = Run(self, self.out, Schedule(run.iterations, run.time_budget_min, cfg.eval.every, 0.0,
                                                    run.checkpoint_every, run.keep_checkpoints),
-                          step_key="iteration", grid_prefix="iter", log=log)
+                          step_key="iteration", grid_prefix="iter", log=log, processes=self.processes)
 
     # --------------------------------------------------------------------------------------- models
     @contextmanager
@@ -163,9 +178,11 @@ class Distiller:
 
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> Rollout:
-        """The no-grad K-step student rollout, keeping every state and every step's x̂₀."""
-        embeds = PromptEmbeds.cat([self.embeds_of[p] for p in prompts])
-        x = torch.randn((len(prompts), *self.teacher.latent_shape), generator=self.gen).to(self.device)
+        """The no-grad K-step student rollout of this process's rows of the global batch ``prompts``, keeping
+        every state and every step's x̂₀."""
+        rows = self.processes.rows(len(prompts))
+        embeds = PromptEmbeds.cat([self.embeds_of[prompts[i]] for i in rows.tolist()])
+        x = torch.randn((len(prompts), *self.teacher.latent_shape), generator=self.gen)[rows].to(self.device)
         states, x0s = [x], []
         with self.as_student() as model:
             for k in range(len(self.boundaries)):
@@ -174,16 +191,18 @@ class Distiller:
                 x0s.append(x0_from_velocity(x, s, v))
                 x = x + (self.sigmas[k + 1] - self.sigmas[k]).item() * v
                 states.append(x)
-        return Rollout(torch.stack(states), torch.stack(x0s), embeds)
+        return Rollout(torch.stack(states), torch.stack(x0s), embeds, rows, len(prompts))
 
     def trajectory_points(self, r: Rollout) -> dict:
-        """Per sample: k ~ U{0…K−1}, τ (:func:`sample_tau`), x_τ ~ q(· | x_{σ_{k+1}})."""
+        """Per sample: k ~ U{0…K−1}, τ (:func:`sample_tau`), x_τ ~ q(· | x_{σ_{k+1}}) (drawn for the global
+        batch; this process's rows kept)."""
         b = r.states.shape[1]
-        k = torch.randint(len(self.boundaries), (b,), generator=self.gen)
-        tau = sample_tau(self.sigmas, k, self.cfg.objective.tau, self.gen, tau_min=self.cfg.objective.tau_min)
+        k = torch.randint(len(self.boundaries), (r.total,), generator=self.gen)
+        tau = sample_tau(self.sigmas, k, self.cfg.objective.tau, self.gen, tau_min=self.cfg.objective.tau_min)[r.rows]
+        k = k[r.rows]
         rows = torch.arange(b)
         x_k, x_next, x0 = r.states[k, rows], r.states[k + 1, rows], r.x0[k, rows]
-        z = torch.randn(x_next.shape, generator=self.gen).to(self.device)
+        z = torch.randn((r.total, *x_next.shape[1:]), generator=self.gen)[r.rows].to(self.device)
         s_next, tau_d = self.sigmas[k + 1].to(self.device), tau.to(self.device)
         x_tau = transition_sample(x_next, s_next, tau_d, z)
         return {"k": k, "tau": tau_d, "x_k": x_k, "x_next": x_next, "s_next": s_next, "x0": x0, "x_tau": x_tau,
@@ -192,16 +211,18 @@ class Distiller:
     def fake_loss(self, r: Rollout, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The importance-weighted fake-score loss on trajectory points ``p`` (and the weights)."""
         log_w = log_importance_weight(p["x_tau"], p["x_next"], p["x0"], p["s_next"], p["tau"])
-        w = normalise_weights(log_w, self.cfg.fake.importance, dim=p["x_tau"][0].numel())
+        # self-normalised over the global batch: every process's log-weights
+        w_all = normalise_weights(self.processes.gather_rows(log_w), self.cfg.fake.importance,
+                                  dim=p["x_tau"][0].numel())
         with self.as_fake() as fake:
             v = fake.velocity(p["x_tau"], p["tau"], self.fake_embeds(r.embeds, p["k"]))
-            return fake_score_loss(v, p["x_tau"], p["tau"], p["x0"], w), w
+            return fake_score_loss(v, p["x_tau"], p["tau"], p["x0"], w_all[r.rows]) * r.share(), w_all
 
     def fake_update(self, r: Rollout, points: dict | None = None) -> dict:
         loss, w = self.fake_loss(r, points if points is not None else self.trajectory_points(r))
         grad_norm = self._step(self.fake_opt, self.fake_params, loss, "fake")
         ess = (w.sum() ** 2 / (w ** 2).sum()).item() / len(w)  # effective sample size / B
-        return {"loss_fake": loss.item(), "grad_norm_fake": grad_norm, "ess": ess}
+        return {"loss_fake": self.processes.sum(loss.item()), "grad_norm_fake": grad_norm, "ess": ess}
 
     def generator_update(self, r: Rollout) -> dict:
         p = self.trajectory_points(r)
@@ -216,18 +237,21 @@ class Distiller:
             v = student.velocity(p["x_k"], p["s_k"], r.embeds)
         x0_student = x0_from_velocity(p["x_k"], p["s_k"], v)
         o = self.cfg.objective
-        loss = generator_loss(x0_student, x0_teacher, x0_fake, o.distance, o.huber_c, o.normalise)
+        loss = generator_loss(x0_student, x0_teacher, x0_fake, o.distance, o.huber_c, o.normalise) * r.share()
         grad_norm = self._step(self.gen_opt, self.student_params, loss, "generator")
         if self.student_ema is not None:
             self.student_ema.update(self.counters.iteration)
-        return {"loss_gen": loss.item(), "grad_norm_gen": grad_norm,
-                "score_gap": (x0_teacher - x0_fake).abs().mean().item()}
+        gap = (x0_teacher - x0_fake).abs().mean().item() * r.share()
+        return {"loss_gen": self.processes.sum(loss.item()), "grad_norm_gen": grad_norm,
+                "score_gap": self.processes.sum(gap)}
 
     def _step(self, opt, params, loss, who: str) -> float:
+        """Backward of this process's share of the loss, gradients summed over processes, clip, step."""
         loss.backward()
+        self.processes.sum_gradients(params)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        if not math.isfinite(loss.item()) or not torch.isfinite(grad_norm):
+        if not math.isfinite(self.processes.sum(loss.item())) or not torch.isfinite(grad_norm):
             raise UserError(f"non-finite {who} loss or gradient at iteration {self.counters.iteration} "
                             f"(loss {loss.item()}, grad norm {grad_norm.item()}): lower optim.{who}_lr or set "
                             f"optim.grad_clip; the last checkpoint is intact")
@@ -269,8 +293,10 @@ class Distiller:
         e = self.cfg.eval
         prompts = self.world.prompts(e.split)
         with self.as_student() as student, self.student_weights():
-            images, records = generate_student(student, prompts, self.boundaries, e.per_prompt, e.seed, progress=False)
-        result = evaluate_images(images, [r["prompt"] for r in records], fd=e.fd, world=self.world)
+            images, records = generate_student(student, prompts, self.boundaries, e.per_prompt, e.seed, progress=False,
+                                               processes=self.processes)
+        result = self.processes.broadcast(evaluate_images(images, [r["prompt"] for r in records], fd=e.fd,
+                                                          world=self.world) if self.processes.is_main else None)
         return self.runner.evaluation_row(result, images, e.per_prompt)
 
     initial_evaluation = evaluate

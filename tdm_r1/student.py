@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from dgpo.processes import SINGLE, Processes
 from dgpo.errors import UserError
 from dgpo.models.handle import FlowModel, PromptEmbeds
 from dgpo.generation import generate_images
@@ -108,10 +109,11 @@ def sample_student(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, 
 
 @torch.no_grad()
 def generate_student(model: FlowModel, prompts: list[str], boundaries: list[float], per_prompt: int = 1,
-                     seed: int = 0, batch_size: int = 128, progress: bool = True) -> tuple[np.ndarray, list[dict]]:
+                     seed: int = 0, batch_size: int = 128, progress: bool = True,
+                     processes: Processes = SINGLE) -> tuple[np.ndarray, list[dict]]:
     """Like :func:`dgpo.evaluation.generate` (image k uses seed ``seed + k``) with the student sampler."""
     return generate_images(model, prompts, lambda e, n: sample_student(model, e, n, boundaries), per_prompt, seed,
-                           batch_size, progress)
+                           batch_size, progress, processes=processes)
 
 
 # ------------------------------------------------------------------------------------------- export

@@ -4,12 +4,17 @@ The trainer owns everything the methods share — prompts, rollout noise, reward
 optimiser step, gradient clipping, EMAs of the policy, evaluation, checkpoints and the run folder — and asks
 the objective (``objective.name`` in the config) only for what differs between methods:
 
-* ``rollout(embeds, noise, gen)`` — how samples are drawn (ODE, or SDE with per-step log-probabilities),
-  returning clean latents and per-sample extras the update needs; ``rollout_context()`` — whose weights
-  sample (``None``: the trainer's policy / policy-EMA choice);
+* ``rollout(embeds, noise, gen, rows, total)`` — how samples are drawn (ODE, or SDE with per-step
+  log-probabilities), returning clean latents and per-sample extras the update needs; ``rows`` of a global
+  batch of ``total`` are this process's (random numbers are drawn for the global batch, see
+  :mod:`dgpo.processes`); ``rollout_context()`` — whose weights sample (``None``: the trainer's policy /
+  policy-EMA choice);
 * ``minibatches(batch, gen)`` — how one epoch's batch is split into optimiser steps;
 * ``backward(batch, gen, backward)`` — accumulate the gradient of its loss on a :class:`RolloutBatch` and
-  return diagnostics (``loss`` first);
+  return diagnostics (``loss`` first). On several processes the batch is this process's share: draw random
+  numbers with the batch's ``rand``/``randn`` and scale a mean over its rows by ``batch.share()``; the trainer
+  sums the gradients over processes. A method that cannot (its loss joins rows that may sit on two
+  processes) sets ``multi_process = False``;
 * ``emas()`` — extra parameter EMAs it keeps (checkpointed under these names), ``after_epoch(step)`` —
   their update;
 * ``validate(cfg)`` — cross-key checks, raising :class:`ConfigError` that names the key;
@@ -41,6 +46,8 @@ class Objective:
     name = "base"
     label = "base"
     config_section: type | None = None  # a dataclass of the method's own keys, loaded as the section ``name:``
+    multi_process = True  # False: the trainer refuses to run it on several processes, saying why
+    multi_process_note = ""
 
     def __init__(self, cfg, model: FlowModel, params: list[torch.nn.Parameter], shift: float):
         self.cfg, self.model, self.params, self.shift = cfg, model, params, shift
@@ -56,7 +63,8 @@ class Objective:
         return None
 
     @torch.no_grad()
-    def rollout(self, embeds: PromptEmbeds, noise: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def rollout(self, embeds: PromptEmbeds, noise: torch.Tensor, gen: torch.Generator,
+                rows: torch.Tensor | None = None, total: int | None = None) -> tuple[torch.Tensor, dict]:
         r = self.cfg.rollout
         return sample_ode(self.model, embeds, noise, r.steps, r.guidance_scale, r.solver), {}
 

@@ -11,6 +11,7 @@ import torch
 from einops import reduce
 
 from dgpo.models.handle import PromptEmbeds
+from dgpo.processes import SINGLE, Processes
 from dgpo.sampling import shift_sigmas
 
 
@@ -18,33 +19,82 @@ from dgpo.sampling import shift_sigmas
 class RolloutBatch:
     """One epoch's rollouts: clean latents (N, C, h, w), prompts' embeddings, advantages and group ids (N,);
     ``extras`` holds what an objective's sampler recorded per sample (batch-first tensors, e.g. the SDE
-    states and log-probabilities of Flow-GRPO)."""
+    states and log-probabilities of Flow-GRPO).
+
+    On several processes (:mod:`dgpo.processes`) a batch holds this process's share of a global batch:
+    ``rows`` are its rows' places in the epoch's global batch, ``epoch_group_ids`` the group of every global
+    row, ``total`` the size of the global batch it is a share of (a part of the epoch's batch for a method
+    that splits it). One process: all three default to the whole batch. Methods draw per-sample random
+    numbers with :meth:`rand` / :meth:`randn` and per-group ones with :func:`group_noise_levels` /
+    :func:`group_shared_noise` (drawn for the epoch's global batch, so every process draws alike), and scale
+    a mean over their rows by :meth:`share`.
+    """
 
     latents: torch.Tensor
     embeds: PromptEmbeds
     advantages: torch.Tensor
     group_ids: torch.Tensor
     extras: dict = field(default_factory=dict)
+    rows: torch.Tensor | None = None
+    epoch_group_ids: torch.Tensor | None = None
+    total: int | None = None
+    processes: Processes = SINGLE
 
     def __len__(self) -> int:
         return len(self.latents)
 
-    def select(self, idx: torch.Tensor) -> "RolloutBatch":
+    @property
+    def global_rows(self) -> torch.Tensor:
+        return self.rows if self.rows is not None else torch.arange(len(self))
+
+    @property
+    def all_group_ids(self) -> torch.Tensor:
+        """The group id of every row of the epoch's global batch."""
+        return self.epoch_group_ids if self.epoch_group_ids is not None else self.group_ids.cpu()
+
+    @property
+    def global_size(self) -> int:
+        return self.total if self.total is not None else len(self)
+
+    def share(self) -> float:
+        """This process's share of the global batch: a mean over its rows times this is its part of the
+        global mean (gradients are then summed over processes)."""
+        return len(self) / self.global_size
+
+    def rand(self, gen: torch.Generator) -> torch.Tensor:
+        """U[0, 1) per row, drawn for the epoch's global batch: (n,)."""
+        return torch.rand(len(self.all_group_ids), generator=gen)[self.global_rows]
+
+    def randn(self, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        """N(0, I) of ``shape`` per row, drawn for the epoch's global batch: (n, *shape)."""
+        return torch.randn((len(self.all_group_ids), *shape), generator=gen)[self.global_rows]
+
+    def select(self, idx: torch.Tensor, total: int | None = None) -> "RolloutBatch":
+        """The rows ``idx`` (local positions); ``total`` is the global size of the part they are a share of
+        (default: the same as this batch's)."""
+        cpu_idx = idx.cpu()
         return RolloutBatch(self.latents[idx], self.embeds.index(idx), self.advantages[idx], self.group_ids[idx],
-                            {k: v[idx.to(v.device)] for k, v in self.extras.items()})
+                            {k: v[idx.to(v.device)] for k, v in self.extras.items()}, self.global_rows[cpu_idx],
+                            self.all_group_ids, total if total is not None else self.total, self.processes)
 
 
-def group_noise_levels(group_ids: torch.Tensor, t_min: float, shift: float, gen: torch.Generator) -> torch.Tensor:
-    """σ per sample, shared within a group: σ = shift(u), u ~ U[t_min, 1] ("timestep clip")."""
-    groups, inverse = torch.unique(group_ids, return_inverse=True)
-    u = t_min + (1.0 - t_min) * torch.rand(len(groups), generator=gen)
-    return shift_sigmas(u, shift)[inverse]
+def _group_of_rows(batch: RolloutBatch) -> tuple[int, torch.Tensor]:
+    """The number of groups of the epoch's global batch and each row's group among them."""
+    groups, inverse = torch.unique(batch.all_group_ids, return_inverse=True)
+    return len(groups), inverse[batch.global_rows]
 
 
-def group_shared_noise(group_ids: torch.Tensor, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """ε per sample, shared within a group: (N, *shape)."""
-    groups, inverse = torch.unique(group_ids, return_inverse=True)
-    return torch.randn((len(groups), *shape), generator=gen)[inverse]
+def group_noise_levels(batch: RolloutBatch, t_min: float, shift: float, gen: torch.Generator) -> torch.Tensor:
+    """σ per row, shared within a group: σ = shift(u), u ~ U[t_min, 1] ("timestep clip")."""
+    n_groups, group = _group_of_rows(batch)
+    u = t_min + (1.0 - t_min) * torch.rand(n_groups, generator=gen)
+    return shift_sigmas(u, shift)[group]
+
+
+def group_shared_noise(batch: RolloutBatch, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """ε per row, shared within a group: (n, *shape)."""
+    n_groups, group = _group_of_rows(batch)
+    return torch.randn((n_groups, *shape), generator=gen)[group]
 
 
 def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -65,6 +115,18 @@ def micro_batches(group_ids: torch.Tensor, max_size: int) -> list[torch.Tensor]:
     if current:
         batches.append(torch.cat(current))
     return batches
+
+
+def local_micro_batches(batch: RolloutBatch, max_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Micro-batches of whole groups of the *global* batch (each up to ``max_size`` rows per process): per
+    part, this process's local positions in it and the part's group ids (sorted, the same on every process).
+    Every process gets the same parts (a part may hold none of its rows), so a collective inside the loop
+    over parts (DGPO's group sums) stays in step."""
+    all_ids = batch.all_group_ids
+    parts = micro_batches(all_ids, max_size * batch.processes.world)
+    position = {int(r): i for i, r in enumerate(batch.global_rows.tolist())}
+    return [(torch.tensor([position[r] for r in part.tolist() if r in position], dtype=torch.long),
+             torch.unique(all_ids[part])) for part in parts]
 
 
 @dataclass
@@ -88,13 +150,17 @@ def checked_rewards(reward, images, prompts: list[str], name: str) -> torch.Tens
     return torch.from_numpy(scores).float()
 
 
-def score_groups(reward, images, prompts: list[str], group_size: int, advantage, name: str) -> ScoredGroups:
-    """Rollout → reward → group advantages, for ``prompts`` made of consecutive groups of ``group_size``
+def score_groups(reward, images, prompts: list[str], group_size: int, advantage, name: str,
+                 processes: Processes = SINGLE) -> ScoredGroups:
+    """Rollout → reward → group advantages, for a global batch made of consecutive groups of ``group_size``
     samples of one prompt each: A = (r − mean_g) / (std + eps) per :func:`dgpo.objectives.group_advantages`
-    with the ``advantage`` settings (std per group / batch / none, eps, clip). Every recipe that learns from
-    groups of its own samples — DGPO and its baselines, a stepwise surrogate reward — starts here."""
+    with the ``advantage`` settings (std per group / batch / none, eps, clip). ``images`` and ``prompts`` are
+    this process's rows (:mod:`dgpo.processes`); the rewards of every process are gathered first, so the
+    returned rewards, group ids and advantages are the global batch's, the same on every process. Every recipe
+    that learns from groups of its own samples — DGPO and its baselines, a stepwise surrogate reward — starts
+    here."""
     from dgpo.objectives import group_advantages
-    rewards = checked_rewards(reward, images, prompts, name)
-    group_ids = torch.arange(len(prompts) // group_size).repeat_interleave(group_size)
+    rewards = processes.gather_rows(checked_rewards(reward, images, prompts, name))
+    group_ids = torch.arange(len(rewards) // group_size).repeat_interleave(group_size)
     adv = group_advantages(rewards, group_ids, std=advantage.std, eps=advantage.eps, clip=advantage.clip or None)
     return ScoredGroups(rewards, group_ids, adv)

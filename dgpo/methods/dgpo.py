@@ -20,7 +20,8 @@ import torch
 
 from dgpo.ema import EMA
 from dgpo.methods import Objective, register_objective
-from dgpo.methods.batch import RolloutBatch, group_noise_levels, group_shared_noise, micro_batches, per_sample_mse
+from dgpo.methods.batch import (RolloutBatch, group_noise_levels, group_shared_noise, local_micro_batches,
+                               per_sample_mse)
 from dgpo.models.handle import FlowModel, flow_interpolate
 from dgpo.models.lora import adapters_disabled
 from dgpo.objectives import dgpo_loss
@@ -54,15 +55,25 @@ def dgpo_backward(model: FlowModel, batch: RolloutBatch, cfg: ObjectiveConfig, s
     the implicit reward margin Σ A (ℓ_ref − ℓ_θ) / N, and the KL term.
     """
     n = len(batch.latents)
-    total_groups = len(torch.unique(batch.group_ids))
     stats = {"loss": 0.0, "loss_gap": 0.0, "margin": 0.0, "kl": 0.0, "clip_frac": 0.0}
     device = batch.latents.device
-    ids = batch.group_ids.cpu()  # noise comes from a CPU generator, so the group bookkeeping stays on CPU
-    parts = micro_batches(ids, micro_batch)
+    parts = local_micro_batches(batch, micro_batch)  # whole groups of the global batch, this process's rows
+    total_groups = len(torch.unique(batch.all_group_ids))
+    share = batch.share()
     for _ in range(cfg.timesteps_per_sample):
-        sigma_all = group_noise_levels(ids, cfg.t_min, shift, gen).to(device)
-        noise_all = group_shared_noise(ids, tuple(batch.latents.shape[1:]), gen).to(device)
-        for idx in parts:
+        sigma_all = group_noise_levels(batch, cfg.t_min, shift, gen).to(device)
+        noise_all = group_shared_noise(batch, tuple(batch.latents.shape[1:]), gen).to(device)
+        for idx, part_groups in parts:
+            # The part's groups numbered 0..k−1 alike on every process (the part is global).
+            k = len(part_groups)
+            dense_ids = torch.searchsorted(part_groups, batch.group_ids[idx].cpu()).to(device)
+            if len(idx) == 0:  # none of this process's rows: it still joins the part's group sums
+                loss = dgpo_loss(torch.zeros(0, device=device, requires_grad=True), torch.zeros(0, device=device),
+                                 torch.zeros(0, device=device), dense_ids, cfg.beta, normalization=cfg.normalization,
+                                 num_groups=k, reduce_fn=batch.processes.sum_across) * (k / total_groups)
+                backward(loss / cfg.timesteps_per_sample)
+                stats["loss"] += loss.item() / cfg.timesteps_per_sample
+                continue
             idx = idx.to(device)
             mb = batch.select(idx)
             sigma, noise = sigma_all[idx], noise_all[idx]
@@ -76,20 +87,21 @@ def dgpo_backward(model: FlowModel, batch: RolloutBatch, cfg: ObjectiveConfig, s
                 with torch.no_grad(), old_ema.swapped_in():
                     loss_old = per_sample_mse(target, model.velocity(x_sigma, sigma, mb.embeds))
                 clipped = clip_to_old(loss_policy, loss_old, mb.advantages, cfg.clip_range)
-                stats["clip_frac"] += (clipped != loss_policy).float().sum().item() / n / cfg.timesteps_per_sample
+                stats["clip_frac"] += (clipped != loss_policy).float().sum().item() / max(n, 1) / cfg.timesteps_per_sample
                 loss_policy = clipped
-            # The loss of this micro-batch's groups, scaled so the sum over micro-batches is the batch mean.
-            n_local = len(torch.unique(mb.group_ids))
-            loss = dgpo_loss(loss_policy, loss_ref, mb.advantages, mb.group_ids, cfg.beta,
-                             normalization=cfg.normalization) * (n_local / total_groups)
-            kl = per_sample_mse(v_theta, v_ref).sum() / n if cfg.kl_weight > 0 else torch.zeros(())
+            # The loss of this part's groups (their sums over every process's rows), scaled so that the sum
+            # over parts is the batch mean; each process's gradient is its share of that loss's gradient.
+            loss = dgpo_loss(loss_policy, loss_ref, mb.advantages, dense_ids, cfg.beta,
+                             normalization=cfg.normalization, num_groups=k,
+                             reduce_fn=batch.processes.sum_across) * (k / total_groups)
+            kl = per_sample_mse(v_theta, v_ref).sum() / batch.global_size if cfg.kl_weight > 0 else torch.zeros(())
             backward((loss + cfg.kl_weight * kl) / cfg.timesteps_per_sample)
             with torch.no_grad():
                 gap = (loss_policy - loss_ref)
                 stats["loss"] += loss.item() / cfg.timesteps_per_sample
-                stats["loss_gap"] += gap.abs().sum().item() / n / cfg.timesteps_per_sample
-                stats["margin"] += -(mb.advantages * gap).sum().item() / n / cfg.timesteps_per_sample
-                stats["kl"] += kl.item() / cfg.timesteps_per_sample
+                stats["loss_gap"] += gap.abs().sum().item() / max(n, 1) / cfg.timesteps_per_sample
+                stats["margin"] += -(mb.advantages * gap).sum().item() / max(n, 1) / cfg.timesteps_per_sample
+                stats["kl"] += kl.item() / share / cfg.timesteps_per_sample
     return stats
 
 

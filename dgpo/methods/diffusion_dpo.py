@@ -51,6 +51,8 @@ class DiffusionDPO(Objective):
     name = "diffusion_dpo"
     label = "Diffusion-DPO"
     config_section = DiffusionDPOConfig
+    multi_process = False
+    multi_process_note = "a pair joins the best and the worst sample of a group, which may sit on two processes"
 
     def rollout_context(self):
         return adapters_disabled(self.model.transformer) if self.cfg.diffusion_dpo.data == "offline" else None

@@ -58,16 +58,23 @@ class FlowGRPO(Objective):
                               "rollout.policy=current")
 
     @torch.no_grad()
-    def rollout(self, embeds, noise, gen):
+    def rollout(self, embeds, noise, gen, rows=None, total=None):
         r, f = self.cfg.rollout, self.cfg.flow_grpo
-        traj = sample_sde(self.model, embeds, noise, r.steps, r.guidance_scale, f.noise_level, gen)
+        traj = sample_sde(self.model, embeds, noise, r.steps, r.guidance_scale, f.noise_level, gen, rows, total)
         self.timesteps, self.sigmas = traj.timesteps, traj.sigmas
         return traj.final, {"states": traj.states, "log_probs": traj.log_probs}
 
     def minibatches(self, batch: RolloutBatch, gen: torch.Generator) -> list[RolloutBatch]:
-        k = min(self.cfg.flow_grpo.updates_per_epoch, len(batch))
-        perm = torch.randperm(len(batch), generator=gen)
-        return [batch.select(idx.to(batch.latents.device)) for idx in perm.chunk(k)]
+        """A random split of the global batch into ``updates_per_epoch`` parts; each process keeps its rows of
+        each part (a part knows its global size, which its loss is a share of)."""
+        k = min(self.cfg.flow_grpo.updates_per_epoch, batch.global_size)
+        perm = torch.randperm(batch.global_size, generator=gen)
+        position = {r: i for i, r in enumerate(batch.global_rows.tolist())}
+        parts = []
+        for chunk in perm.chunk(k):
+            local = torch.tensor([position[r] for r in chunk.tolist() if r in position], dtype=torch.long)
+            parts.append(batch.select(local.to(batch.latents.device), total=len(chunk)))
+        return parts
 
     def step_log_probs(self, x, x_next, step, embeds, grad: bool = True):
         """Mean (B, C, h, w), std (B,) and log-prob (B,) of the transitions x → x_next at step indices (B,)."""
@@ -87,7 +94,9 @@ class FlowGRPO(Objective):
         states, old_lp = batch.extras["states"], batch.extras["log_probs"]
         t_total = old_lp.shape[1]
         k = max(1, int(t_total * f.timestep_fraction))
-        order = torch.stack([torch.randperm(t_total, generator=gen) for _ in range(n)])[:, :k]  # (n, k)
+        # k of the T steps per row, drawn for every row of the epoch's global batch (the same on every process)
+        order = torch.stack([torch.randperm(t_total, generator=gen)
+                             for _ in range(len(batch.all_group_ids))])[batch.global_rows, :k]  # (n, k)
         stats = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "ratio": 0.0, "ratio_dev": 0.0, "clip_frac": 0.0,
                  "approx_kl_old": 0.0}
         mb_size = self.cfg.optim.micro_batch
@@ -107,7 +116,7 @@ class FlowGRPO(Objective):
                 loss, s = flow_grpo_loss(lp, old_lp[dev_idx, step], batch.advantages[dev_idx], f.clip_range, kl,
                                          f.kl_weight)
                 w = len(idx) / n / k
-                backward(loss * w)
+                backward(loss * w * batch.share())  # this process's share of the part's mean
                 stats["loss"] += loss.item() * w
                 stats["kl"] += (kl.mean().item() if kl is not None else 0.0) * w
                 stats["policy_loss"] += (loss.item() - f.kl_weight * (kl.mean().item() if kl is not None else 0.0)) * w

@@ -67,9 +67,9 @@ class NFT(Objective):
         stats = {"loss": 0.0, "r_pos_frac": (r_all > 0.5).float().mean().item(), "weight": 0.0}
         parts = micro_batches(batch.group_ids.cpu(), self.cfg.optim.micro_batch)
         for _ in range(c.timesteps_per_sample):
-            u = c.t_min + (1.0 - c.t_min) * torch.rand(n, generator=gen)
+            u = c.t_min + (1.0 - c.t_min) * batch.rand(gen)
             sigma_all = shift_sigmas(u, self.shift).to(device)
-            noise_all = torch.randn(batch.latents.shape, generator=gen).to(device)
+            noise_all = batch.randn(tuple(batch.latents.shape[1:]), gen).to(device)
             for idx in parts:
                 idx = idx.to(device)
                 x0, sigma, noise = batch.latents[idx], sigma_all[idx], noise_all[idx]
@@ -86,7 +86,7 @@ class NFT(Objective):
                         weight = 1.0 / (x0_hat - x0).abs().flatten(1).mean(1).clamp_min(1e-5)
                 loss = nft_loss(v_theta, v_old, target, r_all[idx], c.beta, weight)
                 scale = len(idx) / n / c.timesteps_per_sample
-                backward(loss * scale)
+                backward(loss * scale * batch.share())  # this process's share of the global mean
                 stats["loss"] += loss.item() * scale
                 if weight is not None:
                     stats["weight"] += weight.sum().item() / n / c.timesteps_per_sample

@@ -1,0 +1,156 @@
+"""Training on several processes: this process's rows of a global batch, and the collectives a recipe needs.
+
+Launch any training command on N processes with accelerate (``accelerate launch --multi_gpu --num_processes N
+-m dgpo.cli train …``; on a machine without GPUs the same command runs N CPU processes over gloo). Every
+recipe follows one convention, so that N processes take exactly the step one process takes on the same
+global batch (a test checks it for DGPO, Flow-GRPO and TDM):
+
+1. **Identical generators, global draws.** Every process seeds its generators alike and draws every random
+   number for the *whole* global batch, then keeps its own rows (:meth:`Processes.rows`). The generators never
+   diverge between processes, a checkpoint written by the main process resumes every process, and N
+   processes draw exactly what one process draws.
+2. **Strided rows.** Process r owns rows r, r + N, r + 2N, … of a global batch (its size a multiple of N), so
+   the G samples of a prompt spread over the processes the way a K-repeat sampler spreads them.
+3. **Each process's loss is its share of the global loss** — a mean over its rows is scaled by n_local / n —
+   and gradients are *summed* over the processes (:meth:`Processes.sum_gradients`) before clipping and the
+   optimiser step, which are then identical everywhere.
+4. **What couples rows is computed on all of them**: group advantages and self-normalised weights from
+   gathered values (:meth:`Processes.gather_rows`, no gradient); DGPO's per-group sums through
+   :meth:`Processes.sum_across` (all-reduce sum forward, identity backward: after the gradient sum each
+   process's share adds up to the exact gradient of the global loss).
+5. **Only the main process writes** the run folder; evaluation is sharded by image and gathered.
+
+With one process every method is the identity, so single-process code pays nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from dgpo.errors import UserError
+
+
+class _SumAcross(torch.autograd.Function):
+    """All-reduce sum in the forward pass, identity in the backward pass (see rule 4 above)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.detach().clone()
+        torch.distributed.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class Processes:
+    """The training processes as this process sees them; one process when not launched distributed."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    @classmethod
+    def of(cls, accelerator) -> "Processes":
+        return cls(accelerator.process_index, accelerator.num_processes)
+
+    @classmethod
+    def launched(cls) -> "Processes":
+        """The processes this program was launched on: one, or those of ``accelerate launch`` / ``torchrun``
+        (their process group is set up here)."""
+        import os
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return SINGLE
+        from accelerate import PartialState
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return cls(state.process_index, state.num_processes)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    # ------------------------------------------------------------------------------------------- rows
+    def rows(self, n: int, what: str = "the global batch") -> torch.Tensor:
+        """The global rows this process owns: rank, rank + world, … (``n`` must be a multiple of world)."""
+        if n % self.world:
+            raise UserError(f"{what} has {n} samples, which {self.world} processes cannot share equally; "
+                            f"make it a multiple of {self.world}")
+        return torch.arange(self.rank, n, self.world)
+
+    def share(self, items: Sequence, what: str = "the global batch") -> list:
+        """This process's items of a global list (its :meth:`rows`)."""
+        return [items[i] for i in self.rows(len(items), what).tolist()]
+
+    def stride(self, items: Sequence) -> list:
+        """Items rank, rank + world, … of a list of any length (evaluation images; :meth:`gather_objects`
+        puts them back in order)."""
+        return list(items[self.rank::self.world])
+
+    # ------------------------------------------------------------------------------------------- collectives
+    def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """The global tensor (n, ...) from every process's rows (n_local, ...), in global row order."""
+        if not self.distributed:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, local.contiguous())
+        stacked = torch.stack(parts, dim=1)  # (n_local, world, ...): row i·world + r is process r's row i
+        return stacked.reshape(-1, *local.shape[1:])
+
+    def gather_objects(self, local: list) -> list:
+        """A global list from every process's items of :meth:`share`, in global order."""
+        if not self.distributed:
+            return list(local)
+        parts: list = [None] * self.world
+        torch.distributed.all_gather_object(parts, list(local))
+        return [parts[i % self.world][i // self.world] for i in range(sum(len(p) for p in parts))]
+
+    def sum_across(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Σ over processes, differentiable with an identity backward (rule 4)."""
+        return _SumAcross.apply(tensor) if self.distributed else tensor
+
+    def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Sum every parameter's gradient over the processes (a missing gradient counts as zero)."""
+        if not self.distributed:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+
+    def sum(self, value: float) -> float:
+        """Σ of a number over the processes (e.g. transformer calls)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.item()
+
+    def mean_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        """Diagnostics averaged over the processes (each computed on its own rows)."""
+        if not self.distributed:
+            return stats
+        values = torch.tensor([float(v) for v in stats.values()], dtype=torch.float64)
+        torch.distributed.all_reduce(values)
+        return {k: v / self.world for k, v in zip(stats, values.tolist())}
+
+    def broadcast(self, obj):
+        """The main process's ``obj`` on every process."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+
+#: one process: what code that was not launched distributed uses
+SINGLE = Processes()

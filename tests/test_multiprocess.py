@@ -1,0 +1,144 @@
+"""Training on two processes (accelerate launch, gloo on CPU) takes the step one process takes on the same global
+batch — for DGPO (groups spread over both processes, group sums all-reduced inside the loss), Flow-GRPO (SDE
+rollouts, per-sample loss, random parts) and TDM (self-normalised importance weights over the global batch)
+— and a 2-process run resumed from its checkpoint ends exactly where the uninterrupted one does.
+
+The reward is continuous (mean brightness, a plug-in file), so float differences between batch sizes cannot
+flip a 0/1 reward. Each run is its own process tree, as a user launches it.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+REWARD_PLUGIN = '''
+from dgpo.rewards import register_reward
+
+class Brightness:
+    """Mean pixel value in [0, 1]: dense, so every group has a preference."""
+    name = "brightness"
+    def __call__(self, images, prompts):
+        return images.reshape(len(images), -1).mean(axis=1) / 255.0
+
+register_reward("brightness", Brightness, overwrite=True)
+'''
+
+TINY_TRAIN = ["run.epochs=2", "run.time_budget_min=0", "rollout.prompts_per_epoch=2", "rollout.group_size=3",
+              "rollout.steps=2", "rollout.guidance_scale=2.0", "eval.per_prompt=1", "eval.sampler.steps=2",
+              "eval.fd=false", "eval.every=100", "eval.cache_initial=false", "run.checkpoint_every=1",
+              "optim.micro_batch=2", "model.lora_rank=2", "model.lora_alpha=2", "optim.lr=1e-2",
+              "reward.name=brightness", "objective.timesteps_per_sample=2", "run.threads=1"]
+TINY_DISTILL = ["run.iterations=2", "run.time_budget_min=0", "optim.batch_size=8", "eval.per_prompt=1",
+                "eval.fd=false", "eval.every=1000", "run.checkpoint_every=1", "student.lora_rank=2",
+                "student.lora_alpha=2", "fake.lora_rank=2", "fake.lora_alpha=2", "run.threads=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if processes == 1:
+        cmd = [sys.executable, "-m", *args]
+    else:  # on a machine without GPUs, --multi_gpu launches CPU processes over gloo
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", *args]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def _sets(keys):
+    return [a for k in keys for a in ("--set", k)]
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plugin") / "brightness_reward.py"
+    path.write_text(REWARD_PLUGIN)
+    return path
+
+
+def _train(tiny_base, out: Path, processes: int, plugin: Path, *extra) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    done = _run(["dgpo.cli", "train", "configs/dgpo/shapes.yaml", "--out", str(out), "--plugin", str(plugin),
+          *_sets([f"model.base={tiny_base}", *TINY_TRAIN, *extra])], processes, repo)
+    assert ("(2 processes)" in done.stdout) == (processes == 2), done.stdout[-2000:]
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _assert_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    scale = max(a[k].float().abs().max().item() for k in a)
+    assert worst <= atol, f"max |difference| {worst:.3g} (weights up to {scale:.3g})"
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["dgpo", "flow_grpo"])
+def test_two_processes_train_like_one(method, tiny_base, plugin, tmp_path):
+    extra = [f"objective.name={method}"] + (["rollout.solver=euler", "rollout.policy=current"]
+                                            if method == "flow_grpo" else [])
+    _train(tiny_base, tmp_path / "one", 1, plugin, *extra)
+    _train(tiny_base, tmp_path / "two", 2, plugin, *extra)
+    one, two = (_tensors(tmp_path / r / "final" / "lora" / "pytorch_lora_weights.safetensors") for r in ("one", "two"))
+    moved = max(v.abs().max().item() for k, v in one.items() if "lora_B" in k)
+    assert moved > 1e-3, "the LoRA did not move: the comparison would be empty"
+    _assert_close(one, two, atol=1e-5 + 1e-3 * moved)
+    print(f"{method}: LoRA moved up to {moved:.3g}; 1 vs 2 processes differ by at most "
+          f"{max((one[k] - two[k]).abs().max().item() for k in one):.3g}")
+    r1, r2 = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert [r.get("reward") for r in r1] == pytest.approx([r.get("reward") for r in r2], abs=1e-4)
+    assert r1[-1]["nfe"] == r2[-1]["nfe"]  # transformer calls summed over both processes
+    # evaluation sharded by image and gathered: the same images, so the same score
+    evals1, evals2 = [r for r in r1 if "eval_geneval" in r], [r for r in r2 if "eval_geneval" in r]
+    assert [r["eval_geneval"] for r in evals1] == [r["eval_geneval"] for r in evals2]
+    # only the main process wrote: one set of checkpoints, one final folder, no second run folder
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert not (tmp_path / "two-2").exists()
+
+
+def test_two_process_run_resumes_exactly(tiny_base, plugin, tmp_path):
+    _train(tiny_base, tmp_path / "whole", 2, plugin)
+    _train(tiny_base, tmp_path / "pieces", 2, plugin, "run.epochs=1")
+    repo = Path(__file__).resolve().parents[1]
+    _run(["dgpo.cli", "train", "--resume", str(tmp_path / "pieces"), "--set", "run.epochs=2"], 2, repo)
+    whole, pieces = (_tensors(tmp_path / r / "checkpoints" / "step-2" / "tensors.safetensors")
+                     for r in ("whole", "pieces"))
+    for key in whole:
+        assert torch.equal(whole[key], pieces[key]), key
+
+
+def test_tdm_two_processes_distil_like_one(tiny_base, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    for name, n in (("one", 1), ("two", 2)):
+        _run(["tdm_r1.cli", "distill", "configs/tdm/shapes.yaml", "--out", str(tmp_path / name),
+              *_sets([f"teacher.base={tiny_base}", *TINY_DISTILL])], n, repo)
+    one, two = (_tensors(tmp_path / r / "checkpoints" / "step-2" / "tensors.safetensors") for r in ("one", "two"))
+    trained = {k: v for k, v in one.items() if k.startswith(("student.", "fake."))}
+    moved = max(v.abs().max().item() for k, v in trained.items() if "lora_B" in k)
+    assert moved > 1e-4
+    _assert_close(trained, {k: two[k] for k in trained}, atol=1e-5 + 1e-3 * moved)
+    r1, r2 = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    train1, train2 = [r for r in r1 if "loss_fake" in r], [r for r in r2 if "loss_fake" in r]
+    assert [r["loss_fake"] for r in train1] == pytest.approx([r["loss_fake"] for r in train2], rel=1e-3)
+    assert [r["ess"] for r in train1] == pytest.approx([r["ess"] for r in train2], rel=1e-3)
