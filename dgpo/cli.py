@@ -44,14 +44,11 @@ def load_model(model_dir: str | Path, lora: str | None = None):
     """A :class:`FlowModel` over a saved pipeline for inference, with optional LoRA weights fused into the
     backbone (diffusers ``fuse_lora`` + ``unload_lora_weights``: the same function, without the adapters'
     extra matrix products at every step)."""
-    from dgpo.models.handle import FlowModel, load_pipeline, t5_tokens_of
-    from dgpo.models.lora_io import load_lora_into_pipeline
-    pipe = load_pipeline(model_dir)
+    from dgpo.models.handle import load_model as load_handle
+    model = load_handle(model_dir)
     if lora:
-        load_lora_into_pipeline(pipe, lora)
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-    return FlowModel(pipe, max_sequence_length=t5_tokens_of(model_dir))
+        model.fuse_lora(lora)
+    return model
 
 
 def _prompts_from_args(args) -> list[str]:

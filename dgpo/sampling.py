@@ -28,7 +28,7 @@ def shift_sigmas(sigmas: torch.Tensor | np.ndarray, shift: float):
 
 def make_scheduler(model: FlowModel, solver: str = "euler"):
     """A fresh scheduler of the requested kind, sharing the pipeline's flow shift."""
-    base = model.pipe.scheduler.config
+    base = model.scheduler_config
     if solver == "euler":
         return FlowMatchEulerDiscreteScheduler.from_config(base)
     if solver == "dpmpp":

@@ -34,10 +34,9 @@ from dgpo.errors import UserError
 from dgpo.run_folder import reopen_run, start_run
 from dgpo.run import Counters, Run, Schedule, flat_dict, plot_run
 from dgpo.evaluation import EvalConfig, evaluate_model
-from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
+from dgpo.models.handle import PromptEmbeds, load_model, t5_tokens_of
 from dgpo.models.pretrain import ensure_base, load_pretrain_config
 from dgpo.models.adapters import AdapterRoles
-from dgpo.models.lora import LORA_TARGETS
 from dgpo.processes import Processes
 from dgpo.prompt_sampling import PromptSampler
 from dgpo.rewards import make_reward
@@ -113,16 +112,13 @@ class Trainer:
         self.processes = Processes.of(self.accelerator)
         base, t5 = self._resolve_base(cfg, log)
         self.base_path = base
-        pipe = load_pipeline(base)
-        pipe.to(self.accelerator.device)
-        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            m.requires_grad_(False)
-        self.adapters = AdapterRoles(pipe.transformer)  # the reference = the backbone with the policy off
+        self.model = load_model(base).to(self.accelerator.device)
+        backbone = self.model.transformer
+        self.adapters = AdapterRoles(backbone)  # the reference = the backbone with the policy off
         self.params = self.adapters.add(POLICY, cfg.model.lora_rank, cfg.model.lora_alpha,
-                                        LORA_TARGETS[cfg.model.lora_targets], seed=cfg.run.seed)
+                                        self.model.lora_targets(cfg.model.lora_targets), seed=cfg.run.seed)
         if cfg.model.gradient_checkpointing:
-            pipe.transformer.enable_gradient_checkpointing()
-        self.model = FlowModel(pipe, max_sequence_length=t5)
+            backbone.enable_gradient_checkpointing()
         self.optimizer = self.accelerator.prepare(build_optimizer(self.params, cfg.optim))  # fp16: its loss scaler
         self.policy_ema = EMA(self.params, cfg.optim.ema_decay)
         self.reward = make_reward(cfg.reward.name, **({"url": cfg.reward.url, "timeout": cfg.reward.timeout}
@@ -139,7 +135,7 @@ class Trainer:
         self.runner = Run(self, self.out, Schedule(run.epochs, run.time_budget_min, cfg.eval.every,
                                                    cfg.eval.every_minutes, run.checkpoint_every, run.keep_checkpoints),
                           step_key="epoch", grid_prefix="epoch", tracker=tracker, log=log, processes=self.processes)
-        self.shift = cfg.objective.shift if cfg.objective.shift > 0 else pipe.scheduler.config.shift
+        self.shift = cfg.objective.shift if cfg.objective.shift > 0 else self.model.scheduler_config.shift
         self.objective = make_objective(cfg, self.model, self.params, self.shift)
         if self.processes.distributed and not self.objective.multi_process:
             raise UserError(f"objective.name={cfg.objective.name}: {self.objective.label} runs on one process only "
@@ -147,7 +143,7 @@ class Trainer:
         self.processes.rows(cfg.rollout.prompts_per_epoch * cfg.rollout.group_size,
                             "an epoch (rollout.prompts_per_epoch × rollout.group_size)")
         self._counting, self._calls = False, 0
-        pipe.transformer.register_forward_pre_hook(self._count_call, with_kwargs=True)
+        backbone.register_forward_pre_hook(self._count_call, with_kwargs=True)
         with torch.no_grad():
             embeds = self.model.encode_prompts(self.train_prompts)
         self.embeds_of = {p: embeds.index(slice(i, i + 1)) for i, p in enumerate(self.train_prompts)}

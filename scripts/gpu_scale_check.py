@@ -27,7 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from dgpo.methods.batch import RolloutBatch
 from dgpo.methods.dgpo import dgpo_backward
-from dgpo.models.handle import FlowModel
+from dgpo.models.handle import SD3Model
 from dgpo.models.lora import add_lora
 from dgpo.models.pretrain import world_vocabulary
 from dgpo.models.tokenizer import build_clip_tokenizer
@@ -98,7 +98,7 @@ def main() -> None:
         p.data = p.data.float()  # LoRA weights and AdamW state in fp32, the backbone in bf16
     if args.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
-    model = FlowModel(pipe, max_sequence_length=256)
+    model = SD3Model(pipe, max_sequence_length=256)
     opt = torch.optim.AdamW(params, lr=1e-4)
     cfg = ObjectiveConfig(beta=100.0, t_min=0.4)
     prompts = shapes.prompts("train")[: args.prompts]

@@ -73,7 +73,7 @@ from dgpo.methods.batch import RolloutBatch
 from dgpo.ema import EMA
 from dgpo.evaluation import SamplerConfig, generate
 from dgpo.methods import make_objective
-from dgpo.models.handle import FlowModel, PromptEmbeds
+from dgpo.models.handle import FlowModel, PromptEmbeds, SD3Model
 from dgpo.models.lora import add_lora
 from dgpo.objectives import group_advantages
 from dgpo.sampling import sample_ode
@@ -445,7 +445,7 @@ def main(argv=None) -> int:
     report["transformer_params"] = sum(p.numel() for p in pipe.transformer.parameters())
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
         m.requires_grad_(False)
-    model = FlowModel(pipe, max_sequence_length=256)
+    model = SD3Model(pipe, max_sequence_length=256)
     print(f"built in {report['build_s']:.1f} s on {report['device']}", flush=True)
     save()
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline
 
 from dgpo.checkpoint import optimizer_from_flat, optimizer_to_flat
 from dgpo.ema import EMA
@@ -37,9 +36,8 @@ from dgpo.processes import Processes
 from dgpo.run_folder import reopen_run, start_run
 from dgpo.run import Counters, Run, Schedule, plot_run
 from dgpo.evaluation import evaluate_images
-from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline, t5_tokens_of
+from dgpo.models.handle import PromptEmbeds, load_model
 from dgpo.models.adapters import AdapterRoles
-from dgpo.models.lora import LORA_TARGETS
 from dgpo.models.pretrain import ensure_base, load_pretrain_config
 from dgpo.worlds import make_world
 from tdm_r1.config import DistillConfig
@@ -96,34 +94,29 @@ class Distiller:
         self.base_path = resolve_teacher(cfg, log)
         if self.processes.is_main:
             self.processes.barrier()
-        pipe = load_pipeline(self.base_path)
-        pipe.to(device)
-        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            m.requires_grad_(False)
-        t5 = t5_tokens_of(self.base_path)
-        self.teacher = FlowModel(pipe, max_sequence_length=t5)  # adapters off = the teacher
+        self.teacher = load_model(self.base_path).to(device)  # adapters off = the teacher
+        backbone = self.teacher.transformer
         self.boundaries = check_boundaries(cfg.student.boundaries or default_boundaries(self.teacher, cfg.student.nfe))
         if len(self.boundaries) != cfg.student.nfe:
             raise UserError(f"student.boundaries has {len(self.boundaries)} levels for student.nfe={cfg.student.nfe}")
         self.sigmas = boundary_sigmas(self.teacher, self.boundaries)  # σ_0 … σ_K (σ_K = 0)
 
         if cfg.student.mode == "full":  # a full copy of the backbone, trained entirely
-            student_tr = copy.deepcopy(pipe.transformer)
+            student_tr = copy.deepcopy(backbone)
             student_tr.requires_grad_(True)
-            self.student = FlowModel(StableDiffusion3Pipeline(**{**pipe.components, "transformer": student_tr}),
-                                     max_sequence_length=t5)
-            self.student.pipe.set_progress_bar_config(disable=True)
+            self.student = self.teacher.with_transformer(student_tr)
             self.student_params = list(student_tr.parameters())
-        self.adapters = AdapterRoles(pipe.transformer)  # the teacher = the backbone with every adapter off
+        self.adapters = AdapterRoles(backbone)  # the teacher = the backbone with every adapter off
         self.fake_params = self.adapters.add(FAKE, cfg.fake.lora_rank, cfg.fake.lora_alpha,
-                                             LORA_TARGETS[cfg.fake.lora_targets], seed=cfg.run.seed + 1)
+                                             self.teacher.lora_targets(cfg.fake.lora_targets), seed=cfg.run.seed + 1)
         if cfg.student.mode == "lora":  # a second adapter on the same backbone
             self.student_params = self.adapters.add(STUDENT, cfg.student.lora_rank, cfg.student.lora_alpha,
-                                                    LORA_TARGETS[cfg.student.lora_targets], seed=cfg.run.seed)
-            self.student = FlowModel(pipe, max_sequence_length=t5)
+                                                    self.teacher.lora_targets(cfg.student.lora_targets),
+                                                    seed=cfg.run.seed)
+            self.student = self.teacher
         self.step_embed = None
         if cfg.objective.tau == "full":  # the step index k as extra conditioning of the fake score
-            dim = pipe.transformer.config.pooled_projection_dim
+            dim = self.teacher.negative_embeds(1).pooled.shape[-1]  # the pooled prompt embedding's width
             self.step_embed = torch.nn.Parameter(torch.zeros(cfg.student.nfe, dim, device=device))
             self.fake_params.append(self.step_embed)
         for p in self.student_params + self.fake_params:
@@ -357,7 +350,7 @@ class Distiller:
                 base, lora = self.base_path.resolve(), (final / "lora").resolve()
                 write_sampler_files(folder / "lora", self.student, self.boundaries, base, lora)
             else:
-                self.student.pipe.save_pretrained(str(folder / "pipeline"))
+                self.student.save_pretrained(folder / "pipeline")
                 base, lora = (final / "pipeline").resolve(), None
         write_sampler_files(folder, self.student, self.boundaries, base, lora)
 

@@ -37,7 +37,7 @@ def default_boundaries(model: FlowModel, nfe: int) -> list[float]:
     """σ_0 … σ_{K−1} of the pipeline scheduler's own K-step schedule (shifted, σ_0 = 1; for the shapes base
     and K = 4: [1.0, 0.80, 0.50, 0.004]). Measured on shapes, this beat K levels evenly spaced before the
     shift ([1.0, 0.857, 0.667, 0.4]) in 5-minute distillations (``evenly_spaced_boundaries``)."""
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.pipe.scheduler.config)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
     scheduler.set_timesteps(nfe)
     return [float(s) for s in scheduler.sigmas[:-1]]
 
@@ -45,7 +45,7 @@ def default_boundaries(model: FlowModel, nfe: int) -> list[float]:
 def evenly_spaced_boundaries(model: FlowModel, nfe: int) -> list[float]:
     """K levels u_k = 1 − k/K evenly spaced *before* the scheduler's shift, shifted (σ = s·u / (1 + (s − 1)·u));
     the stock call then gets ``sigmas=[1, 1 − 1/K, …, 1/K]``. Pass them as ``student.boundaries``."""
-    shift = float(model.pipe.scheduler.config.shift)
+    shift = float(model.scheduler_config.shift)
     u = 1.0 - np.arange(nfe) / nfe
     return [float(x) for x in shift_sigmas(u, shift)]
 
@@ -70,7 +70,7 @@ def unshift(sigmas, shift: float):
 
 def pipeline_sigmas(model: FlowModel, boundaries: list[float]) -> list[float]:
     """The ``sigmas=`` to pass to the stock pipeline so that its scheduler visits ``boundaries``."""
-    cfg = model.pipe.scheduler.config
+    cfg = model.scheduler_config
     if cfg.get("use_dynamic_shifting"):
         raise UserError("the base scheduler uses dynamic shifting; the student sampler needs a fixed shift")
     return [float(u) for u in unshift(boundaries, float(cfg.shift))]
@@ -78,7 +78,7 @@ def pipeline_sigmas(model: FlowModel, boundaries: list[float]) -> list[float]:
 
 def student_scheduler(model: FlowModel, boundaries: list[float], device=None) -> FlowMatchEulerDiscreteScheduler:
     """A fresh Euler scheduler set to the student's boundaries (what the stock pipeline builds)."""
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.pipe.scheduler.config)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
     scheduler.set_timesteps(sigmas=pipeline_sigmas(model, boundaries), device=device)
     return scheduler
 
@@ -123,7 +123,7 @@ def diffusers_settings(model: FlowModel, boundaries: list[float]) -> dict:
     sigmas = pipeline_sigmas(model, boundaries)
     return {
         "scheduler": "FlowMatchEulerDiscreteScheduler",
-        "scheduler_config": {k: v for k, v in dict(model.pipe.scheduler.config).items() if not k.startswith("_")},
+        "scheduler_config": {k: v for k, v in dict(model.scheduler_config).items() if not k.startswith("_")},
         "num_inference_steps": len(sigmas),
         "sigmas": sigmas,
         "boundaries": [float(b) for b in boundaries],

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dgpo.config import ConfigError
 from dgpo.methods.batch import RolloutBatch
-from dgpo.models.handle import FlowModel, PromptEmbeds, load_pipeline
+from dgpo.models.handle import PromptEmbeds, SD3Model, load_pipeline
 from dgpo.objectives import diffusion_dpo_loss, flow_grpo_loss, group_advantages, nft_loss, nft_optimality
 from dgpo.rewards import register_reward
 from dgpo.sampling import sample_ode
@@ -51,7 +51,7 @@ def make_trainer(base, out, method, *extra):
 # ----------------------------------------------------------------------------------------- Flow-GRPO sampler
 
 def test_sde_with_noise_level_zero_is_the_ode_sampler(tiny_base):
-    model = FlowModel(load_pipeline(tiny_base))
+    model = SD3Model(load_pipeline(tiny_base))
     embeds = model.encode_prompts(["a photo of a red circle", "a photo of two blue squares"])
     noise = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(0))
     ode = sample_ode(model, embeds, noise, 4, 2.0, "euler")

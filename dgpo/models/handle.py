@@ -1,21 +1,29 @@
-"""The flow-matching model handle over a diffusers ``StableDiffusion3Pipeline``.
+"""The model handle: everything an algorithm may use of a model, and its first implementation, the SD3 family.
 
-Everything an algorithm needs from the model, in the pipeline's own conventions:
+No algorithm (DGPO and its baselines, TDM, samplers, evaluation) touches a pipeline: each works on a
+:class:`FlowModel` — the protocol below — which a model family implements over its own diffusers pipeline:
 
-- prompt encoding through the pipeline's ``encode_prompt`` (so CFG's empty prompt is the pipeline's);
-- velocity prediction ``v_θ(x_σ, σ, c)`` with the transformer's timestep ``t = 1000·σ``;
-- latent encode/decode with the VAE's ``shift_factor`` / ``scaling_factor``
-  (``z = (E(x) − shift)·scale``, ``x = D(z / scale + shift)``);
-- the flow-matching interpolation ``x_σ = (1 − σ)·x₀ + σ·ε`` (rectified flow, SD3), whose velocity target
-  is ``v = ε − x₀``.
+- ``from_pretrained(folder)``: a local pipeline folder (``save_pretrained``'s layout), frozen but for the
+  backbone; :func:`load_model` picks the family from the folder's ``model_index.json``;
+- prompt encoding (CFG's empty prompt as the pipeline encodes it);
+- velocity prediction ``v_θ(x_σ, σ, c)`` (and the CFG combination) in the rectified-flow convention
+  ``x_σ = (1 − σ)·x₀ + σ·ε``, target ``v = ε − x₀``; ``scheduler_config``: the flow schedule (its shift);
+- latent encode/decode; ``latent_shape``, ``image_size``;
+- ``transformer``: the backbone that adapters go on, and ``lora_targets(kind)``: its module names for a
+  kind of adapter ("attention", "attention_ff");
+- ``with_transformer(backbone)`` (the same model with another backbone: a fully fine-tuned student),
+  ``save_pretrained(folder)`` and ``fuse_lora(folder)`` (a diffusers-format LoRA folded in, for sampling).
 
-The same class wraps the 3.5M-parameter shapes base and SD3.5-Medium; only the pipeline differs.
+:class:`SD3Model` implements it for ``StableDiffusion3Pipeline`` (the shapes base, SD3-Medium, SD3.5-Medium
+and -Large; the transformer's timestep is ``t = 1000·σ``; latents ``z = (E(x) − shift)·scale``). Another
+family registers its handle with :func:`register_model_family` under its pipeline's class name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -70,13 +78,121 @@ def t5_tokens_of(model_dir: str | Path) -> int:
     return 0
 
 
-class FlowModel:
-    """Velocity prediction, prompt encoding and latent coding for an SD3-family pipeline."""
+@runtime_checkable
+class FlowModel(Protocol):
+    """The model handle every algorithm works on (see the module docstring); :class:`SD3Model` is one."""
+
+    family: str
+    max_sequence_length: int
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> "FlowModel": ...
+    @property
+    def transformer(self) -> torch.nn.Module: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def latent_shape(self) -> tuple[int, int, int]: ...
+    @property
+    def image_size(self) -> int: ...
+    @property
+    def scheduler_config(self): ...
+    def lora_targets(self, kind: str) -> tuple[str, ...]: ...
+    def to(self, device) -> "FlowModel": ...
+    def with_transformer(self, transformer: torch.nn.Module) -> "FlowModel": ...
+    def save_pretrained(self, folder: str | Path) -> None: ...
+    def fuse_lora(self, lora_dir: str | Path) -> None: ...
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds: ...
+    def negative_embeds(self, batch: int) -> PromptEmbeds: ...
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor: ...
+    def velocity_at_timestep(self, latents: torch.Tensor, timestep: torch.Tensor,
+                             embeds: PromptEmbeds) -> torch.Tensor: ...
+    def guided_velocity(self, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds,
+                        guidance_scale: float) -> torch.Tensor: ...
+    def guided_velocity_at_timestep(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
+                                    guidance_scale: float) -> torch.Tensor: ...
+    def encode_images(self, images, sample: bool = False, generator: torch.Generator | None = None
+                      ) -> torch.Tensor: ...
+    def decode_latents(self, latents: torch.Tensor, output: str = "uint8"): ...
+
+
+_FAMILIES: dict[str, type] = {}
+
+
+def register_model_family(pipeline_class: str, handle_cls: type) -> type:
+    """Make :func:`load_model` open folders whose ``model_index.json`` names ``pipeline_class`` with
+    ``handle_cls`` (a :class:`FlowModel`)."""
+    _FAMILIES[pipeline_class] = handle_cls
+    return handle_cls
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> FlowModel:
+    """The handle of a local pipeline folder, by the pipeline class its ``model_index.json`` names."""
+    import json
+    index = Path(model_dir) / "model_index.json"
+    if not index.is_file():
+        load_pipeline(model_dir)  # the one clear error for a folder that is not a pipeline
+    name = json.loads(index.read_text()).get("_class_name", "?")
+    if name not in _FAMILIES:
+        raise UserError(f"{str(model_dir)!r} holds a {name}; the model families this framework can train are "
+                        f"{sorted(_FAMILIES)} (add one with dgpo.models.handle.register_model_family)")
+    return _FAMILIES[name].from_pretrained(model_dir, dtype)
+
+
+class SD3Model:
+    """The SD3 family's handle: velocity, prompt encoding and latent coding over a ``StableDiffusion3Pipeline``
+    (T5 left out: ``max_sequence_length`` zero T5 tokens, as the shapes base was trained)."""
+
+    family = "sd3"
 
     def __init__(self, pipe: StableDiffusion3Pipeline, max_sequence_length: int = 0):
         self.pipe = pipe
         self.max_sequence_length = max_sequence_length
         self._negative: PromptEmbeds | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> "SD3Model":
+        """A local SD3 pipeline folder; VAE and text encoders frozen (the backbone is what adapters train)."""
+        pipe = load_pipeline(model_dir, dtype)
+        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            m.requires_grad_(False)
+        return cls(pipe, max_sequence_length=t5_tokens_of(model_dir))
+
+    def to(self, device) -> "SD3Model":
+        self.pipe.to(device)
+        self._negative = None
+        return self
+
+    def with_transformer(self, transformer: torch.nn.Module) -> "SD3Model":
+        pipe = StableDiffusion3Pipeline(**{**self.pipe.components, "transformer": transformer})
+        pipe.set_progress_bar_config(disable=True)
+        return SD3Model(pipe, self.max_sequence_length)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        self.pipe.save_pretrained(str(folder))
+
+    def fuse_lora(self, lora_dir: str | Path) -> None:
+        """Fold a diffusers-format LoRA folder into the backbone (``fuse_lora`` + ``unload_lora_weights``: the
+        same function, without the adapters' extra products at every step)."""
+        from dgpo.models.lora_io import load_lora_into_pipeline
+        load_lora_into_pipeline(self.pipe, lora_dir)
+        self.pipe.fuse_lora()
+        self.pipe.unload_lora_weights()
+
+    def lora_targets(self, kind: str) -> tuple[str, ...]:
+        """The MM-DiT's module names for ``kind``: "attention" (joint-attention projections of both streams)
+        or "attention_ff" (and the feed-forward layers)."""
+        from dgpo.models.lora import LORA_TARGETS
+        if kind not in LORA_TARGETS:
+            raise UserError(f"LoRA targets {kind!r}: the SD3 family has {sorted(LORA_TARGETS)}")
+        return LORA_TARGETS[kind]
+
+    @property
+    def scheduler_config(self):
+        """The flow-matching scheduler's config (``shift``, ``num_train_timesteps``, …)."""
+        return self.pipe.scheduler.config
 
     # -------------------------------------------------------------------------------- parts
     @property
@@ -178,3 +294,6 @@ def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor)
     """x_σ = (1 − σ)·x₀ + σ·ε (rectified-flow forward process, SD3 Eq. 2); sigma (B,)."""
     s = sigma.view(-1, *([1] * (x0.ndim - 1)))
     return (1.0 - s) * x0 + s * noise
+
+
+register_model_family("StableDiffusion3Pipeline", SD3Model)

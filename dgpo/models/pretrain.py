@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from dgpo.config import option, section, to_dict
 from dgpo.ema import EMA
-from dgpo.models.handle import FlowModel, flow_interpolate
+from dgpo.models.handle import FlowModel, SD3Model, flow_interpolate
 from dgpo.models.pretrain_state import PartialBase
 from dgpo.models.tiny_sd3 import BaseModelConfig, build_pipeline, usage_note
 from dgpo.paths import cache_root, config_hash, exclusive_lock
@@ -429,7 +429,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, log=print, work: PartialB
     words = world_vocabulary()
     pipe = build_pipeline(cfg.model, words, seed=cfg.seed)
     pipe.set_progress_bar_config(disable=True)
-    model = FlowModel(pipe, max_sequence_length=cfg.model.t5_tokens)
+    model = SD3Model(pipe, max_sequence_length=cfg.model.t5_tokens)
     images, prompt_list, prompt_idx = render_pool(cfg)
     log(f"render pool: {len(images)} images of {len(prompt_list)} captions ({cfg.data.captions}, "
         f"fidelity {cfg.data.fidelity})")
@@ -495,7 +495,7 @@ def refine_cached(cfg: PretrainConfig, stage12_dir: Path, out_dir: Path, log=pri
     log(f"reusing the cached stage-1–2 base {stage12_dir.name}; running the decoder refinement only")
     pipe = load_pipeline(stage12_dir)
     pipe.set_progress_bar_config(disable=True)
-    model = FlowModel(pipe, max_sequence_length=cfg.model.t5_tokens)
+    model = SD3Model(pipe, max_sequence_length=cfg.model.t5_tokens)
     images, prompt_list, prompt_idx = render_pool(cfg)
     # stage 3 draws from its own generator, so refining a cached base and pretraining in one go agree
     summary = json.loads((stage12_dir / "pretrain_summary.json").read_text())

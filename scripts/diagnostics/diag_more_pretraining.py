@@ -38,12 +38,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from dgpo.cli import load_base_config
-    from dgpo.models.handle import FlowModel, load_pipeline
+    from dgpo.models.handle import SD3Model, load_pipeline
     from dgpo.models.pretrain import encode_pool, ensure_base, render_pool, train_flow
     cfg = load_base_config()
     base = ensure_base(cfg)
     pipe = load_pipeline(base)
-    model = FlowModel(pipe, max_sequence_length=cfg.model.t5_tokens)
+    model = SD3Model(pipe, max_sequence_length=cfg.model.t5_tokens)
     images, prompt_list, prompt_idx = render_pool(cfg)
     with torch.no_grad():
         latents = (encode_pool(pipe.vae, images) - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
