@@ -28,7 +28,7 @@ DEFAULT_TRAIN_CONFIG = CONFIG_DIR / "dgpo" / "shapes.yaml"
 # ------------------------------------------------------------------------------------------- helpers
 
 def load_base_config(path: str | Path | None = None, overrides=()):
-    from dgpo.models.pretrain import load_pretrain_config
+    from dgpo.worlds.shapes_base.pretrain import load_pretrain_config
     return load_pretrain_config(path or DEFAULT_BASE_CONFIG, overrides)
 
 
@@ -36,7 +36,7 @@ def resolve_model(model_dir: str | None, log=print) -> Path:
     """``--model`` as given, or the embedded shapes base (pretrained on first use, then cached)."""
     if model_dir:
         return Path(model_dir)
-    from dgpo.models.pretrain import ensure_base
+    from dgpo.worlds.shapes_base.pretrain import ensure_base
     return ensure_base(load_base_config(), log=log)
 
 
@@ -65,7 +65,7 @@ def _prompts_from_args(args) -> list[str]:
 def cmd_pretrain(args) -> int | None:
     from dgpo.config import to_dict
     from dgpo.evaluation import EvalConfig, SamplerConfig, evaluate_model, format_table
-    from dgpo.models.pretrain import FlowPaused, base_dir, ensure_base, forget_base, snapshot_base
+    from dgpo.worlds.shapes_base.pretrain import FlowPaused, base_dir, ensure_base, forget_base, snapshot_base
     cfg = load_base_config(args.config, args.set)
     if args.snapshot:
         from dgpo.output_dir import atomic_output_dir

@@ -43,7 +43,8 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = option("shapes_partial", "reward: shapes_partial, shapes_strict, shapes_mixed, shapes_soft, remote, or a registered name")
+    name: str = option("", "reward: empty = the world's own (shapes: shapes_partial); shapes_strict, shapes_mixed, "
+                       "shapes_soft, remote, or a registered name")
     url: str = option("", "reward server URL (name=remote)")
     timeout: float = option(30.0, "reward server timeout in seconds (name=remote)", min=0.1)
 

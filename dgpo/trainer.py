@@ -35,7 +35,6 @@ from dgpo.run_folder import reopen_run, start_run
 from dgpo.run import Counters, Run, Schedule, flat_dict, plot_run
 from dgpo.evaluation import EvalConfig, evaluate_model
 from dgpo.models.handle import PromptEmbeds, load_model, t5_tokens_of
-from dgpo.models.pretrain import ensure_base, load_pretrain_config
 from dgpo.models.adapters import AdapterRoles
 from dgpo.processes import Processes
 from dgpo.prompt_sampling import PromptSampler
@@ -43,20 +42,14 @@ from dgpo.rewards import make_reward
 from dgpo.train_config import TrainConfig, train_config_class
 from dgpo.worlds import make_world
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 POLICY = "policy"  # the adapter role DGPO and its baselines train
 
 
 # ------------------------------------------------------------------------------------------- set-up
 
 def resolve_base(cfg: TrainConfig, log=print) -> tuple[Path, int]:
-    """The base pipeline folder and its number of zero T5 tokens."""
-    if cfg.model.base:
-        path = Path(cfg.model.base)
-    else:
-        base_cfg = Path(cfg.model.base_config)
-        base_cfg = base_cfg if base_cfg.is_absolute() else REPO_ROOT / base_cfg
-        path = ensure_base(load_pretrain_config(base_cfg), log=log)
+    """The base pipeline folder (``model.base``, or the world's embedded base) and its zero T5 tokens."""
+    path = Path(cfg.model.base) if cfg.model.base else make_world(cfg.world).embedded_base(cfg.model.base_config, log)
     return path, t5_tokens_of(path)
 
 
@@ -121,10 +114,11 @@ class Trainer:
             backbone.enable_gradient_checkpointing()
         self.optimizer = self.accelerator.prepare(build_optimizer(self.params, cfg.optim))  # fp16: its loss scaler
         self.policy_ema = EMA(self.params, cfg.optim.ema_decay)
-        self.reward = make_reward(cfg.reward.name, **({"url": cfg.reward.url, "timeout": cfg.reward.timeout}
-                                                      if cfg.reward.name == "remote" else {}))
-        self.gen = torch.Generator().manual_seed(cfg.run.seed)
         self.world = make_world(cfg.world)
+        reward = self.reward_name = cfg.reward.name or self.world.reward
+        self.reward = make_reward(reward, **({"url": cfg.reward.url, "timeout": cfg.reward.timeout}
+                                             if reward == "remote" else {}))
+        self.gen = torch.Generator().manual_seed(cfg.run.seed)
         self.train_prompts = self.world.prompts("train")
         r = cfg.rollout
         self.prompt_sampler = PromptSampler(self.train_prompts, r.prompts_per_epoch, r.prompt_weighting,
@@ -195,7 +189,7 @@ class Trainer:
         return latents, images, embeds, flat, extras
 
     def score(self, images: np.ndarray, prompts: list[str]) -> torch.Tensor:
-        return checked_rewards(self.reward, images, prompts, self.cfg.reward.name)
+        return checked_rewards(self.reward, images, prompts, self.reward_name)
 
     def run_progress(self) -> float:
         """Fraction of the run done before this epoch: of the time budget if one is set, else of run.epochs.
@@ -243,7 +237,7 @@ class Trainer:
         try:
             latents, images, embeds, flat, extras = self.rollout(prompts)
             scored = score_groups(self.reward, images, flat, self.cfg.rollout.group_size, self.cfg.advantage,
-                                  self.cfg.reward.name, self.processes)  # every process's rewards, global groups
+                                  self.reward_name, self.processes)  # every process's rewards, global groups
             rewards = scored.rewards
             self.prompt_sampler.observe(prompts, rewards.view(len(prompts), -1).double().mean(1))
             device = latents.device  # a GPU run keeps the whole batch on the GPU
@@ -384,7 +378,7 @@ def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
     from dgpo.methods import objective_class
     cfg = load_config(train_config_class(), path, overrides)
     objective_class(cfg.objective.name).validate(cfg)  # an unknown method or bad settings fail before any model loads
-    if cfg.reward.name not in available_rewards():
+    if cfg.reward.name and cfg.reward.name not in available_rewards():
         raise ConfigError(f"reward.name: {cfg.reward.name!r} is not a registered reward; choose one of "
                           f"{available_rewards()} (or register yours with dgpo.rewards.register_reward)")
     if cfg.reward.name == "remote" and not cfg.reward.url:

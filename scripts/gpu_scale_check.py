@@ -29,8 +29,8 @@ from dgpo.methods.batch import RolloutBatch
 from dgpo.methods.dgpo import dgpo_backward
 from dgpo.models.handle import SD3Model
 from dgpo.models.lora import add_lora
-from dgpo.models.pretrain import world_vocabulary
-from dgpo.models.tokenizer import build_clip_tokenizer
+from dgpo.worlds.shapes_base.pretrain import world_vocabulary
+from dgpo.worlds.shapes_base.tokenizer import build_clip_tokenizer
 from dgpo.objectives import group_advantages
 from dgpo import sampling_speed
 from dgpo.sampling import sample_ode

@@ -38,14 +38,12 @@ from dgpo.run import Counters, Run, Schedule, plot_run
 from dgpo.evaluation import evaluate_images
 from dgpo.models.handle import PromptEmbeds, load_model
 from dgpo.models.adapters import AdapterRoles
-from dgpo.models.pretrain import ensure_base, load_pretrain_config
 from dgpo.worlds import make_world
 from tdm_r1.config import DistillConfig
 from tdm_r1.objectives import (fake_score_loss, generator_loss, log_importance_weight, normalise_weights,
                                sample_tau, transition_sample, x0_from_velocity)
 from tdm_r1.student import boundary_sigmas, check_boundaries, default_boundaries, generate_student, write_sampler_files
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDENT, FAKE = "student", "fake"
 
 
@@ -53,9 +51,7 @@ def resolve_teacher(cfg: DistillConfig, log=print) -> Path:
     """The teacher pipeline folder: ``teacher.base`` or the embedded base (pretrained if not cached)."""
     if cfg.teacher.base:
         return Path(cfg.teacher.base)
-    base_cfg = Path(cfg.teacher.base_config)
-    base_cfg = base_cfg if base_cfg.is_absolute() else REPO_ROOT / base_cfg
-    return ensure_base(load_pretrain_config(base_cfg), log=log)
+    return make_world(cfg.world).embedded_base(cfg.teacher.base_config, log)
 
 
 @dataclass

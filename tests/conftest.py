@@ -34,6 +34,6 @@ def tiny_base_cfg(cache_dir):
 @pytest.fixture(scope="session")
 def tiny_base(tiny_base_cfg):
     """Path of a tiny pretrained shapes base (a real saved StableDiffusion3Pipeline)."""
-    from dgpo.models.pretrain import ensure_base
+    from dgpo.worlds.shapes_base.pretrain import ensure_base
     torch.manual_seed(0)
     return ensure_base(tiny_base_cfg, log=lambda *a: None)

@@ -3,7 +3,7 @@
 import pytest
 
 from dgpo.config import ConfigError, describe, load_config, to_dict
-from dgpo.models.pretrain import PretrainConfig
+from dgpo.worlds.shapes_base.pretrain import PretrainConfig
 
 
 def test_defaults_and_yaml_roundtrip(tmp_path):

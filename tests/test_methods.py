@@ -36,7 +36,7 @@ def learnable_base():
     """The tiny base with a VAE trained long enough that its decoder responds to the latents (the 4-step VAE
     of ``tiny_base`` decodes every latent to nearly the same image, so no reward of images is learnable)."""
     from dgpo.cli import load_base_config
-    from dgpo.models.pretrain import ensure_base
+    from dgpo.worlds.shapes_base.pretrain import ensure_base
     torch.manual_seed(0)
     return ensure_base(load_base_config(None, [*TINY_BASE, "vae.steps=80"]), log=lambda *a: None)
 

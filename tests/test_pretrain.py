@@ -6,7 +6,7 @@ from dataclasses import replace
 import torch
 
 from dgpo.models.handle import load_pipeline
-from dgpo.models.pretrain import base_dir, base_key, ensure_base, pretrain, stage12_config
+from dgpo.worlds.shapes_base.pretrain import base_dir, base_key, ensure_base, pretrain, stage12_config
 
 
 def _refined(cfg, steps=30):
@@ -55,7 +55,7 @@ def test_first_use_inside_a_no_grad_block_pretrains(tmp_path, monkeypatch):
     """A base is built lazily by whatever needs it first, possibly from inside a no-grad evaluation."""
     from conftest import TINY_BASE
     from dgpo.cli import load_base_config
-    from dgpo.models.pretrain import ensure_base
+    from dgpo.worlds.shapes_base.pretrain import ensure_base
     monkeypatch.setenv("DGPO_CACHE", str(tmp_path))
     cfg = load_base_config(None, [*TINY_BASE, "seed=5"])
     with torch.inference_mode():

@@ -20,7 +20,7 @@ from dgpo.checkpoint import list_checkpoints
 from dgpo.cli import load_base_config, main
 from dgpo.config import to_dict
 from dgpo.models.handle import load_pipeline
-from dgpo.models.pretrain import (FlowPaused, base_key, ensure_base, partial_dir, pool_captions, render_pool,
+from dgpo.worlds.shapes_base.pretrain import (FlowPaused, base_key, ensure_base, partial_dir, pool_captions, render_pool,
                                   training_captions)
 from dgpo.worlds import shapes_captions as C
 from dgpo.worlds import shapes_fidelity as F
@@ -118,7 +118,7 @@ def test_pretraining_in_pieces_is_bit_identical(tmp_path, monkeypatch, capsys):
 CONCURRENT = """
 import json, sys
 from dgpo.cli import load_base_config
-from dgpo.models.pretrain import ensure_base
+from dgpo.worlds.shapes_base.pretrain import ensure_base
 cfg = load_base_config(None, json.loads(sys.argv[1]))
 path = ensure_base(cfg, log=lambda message: print("LOG", message, flush=True))
 print("PATH", path, flush=True)
@@ -146,7 +146,7 @@ def test_concurrent_first_use_trains_once(tmp_path):
 def test_snapshot_of_an_unfinished_pretraining_is_the_base_it_would_save(tmp_path, monkeypatch, capsys):
     """`dgpo pretrain --snapshot DIR` rebuilds a pipeline from the work folder alone; at the last checkpoint
     it equals, bit for bit, the base the pretraining saves (so a mid-run snapshot is what that run has)."""
-    from dgpo.models.pretrain import PartialBase, pretrain
+    from dgpo.worlds.shapes_base.pretrain import PartialBase, pretrain
     monkeypatch.setenv("DGPO_CACHE", str(tmp_path / "cache"))
     cfg = load_base_config(None, GRAMMAR)
     sets = [x for s in GRAMMAR for x in ("--set", s)]

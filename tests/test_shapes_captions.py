@@ -10,8 +10,8 @@ from itertools import combinations, product
 import numpy as np
 import pytest
 
-from dgpo.models.pretrain import world_vocabulary
-from dgpo.models.tokenizer import build_clip_tokenizer
+from dgpo.worlds.shapes_base.pretrain import world_vocabulary
+from dgpo.worlds.shapes_base.tokenizer import build_clip_tokenizer
 from dgpo.worlds import shapes as W
 from dgpo.worlds import shapes_captions as C
 

@@ -2,8 +2,8 @@
 
 from transformers import CLIPTokenizer
 
-from dgpo.models.pretrain import world_vocabulary
-from dgpo.models.tokenizer import build_clip_tokenizer
+from dgpo.worlds.shapes_base.pretrain import world_vocabulary
+from dgpo.worlds.shapes_base.tokenizer import build_clip_tokenizer
 from dgpo.worlds import shapes
 
 

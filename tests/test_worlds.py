@@ -6,6 +6,7 @@ import json
 import numpy as np
 
 from dgpo.cli import main
+from dgpo.errors import UserError
 from dgpo.worlds import make_world, register_world, world_names
 from test_train import TINY_RUN  # also registers the test reward
 
@@ -15,6 +16,7 @@ class BrightWorld:
 
     name = "bright"
     metric = "brightness"
+    reward = "test_brightness"  # its own reward: a run with an empty reward.name trains on it
     split = {"train": ["a photo of a red circle", "a photo of a blue square"], "test": ["a photo of a green triangle"]}
 
     def prompts(self, split):
@@ -22,6 +24,9 @@ class BrightWorld:
 
     def check_prompts(self, prompts):
         pass
+
+    def embedded_base(self, base_config, log=print):
+        raise UserError("the bright world has no base of its own: set model.base")
 
     def score(self, images, prompts, fd=True):
         b = images.reshape(len(images), -1).mean(axis=1) / 255.0
@@ -39,14 +44,19 @@ def test_the_shapes_world_is_registered():
 
 
 def test_a_world_from_a_test_file_trains_and_evaluates(tiny_base, tmp_path, capsys):
-    sets = [a for s in [f"model.base={tiny_base}", "world=bright", "run.epochs=2", "run.time_budget_min=0", *TINY_RUN]
+    sets = [a for s in [f"model.base={tiny_base}", "world=bright", "run.epochs=2", "run.time_budget_min=0", *TINY_RUN,
+                        "reward.name="]  # empty: the world's own reward
             for a in ("--set", s)]
     assert main(["train", *sets, "--out", str(tmp_path / "run")]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert list(summary["last"]["eval_per_category"]) == ["green"]  # the world's own test split and categories
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "reward" in r] == [1, 2]
+    images_mean_brightness = [r["reward"] for r in rows if "reward" in r]
+    assert all(0 < r < 1 for r in images_mean_brightness)  # a brightness, not a 0/1 shapes verdict
     capsys.readouterr()
+    assert main(["train", "--set", "world=bright", "--out", str(tmp_path / "no-base")]) == 2
+    assert "no base of its own: set model.base" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_base), "--world", "bright", "--per-prompt", "2", "--steps", "2"]) == 0
     assert "| model | brightness | green |" in capsys.readouterr().out  # the world's metric and categories
     assert main(["eval", "--model", str(tiny_base), "--world", "nowhere"]) == 2

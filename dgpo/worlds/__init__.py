@@ -1,14 +1,16 @@
 """Worlds: the tasks a model is trained and measured on, as plug-ins.
 
-A world provides its prompts and their fixed split, a check that a prompt belongs to it, and the score of a
-set of generated images: its task metric (overall, under the key ``geneval``, and per category) and a
-quality metric beside it (``fd``), so the recipes and the evaluation never name a world. The embedded shapes
+A world provides its prompts and their fixed split, a check that a prompt belongs to it, the reward RL
+trains on by default, the score of a set of generated images — its task metric (overall, under the key
+``geneval``, and per category) and a quality metric beside it (``fd``) — and, if it has one, its own
+embedded base model; so the recipes and the evaluation never name a world. The embedded shapes
 world (:mod:`dgpo.worlds.shapes_world`) is the first; ``register_world`` adds another, e.g. from a
 ``--plugin`` file, and ``world: NAME`` in a training config (or ``--world NAME``) selects it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
@@ -18,6 +20,7 @@ import numpy as np
 class World(Protocol):
     name: str        # registry name
     metric: str      # display name of the task metric, e.g. "shapes-geneval"
+    reward: str      # the registered reward a training run uses when reward.name is empty
 
     def prompts(self, split: str) -> list[str]:
         """The prompts of ``split`` ("train", "test" or "all"), in a fixed order."""
@@ -28,6 +31,10 @@ class World(Protocol):
     def score(self, images: np.ndarray, prompts: list[str], fd: bool = True) -> dict:
         """``{"geneval": task metric, "per_category": {...}, "partial": a dense score in [0, 1], "fd": quality
         (with ``fd``), "n_images", "n_prompts"}`` of uint8 images (N, S, S, 3) made for ``prompts``."""
+
+    def embedded_base(self, base_config: str, log=print) -> Path:
+        """The pipeline folder of this world's own base model, built from ``base_config`` if not cached (a
+        world without one raises a UserError asking for ``model.base``)."""
 
 
 _WORLDS: dict[str, Callable[[], World]] = {}

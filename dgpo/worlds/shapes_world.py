@@ -4,15 +4,28 @@ shapes-geneval (per category) and partial score, and the quality FD (:mod:`dgpo.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from dgpo.errors import UserError
 from dgpo.worlds import quality, register_world, shapes
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 class ShapesWorld:
     name = "shapes"
     metric = "shapes-geneval"
+    reward = "shapes_partial"
+
+    def embedded_base(self, base_config: str, log=print) -> Path:
+        """The tiny SD3 base pretrained on the world's renders (:mod:`dgpo.worlds.shapes_base`) by the recipe
+        ``base_config`` (relative to the repository, or absolute), pretrained now if it is not cached."""
+        from dgpo.worlds.shapes_base.pretrain import ensure_base, load_pretrain_config
+        path = Path(base_config)
+        path = path if path.is_absolute() else REPO_ROOT / path
+        return ensure_base(load_pretrain_config(path), log=log)
 
     def prompts(self, split: str) -> list[str]:
         return shapes.prompts(split)

@@ -1,7 +1,7 @@
 """Diagnostic: does more flow-matching pretraining make the base draw what RL cannot teach it (sharp squares)?
 
 Continues the flow-matching stage of the cached embedded base (`dgpo pretrain`'s stage 2, same data, recipe and
-loss: :func:`dgpo.models.pretrain.train_flow`) for ``--steps`` more steps at ``--lr`` (warm-up + cosine) and saves
+loss: :func:`dgpo.worlds.shapes_base.pretrain.train_flow`) for ``--steps`` more steps at ``--lr`` (warm-up + cosine) and saves
 the result as a separate pipeline folder; the cached base is not touched. Then compare, e.g.::
 
     python scripts/diagnostics/diag_more_pretraining.py --steps 2000 --out runs/base-plus2000
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     from dgpo.cli import load_base_config
     from dgpo.models.handle import SD3Model, load_pipeline
-    from dgpo.models.pretrain import encode_pool, ensure_base, render_pool, train_flow
+    from dgpo.worlds.shapes_base.pretrain import encode_pool, ensure_base, render_pool, train_flow
     cfg = load_base_config()
     base = ensure_base(cfg)
     pipe = load_pipeline(base)

@@ -46,7 +46,7 @@ def flow_matching_loss(model, images: np.ndarray, prompts: list[str], gen, text_
     ``text_grad`` lets the gradient reach the text encoders (full fine-tuning)."""
     import torch
     from dgpo.models.handle import flow_interpolate
-    from dgpo.models.pretrain import FlowTrainConfig, sample_sigmas
+    from dgpo.worlds.shapes_base.pretrain import FlowTrainConfig, sample_sigmas
     with torch.no_grad():
         x0 = model.encode_images(images)
     with torch.set_grad_enabled(text_grad):

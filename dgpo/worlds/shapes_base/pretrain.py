@@ -26,7 +26,7 @@ each pool entry's caption corrupted with probability 1 − ``data.fidelity``
 (:mod:`dgpo.worlds.shapes_fidelity`) while its image stays the true render.
 
 Pretraining is resumable: :func:`ensure_base` works in ``<key>.partial/`` beside the cache entry
-(:mod:`dgpo.models.pretrain_state`), keeps stage 1's autoencoder there and checkpoints the flow stage every
+(:mod:`dgpo.worlds.shapes_base.pretrain_state`), keeps stage 1's autoencoder there and checkpoints the flow stage every
 ``flow.checkpoint_every`` steps; a call stopped (``stop``, ``dgpo pretrain --max-minutes``) or killed
 continues from there on the next call with the same config and ends with the same weights.
 """
@@ -50,8 +50,8 @@ from tqdm.auto import tqdm
 from dgpo.config import option, section, to_dict
 from dgpo.ema import EMA
 from dgpo.models.handle import FlowModel, SD3Model, flow_interpolate
-from dgpo.models.pretrain_state import PartialBase
-from dgpo.models.tiny_sd3 import BaseModelConfig, build_pipeline, usage_note
+from dgpo.worlds.shapes_base.pretrain_state import PartialBase
+from dgpo.worlds.shapes_base.tiny_sd3 import BaseModelConfig, build_pipeline, usage_note
 from dgpo.paths import cache_root, config_hash, exclusive_lock
 from dgpo.sampling import shift_sigmas
 from dgpo.worlds import shapes, shapes_captions, shapes_fidelity

@@ -20,7 +20,7 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transf
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from dgpo.config import option, section
-from dgpo.models.tokenizer import build_clip_tokenizer
+from dgpo.worlds.shapes_base.tokenizer import build_clip_tokenizer
 
 
 @dataclass
