@@ -29,12 +29,13 @@ from dgpo.config import to_dict
 from dgpo import eval_cache
 from dgpo.methods.batch import RolloutBatch, checked_rewards, score_groups
 from dgpo.ema import EMA
+from dgpo.generation import timed
 from dgpo.methods import make_objective
 from dgpo.errors import UserError
 from dgpo.run_folder import reopen_run, start_run
 from dgpo.run import Counters, Run, Schedule, flat_dict, plot_run
 from dgpo.evaluation import EvalConfig, evaluate_model
-from dgpo.models.handle import PromptEmbeds, load_model, t5_tokens_of
+from dgpo.models.handle import FlowModel, PromptEmbeds, load_model, t5_tokens_of
 from dgpo.models.adapters import AdapterRoles
 from dgpo.processes import Processes
 from dgpo.prompt_sampling import PromptSampler
@@ -93,7 +94,10 @@ def nfe_per_epoch(cfg: TrainConfig) -> int:
 class Trainer:
     """Holds the model, optimiser, EMAs and counters of one run; ``run()`` is the loop."""
 
-    def __init__(self, cfg: TrainConfig, log=print):
+    def __init__(self, cfg: TrainConfig, log=print, *, model: FlowModel | None = None, reward=None):
+        """Build the run's components from ``cfg``; ``model`` (a :class:`FlowModel`, e.g. one built in memory)
+        and ``reward`` (a callable ``(images, prompts) -> scores``) replace the configured ones when given, so
+        tools compose a trainer instead of copying its epoch."""
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.run.out_dir)
         if cfg.run.threads:
@@ -103,21 +107,26 @@ class Trainer:
                                        project_dir=str(self.out))
         set_seed(cfg.run.seed)
         self.processes = Processes.of(self.accelerator)
-        base, t5 = self._resolve_base(cfg, log)
-        self.base_path = base
-        self.model = load_model(base).to(self.accelerator.device)
+        if model is None:
+            self.base_path, _ = self._resolve_base(cfg, log)
+            model = load_model(self.base_path)
+        else:
+            self.base_path = Path(cfg.model.base or "in-memory-model")
+        self.model = model.to(self.accelerator.device)
         backbone = self.model.transformer
         self.adapters = AdapterRoles(backbone)  # the reference = the backbone with the policy off
         self.params = self.adapters.add(POLICY, cfg.model.lora_rank, cfg.model.lora_alpha,
                                         self.model.lora_targets(cfg.model.lora_targets), seed=cfg.run.seed)
+        for p in self.params:
+            p.data = p.data.float()  # LoRA weights and optimiser state in fp32 whatever the backbone's dtype
         if cfg.model.gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
         self.optimizer = self.accelerator.prepare(build_optimizer(self.params, cfg.optim))  # fp16: its loss scaler
         self.policy_ema = EMA(self.params, cfg.optim.ema_decay)
         self.world = make_world(cfg.world)
-        reward = self.reward_name = cfg.reward.name or self.world.reward
-        self.reward = make_reward(reward, **({"url": cfg.reward.url, "timeout": cfg.reward.timeout}
-                                             if reward == "remote" else {}))
+        name = self.reward_name = cfg.reward.name or self.world.reward
+        self.reward = reward if reward is not None else make_reward(
+            name, **({"url": cfg.reward.url, "timeout": cfg.reward.timeout} if name == "remote" else {}))
         self.gen = torch.Generator().manual_seed(cfg.run.seed)
         self.train_prompts = self.world.prompts("train")
         r = cfg.rollout
@@ -137,7 +146,7 @@ class Trainer:
         self.processes.rows(cfg.rollout.prompts_per_epoch * cfg.rollout.group_size,
                             "an epoch (rollout.prompts_per_epoch × rollout.group_size)")
         self._counting, self._calls = False, 0
-        backbone.register_forward_pre_hook(self._count_call, with_kwargs=True)
+        self._count_hook = backbone.register_forward_pre_hook(self._count_call, with_kwargs=True)
         with torch.no_grad():
             embeds = self.model.encode_prompts(self.train_prompts)
         self.embeds_of = {p: embeds.index(slice(i, i + 1)) for i, p in enumerate(self.train_prompts)}
@@ -232,25 +241,38 @@ class Trainer:
         return self.epoch()
 
     def _epoch(self) -> tuple[dict, int]:
+        """Rollout, reward and update, each timed (device synchronised) into the row as ``rollout_s``,
+        ``reward_s`` and ``update_s``; transformer calls counted (``rollout_nfe``: the rollout's share)."""
         prompts = self.sample_prompts()
         self._counting, self._calls = True, 0
+        device = self.model.device
         try:
-            latents, images, embeds, flat, extras = self.rollout(prompts)
-            scored = score_groups(self.reward, images, flat, self.cfg.rollout.group_size, self.cfg.advantage,
-                                  self.reward_name, self.processes)  # every process's rewards, global groups
-            rewards = scored.rewards
-            self.prompt_sampler.observe(prompts, rewards.view(len(prompts), -1).double().mean(1))
-            device = latents.device  # a GPU run keeps the whole batch on the GPU
-            rows = self.processes.rows(len(rewards))
-            stats = self.update(RolloutBatch(latents, embeds, scored.advantages[rows].to(device),
-                                             scored.group_ids[rows].to(device), extras, rows=rows,
-                                             epoch_group_ids=scored.group_ids, total=len(rewards),
-                                             processes=self.processes))
+            with self.accelerator.autocast():  # model.mixed_precision (a no-op at "no")
+                (latents, images, embeds, flat, extras), rollout_s = timed(lambda: self.rollout(prompts), device)
+                rollout_calls = self._calls
+                scored, reward_s = timed(lambda: score_groups(
+                    self.reward, images, flat, self.cfg.rollout.group_size, self.cfg.advantage, self.reward_name,
+                    self.processes), device)  # every process's rewards, global groups
+                rewards = scored.rewards
+                self.prompt_sampler.observe(prompts, rewards.view(len(prompts), -1).double().mean(1))
+                rows = self.processes.rows(len(rewards))
+                batch = RolloutBatch(latents, embeds, scored.advantages[rows].to(latents.device),
+                                     scored.group_ids[rows].to(latents.device), extras, rows=rows,
+                                     epoch_group_ids=scored.group_ids, total=len(rewards), processes=self.processes)
+                stats, update_s = timed(lambda: self.update(batch), device)
         finally:
             self._counting = False
         calls = int(self.processes.sum(self._calls))
         return {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-                **{k: v if k == "lr" else round(v, 6) for k, v in stats.items()}}, calls
+                **{k: v if k == "lr" else round(v, 6) for k, v in stats.items()},
+                "rollout_s": round(rollout_s, 3), "reward_s": round(reward_s, 3), "update_s": round(update_s, 3),
+                "rollout_nfe": int(self.processes.sum(rollout_calls))}, calls
+
+    def close(self) -> None:
+        """Take the policy adapter and the NFE counter off the model, so that the same in-memory model can
+        serve another trainer (the GPU speed check runs every method on one model)."""
+        self._count_hook.remove()
+        self.adapters.remove(POLICY)
 
     def postfix(self, row: dict) -> dict:
         return {"reward": f"{row['reward']:.3f}", "loss": f"{row['loss']:.4f}"}

@@ -26,16 +26,13 @@ Random weights make every image fail the shapes verifier, so nothing here measur
 
 2. **RL epoch cost per method** (``docs/experiments/gpu-scale-check.md``). For each of ``--methods`` the method's recipe
    ``configs/<method>/shapes.yaml`` (as ``scripts/bench_rl.py`` uses it) with P = ``--prompts``,
-   G = ``--group-size``, ``--rollout-steps``, LoRA rank ``--lora-rank`` and micro-batch ``--micro-batch``
-   overridden, loaded with ``dgpo.trainer.load_train_config`` (no base pretraining), driven like
-   ``Trainer.epoch``: ``objective.rollout`` (inside ``objective.rollout_context()``) + VAE decode, random
-   rewards, ``group_advantages`` with the recipe's settings, then per optimiser step
-   ``objective.minibatches`` → ``objective.backward`` → grad clip → AdamW step, the policy EMA and
-   ``objective.after_epoch``. Each method starts from the same LoRA weights and a fresh AdamW, runs
-   ``--epochs`` epochs (default 2) and the last is reported: seconds in rollout (sampling + decode), reward,
-   update, the total, transformer sample-passes (NFE, counted at the transformer as the trainer counts
-   them), peak GPU memory, and the ratio to DGPO. (The text embeddings of the P prompts are computed once
-   up front, as the trainer does at start-up.)
+   G = ``--group-size``, ``--rollout-steps``, LoRA rank ``--lora-rank``, micro-batch ``--micro-batch`` and
+   bf16 mixed precision overridden, run by :class:`dgpo.trainer.Trainer` itself on the in-memory model
+   (``Trainer(cfg, model=..., reward=...)``) with uniform random rewards: ``Trainer.epoch`` times rollout
+   (sampling + decode), reward and update and counts transformer passes (NFE) as in any run. Each method
+   gets a fresh LoRA of the same seed (``Trainer.close`` takes the previous one off), runs ``--epochs``
+   epochs (default 2) and the last is reported: seconds in rollout, reward, update, the total, NFE of the
+   rollout and of the update, peak GPU memory, and the ratio to DGPO.
 
 Runs in well under 6 minutes on one H100 at 512 px (most of it the model build and Flow-GRPO's update).
 At 1024 px the RL epochs need about 4× the activations; pass ``--skip-rl`` if memory or time is short.
@@ -69,16 +66,12 @@ import torch
 
 from gpu_scale_check import DEVICE, build_sd35m_like, timed
 
-from dgpo.methods.batch import RolloutBatch
-from dgpo.ema import EMA
 from dgpo.evaluation import SamplerConfig, generate
-from dgpo.methods import make_objective
-from dgpo.models.handle import FlowModel, PromptEmbeds, SD3Model
+from dgpo.models.handle import FlowModel, SD3Model
 from dgpo.models.lora import add_lora
-from dgpo.objectives import group_advantages
 from dgpo.sampling import sample_ode
 from dgpo.sampling_speed import timed_generation
-from dgpo.trainer import load_train_config
+from dgpo.trainer import Trainer, load_train_config
 from dgpo.worlds import shapes
 from tdm_r1.student import default_boundaries, generate_student, sample_student
 
@@ -150,23 +143,6 @@ def _error(e: BaseException) -> str:
 
 def _r(x, n=4):
     return None if x is None else round(float(x), n)
-
-
-class PassCounter:
-    """Counts single-sample transformer passes (as ``Trainer`` counts NFE): a forward pre-hook."""
-
-    def __init__(self, transformer):
-        self.on, self.calls = False, 0
-        transformer.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
-        if self.on:
-            x = kwargs.get("hidden_states", args[0] if args else None)
-            self.calls += int(x.shape[0])
-
-    def take(self) -> int:
-        n, self.calls = self.calls, 0
-        return n
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -265,110 +241,57 @@ def method_config(method: str, args):
     overrides = [f"objective.name={method}", f"rollout.prompts_per_epoch={args.prompts}",
                  f"rollout.group_size={args.group_size}", f"rollout.steps={args.rollout_steps}",
                  f"model.lora_rank={args.lora_rank}", f"model.lora_alpha={args.lora_rank}",
-                 f"optim.micro_batch={args.micro_batch}", f"run.seed={args.seed}", *args.set]
+                 f"optim.micro_batch={args.micro_batch}", f"run.seed={args.seed}",
+                 *(["model.mixed_precision=bf16"] if args.dtype == "bf16" else []),
+                 f"run.out_dir={Path(args.out) / ('rl-' + method)}", "run.threads=0", *args.set]
     return load_train_config(REPO / "configs" / method / "shapes.yaml", overrides)
 
 
-def rl_epoch(cfg, model, objective, params, opt, policy_ema, gen, embeds, group_ids, counter, step, dtype) -> dict:
-    """One ``Trainer.epoch``: rollout + decode, reward (random), advantages, update; timed per phase."""
-    _peak_reset()
-    n = len(group_ids)
-    t_start = time.perf_counter()
-    counter.take()
-    counter.on = True
-    try:
-        def rollout():
-            noise = torch.randn((n, *model.latent_shape), generator=gen).to(model.device)
-            with torch.no_grad(), _autocast(dtype), (objective.rollout_context() or nullcontext()):
-                latents, extras = objective.rollout(embeds, noise, gen)
-            return latents, extras
+class RandomReward:
+    """Uniform random scores: random weights make the shapes verifier fail every image."""
 
-        (latents, extras), t_sample = timed(rollout)
-        nfe_rollout = counter.take()
-        with torch.no_grad(), _autocast(dtype):
-            images, t_decode = timed(lambda: model.decode_latents(latents))
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
 
-        def reward():
-            rewards = torch.rand(n, generator=gen)  # random weights: the shapes verifier fails every image
-            a = cfg.advantage
-            adv = group_advantages(rewards, group_ids, std=a.std, eps=a.eps, clip=a.clip or None)
-            return rewards, adv
-
-        (rewards, adv), t_reward = timed(reward)
-        batch = RolloutBatch(latents, embeds, adv.to(model.device), group_ids.to(model.device), extras)
-
-        def update():
-            steps = []
-            for _ in range(cfg.optim.steps_per_epoch):
-                for part in objective.minibatches(batch, gen):
-                    with _autocast(dtype):
-                        stats = objective.backward(part, gen, lambda loss: loss.backward())
-                    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip).item()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    steps.append(stats)
-            policy_ema.update(step)
-            objective.after_epoch(step)
-            return steps
-
-        steps, t_update = timed(update)
-        nfe_update = counter.take()
-    finally:
-        counter.on = False
-    total = time.perf_counter() - t_start
-    loss = sum(s["loss"] for s in steps) / len(steps)
-    return {"epoch": step, "rollout_s": _r(t_sample + t_decode), "sample_s": _r(t_sample), "decode_s": _r(t_decode),
-            "reward_s": _r(t_reward), "update_s": _r(t_update), "epoch_s": _r(total), "optimizer_steps": len(steps),
-            "nfe_rollout": nfe_rollout, "nfe_update": nfe_update, "loss": _r(loss, 6),
-            "grad_norm": _r(steps[-1]["grad_norm"], 6), "finite": bool(math.isfinite(loss)),
-            "peak_mem_gib": _peak_gib(), "images": list(images.shape)}
+    def __call__(self, images, prompts):
+        return self.rng.random(len(images))
 
 
-def rl_section(pipe, model: FlowModel, params, args, dtype, report: dict, save) -> None:
+def rl_section(model: FlowModel, args, dtype, report: dict, save) -> None:
+    """Each method's own recipe on the in-memory model, through :class:`dgpo.trainer.Trainer` itself: its
+    epoch times rollout, reward and update and counts NFE; each method gets a fresh LoRA of the same seed."""
     sec = report.setdefault("rl", {"methods": {}})
-    prompts = shapes.prompts("train")[: args.prompts]
-    if len(prompts) < args.prompts:
-        prompts = [prompts[i % len(prompts)] for i in range(args.prompts)]
-    sec["prompts"] = prompts
-    flat = [p for p in prompts for _ in range(args.group_size)]
-    with torch.no_grad(), _autocast(dtype):
-        unique = sorted(set(prompts))
-        enc = model.encode_prompts(unique)  # the trainer encodes its train prompts once at start-up
-    embeds_of = {p: enc.index(slice(i, i + 1)) for i, p in enumerate(unique)}
-    embeds = PromptEmbeds.cat([embeds_of[p] for p in flat])
-    group_ids = torch.arange(len(prompts)).repeat_interleave(args.group_size)
-    initial = [p.detach().clone() for p in params]
-    counter = PassCounter(pipe.transformer)
     for method in args.methods:
         t0 = time.perf_counter()
         out = sec["methods"].setdefault(method, {"label": LABELS[method]})
+        trainer = None
         try:
             cfg = method_config(method, args)
             out["config"] = {"rollout": vars(cfg.rollout), "objective": vars(cfg.objective),
                              "optim": vars(cfg.optim), "advantage": vars(cfg.advantage),
                              **({method: vars(getattr(cfg, method))} if hasattr(cfg, method) else {})}
-            with torch.no_grad():
-                for p, p0 in zip(params, initial):
-                    p.copy_(p0)  # every method starts from the same LoRA
-                    p.grad = None  # (left over if the previous method failed mid-update)
-            shift = cfg.objective.shift if cfg.objective.shift > 0 else pipe.scheduler.config.shift
-            objective = make_objective(cfg, model, params, shift)
-            opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                    weight_decay=cfg.optim.weight_decay)
-            policy_ema = EMA(params, cfg.optim.ema_decay)
-            gen = torch.Generator().manual_seed(args.seed)
+            trainer = Trainer(cfg, log=lambda *a: None, model=model, reward=RandomReward(args.seed))
             out["epochs"] = []
-            for step in range(args.epochs):
-                row = rl_epoch(cfg, model, objective, params, opt, policy_ema, gen, embeds, group_ids, counter,
-                               step, dtype)
-                out["epochs"].append(row)
+            for _ in range(args.epochs):
+                _peak_reset()
+                before = trainer.counters.nfe
+                row = trainer.epoch()
+                nfe = row["nfe"] - before
+                out["epochs"].append({
+                    "epoch": row["epoch"], "rollout_s": row["rollout_s"], "reward_s": row["reward_s"],
+                    "update_s": row["update_s"], "epoch_s": _r(row["rollout_s"] + row["reward_s"] + row["update_s"]),
+                    "nfe_rollout": row["rollout_nfe"], "nfe_update": nfe - row["rollout_nfe"],
+                    "loss": _r(row["loss"], 6), "grad_norm": _r(row["grad_norm"], 6),
+                    "finite": bool(math.isfinite(row["loss"])), "peak_mem_gib": _peak_gib()})
                 save()
             out["reported"] = out["epochs"][-1]
-            del objective, opt, policy_ema
         except Exception as e:  # noqa: BLE001
             out["error"] = _error(e)
             out["traceback"] = traceback.format_exc()[-3000:]
+        finally:
+            if trainer is not None:
+                trainer.close()  # the next method gets the bare backbone
+            del trainer
         r = out.get("reported", {})
         print(f"[rl] {LABELS[method]}: epoch {r.get('epoch_s')} s (rollout {r.get('rollout_s')}, update "
               f"{r.get('update_s')}), peak {r.get('peak_mem_gib')} GiB ({time.perf_counter() - t0:.1f} s)"
@@ -449,13 +372,12 @@ def main(argv=None) -> int:
     print(f"built in {report['build_s']:.1f} s on {report['device']}", flush=True)
     save()
 
-    if args.skip_sampling:
-        params = _attach_lora(pipe, args)
-    else:
+    if not args.skip_sampling:
         params = sampling_section(pipe, model, args, dtype, report, save)
-    report["lora_params"] = sum(p.numel() for p in params)
+        report["lora_params"] = sum(p.numel() for p in params)
+        pipe.transformer.delete_adapters("default")  # the RL trainers add their own policy adapter
     if not args.skip_rl:
-        rl_section(pipe, model, params, args, dtype, report, save)
+        rl_section(model, args, dtype, report, save)
     save()
     print(summary(report))
     print(f"wrote {path}")

@@ -239,3 +239,25 @@ def test_export_writes_a_checkpoints_lora_or_its_ema(tiny_base, tmp_path, capsys
     assert "already exists" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
     assert "not a run folder" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_a_trainer_composed_from_passed_in_components(tiny_base, tmp_path):
+    """A tool passes its own model and reward (the GPU speed check: an in-memory model, random rewards);
+    ``close`` takes the trainer off the model, so a second trainer runs on the same model."""
+    from dgpo.models.handle import SD3Model
+    model = SD3Model.from_pretrained(tiny_base)
+    seen = []
+
+    def reward(images, prompts):
+        seen.append(len(images))
+        return np.linspace(0.0, 1.0, len(images))
+
+    for name in ("dgpo", "nft"):
+        trainer = Trainer(tiny_cfg(tiny_base, tmp_path / name, f"objective.name={name}"), log=lambda *a: None,
+                          model=model, reward=reward)
+        assert trainer.model is model
+        row = trainer.epoch()
+        assert row["rollout_s"] > 0 and row["update_s"] > 0 and 0 < row["rollout_nfe"] < row["nfe"]
+        trainer.close()
+        assert not getattr(model.transformer, "peft_config", None)  # no adapter left behind
+    assert seen == [6, 6]

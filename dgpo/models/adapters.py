@@ -40,6 +40,12 @@ class AdapterRoles:
         self._keep_trainable()
         return self.parameters(role)
 
+    def remove(self, role: str) -> None:
+        """Delete ``role``'s adapter from the backbone (the backbone can then serve another recipe)."""
+        self._check(role)
+        self.transformer.delete_adapters(role)
+        self.names.remove(role)
+
     def parameters(self, role: str) -> list[torch.nn.Parameter]:
         """The LoRA parameters of ``role``, in the backbone's module order."""
         return [p for _, p in self.named_parameters(role)]
