@@ -265,8 +265,11 @@ def _add_out_args(p, what: str, required: bool = True) -> None:
                         "a path holding anything else is still refused)")
 
 
-def add_run_args(p) -> None:
-    """--out, --overwrite and --resume of a training command (see dgpo.run_folder)."""
+def add_run_args(p, default_config: Path, set_example: str) -> None:
+    """CONFIG, --set, --out, --overwrite, --resume and --plugin of a training command (see dgpo.run_folder)."""
+    p.add_argument("config", nargs="?", help=f"YAML config (default {default_config.relative_to(CONFIG_DIR.parent)})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config key, e.g. {set_example}")
     p.add_argument("--out", help="run folder (overrides run.out_dir); must be new or empty. Without it a taken "
                                  "default folder is not reused: the run goes to NAME-2, NAME-3, ...")
     p.add_argument("--overwrite", action="store_true",
@@ -335,10 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "reward_curve.png. Every config key: see dgpo/train_config.py. The baselines run in the same "
                        "loop: configs/flow_grpo/shapes.yaml, configs/diffusion_dpo/shapes.yaml, configs/nft/shapes.yaml "
                        "(objective.name: dgpo, flow_grpo, diffusion_dpo or nft).")
-    p.add_argument("config", nargs="?", help=f"YAML config (default {DEFAULT_TRAIN_CONFIG.relative_to(CONFIG_DIR.parent)})")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. optim.lr=1e-4 or run.time_budget_min=10")
-    add_run_args(p)
+    add_run_args(p, DEFAULT_TRAIN_CONFIG, "optim.lr=1e-4 or run.time_budget_min=10")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a checkpoint's LoRA (or its policy EMA) as a diffusers LoRA folder",

@@ -79,11 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "LoRA on the teacher's backbone). The run folder holds config.yaml, metrics.jsonl, samples/, "
                        "checkpoints/, final/lora with sampler.json + USAGE.md (the stock diffusers call), curves.png "
                        "and summary.md.\n\nconfig keys:\n  " + "\n  ".join(describe(DistillConfig)))
-    p.add_argument("config", nargs="?",
-                   help=f"YAML config (default {DEFAULT_DISTILL_CONFIG.relative_to(CONFIG_DIR.parent)})")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. optim.generator_lr=1e-4 or run.time_budget_min=5")
-    add_run_args(p)
+    add_run_args(p, DEFAULT_DISTILL_CONFIG, "optim.generator_lr=1e-4 or run.time_budget_min=5")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sample", help="sample a K-step student into a folder (PNGs, samples.jsonl, grid.png)",
