@@ -129,6 +129,18 @@ def local_micro_batches(batch: RolloutBatch, max_size: int) -> list[tuple[torch.
              torch.unique(all_ids[part])) for part in parts]
 
 
+def random_parts(batch: RolloutBatch, k: int, gen: torch.Generator) -> list[RolloutBatch]:
+    """A random split of the global batch into ``k`` parts (one optimiser step each); each process keeps its
+    rows of each part, which knows its global size (the size its loss is a share of)."""
+    perm = torch.randperm(batch.global_size, generator=gen)
+    position = {r: i for i, r in enumerate(batch.global_rows.tolist())}
+    parts = []
+    for chunk in perm.chunk(min(k, batch.global_size)):
+        local = torch.tensor([position[r] for r in chunk.tolist() if r in position], dtype=torch.long)
+        parts.append(batch.select(local.to(batch.latents.device), total=len(chunk)))
+    return parts
+
+
 @dataclass
 class ScoredGroups:
     """Rollouts scored and turned into group advantages: rewards, group ids and advantages, each (N,)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from dgpo.config import ConfigError, option
-from dgpo.methods.batch import RolloutBatch
+from dgpo.methods.batch import RolloutBatch, random_parts
 from dgpo.methods import Objective, register_objective
 from dgpo.models.lora import adapters_disabled
 from dgpo.objectives import flow_grpo_loss
@@ -65,16 +65,7 @@ class FlowGRPO(Objective):
         return traj.final, {"states": traj.states, "log_probs": traj.log_probs}
 
     def minibatches(self, batch: RolloutBatch, gen: torch.Generator) -> list[RolloutBatch]:
-        """A random split of the global batch into ``updates_per_epoch`` parts; each process keeps its rows of
-        each part (a part knows its global size, which its loss is a share of)."""
-        k = min(self.cfg.flow_grpo.updates_per_epoch, batch.global_size)
-        perm = torch.randperm(batch.global_size, generator=gen)
-        position = {r: i for i, r in enumerate(batch.global_rows.tolist())}
-        parts = []
-        for chunk in perm.chunk(k):
-            local = torch.tensor([position[r] for r in chunk.tolist() if r in position], dtype=torch.long)
-            parts.append(batch.select(local.to(batch.latents.device), total=len(chunk)))
-        return parts
+        return random_parts(batch, self.cfg.flow_grpo.updates_per_epoch, gen)
 
     def step_log_probs(self, x, x_next, step, embeds, grad: bool = True):
         """Mean (B, C, h, w), std (B,) and log-prob (B,) of the transitions x → x_next at step indices (B,)."""
@@ -117,10 +108,8 @@ class FlowGRPO(Objective):
                                          f.kl_weight)
                 w = len(idx) / n / k
                 backward(loss * w * batch.share())  # this process's share of the part's mean
-                stats["loss"] += loss.item() * w
-                stats["kl"] += (kl.mean().item() if kl is not None else 0.0) * w
-                stats["policy_loss"] += (loss.item() - f.kl_weight * (kl.mean().item() if kl is not None else 0.0)) * w
-                for key in ("ratio", "clip_frac", "approx_kl_old"):
-                    stats[key] += s[key] * w
-                stats["ratio_dev"] = max(stats["ratio_dev"], s["ratio_dev"])
+                s.update(loss=loss.item(), kl=kl.mean().item() if kl is not None else 0.0)
+                s["policy_loss"] = s["loss"] - f.kl_weight * s["kl"]
+                for key in stats:
+                    stats[key] = max(stats[key], s[key]) if key == "ratio_dev" else stats[key] + s[key] * w
         return stats
