@@ -23,12 +23,25 @@ from dgpo.errors import UserError  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_DISTILL_CONFIG = CONFIG_DIR / "tdm" / "shapes.yaml"
+DEFAULT_R1_CONFIG = CONFIG_DIR / "tdm_r1" / "shapes.yaml"
 
 
 def cmd_distill(args) -> None:
     from tdm_r1.config import DistillConfig, load_distill_config
     from tdm_r1.distill import Distiller
     train_command(args, Distiller, lambda: DistillConfig, load_distill_config, DEFAULT_DISTILL_CONFIG, "tdm-r1 distill")
+
+
+def cmd_train(args) -> None:
+    from tdm_r1.config import DistillConfig
+    from tdm_r1.distill import Distiller
+    train_command(args, Distiller, lambda: DistillConfig, load_r1_config, DEFAULT_R1_CONFIG, "tdm-r1 train")
+
+
+def load_r1_config(path, overrides=()):
+    """A TDM-R1 config: ``r1.enabled`` is what `tdm-r1 train` means, whatever the file says."""
+    from tdm_r1.config import load_distill_config
+    return load_distill_config(path, [*overrides, "r1.enabled=true"])
 
 
 def student_boundaries(model, nfe: int, boundaries: str | None, lora: str | None) -> list[float]:
@@ -81,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "and summary.md.\n\nconfig keys:\n  " + "\n  ".join(describe(DistillConfig)))
     add_run_args(p, DEFAULT_DISTILL_CONFIG, "optim.generator_lr=1e-4 or run.time_budget_min=5")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("train", help="reinforce a TDM student with a non-differentiable reward (TDM-R1)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="TDM-R1: the TDM loop plus a stepwise surrogate reward (a third LoRA on the "
+                       "backbone, trained with DGPO's group loss on the student's own deterministic trajectories, "
+                       "every point labelled with its final image's reward) whose guided x̂₀ gives the student a "
+                       "reward direction. The student is only ever regressed onto x̂₀ targets: no denoising loss "
+                       "touches it. Starts from the student of a `tdm-r1 distill` run (r1.init_run). Same run "
+                       "folder as `tdm-r1 distill`.\n\nconfig keys:\n  " + "\n  ".join(describe(DistillConfig)))
+    add_run_args(p, DEFAULT_R1_CONFIG, "r1.init_run=runs/tdm-shapes or surrogate.lr=3e-4")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample a K-step student into a folder (PNGs, samples.jsonl, grid.png)",
                        description="Like `dgpo sample`, with the student's sampler: --nfe Euler steps at the noise "

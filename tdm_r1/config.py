@@ -7,6 +7,8 @@ from pathlib import Path
 
 from dgpo.config import load_config, option, section
 from dgpo.run import RunSettings
+from dgpo.train_config import AdvantageConfig, RewardConfig
+from tdm_r1.surrogate import SurrogateConfig
 
 
 @dataclass
@@ -80,6 +82,28 @@ class RunConfig(RunSettings):
 
 
 @dataclass
+class R1Config:
+    """TDM-R1 (arXiv 2603.07700): reinforce the few-step student with a non-differentiable reward through the
+    stepwise surrogate (:mod:`tdm_r1.surrogate`); off = plain TDM distillation."""
+    enabled: bool = option(False, "add the surrogate reward and its direction to TDM (what `tdm-r1 train` runs)")
+    init_run: str = option("", "a `tdm-r1 distill` run folder whose latest checkpoint gives the starting student "
+                           "and fake score (empty: start from the teacher)")
+    group_size: int = option(4, "G: student rollouts per prompt (a group); optim.batch_size = P × G", min=2)
+    categories: list[str] = option([], "train only on prompts of these world categories (empty: all train "
+                                   "prompts), e.g. [position, counting]")
+    rl_cfg: float = option(4.5, "CFG scale of the surrogate's x̂₀ in the reward direction", min=0.0)
+    t_min: float = option(0.0, "τ′ ~ U[max(σ_{k+1}, t_min), 1]: where the reward direction is read", min=0.0,
+                          max=0.99)
+    trunc_steps: int = option(0, "steps k < trunc_steps take the early weights, the rest the late ones "
+                              "(0 = all steps early, the released recipe's default)", min=0)
+    reward_weight: float = option(0.7, "weight of the reward direction, early steps (released recipe)", min=0.0)
+    cfg_weight: float = option(0.3, "weight of the CFG direction, early steps (released recipe)", min=0.0)
+    dm_weight: float = option(1.0, "weight of TDM's distribution-matching direction, early steps", min=0.0)
+    late_cfg_weight: float = option(0.3, "weight of the CFG direction after trunc_steps", min=0.0)
+    late_dm_weight: float = option(0.3, "weight of the distribution-matching direction after trunc_steps", min=0.0)
+
+
+@dataclass
 class DistillConfig:
     world: str = option("shapes", "the world: train/test prompts, task and quality metric (dgpo.worlds registry)")
     run: RunConfig = section(RunConfig, "run folder, length")
@@ -89,6 +113,10 @@ class DistillConfig:
     objective: ObjectiveConfig = section(ObjectiveConfig, "the TDM objective")
     optim: OptimConfig = section(OptimConfig, "optimisers")
     eval: EvalSection = section(EvalSection, "evaluation of the student on test prompts")
+    r1: R1Config = section(R1Config, "TDM-R1: the reward term (off in `tdm-r1 distill`)")
+    surrogate: SurrogateConfig = section(SurrogateConfig, "TDM-R1's stepwise surrogate reward")
+    reward: RewardConfig = section(RewardConfig, "TDM-R1's reward: labels of the student's rollouts only")
+    advantage: AdvantageConfig = section(AdvantageConfig, "TDM-R1's group advantages")
 
 
 def load_distill_config(path: str | Path | None, overrides=()) -> DistillConfig:
@@ -100,4 +128,14 @@ def load_distill_config(path: str | Path | None, overrides=()) -> DistillConfig:
     if len(cfg.optim.betas) != 2:
         from dgpo.config import ConfigError
         raise ConfigError(f"optim.betas: expected two numbers [β₁, β₂], got {cfg.optim.betas}")
+    if cfg.r1.enabled and cfg.optim.batch_size % cfg.r1.group_size:
+        from dgpo.config import ConfigError
+        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is not a multiple of r1.group_size="
+                          f"{cfg.r1.group_size}: a batch is P prompts × G rollouts")
+    if cfg.reward.name:
+        from dgpo.config import ConfigError
+        from dgpo.rewards import available_rewards
+        if cfg.reward.name not in available_rewards():
+            raise ConfigError(f"reward.name: {cfg.reward.name!r} is not a registered reward; choose one of "
+                              f"{available_rewards()}")
     return cfg

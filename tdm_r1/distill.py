@@ -32,7 +32,10 @@ import torch
 from dgpo.checkpoint import optimizer_from_flat, optimizer_to_flat
 from dgpo.ema import EMA
 from dgpo.errors import UserError
+from dgpo.config import to_dict
+from dgpo.methods.batch import score_groups
 from dgpo.processes import Processes
+from dgpo.rewards import make_reward
 from dgpo.run_folder import reopen_run, start_run
 from dgpo.run import Counters, Run, Schedule, plot_run
 from dgpo.evaluation import evaluate_images
@@ -40,8 +43,10 @@ from dgpo.models.handle import PromptEmbeds, load_model
 from dgpo.models.adapters import AdapterRoles
 from dgpo.worlds import make_world
 from tdm_r1.config import DistillConfig
-from tdm_r1.objectives import (fake_score_loss, generator_loss, log_importance_weight, normalise_weights,
-                               sample_tau, transition_sample, x0_from_velocity)
+from tdm_r1.objectives import (distribution_matching_direction, fake_score_loss, log_importance_weight,
+                               normalise_weights, regression_loss, reward_direction, sample_tau, transition_sample,
+                               x0_from_velocity)
+from tdm_r1.surrogate import SurrogateReward
 from tdm_r1.student import boundary_sigmas, check_boundaries, default_boundaries, generate_student, write_sampler_files
 
 STUDENT, FAKE = "student", "fake"
@@ -69,9 +74,8 @@ class Rollout:
 
 
 class Distiller:
-    """Teacher, student, fake score and optimisers of one run: the TDM recipe on :class:`dgpo.run.Run`."""
-
-    label = "TDM"
+    """Teacher, student, fake score and optimisers of one run: the TDM recipe on :class:`dgpo.run.Run`; with
+    ``r1.enabled`` also the stepwise surrogate reward and the reward term (TDM-R1)."""
 
     def __init__(self, cfg: DistillConfig, log=print):
         self.cfg, self.log = cfg, log
@@ -125,7 +129,18 @@ class Distiller:
         self.gen = torch.Generator().manual_seed(cfg.run.seed)
         self.device = device
         self.world = make_world(cfg.world)
-        self.train_prompts = self.world.prompts("train")
+        self.train_prompts = training_prompts(self.world, cfg.r1.categories if cfg.r1.enabled else [])
+        self.r1 = cfg.r1.enabled
+        self.label = "TDM-R1" if self.r1 else "TDM"
+        if self.r1:
+            if self.processes.distributed:
+                raise UserError("r1.enabled: TDM-R1 runs on one process for now; launch it without --num_processes")
+            self.surrogate = SurrogateReward(self.teacher, self.adapters, cfg.surrogate, seed=cfg.run.seed + 2)
+            name = self.reward_name = cfg.reward.name or self.world.reward
+            self.reward = make_reward(name, **({"url": cfg.reward.url, "timeout": cfg.reward.timeout}
+                                               if name == "remote" else {}))
+            if cfg.r1.init_run:
+                self.load_student_from(Path(cfg.r1.init_run))
         with torch.no_grad():
             embeds = self.teacher.encode_prompts(self.train_prompts)
         self.embeds_of = {p: embeds.index(slice(i, i + 1)) for i, p in enumerate(self.train_prompts)}
@@ -134,6 +149,32 @@ class Distiller:
         self.runner = Run(self, self.out, Schedule(run.iterations, run.time_budget_min, cfg.eval.every, 0.0,
                                                    run.checkpoint_every, run.keep_checkpoints),
                           step_key="iteration", grid_prefix="iter", log=log, processes=self.processes)
+
+    def load_student_from(self, run: Path) -> None:
+        """Start from a `tdm-r1 distill` run: its latest checkpoint's student and fake score (and step
+        embedding), after checking that its student is this one (steps, levels, adapter shape)."""
+        import yaml
+        from dgpo.checkpoint import latest_checkpoint, load_checkpoint
+        saved = run / "config.yaml"
+        ckpt = latest_checkpoint(run) if saved.is_file() else None
+        if ckpt is None:
+            raise UserError(f"r1.init_run: {str(run)!r} is not a `tdm-r1 distill` run folder with a checkpoint")
+        theirs = yaml.safe_load(saved.read_text())
+        mine = to_dict(self.cfg)
+        keys = [("student", k) for k in ("nfe", "boundaries", "mode", "lora_rank", "lora_alpha", "lora_targets")]
+        keys += [("fake", k) for k in ("lora_rank", "lora_alpha", "lora_targets")] + [("objective", "tau")]
+        differ = [f"{a}.{b}: {theirs.get(a, {}).get(b)!r} there, {mine[a][b]!r} here" for a, b in keys
+                  if theirs.get(a, {}).get(b) != mine[a][b]]
+        if differ:
+            raise UserError(f"r1.init_run: {str(run)!r} trained another student ({'; '.join(differ)}); set the "
+                            f"same values here")
+        tensors, _ = load_checkpoint(ckpt)
+        with torch.no_grad():
+            for k, p in self.named_trainables():
+                p.copy_(tensors[k])
+        if self.student_ema is not None:  # the EMA starts at the loaded student
+            self.student_ema = EMA(self.student_params, self.cfg.student.ema_decay)
+        self.log(f"starting student and fake score: {ckpt}")
 
     # --------------------------------------------------------------------------------------- models
     @contextmanager
@@ -162,8 +203,10 @@ class Distiller:
 
     # --------------------------------------------------------------------------------------- iteration parts
     def sample_prompts(self, n: int) -> list[str]:
-        idx = torch.randint(len(self.train_prompts), (n,), generator=self.gen)
-        return [self.train_prompts[i] for i in idx.tolist()]
+        """n train prompts; with TDM-R1, n / G prompts each repeated G times (consecutive groups)."""
+        g = self.cfg.r1.group_size if self.r1 else 1
+        idx = torch.randint(len(self.train_prompts), (n // g,), generator=self.gen)
+        return [self.train_prompts[i] for i in idx.tolist() for _ in range(g)]
 
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> Rollout:
@@ -214,6 +257,8 @@ class Distiller:
         return {"loss_fake": self.processes.sum(loss.item()), "grad_norm_fake": grad_norm, "ess": ess}
 
     def generator_update(self, r: Rollout) -> dict:
+        """The student's regression onto x̂₀ + Σ w·direction (TDM: the distribution-matching direction alone;
+        TDM-R1: with the reward and CFG directions, :meth:`r1_directions`). No denoising loss."""
         p = self.trajectory_points(r)
         with torch.no_grad():
             with self.as_teacher() as teacher:
@@ -226,13 +271,52 @@ class Distiller:
             v = student.velocity(p["x_k"], p["s_k"], r.embeds)
         x0_student = x0_from_velocity(p["x_k"], p["s_k"], v)
         o = self.cfg.objective
-        loss = generator_loss(x0_student, x0_teacher, x0_fake, o.distance, o.huber_c, o.normalise) * r.share()
+        direction = distribution_matching_direction(x0_student, x0_teacher, x0_fake, o.normalise)
+        extra = {}
+        if self.r1:
+            direction, extra = self.r1_directions(r, p, x0_student, x0_teacher, direction)
+        loss = regression_loss(x0_student, direction, o.distance, o.huber_c) * r.share()
         grad_norm = self._step(self.gen_opt, self.student_params, loss, "generator")
         if self.student_ema is not None:
             self.student_ema.update(self.counters.iteration)
         gap = (x0_teacher - x0_fake).abs().mean().item() * r.share()
         return {"loss_gen": self.processes.sum(loss.item()), "grad_norm_gen": grad_norm,
-                "score_gap": self.processes.sum(gap)}
+                "score_gap": self.processes.sum(gap), **extra}
+
+    @torch.no_grad()
+    def r1_directions(self, r: Rollout, p: dict, x0_student, x0_teacher_cfg, dm) -> tuple[torch.Tensor, dict]:
+        """TDM-R1's combined direction w_R·reward + w_C·CFG + w_D·distribution matching, per sample by its
+        step k (early: k < ``r1.trunc_steps``, all steps when 0; late: the rest):
+
+        - reward: (x̂₀^{surrogate, CFG r1.rl_cfg}(x_τ′) − x̂₀^{base}(x_τ′)) / mean|x̂₀ − x̂₀^{surrogate,CFG}|, with
+          x_τ′ diffused from the student's next point x_{σ_{k+1}} to τ′ ~ U[max(σ_{k+1}, r1.t_min), 1], τ′'s
+          uniform and the noise shared by a group (:func:`tdm_r1.objectives.reward_direction`);
+        - CFG: (x̂₀^{teacher,CFG}(x_τ) − x̂₀^{teacher}(x_τ)) / mean|x̂₀ − x̂₀^{teacher,CFG}| at TDM's own point x_τ
+          (0 when teacher.guidance_scale ≤ 1);
+        - distribution matching: TDM's direction ``dm``.
+        """
+        c, b = self.cfg.r1, len(x0_student)
+        k = p["k"]
+        trunc = c.trunc_steps or len(self.boundaries)
+        early = (k < trunc).to(self.device)
+        groups = torch.arange(b) // c.group_size  # consecutive groups of the rollout
+        n_groups = int(groups.max()) + 1
+        u = torch.rand(n_groups, generator=self.gen)[groups].to(self.device)
+        z = torch.randn((n_groups, *x0_student.shape[1:]), generator=self.gen)[groups].to(self.device)
+        lo = p["s_next"].clamp_min(c.t_min)
+        tau2 = torch.maximum(lo + u * (1.0 - lo), p["s_next"] + 1e-3).clamp_max(1.0)
+        x_tau2 = transition_sample(p["x_next"], p["s_next"], tau2, z)
+        x0_sur = self.surrogate.x0(x_tau2, tau2, r.embeds, c.rl_cfg)
+        with self.as_teacher() as teacher:
+            x0_base = x0_from_velocity(x_tau2, tau2, teacher.velocity(x_tau2, tau2, r.embeds))
+            x0_cond = x0_from_velocity(p["x_tau"], p["tau"], teacher.velocity(p["x_tau"], p["tau"], r.embeds))
+        reward = reward_direction(x0_student, x0_sur, x0_base)
+        cfg_dir = (torch.zeros_like(dm) if self.cfg.teacher.guidance_scale <= 1 else
+                   distribution_matching_direction(x0_student, x0_teacher_cfg, x0_cond))
+        w = lambda early_w, late_w: torch.where(early, early_w, late_w).view(-1, 1, 1, 1).to(dm.dtype)  # noqa: E731
+        direction = (w(c.reward_weight, 0.0) * reward + w(c.cfg_weight, c.late_cfg_weight) * cfg_dir
+                     + w(c.dm_weight, c.late_dm_weight) * dm)
+        return direction, {"reward_gap": (x0_sur - x0_base).abs().mean().item()}
 
     def _step(self, opt, params, loss, who: str) -> float:
         """Backward of this process's share of the loss, gradients summed over processes, clip, step."""
@@ -249,9 +333,14 @@ class Distiller:
         return grad_norm.item()
 
     def nfe_per_iteration(self) -> int:
+        """Transformer evaluations per iteration (rollout K, fake updates 2 each, teacher, fake and student in
+        the generator update; TDM-R1: surrogate updates 2 each, surrogate CFG, base at x_τ′ and at x_τ)."""
         b, k = self.cfg.optim.batch_size, len(self.boundaries)
         teacher = 2 if self.cfg.teacher.guidance_scale > 1 else 1
-        return b * (k + 2 * self.cfg.fake.updates_per_generator + teacher + 1 + 2)
+        n = k + 2 * self.cfg.fake.updates_per_generator + teacher + 1 + 2
+        if self.r1:
+            n += 2 * self.cfg.surrogate.updates_per_iteration + (2 if self.cfg.r1.rl_cfg > 1 else 1) + 2
+        return b * n
 
     def iteration(self) -> dict:
         """One iteration (rollout, fake-score update(s), generator update), timed and counted; its metrics row."""
@@ -261,12 +350,30 @@ class Distiller:
         return self.iteration()
 
     def _iteration(self) -> tuple[dict, int]:
-        r = self.rollout(self.sample_prompts(self.cfg.optim.batch_size))
+        """Rollout; fake-score update(s); with TDM-R1 the rollouts' rewards (labels only) and surrogate
+        update(s); the generator update."""
+        prompts = self.sample_prompts(self.cfg.optim.batch_size)
+        r = self.rollout(prompts)
         stats: dict = {}
         for _ in range(self.cfg.fake.updates_per_generator):
             stats.update(self.fake_update(r))
+        if self.r1:
+            stats.update(self.surrogate_update(r, prompts))
         stats.update(self.generator_update(r))
         return {k: round(v, 6) for k, v in stats.items()}, self.nfe_per_iteration()
+
+    def surrogate_update(self, r: Rollout, prompts: list[str]) -> dict:
+        """Score the rollouts' final images (the reward is only ever a label), group advantages, and the
+        surrogate's DGPO update(s) on their trajectory points."""
+        with torch.no_grad():
+            images = self.teacher.decode_latents(r.states[-1])
+        scored = score_groups(self.reward, images, prompts, self.cfg.r1.group_size, self.cfg.advantage,
+                              self.reward_name)
+        stats = {"reward": scored.rewards.mean().item(), "reward_std": scored.rewards.std().item()}
+        for _ in range(self.cfg.surrogate.updates_per_iteration):
+            stats.update(self.surrogate.update(r.states, self.sigmas, scored.advantages, scored.group_ids, r.embeds,
+                                               self.gen, self.counters.iteration, self.cfg.optim.grad_clip))
+        return stats
 
     def postfix(self, row: dict) -> dict:
         return {"fake": f"{row['loss_fake']:.3f}", "gen": f"{row['loss_gen']:.4f}"}
@@ -314,7 +421,11 @@ class Distiller:
             t, s = optimizer_to_flat(opt)
             tensors.update({f"{name}.{k}": v for k, v in t.items()})
             scalars[name] = s
-        return tensors, {"optimizers": scalars}
+        extra = {}
+        if self.r1:
+            t, extra = self.surrogate.state_tensors()
+            tensors.update(t)
+        return tensors, {"optimizers": scalars, **extra}
 
     @torch.no_grad()
     def load_state(self, tensors: dict, state: dict) -> None:
@@ -326,6 +437,8 @@ class Distiller:
         for name, opt in (("gen", self.gen_opt), ("fake_opt", self.fake_opt)):
             sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".opt.")}
             optimizer_from_flat(opt, sub, state["optimizers"][name])
+        if self.r1:
+            self.surrogate.load_state(tensors, state)
 
     def save(self) -> Path:
         return self.runner.save()
@@ -354,8 +467,22 @@ class Distiller:
         plot_distill_curves(rows, out / "curves.png")
 
     def summary_names(self, first: dict, last: dict) -> tuple[str, str]:
-        return (f"student at init ({len(self.boundaries)} steps, no CFG)",
-                f"TDM student (iteration {last['iteration']})")
+        start = "TDM student" if self.r1 and self.cfg.r1.init_run else "student at init"
+        return (f"{start} ({len(self.boundaries)} steps, no CFG)", f"{self.label} student (iteration {last['iteration']})")
+
+
+def training_prompts(world, categories: list[str]) -> list[str]:
+    """The world's train prompts, or those of ``categories`` (a world that names categories: ``category(p)``)."""
+    prompts = world.prompts("train")
+    if not categories:
+        return prompts
+    if not hasattr(world, "category"):
+        raise UserError(f"r1.categories: the {world.name} world names no categories; leave it empty")
+    chosen = [p for p in prompts if world.category(p) in categories]
+    if not chosen:
+        known = sorted({world.category(p) for p in prompts})
+        raise UserError(f"r1.categories={categories}: no train prompt is in them; the categories are {known}")
+    return chosen
 
 
 def plot_distill_curves(rows: list[dict], path: Path) -> None:

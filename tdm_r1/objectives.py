@@ -112,14 +112,53 @@ def generator_loss(x0_student: torch.Tensor, x0_teacher: torch.Tensor, x0_fake: 
     or ``huber``: the pseudo-Huber distance √(mean_dims ‖x̂₀ − target‖² + c²) − c, which bounds the step
     size for outliers. The teacher and fake predictions must be computed without gradient.
     """
-    n = dmd_normaliser(x0_student, x0_teacher) if normalise else torch.ones(len(x0_student))
-    target = (x0_student + (x0_teacher - x0_fake) / _b(n, x0_student)).detach()
+    return regression_loss(x0_student, distribution_matching_direction(x0_student, x0_teacher, x0_fake, normalise),
+                           distance, huber_c)
+
+
+def distribution_matching_direction(x0_student: torch.Tensor, x0_teacher: torch.Tensor, x0_fake: torch.Tensor,
+                                    normalise: bool = True) -> torch.Tensor:
+    """TDM's direction (x̂₀^teacher,CFG − x̂₀^fake) / n, n the DMD normaliser (1 when ``normalise`` is off)."""
+    n = dmd_normaliser(x0_student, x0_teacher) if normalise else torch.ones(len(x0_student), device=x0_student.device)
+    return ((x0_teacher - x0_fake) / _b(n, x0_student)).detach()
+
+
+def regression_loss(x0_student: torch.Tensor, direction: torch.Tensor, distance: str = "l2",
+                    huber_c: float = 0.03) -> torch.Tensor:
+    """Regress the student's grad-enabled x̂₀ onto the stop-gradient target x̂₀ + ``direction``:
+    ``l2``: L = mean_B ½·mean_dims ‖x̂₀ − sg[x̂₀ + d]‖², whose gradient in x̂₀ is −d/D (the student moves along
+    d); ``huber``: mean_B √(mean_dims ‖·‖² + c²) − c. No noise is added and no denoising target is used: this is
+    the only loss TDM and TDM-R1 apply to the student."""
+    target = (x0_student + direction).detach()
     sq = ((x0_student - target) ** 2).flatten(1).mean(dim=1)
     if distance == "l2":
         return 0.5 * sq.mean()
     if distance == "huber":
         return ((sq + huber_c ** 2).sqrt() - huber_c).mean()
     raise ValueError(f"unknown distance {distance!r}; choose l2 or huber")
+
+
+# ------------------------------------------------------------------------------------------- TDM-R1
+
+def bridge_velocity(x_t: torch.Tensor, t: torch.Tensor, x_tau: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The velocity target of the η = 0 bridge from a trajectory point x_t (level t) to x_τ (level τ > t):
+
+        v* = (x_τ − x_t) / (τ − t),
+
+    the constant velocity of the straight path through both points, the rectified-flow convention
+    (v = dx_σ/dσ). At t = 0 (x_t = x₀, x_τ = (1 − τ)·x₀ + τ·ε) it is ε − x₀, the ordinary flow-matching
+    target; for t > 0 it is the target of the model that treats x_t as its clean sample. (The surrogate
+    reward's DGPO loss compares the surrogate's and the reference's errors against this target on the
+    student's trajectory points, TDM-R1's stepwise reward.)"""
+    return (x_tau - x_t) / _b((tau - t).clamp_min(1e-4), x_t)
+
+
+def reward_direction(x0_student: torch.Tensor, x0_surrogate_cfg: torch.Tensor,
+                     x0_base: torch.Tensor) -> torch.Tensor:
+    """TDM-R1's reward direction: (x̂₀^{surrogate,CFG}(x_τ′) − x̂₀^{base}(x_τ′)) / n with the detached per-sample
+    n = mean_dims |x̂₀^student − x̂₀^{surrogate,CFG}| (the DMD normaliser against the surrogate)."""
+    n = dmd_normaliser(x0_student, x0_surrogate_cfg)
+    return ((x0_surrogate_cfg - x0_base) / _b(n, x0_student)).detach()
 
 
 # ------------------------------------------------------------------------------------------- fake score

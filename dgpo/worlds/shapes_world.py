@@ -30,6 +30,11 @@ class ShapesWorld:
     def prompts(self, split: str) -> list[str]:
         return shapes.prompts(split)
 
+    def category(self, prompt: str) -> str:
+        """The prompt's benchmark category (single_object, two_object, counting, colors, position,
+        color_attr)."""
+        return shapes.category(prompt)
+
     def check_prompts(self, prompts: list[str]) -> None:
         for p in prompts:
             try:

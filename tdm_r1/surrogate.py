@@ -1,0 +1,230 @@
+"""TDM-R1's stepwise surrogate reward (arXiv 2603.07700): a LoRA on the student's backbone that learns, with
+DGPO's group preference loss, which points of the student's own deterministic trajectories lead to better
+final images — a dense, differentiable stand-in for a reward that is neither (the shapes verifier, OCR, a
+human label). A component of its own: any loop that has deterministic trajectories, their final rewards and
+groups can train one (the TDM-R1 recipe in :mod:`tdm_r1.distill`; ``tdm-r1 surrogate`` trains one alone).
+
+One update, on a batch of G rollouts for each of P prompts (group g = the rollouts of one prompt):
+
+1. A = group advantages of the final rewards (:func:`dgpo.methods.batch.score_groups`: normalised per group
+   and clipped). Along a deterministic trajectory every point carries its final image's reward:
+   r(x_{t_k}) = E[r(x₀) | x_{t_k}] = r(x₀) (the paper's Eq. 6), so the same A labels every point.
+2. A step k ∈ {1, …, K} with P(k) ∝ k (``k_draw``: one per group by default, or per sample / per batch) and its
+   point x_{t_k} (t_k = σ_k; k = K is the clean sample); τ ~ U[max(t_k, t_min), 1] and the noise z shared by
+   the group; x_τ = a·x_{t_k} + b·z (:func:`tdm_r1.objectives.transition_sample`).
+3. ℓ_φ,i = mean ‖v_φ(x_τ, τ, c) − v*‖² with v* = (x_τ − x_{t_k}) / (τ − t_k) (:func:`bridge_velocity`; ε − x₀ at
+   t_k = 0); ℓ_ref,i the same for the reference (the base: every adapter off; or an EMA of φ).
+4. L = ``dgpo_loss``(ℓ_φ, ℓ_ref, A·w?, groups, β) with the weight w = k/K entering per ``k_weight``:
+   multiplying each group's loss (default) or each sample's term inside its group sum; optional stabilisers
+   (a PPO-style clip of ℓ_φ against an EMA "old" surrogate, :func:`dgpo.methods.dgpo.clip_to_old`, and
+   ``kl_weight``·mean ‖v_φ − v_ref‖²).
+
+Its implicit reward at a point, r_φ(x_{t_k}) = −(ℓ_φ − ℓ_ref) averaged over draws of τ and z, is 0 for the
+untrained surrogate (LoRA B = 0) and ranks trajectory points once trained (:meth:`SurrogateReward.implicit_reward`).
+The generator update reads the surrogate's CFG-guided x̂₀ (:meth:`SurrogateReward.x0`).
+
+The paper leaves open where k/K enters and how k and τ are drawn; each is a config key
+(:class:`SurrogateConfig`) whose help says whose choice the default is.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from dgpo.config import option
+from dgpo.ema import EMA
+from dgpo.methods.batch import per_sample_mse
+from dgpo.methods.dgpo import clip_to_old
+from dgpo.models.adapters import AdapterRoles
+from dgpo.models.handle import FlowModel, PromptEmbeds
+from dgpo.objectives import dgpo_loss
+from tdm_r1.objectives import bridge_velocity, transition_sample, x0_from_velocity
+
+SURROGATE = "surrogate"
+
+
+@dataclass
+class SurrogateConfig:
+    """The stepwise surrogate reward (TDM-R1): a LoRA trained with DGPO's group loss on trajectory points."""
+    lora_rank: int = option(32, "surrogate LoRA rank (a third adapter on the student's backbone)", min=1)
+    lora_alpha: float = option(32.0, "surrogate LoRA alpha", min=0.0)
+    lora_targets: str = option("attention", "surrogate LoRA layers", choices=("attention", "attention_ff"))
+    lr: float = option(1e-4, "Adam learning rate of the surrogate", min=0.0)
+    beta: float = option(100.0, "β of the group DPO loss (DGPO's default)", min=0.0)
+    normalization: str = option("group_size", "β/|g| (DGPO paper), none, or DGPO's released gradient-equivalent "
+                                "scaling", choices=("group_size", "none", "gradient_equivalent"))
+    t_min: float = option(0.0, "τ ~ U[max(t_k, t_min), 1]: lowest diffusion level of a trajectory point", min=0.0,
+                          max=0.99)
+    k_draw: str = option("group", "draw the step k (and τ) per group, so a group's samples are compared at one "
+                         "step, per sample, or once per batch (open in the paper; per group is our choice)",
+                         choices=("group", "sample", "batch"))
+    k_weight: str = option("group", "where the weight k/K enters: each group's loss (our reading of the released "
+                           "code's 'loss weighted by k/K'), or each sample's term inside its group sum",
+                           choices=("group", "sample"))
+    reference: str = option("base", "π_ref: the base (every adapter off) or an EMA of the surrogate",
+                            choices=("base", "ema"))
+    reference_ema_decay: float = option(0.99, "decay of the EMA reference (reference=ema)", min=0.0, max=1.0)
+    clip_range: float = option(0.0, "PPO-style clip of ℓ_φ against an EMA 'old' surrogate (0 = off)", min=0.0)
+    old_ema_decay: float = option(0.9, "decay of the 'old' surrogate EMA (clip_range > 0)", min=0.0, max=1.0)
+    kl_weight: float = option(0.0, "weight of mean ‖v_φ − v_ref‖² (0 = off)", min=0.0)
+    updates_per_iteration: int = option(1, "surrogate updates per generator update", min=1)
+
+
+def step_probabilities(k_max: int) -> torch.Tensor:
+    """P(k) ∝ k for k = 1 … K (later, cleaner points more often)."""
+    k = torch.arange(1, k_max + 1, dtype=torch.float64)
+    return k / k.sum()
+
+
+def draw_steps(n: int, group_ids: torch.Tensor, k_max: int, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """k ∈ {1, …, K} per sample (n,), drawn per group, per sample or once, with P(k) ∝ k."""
+    probs = step_probabilities(k_max)
+    groups, inverse = torch.unique(group_ids, return_inverse=True)
+    count = {"sample": n, "group": len(groups), "batch": 1}[mode]
+    draws = torch.multinomial(probs, count, replacement=True, generator=gen) + 1
+    if mode == "group":
+        return draws[inverse]
+    return draws if mode == "sample" else draws.expand(n)
+
+
+class SurrogateReward:
+    """The surrogate LoRA (role ``surrogate`` on ``adapters``' backbone), its optimiser and EMAs."""
+
+    def __init__(self, model: FlowModel, adapters: AdapterRoles, cfg: SurrogateConfig, seed: int = 0):
+        self.model, self.adapters, self.cfg = model, adapters, cfg
+        self.params = adapters.add(SURROGATE, cfg.lora_rank, cfg.lora_alpha, model.lora_targets(cfg.lora_targets),
+                                   seed=seed)
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=(0.9, 0.999))
+        self.emas: dict[str, EMA] = {}
+        if cfg.reference == "ema":
+            self.emas["surrogate_ref"] = EMA(self.params, cfg.reference_ema_decay, warmup=False)
+        if cfg.clip_range > 0:
+            self.emas["surrogate_old"] = EMA(self.params, cfg.old_ema_decay, warmup=False)
+
+    # ------------------------------------------------------------------------------------------- models
+    @contextmanager
+    def active(self):
+        with self.adapters.active(SURROGATE):
+            yield self.model
+
+    def reference_velocity(self, x, sigma, embeds: PromptEmbeds) -> torch.Tensor:
+        """v_ref without gradient: the base (every adapter off) or the surrogate's EMA."""
+        with torch.no_grad():
+            if self.cfg.reference == "base":
+                with self.adapters.reference():
+                    return self.model.velocity(x, sigma, embeds)
+            with self.active(), self.emas["surrogate_ref"].swapped_in():
+                return self.model.velocity(x, sigma, embeds)
+
+    def x0(self, x: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds, guidance_scale: float) -> torch.Tensor:
+        """The surrogate's x̂₀ at (x, σ) with its own CFG (no gradient)."""
+        with torch.no_grad(), self.active():
+            return x0_from_velocity(x, sigma, self.model.guided_velocity(x, sigma, embeds, guidance_scale))
+
+    # ------------------------------------------------------------------------------------------- points
+    def points(self, states: torch.Tensor, sigmas: torch.Tensor, group_ids: torch.Tensor, gen: torch.Generator):
+        """Per sample: k, t_k, x_{t_k}, τ and x_τ (τ and z shared by a group, see the module docstring).
+        ``states`` (K + 1, B, C, h, w) are the trajectory's states, ``sigmas`` (K + 1,) their levels."""
+        k_max, b = states.shape[0] - 1, states.shape[1]
+        k = draw_steps(b, group_ids, k_max, self.cfg.k_draw, gen)
+        t = sigmas[k].float()
+        groups, inverse = torch.unique(group_ids, return_inverse=True)
+        u = torch.rand(len(groups), generator=gen)[inverse]
+        z = torch.randn((len(groups), *states.shape[2:]), generator=gen)[inverse]
+        lo = t.clamp_min(self.cfg.t_min)
+        tau = lo + u * (1.0 - lo)
+        tau = torch.maximum(tau, t + 1e-3).clamp_max(1.0)  # τ > t_k: the bridge needs a gap
+        device = states.device
+        x_t = states[k.to(device), torch.arange(b, device=device)]
+        x_tau = transition_sample(x_t, t.to(device), tau.to(device), z.to(device, states.dtype))
+        return {"k": k, "t": t.to(device), "x_t": x_t, "tau": tau.to(device), "x_tau": x_tau, "k_max": k_max}
+
+    def errors(self, p: dict, embeds: PromptEmbeds, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ℓ_φ (with grad), ℓ_ref and mean ‖v_φ − v_ref‖² per sample at the points ``p``."""
+        target = bridge_velocity(p["x_t"], p["t"], p["x_tau"], p["tau"])
+        v_ref = self.reference_velocity(p["x_tau"], p["tau"], embeds)
+        with torch.set_grad_enabled(grad), self.active():
+            v_phi = self.model.velocity(p["x_tau"], p["tau"], embeds)
+        return per_sample_mse(target, v_phi), per_sample_mse(target, v_ref), per_sample_mse(v_phi, v_ref)
+
+    # ------------------------------------------------------------------------------------------- training
+    def loss(self, states: torch.Tensor, sigmas: torch.Tensor, advantages: torch.Tensor, group_ids: torch.Tensor,
+             embeds: PromptEmbeds, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """The surrogate's loss on one batch of trajectories (see the module docstring) and diagnostics."""
+        c = self.cfg
+        p = self.points(states, sigmas, group_ids.cpu(), gen)
+        loss_phi, loss_ref, kl = self.errors(p, embeds)
+        adv = advantages.to(loss_phi.device)
+        if c.clip_range > 0:
+            target = bridge_velocity(p["x_t"], p["t"], p["x_tau"], p["tau"])
+            with torch.no_grad(), self.active(), self.emas["surrogate_old"].swapped_in():
+                loss_old = per_sample_mse(target, self.model.velocity(p["x_tau"], p["tau"], embeds))
+            loss_phi = clip_to_old(loss_phi, loss_old, adv, c.clip_range)
+        weight = p["k"].to(adv.device, adv.dtype) / p["k_max"]
+        ids = group_ids.to(loss_phi.device)
+        if c.k_weight == "sample":
+            loss = dgpo_loss(loss_phi, loss_ref, adv * weight, ids, c.beta, normalization=c.normalization)
+        else:  # each group's DGPO loss times its k/K (one k per group with k_draw=group)
+            groups = torch.unique(ids)
+            loss = torch.stack([
+                dgpo_loss(loss_phi[ids == g], loss_ref[ids == g], adv[ids == g], ids[ids == g], c.beta,
+                          normalization=c.normalization) * weight[ids == g].mean()
+                for g in groups]).mean()
+        if c.kl_weight > 0:
+            loss = loss + c.kl_weight * kl.mean()
+        gap = (loss_phi - loss_ref).detach()
+        return loss, {"loss_surrogate": loss.item(), "surrogate_margin": -(adv * gap).mean().item(),
+                      "surrogate_k": p["k"].float().mean().item()}
+
+    def update(self, states, sigmas, advantages, group_ids, embeds, gen, step: int, grad_clip: float = 1.0) -> dict:
+        """One Adam step of the surrogate on a batch; its EMAs follow."""
+        loss, stats = self.loss(states, sigmas, advantages, group_ids, embeds, gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip if grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for ema in self.emas.values():
+            ema.update(step)
+        return {**stats, "grad_norm_surrogate": norm.item()}
+
+    @torch.no_grad()
+    def implicit_reward(self, states: torch.Tensor, sigmas: torch.Tensor, k: int, embeds: PromptEmbeds,
+                        gen: torch.Generator, draws: int = 4) -> torch.Tensor:
+        """r_φ(x_{t_k}) = −mean over ``draws`` of (ℓ_φ − ℓ_ref) at every sample's step-k point, (B,)."""
+        b = states.shape[1]
+        total = torch.zeros(b, device=states.device)
+        for _ in range(draws):
+            t = sigmas[k].float().expand(b)
+            lo = t.clamp_min(self.cfg.t_min)
+            tau = torch.maximum(lo + torch.rand(b, generator=gen) * (1.0 - lo), t + 1e-3).clamp_max(1.0)
+            z = torch.randn(states.shape[1:], generator=gen)
+            x_t = states[k]
+            x_tau = transition_sample(x_t, t.to(x_t.device), tau.to(x_t.device), z.to(x_t.device, x_t.dtype))
+            p = {"t": t.to(x_t.device), "x_t": x_t, "tau": tau.to(x_t.device), "x_tau": x_tau}
+            loss_phi, loss_ref, _ = self.errors(p, embeds, grad=False)
+            total -= loss_phi - loss_ref
+        return total / draws
+
+    # ------------------------------------------------------------------------------------------- state
+    def state_tensors(self) -> tuple[dict, dict]:
+        from dgpo.checkpoint import optimizer_to_flat
+        tensors = {f"surrogate.{k}": p.detach() for k, p in self.adapters.named_parameters(SURROGATE)}
+        for name, ema in self.emas.items():
+            tensors.update({f"{name}.{k}": v for k, v in ema.state_dict().items()})
+        opt_t, opt_s = optimizer_to_flat(self.optimizer)
+        tensors.update({f"surrogate_opt.{k}": v for k, v in opt_t.items()})
+        return tensors, {"surrogate_optimizer": opt_s}
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict, state: dict) -> None:
+        from dgpo.checkpoint import optimizer_from_flat
+        for k, p in self.adapters.named_parameters(SURROGATE):
+            p.copy_(tensors[f"surrogate.{k}"])
+        for name, ema in self.emas.items():
+            ema.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        sub = {k[len("surrogate_opt."):]: v for k, v in tensors.items() if k.startswith("surrogate_opt.")}
+        optimizer_from_flat(self.optimizer, sub, state["surrogate_optimizer"])

@@ -1,0 +1,165 @@
+"""TDM-R1 on a tiny base: the bridge target, the surrogate's group loss, what reaches the student, resume."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dgpo.rewards import register_reward
+from tdm_r1 import distill as distill_module
+from tdm_r1 import surrogate as surrogate_module
+from tdm_r1.cli import main
+from tdm_r1.config import load_distill_config
+from tdm_r1.distill import Distiller, prepare_run_dir
+from tdm_r1.objectives import bridge_velocity, transition_sample
+
+
+class Brightness:
+    """Mean pixel value in [0, 1]: dense, so every group has a preference."""
+
+    name = "r1_brightness"
+
+    def __call__(self, images, prompts):
+        return images.reshape(len(images), -1).mean(axis=1) / 255.0
+
+
+register_reward("r1_brightness", Brightness, overwrite=True)
+
+TINY_R1 = ["run.time_budget_min=0", "optim.batch_size=4", "eval.per_prompt=1", "eval.fd=false", "eval.every=1000",
+           "student.lora_rank=4", "student.lora_alpha=4", "fake.lora_rank=4", "fake.lora_alpha=4",
+           "fake.updates_per_generator=1", "surrogate.lora_rank=4", "surrogate.lora_alpha=4",
+           "run.checkpoint_every=1000", "r1.enabled=true", "r1.group_size=2", "r1.init_run=",
+           "reward.name=r1_brightness", "student.ema_decay=0"]
+
+
+def tiny_cfg(tiny_base, out, *extra):
+    return load_distill_config("configs/tdm_r1/shapes.yaml",
+                               [f"teacher.base={tiny_base}", f"run.out_dir={out}", *TINY_R1, *extra])
+
+
+def test_bridge_target_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn((3, 4, 2, 2), generator=gen), torch.randn((3, 4, 2, 2), generator=gen)
+    tau = torch.tensor([0.3, 0.6, 0.9])
+    # at t = 0 the bridge is the flow-matching target ε − x₀
+    x_tau = (1 - tau.view(-1, 1, 1, 1)) * x0 + tau.view(-1, 1, 1, 1) * eps
+    assert torch.allclose(bridge_velocity(x0, torch.zeros(3), x_tau, tau), eps - x0, atol=1e-6)
+    # at t > 0: the straight path through (t, x_t) and (τ, x_τ): x_t + (τ − t)·v* = x_τ, and x_t = x_τ − (τ − t)·v*
+    t = torch.tensor([0.1, 0.5, 0.2])
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    z = torch.randn((3, 4, 2, 2), generator=gen)
+    x_tau = transition_sample(x_t, t, tau, z)
+    v = bridge_velocity(x_t, t, x_tau, tau)
+    assert torch.allclose(x_t + (tau - t).view(-1, 1, 1, 1) * v, x_tau, atol=1e-6)
+
+
+@pytest.fixture
+def r1(tiny_base, tmp_path):
+    return Distiller(tiny_cfg(tiny_base, tmp_path / "run"), log=lambda *a: None)
+
+
+def _batch(d: Distiller):
+    prompts = d.sample_prompts(d.cfg.optim.batch_size)
+    r = d.rollout(prompts)
+    groups = torch.arange(len(prompts)) // d.cfg.r1.group_size
+    adv = torch.tensor([1.0, -1.0] * (len(prompts) // 2))
+    return prompts, r, groups, adv
+
+
+def test_untrained_surrogate_has_zero_implicit_reward_and_its_loss_is_dgpo_loss(r1, monkeypatch):
+    prompts, r, groups, adv = _batch(r1)
+    for k in range(1, len(r1.boundaries) + 1):
+        reward = r1.surrogate.implicit_reward(r.states, r1.sigmas, k, r.embeds, torch.Generator().manual_seed(k))
+        assert torch.equal(reward, torch.zeros_like(reward))  # LoRA B = 0: the surrogate is the reference
+    calls = []
+    real = surrogate_module.dgpo_loss
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(surrogate_module, "dgpo_loss", spy)
+    loss, stats = r1.surrogate.loss(r.states, r1.sigmas, adv, groups, r.embeds, torch.Generator().manual_seed(0))
+    assert len(calls) == 2  # one DGPO group loss per group (k_weight=group)
+    # at φ = ref every group's loss is softplus(0) = log 2, times its k/K
+    k = stats["surrogate_k"]
+    assert all(abs(c.item() - math.log(2)) < 1e-6 for c in calls)
+    assert loss.item() == pytest.approx(math.log(2) * k / len(r1.boundaries), rel=1e-5)
+
+
+def test_no_gradient_of_the_surrogate_loss_reaches_the_student_or_the_fake(r1):
+    prompts, r, groups, adv = _batch(r1)
+    loss, _ = r1.surrogate.loss(r.states, r1.sigmas, adv, groups, r.embeds, torch.Generator().manual_seed(0))
+    into_student = torch.autograd.grad(loss, r1.student_params + r1.fake_params, allow_unused=True,
+                                       retain_graph=True)
+    assert all(g is None for g in into_student)
+    into_surrogate = torch.autograd.grad(loss, r1.surrogate.params, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in into_surrogate)
+
+
+def test_the_student_only_moves_along_the_regression_direction(r1, monkeypatch):
+    """The student's gradient is exactly that of −⟨d, x̂₀⟩/(B·D) for the combined direction d: a regression
+    of its clean prediction, with no denoising-score-matching term (checked on the computation)."""
+    prompts, r, groups, adv = _batch(r1)
+    r1.surrogate_update(r, prompts)
+    seen = {}
+    real = distill_module.regression_loss
+
+    def spy(x0_student, direction, *args, **kwargs):
+        b, d = len(x0_student), x0_student[0].numel()
+        seen["expected"] = torch.autograd.grad((-(direction.detach() * x0_student).sum() / (b * d)),
+                                               r1.student_params, retain_graph=True, allow_unused=True)
+        seen["direction"] = direction
+        return real(x0_student, direction, *args, **kwargs)
+
+    def step(opt, params, loss, who):
+        loss.backward()
+        seen[who] = [p.grad.clone() if p.grad is not None else None for p in params]
+        opt.zero_grad(set_to_none=True)
+        return 0.0
+
+    monkeypatch.setattr(distill_module, "regression_loss", spy)
+    monkeypatch.setattr(r1, "_step", step)
+    stats = r1.generator_update(r)
+    assert stats["reward_gap"] >= 0 and seen["direction"].abs().sum() > 0
+    for got, want in zip(seen["generator"], seen["expected"]):
+        if want is None:
+            assert got is None or got.abs().sum() == 0
+        else:
+            assert torch.allclose(got, want, atol=1e-7, rtol=1e-5)
+
+
+def test_r1_runs_resumes_exactly_and_starts_from_a_tdm_run(tiny_base, tmp_path, capsys):
+    sets = lambda *keys: [a for k in keys for a in ("--set", k)]  # noqa: E731
+    base = [f"teacher.base={tiny_base}", *TINY_R1[:-5], "student.ema_decay=0"]
+    # a TDM run to start from
+    assert main(["distill", "configs/tdm/shapes.yaml", "--out", str(tmp_path / "tdm"),
+                 *sets(*base, "run.iterations=1")]) == 0
+    r1_sets = [*base, f"r1.init_run={tmp_path / 'tdm'}", "r1.group_size=2", "reward.name=r1_brightness",
+               "run.checkpoint_every=1"]
+    assert main(["train", "--out", str(tmp_path / "whole"), *sets(*r1_sets, "run.iterations=2")]) == 0
+    assert main(["train", "--out", str(tmp_path / "pieces"), *sets(*r1_sets, "run.iterations=1")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "pieces"), "--set", "run.iterations=2"]) == 0
+    from safetensors.torch import load_file
+    whole, pieces = (load_file(str(tmp_path / r / "checkpoints" / "step-2" / "tensors.safetensors"))
+                     for r in ("whole", "pieces"))
+    assert whole.keys() == pieces.keys() and any(k.startswith("surrogate.") for k in whole)
+    for k in whole:
+        assert torch.equal(whole[k], pieces[k]), k
+    rows = [json.loads(l) for l in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "loss_surrogate" in r]
+    assert len(trained) == 2 and all(np.isfinite(r["reward"]) for r in trained)
+    assert "TDM-R1 student" in (tmp_path / "whole" / "summary.md").read_text()
+    # the starting student is the TDM run's
+    tdm = load_file(str(tmp_path / "tdm" / "checkpoints" / "step-1" / "tensors.safetensors"))
+    d = Distiller(tiny_cfg(tiny_base, tmp_path / "check", f"r1.init_run={tmp_path / 'tdm'}",
+                           *[k for k in base if k.startswith(("student.", "fake."))]), log=lambda *a: None)
+    for k, p in d.named_trainables():
+        assert torch.equal(p.detach(), tdm[k]), k
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "other"),
+                 *sets(*r1_sets, "run.iterations=1", "student.lora_rank=8")]) == 2
+    assert "trained another student (student.lora_rank: 4 there, 8 here" in capsys.readouterr().err
