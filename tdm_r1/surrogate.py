@@ -194,13 +194,14 @@ class SurrogateReward:
     @torch.no_grad()
     def implicit_reward(self, states: torch.Tensor, sigmas: torch.Tensor, k: int, embeds: PromptEmbeds,
                         gen: torch.Generator, draws: int = 4) -> torch.Tensor:
-        """r_φ(x_{t_k}) = −mean over ``draws`` of (ℓ_φ − ℓ_ref) at every sample's step-k point, (B,)."""
+        """r_φ(x_{t_k}) = −mean over ``draws`` of (ℓ_φ − ℓ_ref) at every sample's step-k point, (B,); each draw
+        puts every sample at the same τ with the same noise, so the samples are compared alike."""
         b = states.shape[1]
         total = torch.zeros(b, device=states.device)
         for _ in range(draws):
             t = sigmas[k].float().expand(b)
             lo = t.clamp_min(self.cfg.t_min)
-            tau = torch.maximum(lo + torch.rand(b, generator=gen) * (1.0 - lo), t + 1e-3).clamp_max(1.0)
+            tau = torch.maximum(lo + torch.rand(1, generator=gen) * (1.0 - lo), t + 1e-3).clamp_max(1.0)
             z = torch.randn(states.shape[1:], generator=gen)
             x_t = states[k]
             x_tau = transition_sample(x_t, t.to(x_t.device), tau.to(x_t.device), z.to(x_t.device, x_t.dtype))
@@ -208,6 +209,26 @@ class SurrogateReward:
             loss_phi, loss_ref, _ = self.errors(p, embeds, grad=False)
             total -= loss_phi - loss_ref
         return total / draws
+
+    @torch.no_grad()
+    def ranking(self, states: torch.Tensor, sigmas: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor,
+                embeds: PromptEmbeds, gen: torch.Generator, draws: int = 4) -> dict[int, float]:
+        """How well the implicit reward orders trajectory points by their true final rewards: for each step
+        k = 1 … K, the mean over groups (prompts) of Kendall's τ between r_φ(x_{t_k}) and the rewards of the
+        group's samples (groups whose rewards are all equal are skipped; 0 = chance, 1 = the true order)."""
+        from scipy.stats import kendalltau
+        out = {}
+        for k in range(1, states.shape[0]):
+            implicit = self.implicit_reward(states, sigmas, k, embeds, gen, draws).cpu().numpy()
+            taus = []
+            for g in torch.unique(group_ids):
+                idx = (group_ids == g).cpu().numpy()
+                r = rewards[torch.as_tensor(idx)].cpu().numpy()
+                if r.max() > r.min():
+                    tau = kendalltau(implicit[idx], r).statistic
+                    taus.append(0.0 if tau != tau else float(tau))  # NaN (a constant implicit reward): no order
+            out[k] = sum(taus) / len(taus) if taus else 0.0
+        return out
 
     # ------------------------------------------------------------------------------------------- state
     def state_tensors(self) -> tuple[dict, dict]:
