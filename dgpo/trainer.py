@@ -107,6 +107,7 @@ class Trainer:
                                        project_dir=str(self.out))
         set_seed(cfg.run.seed)
         self.processes = Processes.of(self.accelerator)
+        self.log = log = log if self.processes.is_main else (lambda *a, **k: None)  # one voice per run
         if model is None:
             self.base_path, _ = self._resolve_base(cfg, log)
             model = load_model(self.base_path)

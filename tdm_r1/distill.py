@@ -84,6 +84,7 @@ class Distiller:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
         self.processes = Processes.launched()
+        self.log = log = log if self.processes.is_main else (lambda *a, **k: None)  # one voice per run
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.processes.distributed and device.type == "cuda":
             from accelerate import PartialState
