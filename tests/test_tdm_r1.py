@@ -208,3 +208,37 @@ def test_trained_surrogate_ranks_fresh_trajectory_points(briefly_pretrained_base
                                       torch.Generator().manual_seed(eval_seed))
         taus += [ranking[k_max - 1], ranking[k_max]]
     assert np.mean(taus) >= 0.1, taus
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_r1_raises_the_training_reward_more_than_tdm_alone(briefly_pretrained_base, tmp_path, seed):
+    """60 iterations from the same student on the same seeds: TDM-R1 with the brightness reward raises the mean
+    brightness of 32 fixed rollouts more than TDM alone (measured: 0.025–0.030 against 0.0065–0.008 on seeds
+    0–2 with the reward direction weighted 3; at the default 0.7 the tiny model's gain is within TDM's on one
+    seed of three)."""
+    def brightness_after(r1: bool) -> tuple[float, float]:
+        d = Distiller(tiny_cfg(briefly_pretrained_base, tmp_path / f"r1-{r1}", "optim.batch_size=8",
+                               "r1.group_size=4", "optim.generator_lr=1e-3", "surrogate.lr=3e-3",
+                               "r1.reward_weight=3", f"run.seed={seed}", f"r1.enabled={str(r1).lower()}"),
+                      log=lambda *a: None)
+
+        def measure() -> float:
+            g = torch.Generator().manual_seed(999)
+            prompts = [d.train_prompts[i] for i in torch.randint(len(d.train_prompts), (32,), generator=g).tolist()]
+            state = d.gen.get_state()
+            d.gen.manual_seed(12345)  # the same 32 noises before and after, for both recipes
+            with torch.no_grad():
+                images = d.teacher.decode_latents(d.rollout(prompts).states[-1])
+            d.gen.set_state(state)
+            return float(np.mean(Brightness()(images, prompts)))
+
+        before = measure()
+        for _ in range(60):
+            d.iteration()
+        return before, measure()
+
+    tdm_before, tdm_after = brightness_after(False)
+    r1_before, r1_after = brightness_after(True)
+    assert tdm_before == pytest.approx(r1_before, abs=1e-6)  # the same starting student
+    assert r1_after - r1_before > 1.5 * (tdm_after - tdm_before) > 0, (tdm_before, tdm_after, r1_after)
