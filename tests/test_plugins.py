@@ -82,3 +82,26 @@ def test_a_method_cannot_take_a_shared_sections_name():
         config_section = Settings
     with pytest.raises(ValueError, match="shared section 'run'"):
         register_objective(Clash)
+
+
+def test_a_model_family_from_a_file_trains_with_dgpo_and_tdm(tmp_path):
+    """examples/pixel_flow_model.py: a flow model with no diffusers pipeline, behind the model-handle protocol."""
+    model = tmp_path / "pixel-flow"
+    done = subprocess.run([sys.executable, str(EXAMPLES / "pixel_flow_model.py"), str(model)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    plugin = str(EXAMPLES / "pixel_flow_model.py")
+    out = tmp_path / "run"
+    assert main(["train", "--plugin", plugin, "--out", str(out), *[a for s in [
+        f"model.base={model}", "run.epochs=2", "run.time_budget_min=0", *TINY_RUN, "model.lora_targets=attention",
+        "optim.lr=1e-2"] for a in ("--set", s)]]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "reward" in r] == [1, 2]
+    lora = load_file(str(out / "final" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(".to_q." in k for k in lora) and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    from tdm_r1.cli import main as tdm
+    assert tdm(["distill", "--plugin", plugin, "--out", str(tmp_path / "tdm"), *[a for s in [
+        f"teacher.base={model}", "run.iterations=1", "run.time_budget_min=0", "optim.batch_size=4", "eval.per_prompt=1",
+        "eval.fd=false", "student.lora_rank=2", "student.lora_alpha=2", "fake.lora_rank=2", "fake.lora_alpha=2"]
+        for a in ("--set", s)]]) == 0
+    assert (tmp_path / "tdm" / "final" / "lora" / "pytorch_lora_weights.safetensors").is_file()
