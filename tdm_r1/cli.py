@@ -44,6 +44,30 @@ def load_r1_config(path, overrides=()):
     return load_distill_config(path, [*overrides, "r1.enabled=true"])
 
 
+def cmd_surrogate(args) -> None:
+    import json
+    from dgpo.output_dir import atomic_output_dir, check_output
+    from tdm_r1.distill import Distiller
+    from tdm_r1.surrogate_training import train_surrogate
+    if args.updates < 1 or args.eval_every < 1:
+        raise UserError(f"--updates and --eval-every must be at least 1, got {args.updates} and {args.eval_every}")
+    out = check_output(args.out, "tdm-r1 surrogate", args.overwrite)  # before the work, not after it
+    cfg = load_r1_config(args.config or DEFAULT_R1_CONFIG, [*args.set, f"run.out_dir={out}"])
+    distiller = Distiller(cfg)  # the student (from r1.init_run) stays frozen: only the surrogate trains
+    rows = train_surrogate(distiller, args.updates, args.eval_every, args.eval_prompts, args.per_prompt)
+    with atomic_output_dir(out, "tdm-r1 surrogate", args.overwrite) as tmp:
+        distiller.surrogate.save(tmp / "surrogate_lora")
+        (tmp / "ranking.json").write_text(json.dumps({"evaluations": rows, "config": args.config or
+                                                      str(DEFAULT_R1_CONFIG), "set": args.set}, indent=2))
+    ks = sorted(rows[-1]["kendall_tau"])
+    print("| update | " + " | ".join(f"τ at step {k}" for k in ks) + " | mean |")
+    print("|---" * (len(ks) + 2) + "|")
+    for row in rows:
+        print(f"| {row['update']} | " + " | ".join(f"{row['kendall_tau'][k]:.2f}" for k in ks)
+              + f" | {row['mean']:.2f} |")
+    print(f"surrogate: {out / 'surrogate_lora'} (tdm-r1 train --set surrogate.init=...); ranking: {out / 'ranking.json'}")
+
+
 def student_boundaries(model, nfe: int, boundaries: str | None, lora: str | None) -> list[float]:
     """--boundaries, else those saved with the LoRA (when its K equals --nfe), else the scheduler's K levels."""
     from tdm_r1.student import check_boundaries, default_boundaries, read_sampler_file
@@ -105,6 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "folder as `tdm-r1 distill`.\n\nconfig keys:\n  " + "\n  ".join(describe(DistillConfig)))
     add_run_args(p, DEFAULT_R1_CONFIG, "r1.init_run=runs/tdm-shapes or surrogate.lr=3e-4")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("surrogate", help="train a stepwise surrogate reward alone on a frozen student's rollouts",
+                       description="Train TDM-R1's surrogate reward (a LoRA trained with DGPO's group loss on "
+                       "the points of the student's deterministic trajectories, each labelled with its final "
+                       "image's reward) without touching the student, and report how well its implicit reward "
+                       "orders fresh trajectory points by their true rewards: Kendall's τ per step, averaged over "
+                       "prompts (0 = chance). Writes OUT/surrogate_lora (tdm-r1 train can start from it: --set "
+                       "surrogate.init=OUT/surrogate_lora) and OUT/ranking.json.")
+    p.add_argument("config", nargs="?", help=f"YAML config (default {DEFAULT_R1_CONFIG.relative_to(CONFIG_DIR.parent)}; "
+                   "r1.init_run names the student)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. surrogate.lr=3e-4 or r1.init_run=runs/tdm-shapes")
+    p.add_argument("--updates", type=int, default=200, help="surrogate updates (default 200)")
+    p.add_argument("--eval-every", type=int, default=50, help="measure the ranking every N updates (default 50)")
+    p.add_argument("--eval-prompts", type=int, default=8, help="train prompts the ranking is measured on (default 8)")
+    p.add_argument("--per-prompt", type=int, default=16, help="fresh rollouts per evaluation prompt (default 16)")
+    _add_out_args(p, "output folder (surrogate_lora/, ranking.json); must be new or empty")
+    p.set_defaults(func=cmd_surrogate)
 
     p = sub.add_parser("sample", help="sample a K-step student into a folder (PNGs, samples.jsonl, grid.png)",
                        description="Like `dgpo sample`, with the student's sampler: --nfe Euler steps at the noise "

@@ -137,6 +137,8 @@ class Distiller:
             if self.processes.distributed:
                 raise UserError("r1.enabled: TDM-R1 runs on one process for now; launch it without --num_processes")
             self.surrogate = SurrogateReward(self.teacher, self.adapters, cfg.surrogate, seed=cfg.run.seed + 2)
+            if cfg.surrogate.init:
+                self.surrogate.load(cfg.surrogate.init)
             name = self.reward_name = cfg.reward.name or self.world.reward
             self.reward = make_reward(name, **({"url": cfg.reward.url, "timeout": cfg.reward.timeout}
                                                if name == "remote" else {}))

@@ -71,6 +71,8 @@ class SurrogateConfig:
     old_ema_decay: float = option(0.9, "decay of the 'old' surrogate EMA (clip_range > 0)", min=0.0, max=1.0)
     kl_weight: float = option(0.0, "weight of mean ‖v_φ − v_ref‖² (0 = off)", min=0.0)
     updates_per_iteration: int = option(1, "surrogate updates per generator update", min=1)
+    init: str = option("", "a surrogate LoRA folder to start from (written by `tdm-r1 surrogate`; empty: B = 0, "
+                       "the base)")
 
 
 def step_probabilities(k_max: int) -> torch.Tensor:
@@ -231,6 +233,30 @@ class SurrogateReward:
         return out
 
     # ------------------------------------------------------------------------------------------- state
+    def save(self, folder) -> None:
+        """The surrogate as a diffusers-format LoRA folder (its rank and alpha with it)."""
+        self.adapters.save_diffusers(SURROGATE, folder)
+
+    def load(self, folder) -> None:
+        """Start from a LoRA folder :meth:`save` wrote (its keys must match this surrogate's shape)."""
+        from pathlib import Path
+        from safetensors.torch import load_file
+        from dgpo.errors import UserError
+        path = Path(folder) / "pytorch_lora_weights.safetensors"
+        if not path.is_file():
+            raise UserError(f"surrogate.init: {str(folder)!r} has no pytorch_lora_weights.safetensors; pass the "
+                            f"surrogate_lora folder `tdm-r1 surrogate` wrote")
+        state = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
+        mine = dict(self.adapters.named_parameters(SURROGATE))
+        if state.keys() != mine.keys() or any(state[k].shape != p.shape for k, p in mine.items()):
+            raise UserError(f"surrogate.init: {str(folder)!r} holds another surrogate (its LoRA keys or shapes "
+                            f"differ from surrogate.lora_rank/lora_targets here)")
+        with torch.no_grad():
+            for k, p in mine.items():
+                p.copy_(state[k])
+        for ema in self.emas.values():
+            ema.shadow = [p.detach().clone() for p in self.params]
+
     def state_tensors(self) -> tuple[dict, dict]:
         from dgpo.checkpoint import optimizer_to_flat
         tensors = {f"surrogate.{k}": p.detach() for k, p in self.adapters.named_parameters(SURROGATE)}

@@ -242,3 +242,26 @@ def test_r1_raises_the_training_reward_more_than_tdm_alone(briefly_pretrained_ba
     r1_before, r1_after = brightness_after(True)
     assert tdm_before == pytest.approx(r1_before, abs=1e-6)  # the same starting student
     assert r1_after - r1_before > 1.5 * (tdm_after - tdm_before) > 0, (tdm_before, tdm_after, r1_after)
+
+
+def test_surrogate_command_trains_alone_and_train_starts_from_it(tiny_base, tmp_path, capsys):
+    """`tdm-r1 surrogate`: the student is untouched, the ranking is reported per step (0 for the untrained
+    surrogate), the LoRA is written; `tdm-r1 train --set surrogate.init=...` starts from exactly those weights."""
+    sets = lambda *keys: [a for k in keys for a in ("--set", k)]  # noqa: E731
+    keys = [f"teacher.base={tiny_base}", *TINY_R1, "surrogate.lr=1e-2"]
+    out = tmp_path / "surrogate"
+    assert main(["surrogate", "--out", str(out), "--updates", "3", "--eval-every", "2", "--eval-prompts", "2",
+                 "--per-prompt", "4", *sets(*keys)]) == 0
+    ranking = json.loads((out / "ranking.json").read_text())["evaluations"]
+    assert [r["update"] for r in ranking] == [0, 2, 3]
+    assert ranking[0]["kendall_tau"] == {"1": 0.0, "2": 0.0, "3": 0.0, "4": 0.0}  # untrained: no order at all
+    assert "| update | τ at step 1" in capsys.readouterr().out
+    from safetensors.torch import load_file
+    saved = load_file(str(out / "surrogate_lora" / "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # it trained
+    d = Distiller(tiny_cfg(tiny_base, tmp_path / "r1", f"surrogate.init={out / 'surrogate_lora'}"),
+                  log=lambda *a: None)
+    for k, p in d.adapters.named_parameters("surrogate"):
+        assert torch.equal(p.detach(), saved[f"transformer.{k}"]), k
+    assert main(["surrogate", "--out", str(out), "--updates", "1", *sets(*keys)]) == 2  # never over a user's folder
+    assert "--out" in capsys.readouterr().err
