@@ -265,11 +265,17 @@ def _add_out_args(p, what: str, required: bool = True) -> None:
                         "a path holding anything else is still refused)")
 
 
-def add_run_args(p, default_config: Path, set_example: str) -> None:
-    """CONFIG, --set, --out, --overwrite, --resume and --plugin of a training command (see dgpo.run_folder)."""
-    p.add_argument("config", nargs="?", help=f"YAML config (default {default_config.relative_to(CONFIG_DIR.parent)})")
+def add_config_args(p, default_config: Path, set_example: str, note: str = "") -> None:
+    """CONFIG (optional, ``default_config`` when left out) and --set KEY=VALUE overrides."""
+    p.add_argument("config", nargs="?",
+                   help=f"YAML config (default {default_config.relative_to(CONFIG_DIR.parent)}{note})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config key, e.g. {set_example}")
+
+
+def add_run_args(p, default_config: Path, set_example: str) -> None:
+    """CONFIG, --set, --out, --overwrite, --resume and --plugin of a training command (see dgpo.run_folder)."""
+    add_config_args(p, default_config, set_example)
     p.add_argument("--out", help="run folder (overrides run.out_dir); must be new or empty. Without it a taken "
                                  "default folder is not reused: the run goes to NAME-2, NAME-3, ...")
     p.add_argument("--overwrite", action="store_true",

@@ -46,21 +46,23 @@ def generate(model: FlowModel, prompts: list[str], per_prompt: int = 1, sampler:
     return generate_images(model, prompts, sample, per_prompt, seed, batch_size, progress, processes=processes)
 
 
-def evaluate_images(images: np.ndarray, prompts: list[str], fd: bool = True, world: World | None = None) -> dict:
-    """The world's task metric (overall + per category), dense score and quality FD of generated images."""
-    return (world or make_world()).score(images, prompts, fd=fd)
+def evaluate_images(images: np.ndarray, prompts: list[str], fd: bool = True, world: World | None = None,
+                    processes: Processes = SINGLE) -> dict:
+    """The world's task metric (overall + per category), dense score and quality FD of generated images (on
+    several processes, each holding all the images: scored by the main process, the result shared)."""
+    result = (world or make_world()).score(images, prompts, fd=fd) if processes.is_main else None
+    return processes.broadcast(result)
 
 
 def evaluate_model(model: FlowModel, cfg: EvalConfig = EvalConfig(), sampler: SamplerConfig = SamplerConfig(),
                    prompts: list[str] | None = None, progress: bool = True,
                    world: World | None = None, processes: Processes = SINGLE) -> tuple[dict, np.ndarray, list[dict]]:
     """Sample ``cfg.per_prompt`` images for each prompt of the split and score them (on several processes: the
-    images made by all of them, scored by the main process)."""
+    images made by all of them, see :func:`evaluate_images`)."""
     world = world or make_world()
     prompts = prompts if prompts is not None else world.prompts(cfg.split)
     images, records = generate(model, prompts, cfg.per_prompt, sampler, cfg.seed, cfg.batch_size, progress, processes)
-    result = evaluate_images(images, [r["prompt"] for r in records], fd=cfg.fd, world=world) if processes.is_main else None
-    return processes.broadcast(result), images, records
+    return evaluate_images(images, [r["prompt"] for r in records], cfg.fd, world, processes), images, records
 
 
 def format_table(results: dict[str, dict], metric: str = "shapes-geneval") -> str:

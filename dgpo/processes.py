@@ -83,10 +83,6 @@ class Processes:
                             f"make it a multiple of {self.world}")
         return torch.arange(self.rank, n, self.world)
 
-    def share(self, items: Sequence, what: str = "the global batch") -> list:
-        """This process's items of a global list (its :meth:`rows`)."""
-        return [items[i] for i in self.rows(len(items), what).tolist()]
-
     def stride(self, items: Sequence) -> list:
         """Items rank, rank + world, … of a list of any length (evaluation images; :meth:`gather_objects`
         puts them back in order)."""
@@ -150,6 +146,20 @@ class Processes:
     def barrier(self) -> None:
         if self.distributed:
             torch.distributed.barrier()
+
+    def main_first(self, fn):
+        """``fn()`` on the main process first, then on the others (e.g. a base that is not cached yet is
+        pretrained once, and the others then find it cached)."""
+        if not self.is_main:
+            self.barrier()
+        out = fn()
+        if self.is_main:
+            self.barrier()
+        return out
+
+    def voice(self, log):
+        """``log`` on the main process, silence elsewhere: one voice per run."""
+        return log if self.is_main else (lambda *a, **k: None)
 
 
 #: one process: what code that was not launched distributed uses

@@ -438,6 +438,14 @@ def register_reward(name: str, factory: Callable[..., Reward], overwrite: bool =
     _REGISTRY[name] = factory
 
 
+def reward_of_run(reward_cfg, world) -> tuple[str, Reward]:
+    """The reward a training run's ``reward:`` section names (:class:`dgpo.train_config.RewardConfig`): its
+    ``name``, or the world's own when empty, built with the section's ``url``/``timeout`` for ``remote``."""
+    name = reward_cfg.name or world.reward
+    options = {"url": reward_cfg.url, "timeout": reward_cfg.timeout} if name == "remote" else {}
+    return name, make_reward(name, **options)
+
+
 def make_reward(name: str, **kwargs) -> Reward:
     """Build a registered reward: ``"shapes_partial"``, ``"shapes_strict"``, ``"shapes_mixed"``,
     ``"shapes_soft"``, ``"remote"`` (needs ``url=``)

@@ -98,7 +98,7 @@ class Run:
         self.step_key, self.grid_prefix = step_key, grid_prefix
         self.processes = processes
         self.writes = processes.is_main
-        self.tracker, self.log = tracker, (log if self.writes else (lambda *a, **k: None))
+        self.tracker, self.log = tracker, processes.voice(log)
         self.metrics_path = self.out / "metrics.jsonl"
 
     @property

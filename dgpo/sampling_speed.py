@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from dgpo.generation import SampleFn, generate_images, synchronize, timed  # noqa: F401  (re-exported for tools)
+from dgpo.generation import SampleFn, generate_images
 from dgpo.models.handle import FlowModel
 
 

@@ -39,7 +39,7 @@ from dgpo.models.handle import FlowModel, PromptEmbeds, load_model, t5_tokens_of
 from dgpo.models.adapters import AdapterRoles
 from dgpo.processes import Processes
 from dgpo.prompt_sampling import PromptSampler
-from dgpo.rewards import make_reward
+from dgpo.rewards import reward_of_run
 from dgpo.train_config import TrainConfig, train_config_class
 from dgpo.worlds import make_world
 
@@ -107,9 +107,9 @@ class Trainer:
                                        project_dir=str(self.out))
         set_seed(cfg.run.seed)
         self.processes = Processes.of(self.accelerator)
-        self.log = log = log if self.processes.is_main else (lambda *a, **k: None)  # one voice per run
+        self.log = log = self.processes.voice(log)
         if model is None:
-            self.base_path, _ = self._resolve_base(cfg, log)
+            self.base_path, _ = self.processes.main_first(lambda: resolve_base(cfg, log))
             model = load_model(self.base_path)
         else:
             self.base_path = Path(cfg.model.base or "in-memory-model")
@@ -125,9 +125,10 @@ class Trainer:
         self.optimizer = self.accelerator.prepare(build_optimizer(self.params, cfg.optim))  # fp16: its loss scaler
         self.policy_ema = EMA(self.params, cfg.optim.ema_decay)
         self.world = make_world(cfg.world)
-        name = self.reward_name = cfg.reward.name or self.world.reward
-        self.reward = reward if reward is not None else make_reward(
-            name, **({"url": cfg.reward.url, "timeout": cfg.reward.timeout} if name == "remote" else {}))
+        if reward is None:
+            self.reward_name, self.reward = reward_of_run(cfg.reward, self.world)
+        else:
+            self.reward_name, self.reward = cfg.reward.name or self.world.reward, reward
         self.gen = torch.Generator().manual_seed(cfg.run.seed)
         self.train_prompts = self.world.prompts("train")
         r = cfg.rollout
@@ -155,15 +156,6 @@ class Trainer:
     @property
     def label(self) -> str:
         return self.objective.label
-
-    def _resolve_base(self, cfg: TrainConfig, log) -> tuple[Path, int]:
-        """The base; a base that is not cached yet is pretrained by the main process while the others wait."""
-        if not self.processes.is_main:
-            self.processes.barrier()
-        found = resolve_base(cfg, log)
-        if self.processes.is_main:
-            self.processes.barrier()
-        return found
 
     def _count_call(self, module, args, kwargs) -> None:
         if self._counting:

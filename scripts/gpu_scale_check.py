@@ -32,7 +32,7 @@ from dgpo.models.lora import add_lora
 from dgpo.worlds.shapes_base.pretrain import world_vocabulary
 from dgpo.worlds.shapes_base.tokenizer import build_clip_tokenizer
 from dgpo.objectives import group_advantages
-from dgpo import sampling_speed
+from dgpo import generation
 from dgpo.sampling import sample_ode
 from dgpo.train_config import ObjectiveConfig
 from dgpo.worlds import shapes
@@ -72,8 +72,8 @@ def _build(resolution: int, layers: int) -> StableDiffusion3Pipeline:
 
 
 def timed(fn):
-    """``(fn(), seconds)``, the GPU synchronised before and after (``dgpo.sampling_speed.timed``)."""
-    return sampling_speed.timed(fn, DEVICE)
+    """``(fn(), seconds)``, the GPU synchronised before and after (``dgpo.generation.timed``)."""
+    return generation.timed(fn, DEVICE)
 
 
 def main() -> None:

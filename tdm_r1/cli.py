@@ -17,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from dgpo.cli import (_add_model_args, _add_out_args, _add_prompt_args, _prompts_from_args, add_run_args,  # noqa: E402
-                      load_model, resolve_model, run_command, train_command)
+from dgpo.cli import (_add_model_args, _add_out_args, _add_prompt_args, _prompts_from_args, add_config_args,  # noqa: E402
+                      add_run_args, load_model, resolve_model, run_command, train_command)
 from dgpo.errors import UserError  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -137,10 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "orders fresh trajectory points by their true rewards: Kendall's τ per step, averaged over "
                        "prompts (0 = chance). Writes OUT/surrogate_lora (tdm-r1 train can start from it: --set "
                        "surrogate.init=OUT/surrogate_lora) and OUT/ranking.json.")
-    p.add_argument("config", nargs="?", help=f"YAML config (default {DEFAULT_R1_CONFIG.relative_to(CONFIG_DIR.parent)}; "
-                   "r1.init_run names the student)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. surrogate.lr=3e-4 or r1.init_run=runs/tdm-shapes")
+    add_config_args(p, DEFAULT_R1_CONFIG, "surrogate.lr=3e-4 or r1.init_run=runs/tdm-shapes",
+                    "; r1.init_run names the student")
     p.add_argument("--updates", type=int, default=200, help="surrogate updates (default 200)")
     p.add_argument("--eval-every", type=int, default=50, help="measure the ranking every N updates (default 50)")
     p.add_argument("--eval-prompts", type=int, default=8, help="train prompts the ranking is measured on (default 8)")

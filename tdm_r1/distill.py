@@ -35,7 +35,7 @@ from dgpo.errors import UserError
 from dgpo.config import to_dict
 from dgpo.methods.batch import score_groups
 from dgpo.processes import Processes
-from dgpo.rewards import make_reward
+from dgpo.rewards import reward_of_run
 from dgpo.run_folder import reopen_run, start_run
 from dgpo.run import Counters, Run, Schedule, plot_run
 from dgpo.evaluation import evaluate_images
@@ -44,9 +44,9 @@ from dgpo.models.adapters import AdapterRoles
 from dgpo.worlds import make_world
 from tdm_r1.config import DistillConfig
 from tdm_r1.objectives import (distribution_matching_direction, fake_score_loss, log_importance_weight,
-                               normalise_weights, regression_loss, reward_direction, sample_tau, transition_sample,
-                               x0_from_velocity)
-from tdm_r1.surrogate import SurrogateReward
+                               level_above, normalise_weights, regression_loss, reward_direction, sample_tau,
+                               transition_sample, x0_from_velocity)
+from tdm_r1.surrogate import SurrogateReward, group_draws
 from tdm_r1.student import boundary_sigmas, check_boundaries, default_boundaries, generate_student, write_sampler_files
 
 STUDENT, FAKE = "student", "fake"
@@ -84,17 +84,13 @@ class Distiller:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
         self.processes = Processes.launched()
-        self.log = log = log if self.processes.is_main else (lambda *a, **k: None)  # one voice per run
+        self.log = log = self.processes.voice(log)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.processes.distributed and device.type == "cuda":
             from accelerate import PartialState
             device = PartialState().device
         self.processes.rows(cfg.optim.batch_size, "optim.batch_size")
-        if not self.processes.is_main:  # the main process pretrains a teacher that is not cached yet
-            self.processes.barrier()
-        self.base_path = resolve_teacher(cfg, log)
-        if self.processes.is_main:
-            self.processes.barrier()
+        self.base_path = self.processes.main_first(lambda: resolve_teacher(cfg, log))
         self.teacher = load_model(self.base_path).to(device)  # adapters off = the teacher
         backbone = self.teacher.transformer
         self.boundaries = check_boundaries(cfg.student.boundaries or default_boundaries(self.teacher, cfg.student.nfe))
@@ -139,9 +135,7 @@ class Distiller:
             self.surrogate = SurrogateReward(self.teacher, self.adapters, cfg.surrogate, seed=cfg.run.seed + 2)
             if cfg.surrogate.init:
                 self.surrogate.load(cfg.surrogate.init)
-            name = self.reward_name = cfg.reward.name or self.world.reward
-            self.reward = make_reward(name, **({"url": cfg.reward.url, "timeout": cfg.reward.timeout}
-                                               if name == "remote" else {}))
+            self.reward_name, self.reward = reward_of_run(cfg.reward, self.world)
             if cfg.r1.init_run:
                 self.load_student_from(Path(cfg.r1.init_run))
         with torch.no_grad():
@@ -303,12 +297,9 @@ class Distiller:
         trunc = c.trunc_steps or len(self.boundaries)
         early = (k < trunc).to(self.device)
         groups = torch.arange(b) // c.group_size  # consecutive groups of the rollout
-        n_groups = int(groups.max()) + 1
-        u = torch.rand(n_groups, generator=self.gen)[groups].to(self.device)
-        z = torch.randn((n_groups, *x0_student.shape[1:]), generator=self.gen)[groups].to(self.device)
-        lo = p["s_next"].clamp_min(c.t_min)
-        tau2 = torch.maximum(lo + u * (1.0 - lo), p["s_next"] + 1e-3).clamp_max(1.0)
-        x_tau2 = transition_sample(p["x_next"], p["s_next"], tau2, z)
+        u, z = group_draws(groups, tuple(x0_student.shape[1:]), self.gen)
+        tau2 = level_above(p["s_next"], u.to(self.device), c.t_min)
+        x_tau2 = transition_sample(p["x_next"], p["s_next"], tau2, z.to(self.device))
         x0_sur = self.surrogate.x0(x_tau2, tau2, r.embeds, c.rl_cfg)
         with self.as_teacher() as teacher:
             x0_base = x0_from_velocity(x_tau2, tau2, teacher.velocity(x_tau2, tau2, r.embeds))
@@ -394,8 +385,7 @@ class Distiller:
         with self.as_student() as student, self.student_weights():
             images, records = generate_student(student, prompts, self.boundaries, e.per_prompt, e.seed, progress=False,
                                                processes=self.processes)
-        result = self.processes.broadcast(evaluate_images(images, [r["prompt"] for r in records], fd=e.fd,
-                                                          world=self.world) if self.processes.is_main else None)
+        result = evaluate_images(images, [r["prompt"] for r in records], e.fd, self.world, self.processes)
         return self.runner.evaluation_row(result, images, e.per_prompt)
 
     initial_evaluation = evaluate

@@ -153,6 +153,13 @@ def bridge_velocity(x_t: torch.Tensor, t: torch.Tensor, x_tau: torch.Tensor, tau
     return (x_tau - x_t) / _b((tau - t).clamp_min(1e-4), x_t)
 
 
+def level_above(t: torch.Tensor, u: torch.Tensor, t_min: float = 0.0, gap: float = 1e-3) -> torch.Tensor:
+    """A level τ = lo + u·(1 − lo), lo = max(t, t_min), for u ~ U[0, 1): τ ~ U[max(t, t_min), 1], kept at least
+    ``gap`` above t (a bridge from t to τ needs τ > t) and at most 1 — where TDM-R1 diffuses a point of level t."""
+    lo = t.clamp_min(t_min)
+    return torch.maximum(lo + u * (1.0 - lo), t + gap).clamp_max(1.0)
+
+
 def reward_direction(x0_student: torch.Tensor, x0_surrogate_cfg: torch.Tensor,
                      x0_base: torch.Tensor) -> torch.Tensor:
     """TDM-R1's reward direction: (x̂₀^{surrogate,CFG}(x_τ′) − x̂₀^{base}(x_τ′)) / n with the detached per-sample

@@ -41,7 +41,7 @@ from dgpo.methods.dgpo import clip_to_old
 from dgpo.models.adapters import AdapterRoles
 from dgpo.models.handle import FlowModel, PromptEmbeds
 from dgpo.objectives import dgpo_loss
-from tdm_r1.objectives import bridge_velocity, transition_sample, x0_from_velocity
+from tdm_r1.objectives import bridge_velocity, level_above, transition_sample, x0_from_velocity
 
 SURROGATE = "surrogate"
 
@@ -79,6 +79,14 @@ def step_probabilities(k_max: int) -> torch.Tensor:
     """P(k) ∝ k for k = 1 … K (later, cleaner points more often)."""
     k = torch.arange(1, k_max + 1, dtype=torch.float64)
     return k / k.sum()
+
+
+def group_draws(group_ids: torch.Tensor, shape: tuple[int, ...], gen: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One uniform u and one standard normal z of ``shape`` per group, given to each of its samples: (B,), (B, *shape)."""
+    groups, inverse = torch.unique(group_ids, return_inverse=True)
+    u = torch.rand(len(groups), generator=gen)[inverse]
+    return u, torch.randn((len(groups), *shape), generator=gen)[inverse]
 
 
 def draw_steps(n: int, group_ids: torch.Tensor, k_max: int, mode: str, gen: torch.Generator) -> torch.Tensor:
@@ -133,12 +141,8 @@ class SurrogateReward:
         k_max, b = states.shape[0] - 1, states.shape[1]
         k = draw_steps(b, group_ids, k_max, self.cfg.k_draw, gen)
         t = sigmas[k].float()
-        groups, inverse = torch.unique(group_ids, return_inverse=True)
-        u = torch.rand(len(groups), generator=gen)[inverse]
-        z = torch.randn((len(groups), *states.shape[2:]), generator=gen)[inverse]
-        lo = t.clamp_min(self.cfg.t_min)
-        tau = lo + u * (1.0 - lo)
-        tau = torch.maximum(tau, t + 1e-3).clamp_max(1.0)  # τ > t_k: the bridge needs a gap
+        u, z = group_draws(group_ids, tuple(states.shape[2:]), gen)
+        tau = level_above(t, u, self.cfg.t_min)
         device = states.device
         x_t = states[k.to(device), torch.arange(b, device=device)]
         x_tau = transition_sample(x_t, t.to(device), tau.to(device), z.to(device, states.dtype))
@@ -197,14 +201,13 @@ class SurrogateReward:
     def implicit_reward(self, states: torch.Tensor, sigmas: torch.Tensor, k: int, embeds: PromptEmbeds,
                         gen: torch.Generator, draws: int = 4) -> torch.Tensor:
         """r_φ(x_{t_k}) = −mean over ``draws`` of (ℓ_φ − ℓ_ref) at every sample's step-k point, (B,); each draw
-        puts every sample at the same τ with the same noise, so the samples are compared alike."""
+        puts every sample at the same τ, each with noise of its own."""
         b = states.shape[1]
         total = torch.zeros(b, device=states.device)
         for _ in range(draws):
             t = sigmas[k].float().expand(b)
-            lo = t.clamp_min(self.cfg.t_min)
-            tau = torch.maximum(lo + torch.rand(1, generator=gen) * (1.0 - lo), t + 1e-3).clamp_max(1.0)
-            z = torch.randn(states.shape[1:], generator=gen)
+            tau = level_above(t, torch.rand(1, generator=gen), self.cfg.t_min)
+            z = torch.randn(states.shape[1:], generator=gen)  # (B, C, h, w)
             x_t = states[k]
             x_tau = transition_sample(x_t, t.to(x_t.device), tau.to(x_t.device), z.to(x_t.device, x_t.dtype))
             p = {"t": t.to(x_t.device), "x_t": x_t, "tau": tau.to(x_t.device), "x_tau": x_tau}
