@@ -185,6 +185,7 @@ def train_command(args, recipe_cls, config_class, load_config, default_config: P
         print(f"run folder: {cfg.run.out_dir}" + (f" ({processes.world} processes)" if processes.distributed else ""))
     recipe = recipe_cls(cfg)
     result = recipe.run(resume=bool(args.resume))
+    processes.close()
     if not processes.is_main:
         return
     print((Path(cfg.run.out_dir) / "summary.md").read_text())

@@ -147,6 +147,14 @@ class Processes:
         if self.distributed:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """End together: wait for every process, then each tears down its process group. A group left to the
+        interpreter's exit, or torn down by one process while another still holds its connections, can abort
+        the other (SIGABRT: "terminate called without an active exception") after a run that succeeded."""
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     def main_first(self, fn):
         """``fn()`` on the main process first, then on the others (e.g. a base that is not cached yet is
         pretrained once, and the others then find it cached)."""

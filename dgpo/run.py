@@ -43,7 +43,7 @@ from dgpo.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, res
 from dgpo.errors import UserError
 from dgpo.evaluation import format_table
 from dgpo.processes import SINGLE, Processes
-from dgpo.run_metrics import eval_result, read_metrics, truncate_metrics
+from dgpo.run_metrics import eval_result, gain_against_noise, read_metrics, truncate_metrics
 from dgpo.samples_io import image_grid
 
 
@@ -128,7 +128,8 @@ class Run:
             grid_idx = np.arange(0, len(images), per_prompt)[:64]
             Image.fromarray(image_grid(images[grid_idx], columns=8)).save(self.grid_path())
         c = self.counters
-        return {self.step_key: c.step, "eval_geneval": result["geneval"], "eval_per_category": result["per_category"],
+        return {self.step_key: c.step, "eval_geneval": result["geneval"], "eval_geneval_se": result.get("geneval_se"),
+                "eval_per_category": result["per_category"],
                 "eval_partial": result["partial"], "eval_fd": result.get("fd"),
                 "train_seconds": round(c.train_seconds, 2), "nfe": c.nfe}
 
@@ -180,7 +181,7 @@ class Run:
             bar.set_postfix(**{self.step_key: c.step}, **self.recipe.postfix(row),
                             eval=f"{evals[-1]['eval_geneval']:.3f}")
             timed = every_s and (c.train_seconds // every_s > evals[-1]["train_seconds"] // every_s)
-            if c.step % s.eval_every == 0 or timed:
+            if (s.eval_every and c.step % s.eval_every == 0) or timed:
                 evals.append(self._evaluated(self.recipe.evaluate()))
             if c.step % s.checkpoint_every == 0:
                 self.save()
@@ -233,8 +234,10 @@ class Run:
         first_name, last_name = self.recipe.summary_names(evals[0], evals[-1])
         table = format_table({first_name: eval_result(evals[0]), last_name: eval_result(evals[-1])},
                              self.recipe.world.metric)
-        (self.out / "summary.md").write_text(table + "\n")
-        (self.out / "summary.json").write_text(json.dumps({"first": evals[0], "last": evals[-1]}, indent=2))
+        gain = gain_against_noise(evals[0], evals[-1], self.recipe.world.metric)
+        (self.out / "summary.md").write_text(f"{table}\n\n{gain['sentence']}\n")
+        (self.out / "summary.json").write_text(json.dumps({"first": evals[0], "last": evals[-1], "gain": gain},
+                                                          indent=2))
 
 
 def plot_run(rows: list[dict], path: Path, step_key: str, panels: list[tuple[str, str]], eval_title: str) -> None:

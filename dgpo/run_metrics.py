@@ -30,3 +30,24 @@ def eval_result(row: dict) -> dict:
     if row.get("eval_fd") is not None:
         out["fd"] = row["eval_fd"]
     return out
+
+
+def gain_against_noise(first: dict, last: dict, metric: str = "shapes-geneval") -> dict:
+    """The change of the task metric between two evaluation rows, beside its evaluation noise.
+
+    noise = 2·√(SE_first² + SE_last²), two standard errors of the difference of two independent evaluations
+    (each SE from :func:`dgpo.worlds.shapes.geneval_standard_error`); both evaluations use the same seeds, which
+    makes the true noise of the difference smaller still, so a gain above ``noise`` is real. Returns
+    ``{"gain", "noise", "beyond_noise", "sentence"}``; noise is None when a row has no standard error (a world
+    that does not report one, or an older cached evaluation)."""
+    gain = last["eval_geneval"] - first["eval_geneval"]
+    ses = [first.get("eval_geneval_se"), last.get("eval_geneval_se")]
+    if any(se is None for se in ses):
+        return {"gain": gain, "noise": None, "beyond_noise": None,
+                "sentence": f"{metric} {gain:+.3f} (no evaluation noise known for these evaluations)"}
+    noise = 2 * (ses[0] ** 2 + ses[1] ** 2) ** 0.5
+    beyond = abs(gain) > noise
+    verdict = ("larger than the evaluation noise" if beyond else
+               "within the evaluation noise: more images per prompt (eval.per_prompt) would tell")
+    return {"gain": gain, "noise": noise, "beyond_noise": beyond,
+            "sentence": f"{metric} {gain:+.3f} ± {noise:.3f} (two standard errors of the evaluation noise): {verdict}"}

@@ -97,7 +97,8 @@ class OptimConfig:
 
 @dataclass
 class EvalSection:
-    every: int = option(25, "evaluate every N epochs (and at the start and end)", min=1)
+    every: int = option(25, "evaluate every N epochs (and at the start and end; 0 = by epochs never, only at the "
+                        "start, the end and every_minutes)", min=0)
     every_minutes: float = option(0.0, "also evaluate each time this many minutes of training pass (0 = off; "
                                   "benchmarks use it so methods with different epoch costs are sampled alike)", min=0.0)
     split: str = option("test", "prompts to evaluate on", choices=("train", "test", "all"))

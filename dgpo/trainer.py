@@ -288,7 +288,8 @@ class Trainer:
             return self.evaluate()
         protocol = {"world": self.world.name, "split": e.split, "per_prompt": e.per_prompt, "seed": e.seed, "fd": e.fd,
                     "sampler": to_dict(e.sampler), "t5_tokens": self.model.max_sequence_length,
-                    "precision": self.cfg.model.mixed_precision, "device": self.accelerator.device.type}
+                    "precision": self.cfg.model.mixed_precision, "device": self.accelerator.device.type,
+                    "record": 2}  # 2: rows carry eval_geneval_se (older entries are evaluated again)
         key = eval_cache.eval_key(self.base_path, protocol)
         hit = self.processes.broadcast(eval_cache.load(key) if self.processes.is_main else None)
         grid_path = self.runner.grid_path()
@@ -345,8 +346,8 @@ class Trainer:
             os.environ.setdefault("WANDB_DIR", str(self.out))
             self.accelerator.init_trackers("dgpo", config=flat_dict(to_dict(self.cfg)))
         result = self.runner.loop(resume)
-        if self.processes.is_main:
-            self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:  # not end_training(): the command ends every process together
+            tracker.finish()
         return result
 
     def export(self, folder: Path) -> None:

@@ -389,6 +389,24 @@ def test_geneval():
         W.geneval({"a photo of a dog": [1.0]})
 
 
+def test_geneval_standard_error_is_the_spread_over_fresh_images():
+    """The analytic seed noise equals the standard deviation of shapes-geneval over many simulated
+    re-evaluations (each prompt passes with its own probability; images drawn afresh each time)."""
+    rng = np.random.default_rng(0)
+    prompts = W.prompts("test")
+    pass_rate = dict(zip(prompts, rng.uniform(0, 1, len(prompts))))
+    n = 16
+    draws = [{p: rng.random(n) < q for p, q in pass_rate.items()} for _ in range(2000)]
+    spread = np.std([W.geneval(d)["overall"] for d in draws])
+    estimates = [W.geneval_standard_error(d) for d in draws[:200]]
+    assert np.mean(estimates) == pytest.approx(spread, rel=0.05)
+    # by hand on two categories: w = 1/(2·P_c); Var = Σ w²·s²/n
+    scores = {"a photo of a circle": [1, 0], "a photo of a square": [1, 1, 1, 1], "a photo of a red square": [0, 1]}
+    by_hand = (0.25 ** 2 * 0.5 / 2) + 0 + (0.5 ** 2 * 0.5 / 2)
+    assert W.geneval_standard_error(scores) == pytest.approx(math.sqrt(by_hand))
+    assert math.isnan(W.geneval_standard_error({}))
+
+
 def test_geneval_of_renders_is_one():
     scores = {p: [W.score(W.render(p, 32, s), p) for s in range(2)] for p in W.prompts("test")}
     res = W.geneval(scores)

@@ -10,6 +10,7 @@ from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
 from dgpo.cli import main
+from dgpo.run_metrics import gain_against_noise
 from dgpo.rewards import register_reward
 from dgpo.trainer import Trainer, load_train_config, prepare_run_dir, scheduled_lr
 
@@ -53,6 +54,8 @@ def test_run_folder_and_plain_diffusers_lora(targets, tiny_base, tmp_path):
     assert any(".attn.to_q." in k for k in saved)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "reward" in r] == [1, 2]
+    gain = json.loads((out / "summary.json").read_text())["gain"]
+    assert gain["noise"] is not None and gain["sentence"] in (out / "summary.md").read_text()
     assert rows[-1]["nfe"] > 0 and rows[-1]["train_seconds"] > 0
 
     # The trained LoRA changed the model, and stock diffusers reproduces our trained sampler.
@@ -261,3 +264,15 @@ def test_a_trainer_composed_from_passed_in_components(tiny_base, tmp_path):
         trainer.close()
         assert not getattr(model.transformer, "peft_config", None)  # no adapter left behind
     assert seen == [6, 6]
+
+
+def test_a_gain_is_judged_against_its_evaluation_noise():
+    base = {"eval_geneval": 0.30, "eval_geneval_se": 0.02}
+    noise = 2 * (0.02 ** 2 + 0.02 ** 2) ** 0.5  # 0.0566
+    clear = gain_against_noise(base, {"eval_geneval": 0.40, "eval_geneval_se": 0.02})
+    assert clear["gain"] == pytest.approx(0.10) and clear["noise"] == pytest.approx(noise) and clear["beyond_noise"]
+    assert "larger than the evaluation noise" in clear["sentence"]
+    unclear = gain_against_noise(base, {"eval_geneval": 0.33, "eval_geneval_se": 0.02})
+    assert not unclear["beyond_noise"] and "within the evaluation noise" in unclear["sentence"]
+    unknown = gain_against_noise({"eval_geneval": 0.30}, {"eval_geneval": 0.40, "eval_geneval_se": 0.02})
+    assert unknown["noise"] is None and unknown["beyond_noise"] is None

@@ -655,3 +655,27 @@ def geneval(scores_by_prompt: dict[str, Sequence[float]]) -> dict:
     per_category = {c: float(np.mean(by_cat[c])) for c in CATEGORIES if c in by_cat}
     overall = float(np.mean(list(per_category.values()))) if per_category else float("nan")
     return {"overall": overall, "per_category": per_category}
+
+
+def geneval_standard_error(scores_by_prompt: dict[str, Sequence[float]]) -> float:
+    """The seed noise of :func:`geneval`: the standard error of ``overall`` over fresh draws of the images,
+    the prompts held fixed.
+
+    ``overall = Σ_p w_p·m_p`` with m_p a prompt's mean over its n_p images and w_p = 1 / (C·P_c) (C
+    categories, P_c prompts in p's category); the images are independent draws, so
+    ``Var(overall) = Σ_p w_p²·s_p² / n_p`` with s_p² the unbiased variance of p's scores (0 for a prompt
+    with one image). The difference of two independent evaluations has standard error
+    √(SE₁² + SE₂²). NaN when nothing was scored.
+    """
+    by_cat: dict[str, list[np.ndarray]] = {}
+    for prompt, values in scores_by_prompt.items():
+        values = np.asarray(list(values), dtype=np.float64)
+        if values.size:
+            by_cat.setdefault(category(prompt), []).append(values)
+    if not by_cat:
+        return float("nan")
+    variance = 0.0
+    for prompts_of_cat in by_cat.values():
+        weight = 1.0 / (len(by_cat) * len(prompts_of_cat))
+        variance += sum(weight ** 2 * (v.var(ddof=1) if v.size > 1 else 0.0) / v.size for v in prompts_of_cat)
+    return float(np.sqrt(variance))

@@ -49,7 +49,8 @@ class ShapesWorld:
         for p, s in zip(prompts, strict):
             by_prompt.setdefault(p, []).append(float(s))
         result = shapes.geneval(by_prompt)
-        out = {"geneval": result["overall"], "per_category": result["per_category"],
+        out = {"geneval": result["overall"], "geneval_se": shapes.geneval_standard_error(by_prompt),
+               "per_category": result["per_category"],
                "partial": float(np.mean(shapes.partial_score_batch(images, prompts))),
                "n_images": len(images), "n_prompts": len(by_prompt)}
         if fd:
