@@ -238,6 +238,29 @@ def cmd_export(args) -> None:
           f"(load with pipe.load_lora_weights, or `dgpo eval --lora {out}`)")
 
 
+def cmd_serve_reward(args) -> None:
+    """Serve a registered reward over HTTP in the foreground until Ctrl-C."""
+    import uvicorn
+    from dgpo.plugins import load_plugins
+    from dgpo.reward_server import LOOPBACK_HOSTS, ServerLimits, check_binding, create_app, is_loopback, uvicorn_config
+    from dgpo.rewards import make_reward
+    load_plugins(args.plugin)
+    token = args.token or os.environ.get("DGPO_REWARD_TOKEN") or None
+    check_binding(args.host, token)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    reward = make_reward(args.name)
+    limits = ServerLimits(max_body_bytes=args.max_body_mb << 20, max_pixels=args.max_pixels)
+    app = create_app(reward, token, LOOPBACK_HOSTS if is_loopback(args.host) else None, limits)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving reward {args.name!r} at http://{host}:{args.port}/score"
+          + (" (bearer token required)" if token else "") + "; Ctrl-C stops", flush=True)
+    try:
+        uvicorn.Server(uvicorn_config(app, args.host, args.port, limits)).run()
+    except OSError as e:
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}") from None
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 def _add_sampler_args(p, steps=20, cfg=1.5) -> None:
@@ -357,6 +380,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="export the policy EMA instead of the raw weights")
     _add_out_args(p, "a new folder for the LoRA")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve-reward", help="serve a registered reward over HTTP (for reward.name=remote)",
+                       description="Serve a registered reward (an ASGI app on uvicorn): POST /score with "
+                       '{"prompts": [...], "images": [base64 PNG, ...]} answers {"scores": [...]}. Binds 127.0.0.1 '
+                       "unless --host says otherwise, and then requires a bearer token (--token or DGPO_REWARD_TOKEN; "
+                       "clients set DGPO_REWARD_TOKEN). Train against it with --set reward.name=remote --set "
+                       "reward.url=http://HOST:PORT/score (several URLs, comma-separated, spread the load).")
+    p.add_argument("name", help="a registered reward (shapes_partial, shapes_strict, ..., or one a --plugin registers)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--token", help="require this bearer token (default: DGPO_REWARD_TOKEN, if set)")
+    p.add_argument("--max-body-mb", type=int, default=256, help="largest request body in MiB (default 256)")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image in pixels (default 4096²)")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
+                   help="import a plug-in that registers the reward first")
+    p.set_defaults(func=cmd_serve_reward)
     return parser
 
 

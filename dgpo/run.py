@@ -257,8 +257,11 @@ def plot_run(rows: list[dict], path: Path, step_key: str, panels: list[tuple[str
             ax.plot(x, y, alpha=0.3, color="C0")
             ax.plot(x[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), color="C0")
         ax.set(xlabel=step_key, ylabel=key, title=title)
-    if evals:
-        axes[-1].plot([r["train_seconds"] / 60 for r in evals], [r["eval_geneval"] for r in evals], "o-", color="C1")
+    if evals:  # error bars: two standard errors of the evaluation noise, where the world reports one
+        se = [r.get("eval_geneval_se") for r in evals]
+        axes[-1].errorbar([r["train_seconds"] / 60 for r in evals], [r["eval_geneval"] for r in evals],
+                          yerr=[2 * s for s in se] if all(s is not None for s in se) else None,
+                          fmt="o-", color="C1", capsize=3)
     axes[-1].set(xlabel="training wall-clock (min)", ylabel="test shapes-geneval", title=eval_title)
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -45,8 +45,12 @@ class RolloutConfig:
 class RewardConfig:
     name: str = option("", "reward: empty = the world's own (shapes: shapes_partial); shapes_strict, shapes_mixed, "
                        "shapes_soft, remote, or a registered name")
-    url: str = option("", "reward server URL (name=remote)")
+    url: str = option("", "reward server URL (name=remote; several, comma-separated, share the load); a token the "
+                      "server requires is read from the environment variable DGPO_REWARD_TOKEN")
     timeout: float = option(30.0, "reward server timeout in seconds (name=remote)", min=0.1)
+    retries: int = option(2, "further attempts of a request after a connection error, a timeout or HTTP 502/503/504 "
+                          "(name=remote)", min=0)
+    batch_size: int = option(0, "images per request, sent concurrently (name=remote; 0 = the whole batch in one)", min=0)
 
 
 @dataclass

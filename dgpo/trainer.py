@@ -383,7 +383,8 @@ image = pipe("a photo of a red circle", num_inference_steps={cfg.eval.sampler.st
 
 def plot_curves(rows: list[dict], path: Path) -> None:
     """Training reward per epoch and test shapes-geneval against training wall-clock, as one PNG."""
-    plot_run(rows, path, "epoch", [("reward", "training reward (mean over rollouts)")], "evaluation")
+    plot_run(rows, path, "epoch", [("reward", "training reward (mean over rollouts)")],
+             "evaluation (± 2 standard errors)")
 
 
 def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:

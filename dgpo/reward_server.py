@@ -1,0 +1,262 @@
+"""Serve a reward over HTTP: an ASGI app (Starlette) on uvicorn, speaking the remote-reward protocol.
+
+``POST /score`` (``/`` too) with ``{"prompts": [str, ...], "images": [base64 PNG, ...]}`` answers
+``{"scores": [float, ...]}``; ``GET /`` answers ``{"reward": NAME}`` (a health check). Every refusal is JSON
+``{"error": message}`` with its status:
+
+- 400 a malformed request, or one the reward rejects (a prompt outside its grammar, say);
+- 401 a missing or wrong bearer token (``Authorization: Bearer TOKEN``), when the server has a token;
+- 403 a request from a web page (it carries an ``Origin`` header: our client never sends one, a browser
+  always does on a cross-site POST), or a ``Host`` the server does not answer to (DNS rebinding);
+- 408 a body that does not arrive within ``body_timeout`` seconds (a client that stalls mid-body);
+- 413 a body over ``max_body_bytes`` (said by its Content-Length or counted while it streams), or an image
+  over ``max_pixels`` (read from its PNG header, before anything is decoded);
+- 500 the reward failed, or answered something that is not one finite number per image.
+
+Images are PNG only; nothing received is ever unpickled. The server binds 127.0.0.1 unless told otherwise,
+and refuses to bind another address without a token. Calls to the reward are serialised by a lock (a reward
+holding a model on a GPU is rarely thread-safe) and run off the event loop, so the server keeps answering
+health checks and refusals while it scores.
+
+    dgpo serve-reward shapes_partial --port 8765                    # in-process reward → http://127.0.0.1:8765/score
+    dgpo train --set reward.name=remote --set reward.url=http://127.0.0.1:8765/score
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import ipaddress
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from dgpo.errors import UserError
+from dgpo.rewards import Reward, RewardServerError, check_scores
+
+#: Largest request body the server reads (bytes): 1,024 PNGs of 512 × 512 fit with room to spare.
+MAX_REQUEST_BYTES = 256 * 1024 * 1024
+#: Largest image, in pixels, that the server decodes (a PNG header states its size before decoding).
+MAX_IMAGE_PIXELS = 4096 * 4096
+#: Seconds a client has to deliver its whole request body.
+BODY_TIMEOUT_S = 60.0
+
+
+class RequestRefused(Exception):
+    """A request the server answers with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ServerLimits:
+    max_body_bytes: int = MAX_REQUEST_BYTES
+    max_pixels: int = MAX_IMAGE_PIXELS
+    body_timeout: float = BODY_TIMEOUT_S
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def decode_png_bounded(data: str, max_pixels: int) -> np.ndarray:
+    """A base64 PNG string → uint8 (H, W, 3); refuses non-PNG data (400) and, from the header alone, images
+    of more than ``max_pixels`` pixels (413), so a small file that would decode to gigabytes costs nothing."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise RequestRefused(400, "not valid base64") from None
+    try:
+        with Image.open(io.BytesIO(raw), formats=["PNG"]) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise RequestRefused(413, f"an image of {width} x {height} pixels is over this server's limit "
+                                          f"of {max_pixels} pixels")
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except RequestRefused:
+        raise
+    except Exception as e:  # PIL raises several types for corrupt or unsupported data
+        raise RequestRefused(400, f"not a readable PNG ({type(e).__name__})") from None
+
+
+def parse_request(raw: bytes, max_pixels: int) -> tuple[np.ndarray, list[str]]:
+    """The images (N, H, W, 3) and prompts of a request body, or a :class:`RequestRefused` saying what is wrong."""
+    try:
+        req = json.loads(raw)
+    except ValueError:
+        raise RequestRefused(400, "body is not JSON") from None
+    if not isinstance(req, dict) or not isinstance(req.get("prompts"), list) or not isinstance(req.get("images"), list):
+        raise RequestRefused(400, 'expected a JSON object {"prompts": [...], "images": [base64 PNG, ...]}')
+    prompts, encoded = req["prompts"], req["images"]
+    if len(prompts) != len(encoded):
+        raise RequestRefused(400, f"{len(encoded)} images but {len(prompts)} prompts")
+    if not all(isinstance(p, str) for p in prompts) or not all(isinstance(s, str) for s in encoded):
+        raise RequestRefused(400, "prompts and images must be lists of strings")
+    arrays = []
+    for i, s in enumerate(encoded):
+        try:
+            arrays.append(decode_png_bounded(s, max_pixels))
+        except RequestRefused as e:
+            raise RequestRefused(e.status, f"images[{i}]: {e}") from None
+    if arrays and len({a.shape for a in arrays}) != 1:
+        raise RequestRefused(400, "all images of a request must have the same size")
+    images = np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)
+    return images, prompts
+
+
+def create_app(reward: Reward, token: str | None = None, allowed_hosts: list[str] | None = None,
+               limits: ServerLimits = ServerLimits()):
+    """The ASGI app serving ``reward`` (see the module docstring). ``allowed_hosts``: the ``Host`` names it
+    answers to (None: any; :func:`serve_reward` passes the loopback names when it binds loopback)."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    name = getattr(reward, "name", type(reward).__name__)
+    lock = threading.Lock()
+
+    def refuse(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def authorised(request: Request) -> bool:
+        if token is None:
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise RequestRefused(400, "Content-Length is not a number")
+            if int(declared) > limits.max_body_bytes:
+                raise RequestRefused(413, f"request body must be at most {limits.max_body_bytes} bytes")
+        chunks, size = [], 0
+
+        async def collect():
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limits.max_body_bytes:
+                    raise RequestRefused(413, f"request body must be at most {limits.max_body_bytes} bytes")
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(collect(), timeout=limits.body_timeout)
+        except asyncio.TimeoutError:
+            raise RequestRefused(408, f"the request body did not arrive within {limits.body_timeout:g} s") from None
+        return b"".join(chunks)
+
+    async def health(request: Request) -> JSONResponse:
+        if not authorised(request):
+            return refuse(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
+        return JSONResponse({"reward": name})
+
+    async def score(request: Request) -> JSONResponse:
+        if "origin" in request.headers:
+            return refuse(403, "requests from web pages are refused")
+        if not authorised(request):
+            return refuse(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
+        try:
+            images, prompts = parse_request(await read_body(request), limits.max_pixels)
+        except RequestRefused as e:
+            return refuse(e.status, f"bad request: {e}" if e.status == 400 else str(e))
+        except ClientDisconnect:
+            return refuse(400, "the client went away mid-body")
+
+        def call() -> np.ndarray:
+            with lock:
+                return check_scores(reward(images, prompts), len(prompts), f"reward {name!r}")
+
+        from starlette.concurrency import run_in_threadpool
+        try:
+            scores = await run_in_threadpool(call)
+        except ValueError as e:  # the reward rejects its input (RewardInputError, a prompt outside its grammar)
+            return refuse(400, str(e))
+        except RewardServerError as e:  # the reward answered junk
+            return refuse(500, str(e))
+        except Exception as e:
+            return refuse(500, f"reward failed: {type(e).__name__}: {e}")
+        return JSONResponse({"scores": [float(s) for s in scores]})
+
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
+    routes = [Route("/", health, methods=["GET"]), Route("/", score, methods=["POST"]),
+              Route("/score", score, methods=["POST"]), Route("/score", health, methods=["GET"])]
+    return Starlette(routes=routes, middleware=middleware)
+
+
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]", "::1"]
+
+
+def check_binding(host: str, token: str | None) -> None:
+    """Loopback needs nothing; any other address needs a token (a reward server decodes whatever it is sent)."""
+    if not is_loopback(host) and not token:
+        raise UserError(f"serving on {host!r} exposes the reward to other machines: pass --token TOKEN (clients "
+                        "then set reward.token), or bind 127.0.0.1 and reach it through an SSH tunnel")
+
+
+class RewardServer:
+    """A running server (uvicorn in a daemon thread): ``url``, and ``close()`` to stop it."""
+
+    def __init__(self, server, thread: threading.Thread, url: str):
+        self._server, self._thread, self.url = server, thread, url
+
+    def close(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> "RewardServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def uvicorn_config(app, host: str, port: int, limits: ServerLimits):
+    import uvicorn
+    # timeout_keep_alive: idle keep-alive connections close; h11_max_incomplete_event_size bounds the headers
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+                          timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
+
+
+def serve_reward(reward: Reward, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                 limits: ServerLimits = ServerLimits()) -> RewardServer:
+    """Serve ``reward`` in a daemon thread of this process (tests, notebooks); ``port=0`` picks a free port.
+    The command ``dgpo serve-reward`` runs the same app in the foreground."""
+    import socket
+    import uvicorn
+    check_binding(host, token)
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), port))
+    app = create_app(reward, token, LOOPBACK_HOSTS if is_loopback(host) else None, limits)
+    server = uvicorn.Server(uvicorn_config(app, host, port, limits))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name=f"reward-server-{sock.getsockname()[1]}")
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the reward server did not start")
+        time.sleep(0.01)
+    url_host = f"[{host.strip('[]')}]" if ":" in host else host
+    return RewardServer(server, thread, f"http://{url_host}:{sock.getsockname()[1]}/score")
