@@ -196,6 +196,12 @@ def _remote_reward(url, timeout: float = 30.0, retries: int = 2, backoff: float 
     return RemoteReward(url, timeout=timeout, retries=retries, backoff=backoff, batch_size=batch_size, name=name)
 
 
+def _ocr_reward(threads: int = 0) -> Reward:
+    """``reward.name: ocr``: :class:`dgpo.ocr_reward.OCRReward` (PP-OCR; imported when used)."""
+    from dgpo.ocr_reward import OCRReward
+    return OCRReward(threads=threads)
+
+
 # ------------------------------------------------------------------------------------------------ registry
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {
@@ -204,6 +210,7 @@ _REGISTRY: dict[str, Callable[..., Reward]] = {
     "shapes_mixed": lambda: ShapesReward(kind="mixed"),
     "shapes_soft": lambda: ShapesReward(kind="soft"),
     "remote": _remote_reward,
+    "ocr": _ocr_reward,
 }
 
 
