@@ -127,7 +127,8 @@ class RunConfig(RunSettings):
 class TrainConfig:
     """The sections every method shares; :func:`train_config_class` adds each registered method's own."""
 
-    world: str = option("shapes", "the world: train/test prompts, task and quality metric (dgpo.worlds registry)")
+    world: str = option("shapes", "the world: train/test prompts, task and quality metric (dgpo.worlds registry), "
+                        "or a JSON-lines prompt file PATH.jsonl (dgpo.worlds.prompt_file)")
     run: RunConfig = section(RunConfig, "run folder, length, logging")
     model: ModelConfig = section(ModelConfig, "base model and LoRA")
     rollout: RolloutConfig = section(RolloutConfig, "online rollouts")

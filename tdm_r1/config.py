@@ -105,7 +105,8 @@ class R1Config:
 
 @dataclass
 class DistillConfig:
-    world: str = option("shapes", "the world: train/test prompts, task and quality metric (dgpo.worlds registry)")
+    world: str = option("shapes", "the world: train/test prompts, task and quality metric (dgpo.worlds registry), "
+                        "or a JSON-lines prompt file PATH.jsonl (dgpo.worlds.prompt_file)")
     run: RunConfig = section(RunConfig, "run folder, length")
     teacher: TeacherConfig = section(TeacherConfig, "the teacher (the base model)")
     student: StudentConfig = section(StudentConfig, "the few-step student")

@@ -53,12 +53,16 @@ def world_names() -> list[str]:
 
 
 def make_world(name: str = "shapes") -> World:
-    """The registered world ``name``; an unknown name is a UserError listing the registered ones."""
+    """The registered world ``name``, or the world of a JSON-lines prompt file when ``name`` is its path
+    (``….jsonl``, :mod:`dgpo.worlds.prompt_file`); an unknown name is a UserError listing the registered ones."""
     from dgpo.errors import UserError
+    from dgpo.worlds.prompt_file import PromptFileWorld, is_prompt_file
+    if is_prompt_file(name):
+        return PromptFileWorld(name)
     _load_builtin()
     if name not in _WORLDS:
-        raise UserError(f"world {name!r} is not registered; choose one of {sorted(_WORLDS)} "
-                        f"(or register yours with dgpo.worlds.register_world)")
+        raise UserError(f"world {name!r} is not registered; choose one of {sorted(_WORLDS)}, a prompt file "
+                        f"(PATH.jsonl), or register yours with dgpo.worlds.register_world")
     return _WORLDS[name]()
 
 

@@ -1,0 +1,74 @@
+"""A world read from a JSON-lines prompt file: prompts, split and categories from the file, the task metric
+the header's reward averaged by category with its standard error; DGPO trains on it; a bad file is one line."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dgpo.cli import main
+from dgpo.errors import UserError
+from dgpo.worlds import make_world
+from dgpo.worlds.prompt_file import mean_by_category
+from test_train import TINY_RUN  # also registers the test reward
+
+LINES = [{"reward": "test_brightness"},
+         {"prompt": "a photo of a red circle", "split": "train", "category": "colour", "note": "kept"},
+         {"prompt": "a photo of two squares", "category": "count"},
+         {"prompt": "a photo of a blue square", "split": "test", "category": "colour"},
+         {"prompt": "a photo of three circles", "split": "test", "category": "count"}]
+
+
+def write(path, lines) -> str:
+    path.write_text("".join((json.dumps(l) if not isinstance(l, str) else l) + "\n" for l in lines))
+    return str(path)
+
+
+def test_prompts_split_categories_and_metadata_come_from_the_file(tmp_path):
+    world = make_world(write(tmp_path / "p.jsonl", LINES))
+    assert world.prompts("train") == ["a photo of a red circle", "a photo of two squares"]  # split defaults to train
+    assert world.prompts("test") == ["a photo of a blue square", "a photo of three circles"]
+    assert world.category("a photo of two squares") == "count" and world.metric == "mean test_brightness"
+    assert world.metadata("a photo of a red circle")["note"] == "kept"
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    images[0] = 255  # the blue square's first image is white: brightness 1
+    prompts = ["a photo of a blue square"] * 2 + ["a photo of three circles"] * 2
+    result = world.score(images, prompts)
+    # colour: mean 0.5 over its one prompt; count: 0 → overall 0.25; SE = √((1/2)²·0.5/2)
+    assert result["per_category"] == {"colour": 0.5, "count": 0.0} and result["geneval"] == 0.25
+    assert result["geneval_se"] == pytest.approx(np.sqrt(0.25 * 0.5 / 2)) and "fd" not in result
+    assert mean_by_category({"a": [1.0, 0.0]}, lambda p: "x")["se"] == pytest.approx(0.5)
+
+
+def test_dgpo_trains_on_a_prompt_file(tiny_base, tmp_path):
+    path = write(tmp_path / "p.jsonl", LINES)
+    sets = [a for s in [f"model.base={tiny_base}", f"world={path}", "run.epochs=2", "run.time_budget_min=0", *TINY_RUN]
+            for a in ("--set", s)]
+    assert main(["train", *sets, "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert sorted(summary["last"]["eval_per_category"]) == ["colour", "count"]  # the file's test categories
+    assert summary["last"]["eval_fd"] is None and summary["gain"]["noise"] is not None
+    assert "mean test_brightness" in (tmp_path / "run" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([], "has no prompts"),
+    (["not json"], r"p.jsonl:1: not JSON"),
+    ([{"prompt": ""}], r'p.jsonl:1: "prompt" must be a non-empty string'),
+    ([{"prompt": "x", "split": "validation"}], r'p.jsonl:1: "split" must be "train" or "test"'),
+    ([{"reward": "r"}, {"prompt": "x"}, ["a list"]], r"p.jsonl:3: expected a JSON object"),
+])
+def test_a_bad_prompt_file_is_one_line_naming_file_and_line(tmp_path, lines, message):
+    with pytest.raises(UserError, match=message):
+        make_world(write(tmp_path / "p.jsonl", lines))
+
+
+def test_missing_and_non_utf8_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        make_world(str(tmp_path / "none.jsonl"))
+    (tmp_path / "latin.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        make_world(str(tmp_path / "latin.jsonl"))
+    no_reward = make_world(write(tmp_path / "q.jsonl", LINES[1:]))
+    with pytest.raises(UserError, match="names no reward"):
+        no_reward.score(np.zeros((1, 8, 8, 3), np.uint8), ["a photo of a red circle"])
