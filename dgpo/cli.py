@@ -183,8 +183,17 @@ def train_command(args, recipe_cls, config_class, load_config, default_config: P
         if not args.resume:
             record_plugins(Path(cfg.run.out_dir), loaded)
         print(f"run folder: {cfg.run.out_dir}" + (f" ({processes.world} processes)" if processes.distributed else ""))
-    recipe = recipe_cls(cfg)
-    result = recipe.run(resume=bool(args.resume))
+    try:
+        recipe = recipe_cls(cfg)
+        result = recipe.run(resume=bool(args.resume))
+    except BaseException as e:  # an error or Ctrl-C: a new run with no checkpoint yet leaves no folder behind
+        if processes.is_main and not args.resume:
+            from dgpo.checkpoint import list_checkpoints
+            from dgpo.output_dir import release_run_dir
+            out = Path(cfg.run.out_dir)
+            if not list_checkpoints(out) and release_run_dir(out) and not isinstance(e, UserError):
+                print(f"the run stopped before its first checkpoint: {out} removed", file=sys.stderr)
+        raise
     processes.close()
     if not processes.is_main:
         return

@@ -47,22 +47,27 @@ def generate(model: FlowModel, prompts: list[str], per_prompt: int = 1, sampler:
 
 
 def evaluate_images(images: np.ndarray, prompts: list[str], fd: bool = True, world: World | None = None,
-                    processes: Processes = SINGLE) -> dict:
-    """The world's task metric (overall + per category), dense score and quality FD of generated images (on
+                    processes: Processes = SINGLE, rewards: dict | None = None) -> dict:
+    """The world's task metric (overall + per category), dense score and quality FD of generated images, and
+    under ``"rewards"`` the mean of each of ``rewards`` ({name: reward}, evaluation-only rewards) on them (on
     several processes, each holding all the images: scored by the main process, the result shared)."""
-    result = (world or make_world()).score(images, prompts, fd=fd) if processes.is_main else None
+    result = None
+    if processes.is_main:
+        result = (world or make_world()).score(images, prompts, fd=fd)
+        if rewards:
+            result["rewards"] = {n: float(np.mean(r(images, prompts))) for n, r in rewards.items()}
     return processes.broadcast(result)
 
 
 def evaluate_model(model: FlowModel, cfg: EvalConfig = EvalConfig(), sampler: SamplerConfig = SamplerConfig(),
-                   prompts: list[str] | None = None, progress: bool = True,
-                   world: World | None = None, processes: Processes = SINGLE) -> tuple[dict, np.ndarray, list[dict]]:
+                   prompts: list[str] | None = None, progress: bool = True, world: World | None = None,
+                   processes: Processes = SINGLE, rewards: dict | None = None) -> tuple[dict, np.ndarray, list[dict]]:
     """Sample ``cfg.per_prompt`` images for each prompt of the split and score them (on several processes: the
     images made by all of them, see :func:`evaluate_images`)."""
     world = world or make_world()
     prompts = prompts if prompts is not None else world.prompts(cfg.split)
     images, records = generate(model, prompts, cfg.per_prompt, sampler, cfg.seed, cfg.batch_size, progress, processes)
-    return evaluate_images(images, [r["prompt"] for r in records], cfg.fd, world, processes), images, records
+    return evaluate_images(images, [r["prompt"] for r in records], cfg.fd, world, processes, rewards), images, records
 
 
 def format_table(results: dict[str, dict], metric: str = "shapes-geneval") -> str:

@@ -52,11 +52,12 @@ def read_manifest(folder: Path) -> dict | None:
     return data if ok else None
 
 
-def write_manifest(folder: Path, tool: str, owns: list[str]) -> None:
-    """Record (atomically) that ``tool`` owns the files matching ``owns`` in ``folder``."""
+def write_manifest(folder: Path, tool: str, owns: list[str], created: bool = False) -> None:
+    """Record (atomically) that ``tool`` owns the files matching ``owns`` in ``folder`` (and, ``created``, the
+    folder itself: it did not exist before)."""
     fd, tmp = tempfile.mkstemp(prefix=f"{MANIFEST}.", suffix=".tmp", dir=folder)
     with os.fdopen(fd, "w") as f:
-        json.dump({"tool": tool, "owns": sorted(owns)}, f, indent=1)
+        json.dump({"tool": tool, "owns": sorted(owns), "created": created}, f, indent=1)
     os.replace(tmp, folder / MANIFEST)
 
 
@@ -121,11 +122,26 @@ def claim_run_dir(path: str | Path, tool: str, layout: list[str], overwrite: boo
     """Make ``path`` this run's folder: new or empty, or (``overwrite``) a folder of an earlier run of
     ``tool``, whose files are removed first. ``layout`` are the patterns of the files a run writes."""
     out = check_output(path, tool, overwrite, flag)
+    created = not out.exists() or (read_manifest(out) or {}).get("created", False)
     if out.exists():
         clear_owned(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_manifest(out, tool, layout)
+    write_manifest(out, tool, layout, created=created)
     return out
+
+
+def release_run_dir(path: str | Path) -> bool:
+    """Undo :func:`claim_run_dir` for a run that failed before it saved anything worth resuming: remove the
+    files its manifest owns, and the folder itself if the claim created it. Returns whether it did."""
+    out = Path(path)
+    manifest = read_manifest(out)
+    if manifest is None:
+        return False
+    created = manifest.get("created", False)
+    clear_owned(out)
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    return True
 
 
 @contextmanager

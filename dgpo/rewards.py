@@ -238,6 +238,9 @@ def reward_of_run(reward_cfg, world) -> tuple[str, Reward]:
     """The reward a training run's ``reward:`` section names (:class:`dgpo.train_config.RewardConfig`): its
     ``name``, or the world's own when empty, built with the section's ``url``/``timeout`` for ``remote``."""
     name = reward_cfg.name or world.reward
+    if "+" in name:  # several rewards (dgpo.reward_mix)
+        from dgpo.reward_mix import RewardMix
+        return name, RewardMix(name.split("+"), getattr(reward_cfg, "weights", []), getattr(reward_cfg, "combine", "sum"))
     options = ({"url": reward_cfg.url, "timeout": reward_cfg.timeout, "retries": reward_cfg.retries,
                 "batch_size": reward_cfg.batch_size} if name == "remote" else {})
     return name, make_reward(name, **options)

@@ -130,6 +130,7 @@ class Run:
         c = self.counters
         return {self.step_key: c.step, "eval_geneval": result["geneval"], "eval_geneval_se": result.get("geneval_se"),
                 "eval_per_category": result["per_category"],
+                **({"eval_rewards": result["rewards"]} if result.get("rewards") else {}),
                 "eval_partial": result["partial"], "eval_fd": result.get("fd"),
                 "train_seconds": round(c.train_seconds, 2), "nfe": c.nfe}
 
@@ -235,7 +236,10 @@ class Run:
         table = format_table({first_name: eval_result(evals[0]), last_name: eval_result(evals[-1])},
                              self.recipe.world.metric)
         gain = gain_against_noise(evals[0], evals[-1], self.recipe.world.metric)
-        (self.out / "summary.md").write_text(f"{table}\n\n{gain['sentence']}\n")
+        first_extra, last_extra = evals[0].get("eval_rewards") or {}, evals[-1].get("eval_rewards") or {}
+        extra = "".join(f"\nevaluation-only reward {n}: {first_extra[n]:.3f} -> {v:.3f}"
+                        for n, v in last_extra.items() if n in first_extra)
+        (self.out / "summary.md").write_text(f"{table}\n\n{gain['sentence']}\n{extra}")
         (self.out / "summary.json").write_text(json.dumps({"first": evals[0], "last": evals[-1], "gain": gain},
                                                           indent=2))
 

@@ -44,7 +44,10 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     name: str = option("", "reward: empty = the world's own (shapes: shapes_partial); shapes_strict, shapes_mixed, "
-                       "shapes_soft, remote, or a registered name")
+                       "shapes_soft, ocr, remote, or a registered name; several joined by + (ocr+shapes_strict)")
+    weights: list[float] = option([], "with several rewards: one weight each (empty = all 1)")
+    combine: str = option("sum", "with several rewards: sum (one reward, Σ w_k r_k) or advantages (Σ w_k A_k, each "
+                          "reward normalised within its groups)", choices=("sum", "advantages"))
     url: str = option("", "reward server URL (name=remote; several, comma-separated, share the load); a token the "
                       "server requires is read from the environment variable DGPO_REWARD_TOKEN")
     timeout: float = option(30.0, "reward server timeout in seconds (name=remote)", min=0.1)
@@ -107,6 +110,9 @@ class EvalSection:
                                   "benchmarks use it so methods with different epoch costs are sampled alike)", min=0.0)
     split: str = option("test", "prompts to evaluate on", choices=("train", "test", "all"))
     per_prompt: int = option(16, "images per prompt", min=1)
+    rewards: list[str] = option([], "evaluation-only rewards: each one's mean on the evaluation images is logged "
+                                "beside the task metric (eval_rewards), so a trained reward that is hacked shows "
+                                "as diverging curves")
     seed: int = option(1000, "seed of the first evaluation image", min=0)
     fd: bool = option(True, "compute the quality FD")
     cache_initial: bool = option(True, "reuse the epoch-0 evaluation of a run with the same base and protocol "

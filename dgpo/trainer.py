@@ -39,7 +39,7 @@ from dgpo.models.handle import FlowModel, PromptEmbeds, load_model, t5_tokens_of
 from dgpo.models.adapters import AdapterRoles
 from dgpo.processes import Processes
 from dgpo.prompt_sampling import PromptSampler
-from dgpo.rewards import reward_of_run
+from dgpo.rewards import make_reward, reward_of_run
 from dgpo.train_config import TrainConfig, train_config_class
 from dgpo.worlds import make_world
 
@@ -125,6 +125,7 @@ class Trainer:
         self.optimizer = self.accelerator.prepare(build_optimizer(self.params, cfg.optim))  # fp16: its loss scaler
         self.policy_ema = EMA(self.params, cfg.optim.ema_decay)
         self.world = make_world(cfg.world)
+        self.eval_rewards = {name: make_reward(name) for name in cfg.eval.rewards}  # logged beside, never trained on
         if reward is None:
             self.reward_name, self.reward = reward_of_run(cfg.reward, self.world)
         else:
@@ -277,7 +278,8 @@ class Trainer:
         with self.rollout_policy():
             result, images, _ = evaluate_model(self.model, EvalConfig(split=e.split, per_prompt=e.per_prompt,
                                                                       seed=e.seed, fd=e.fd), e.sampler,
-                                               progress=False, world=self.world, processes=self.processes)
+                                               progress=False, world=self.world, processes=self.processes,
+                                               rewards=self.eval_rewards)
         return self.runner.evaluation_row(result, images, e.per_prompt)
 
     def initial_evaluation(self) -> dict:
@@ -289,7 +291,8 @@ class Trainer:
         protocol = {"world": self.world.name, "split": e.split, "per_prompt": e.per_prompt, "seed": e.seed, "fd": e.fd,
                     "sampler": to_dict(e.sampler), "t5_tokens": self.model.max_sequence_length,
                     "precision": self.cfg.model.mixed_precision, "device": self.accelerator.device.type,
-                    "record": 2}  # 2: rows carry eval_geneval_se (older entries are evaluated again)
+                    "record": 2,  # 2: rows carry eval_geneval_se (older entries are evaluated again)
+                    **({"rewards": list(e.rewards)} if e.rewards else {})}
         key = eval_cache.eval_key(self.base_path, protocol)
         hit = self.processes.broadcast(eval_cache.load(key) if self.processes.is_main else None)
         grid_path = self.runner.grid_path()
@@ -395,9 +398,10 @@ def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
     from dgpo.methods import objective_class
     cfg = load_config(train_config_class(), path, overrides)
     objective_class(cfg.objective.name).validate(cfg)  # an unknown method or bad settings fail before any model loads
-    if cfg.reward.name and cfg.reward.name not in available_rewards():
-        raise ConfigError(f"reward.name: {cfg.reward.name!r} is not a registered reward; choose one of "
-                          f"{available_rewards()} (or register yours with dgpo.rewards.register_reward)")
+    for name in [n for n in cfg.reward.name.split("+") if cfg.reward.name] + list(cfg.eval.rewards):
+        if name not in available_rewards():
+            raise ConfigError(f"reward {name!r} (reward.name or eval.rewards) is not a registered reward; choose "
+                              f"from {available_rewards()} (or register yours with dgpo.rewards.register_reward)")
     if cfg.reward.name == "remote" and not cfg.reward.url:
         raise ConfigError("reward.name=remote needs reward.url (e.g. --set reward.url=http://127.0.0.1:8000/score)")
     return cfg

@@ -158,3 +158,36 @@ def test_tdm_commands_follow_the_same_rules(tiny_base, tmp_path, capsys):
     _refused(capsys, tdm, ["distill", "--set", f"teacher.base={tiny_base}", "--out", str(mine), "--overwrite"])
     assert _tree(mine) == ["notes.txt"]
     assert "--resume" in _refused(capsys, tdm, ["distill", "--resume", str(mine), "--overwrite"])
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_base, tmp_path, capsys):
+    """A bad model folder fails in the recipe, after the run folder was claimed: the folder goes again (one
+    the user made beforehand stays, empty, as it was); a failure after a checkpoint keeps a resumable run."""
+    not_a_pipeline = tmp_path / "not-a-pipeline"
+    not_a_pipeline.mkdir()
+    run = tmp_path / "run"
+    err = _refused(capsys, main, ["train", *TRAIN, "--set", f"model.base={not_a_pipeline}", "--out", str(run)])
+    assert "model_index.json" in err and not run.exists()
+    users = tmp_path / "made-by-the-user"
+    users.mkdir()
+    _refused(capsys, main, ["train", *TRAIN, "--set", f"model.base={not_a_pipeline}", "--out", str(users)])
+    assert users.is_dir() and list(users.iterdir()) == []
+    # interrupted after its first checkpoint: the run stays, and resumes
+    from dgpo.trainer import Trainer
+    calls = {"n": 0}
+    original = Trainer.train_step
+
+    def step_then_interrupt(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    Trainer.train_step = step_then_interrupt
+    try:
+        assert main(["train", *TRAIN, "--set", f"model.base={tiny_base}", "--set", "run.checkpoint_every=1",
+                     "--out", str(run)]) == 130
+    finally:
+        Trainer.train_step = original
+    assert _checkpoints(run) == ["step-1"]
+    assert main(["train", "--resume", str(run)]) == 0 and _checkpoints(run)[-1] == "step-2"

@@ -72,3 +72,57 @@ def test_missing_and_non_utf8_files(tmp_path):
     no_reward = make_world(write(tmp_path / "q.jsonl", LINES[1:]))
     with pytest.raises(UserError, match="names no reward"):
         no_reward.score(np.zeros((1, 8, 8, 3), np.uint8), ["a photo of a red circle"])
+
+
+def test_several_rewards_and_evaluation_only_rewards(tiny_base, tmp_path):
+    """reward.name=a+b trains on the weighted sum (or the weighted sum of per-reward advantages) and
+    eval.rewards are logged at every evaluation beside the task metric."""
+    import torch
+    from types import SimpleNamespace
+    from dgpo.methods.batch import score_groups
+    from dgpo.objectives import group_advantages
+    from dgpo.reward_mix import RewardMix
+    from dgpo.rewards import register_reward
+
+    class Channel:
+        def __init__(self, c, scale):
+            self.c, self.scale, self.name = c, scale, f"channel{c}"
+
+        def __call__(self, images, prompts):
+            return images[..., self.c].reshape(len(images), -1).mean(axis=1) / 255.0 * self.scale
+
+    register_reward("test_red", lambda: Channel(0, 1.0), overwrite=True)
+    register_reward("test_green_x100", lambda: Channel(1, 100.0), overwrite=True)
+    images = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+    prompts = ["p"] * 6
+    adv = SimpleNamespace(std="group", eps=1e-4, clip=5.0)
+    mix_sum = RewardMix(["test_red", "test_green_x100"], [1.0, 0.5])
+    red, green = Channel(0, 1.0)(images, prompts), Channel(1, 100.0)(images, prompts)
+    np.testing.assert_allclose(mix_sum(images, prompts), red + 0.5 * green)
+    mix_adv = RewardMix(["test_red", "test_green_x100"], [1.0, 0.5], combine="advantages")
+    scored = score_groups(mix_adv, images, prompts, 3, adv, "mix")
+    ids = torch.arange(2).repeat_interleave(3)
+    expected = (group_advantages(torch.tensor(red).float(), ids, clip=5.0)
+                + 0.5 * group_advantages(torch.tensor(green).float(), ids, clip=5.0))
+    torch.testing.assert_close(scored.advantages, expected)  # each reward normalised on its own scale first
+    with pytest.raises(UserError, match="one weight per reward"):
+        RewardMix(["test_red", "test_green_x100"], [1.0])
+
+    sets = [a for s in [f"model.base={tiny_base}", "run.epochs=2", "run.time_budget_min=0", *TINY_RUN,
+                        "reward.name=test_brightness+test_red", "reward.combine=advantages",
+                        "eval.rewards=[test_red,shapes_strict]"] for a in ("--set", s)]
+    assert main(["train", *sets, "--out", str(tmp_path / "run")]) == 0
+    evals = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval_geneval" in l]
+    assert all(sorted(r["eval_rewards"]) == ["shapes_strict", "test_red"] for r in evals)
+    assert "evaluation-only reward test_red" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_the_shipped_ocr_prompt_set_loads_with_held_out_words():
+    from pathlib import Path
+    world = make_world(str(Path(__file__).resolve().parents[1] / "examples" / "prompts" / "ocr.jsonl"))
+    train, test = world.prompts("train"), world.prompts("test")
+    assert len(train) == 24 and len(test) == 12 and world.reward == "ocr"
+    words = lambda prompts: {world.metadata(p)["text"] for p in prompts}  # noqa: E731
+    assert not words(train) & words(test)  # a test word is never trained on
+    from dgpo.ocr_reward import target_text
+    assert all(target_text(p) == world.metadata(p)["text"] for p in train + test)

@@ -150,13 +150,14 @@ class ScoredGroups:
     advantages: torch.Tensor
 
 
-def checked_rewards(reward, images, prompts: list[str], name: str) -> torch.Tensor:
-    """``reward(images, prompts)`` as a float tensor (N,); a reward that answers the wrong number of scores or
-    a non-finite one is a UserError naming it (the run's last checkpoint stays intact)."""
+def checked_rewards(reward, images, prompts: list[str], name: str, columns: bool = False) -> torch.Tensor:
+    """``reward(images, prompts)`` as a float tensor (N,) — with ``columns``, ``reward.columns(images, prompts)``
+    (N, K) of a :class:`dgpo.reward_mix.RewardMix`; a reward that answers the wrong number of scores or a
+    non-finite one is a UserError naming it (the run's last checkpoint stays intact)."""
     import numpy as np
     from dgpo.errors import UserError
-    scores = np.asarray(reward(images, prompts), dtype=np.float64)
-    if scores.shape != (len(prompts),) or not np.all(np.isfinite(scores)):
+    scores = np.asarray(reward.columns(images, prompts) if columns else reward(images, prompts), dtype=np.float64)
+    if scores.shape[:1] != (len(prompts),) or scores.ndim != (2 if columns else 1) or not np.all(np.isfinite(scores)):
         raise UserError(f"reward {name!r} returned {scores.shape} values "
                         f"(finite: {bool(np.all(np.isfinite(scores)))}) for {len(prompts)} images")
     return torch.from_numpy(scores).float()
@@ -172,7 +173,16 @@ def score_groups(reward, images, prompts: list[str], group_size: int, advantage,
     that learns from groups of its own samples — DGPO and its baselines, a stepwise surrogate reward — starts
     here."""
     from dgpo.objectives import group_advantages
+
+    def advantages_of(r: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        return group_advantages(r, group_ids, std=advantage.std, eps=advantage.eps, clip=advantage.clip or None)
+
+    if getattr(reward, "combine", "sum") == "advantages":  # several rewards: A = Σ_k w_k·A_k (dgpo.reward_mix)
+        columns = processes.gather_rows(checked_rewards(reward, images, prompts, name, columns=True))
+        group_ids = torch.arange(len(columns) // group_size).repeat_interleave(group_size)
+        weights = torch.tensor(reward.weights)
+        adv = sum(w * advantages_of(columns[:, k], group_ids) for k, w in enumerate(weights.tolist()))
+        return ScoredGroups(columns @ weights, group_ids, adv)
     rewards = processes.gather_rows(checked_rewards(reward, images, prompts, name))
     group_ids = torch.arange(len(rewards) // group_size).repeat_interleave(group_size)
-    adv = group_advantages(rewards, group_ids, std=advantage.std, eps=advantage.eps, clip=advantage.clip or None)
-    return ScoredGroups(rewards, group_ids, adv)
+    return ScoredGroups(rewards, group_ids, advantages_of(rewards, group_ids))
