@@ -124,6 +124,7 @@ class Trainer:
             backbone.enable_gradient_checkpointing()
         self.optimizer = self.accelerator.prepare(build_optimizer(self.params, cfg.optim))  # fp16: its loss scaler
         self.policy_ema = EMA(self.params, cfg.optim.ema_decay)
+        self.skipped_in_row = 0  # consecutive optimiser steps skipped for a non-finite loss or gradient
         self.world = make_world(cfg.world)
         self.eval_rewards = {name: make_reward(name) for name in cfg.eval.rewards}  # logged beside, never trained on
         if reward is None:
@@ -215,9 +216,9 @@ class Trainer:
                 grad_norm = self.accelerator.clip_grad_norm_(  # fp16: unscaled first
                     self.params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
                 if not math.isfinite(stats["loss"]) or not torch.isfinite(grad_norm):
-                    raise UserError(f"non-finite loss or gradient at epoch {self.counters.epoch} "
-                                    f"(loss {stats['loss']}, grad norm {grad_norm.item()}): lower optim.lr or "
-                                    f"the objective's beta, or set optim.grad_clip; the last checkpoint is intact")
+                    self.skip_nonfinite_step(stats["loss"], grad_norm.item())
+                    continue
+                self.skipped_in_row = 0
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 stats["grad_norm"] = grad_norm.item()
@@ -225,7 +226,22 @@ class Trainer:
         step = self.counters.epoch
         self.policy_ema.update(step)
         self.objective.after_epoch(step)
+        if not steps:
+            return {"loss": float("nan"), "skipped": 1.0, "lr": lr}
         return {**{k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}, "lr": lr}
+
+    def skip_nonfinite_step(self, loss: float, grad_norm: float) -> None:
+        """A non-finite loss or gradient: no optimiser step (the weights, the optimiser state and so every
+        checkpoint stay finite), a warning; after ``optim.max_skipped_steps`` in a row, a UserError."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_in_row += 1
+        where = f"epoch {self.counters.epoch + 1} (loss {loss}, gradient norm {grad_norm})"
+        if self.skipped_in_row > self.cfg.optim.max_skipped_steps:
+            raise UserError(f"{self.skipped_in_row} steps in a row had a non-finite loss or gradient, the last at "
+                            f"{where}: lower optim.lr or the objective's beta, or set optim.grad_clip; the last "
+                            f"checkpoint is intact and finite")
+        self.log(f"warning: skipped the update of {where}: not finite ({self.skipped_in_row} in a row; the run "
+                 f"stops after {self.cfg.optim.max_skipped_steps})")
 
     def epoch(self) -> dict:
         """One epoch (rollout → reward → advantages → update), timed and counted; its metrics row."""

@@ -158,24 +158,46 @@ def test_reward_answering_garbage_is_a_clear_error(tiny_base, tmp_path, capsys):
     assert not (out / "final").exists() and not (out / "checkpoints").exists()
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_base, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    cfg = prepare_run_dir(tiny_cfg(tiny_base, out, "run.epochs=4"), False)
-    trainer = Trainer(cfg, log=lambda *a: None)
+def _poison_gradients(trainer, monkeypatch, epochs: set[int]) -> None:
+    """After the objective's backward on the given epoch indices, every LoRA gradient is NaN (and the loss)."""
     real = trainer.objective.backward
 
     def poisoned(*args, **kwargs):
         stats = real(*args, **kwargs)
-        if trainer.counters.epoch == 2:
+        if trainer.counters.epoch in epochs:
             stats["loss"] = float("nan")
+            for p in trainer.params:
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
         return stats
 
     monkeypatch.setattr(trainer.objective, "backward", poisoned)
+
+
+def test_a_non_finite_step_is_skipped_with_a_warning(tiny_base, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    logged = []
+    trainer = Trainer(prepare_run_dir(tiny_cfg(tiny_base, out, "run.epochs=4"), False), log=logged.append)
+    _poison_gradients(trainer, monkeypatch, {2})
+    trainer.run()  # the third epoch's step is skipped; the run goes on
+    assert any("skipped the update of epoch 3" in line for line in logged)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in l]
+    assert [r.get("skipped") for r in rows] == [None, None, 1.0, None]
+    final = load_file(str(out / "final" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_non_finite_steps_in_a_row_stop_with_a_clear_error_and_finite_checkpoints(tiny_base, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = prepare_run_dir(tiny_cfg(tiny_base, out, "run.epochs=4", "optim.max_skipped_steps=1"), False)
+    trainer = Trainer(cfg, log=lambda *a: None)
+    _poison_gradients(trainer, monkeypatch, {2, 3})
     from dgpo.errors import UserError
-    with pytest.raises(UserError, match="non-finite loss or gradient at epoch 2"):
+    with pytest.raises(UserError, match="2 steps in a row had a non-finite loss or gradient, the last at epoch 4"):
         trainer.run()
-    good = load_file(str(out / "checkpoints" / "step-2" / "tensors.safetensors"))
-    assert all(torch.isfinite(v).all() for k, v in good.items() if k.startswith("lora."))
+    for ckpt in (out / "checkpoints").iterdir():  # step-2, and step-4 is never written
+        tensors = load_file(str(ckpt / "tensors.safetensors"))
+        assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith(("lora.", "optimizer")))
     assert not (out / "final").exists()
 
 
