@@ -40,6 +40,13 @@ def resolve_model(model_dir: str | None, log=print) -> Path:
     return ensure_base(load_base_config(), log=log)
 
 
+def check_lora_folder(lora: str | None) -> None:
+    """A ``--lora`` folder holds diffusers LoRA weights: checked before any model is built or pretrained."""
+    from dgpo.models.lora_io import LORA_FILE
+    if lora and not (Path(lora) / LORA_FILE).is_file():
+        raise UserError(f"LoRA folder {lora!r} has no {LORA_FILE}: pass a folder such as RUN/final/lora")
+
+
 def load_model(model_dir: str | Path, lora: str | None = None):
     """A :class:`FlowModel` over a saved pipeline for inference, with optional LoRA weights fused into the
     backbone (diffusers ``fuse_lora`` + ``unload_lora_weights``: the same function, without the adapters'
@@ -109,6 +116,7 @@ def cmd_sample(args) -> None:
     from dgpo.samples_io import write_samples
     check_output(args.out, "dgpo sample", args.overwrite)  # before the work, not after it
     prompts = _prompts_from_args(args)  # any prompt can be sampled; `dgpo eval` checks that the world can score it
+    check_lora_folder(args.lora)
     model = load_model(resolve_model(args.model), args.lora)
     sampler = SamplerConfig(steps=args.steps, guidance_scale=args.cfg, solver=args.solver)
     images, records = generate(model, prompts, args.per_prompt, sampler, args.seed, args.batch_size)
@@ -134,6 +142,7 @@ def cmd_eval(args) -> None:
     else:
         prompts = _prompts_from_args(args)
         world.check_prompts(prompts)
+        check_lora_folder(args.lora)
         model = load_model(resolve_model(args.model), args.lora)
         cfg = EvalConfig(split=args.split, per_prompt=args.per_prompt, seed=args.seed, fd=not args.no_fd)
         sampler = SamplerConfig(steps=args.steps, guidance_scale=args.cfg, solver=args.solver)

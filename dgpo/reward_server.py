@@ -210,7 +210,7 @@ def check_binding(host: str, token: str | None) -> None:
     """Loopback needs nothing; any other address needs a token (a reward server decodes whatever it is sent)."""
     if not is_loopback(host) and not token:
         raise UserError(f"serving on {host!r} exposes the reward to other machines: pass --token TOKEN (clients "
-                        "then set reward.token), or bind 127.0.0.1 and reach it through an SSH tunnel")
+                        "then set DGPO_REWARD_TOKEN), or bind 127.0.0.1 and reach it through an SSH tunnel")
 
 
 class RewardServer:

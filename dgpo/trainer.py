@@ -414,6 +414,9 @@ def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
     from dgpo.methods import objective_class
     cfg = load_config(train_config_class(), path, overrides)
     objective_class(cfg.objective.name).validate(cfg)  # an unknown method or bad settings fail before any model loads
+    from dgpo.worlds.prompt_file import is_prompt_file
+    if is_prompt_file(cfg.world):
+        make_world(cfg.world)  # a bad prompt file fails here, naming its line, before any model loads
     for name in [n for n in cfg.reward.name.split("+") if cfg.reward.name] + list(cfg.eval.rewards):
         if name not in available_rewards():
             raise ConfigError(f"reward {name!r} (reward.name or eval.rewards) is not a registered reward; choose "

@@ -31,6 +31,9 @@ def test_dotted_overrides_parse_values():
     ("model.transformer.qk_norm=layer", "model.transformer.qk_norm: 'layer' is not allowed"),
     ("flow.caption_dropout=1.5", "flow.caption_dropout: 1.5 is above the maximum 1.0"),
     ("flow.lr=-1", "flow.lr: -1.0 is below the minimum 0.0"),
+    ("flow.lr=nan", "flow.lr: expected a finite number, got 'nan'"),   # nan passes every bound check
+    ("flow.lr=inf", "flow.lr: expected a finite number"),
+    ("flow.caption_dropout=.nan", "flow.caption_dropout: expected a finite number"),
     ("model.vae.mid_attention=3", "model.vae.mid_attention: expected true or false"),
     ("model.vae.block_out_channels=7", "model.vae.block_out_channels: expected a list"),
     ("flow=3", "flow: expected a mapping"),

@@ -134,7 +134,11 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Flo
     index = Path(model_dir) / "model_index.json"
     if not index.is_file():
         load_pipeline(model_dir)  # the one clear error for a folder that is not a pipeline
-    name = json.loads(index.read_text()).get("_class_name", "?")
+    try:
+        name = json.loads(index.read_text()).get("_class_name", "?")
+    except (ValueError, AttributeError):
+        raise UserError(f"{str(index)!r} is not a pipeline index (not a JSON object): pass a folder written by "
+                        f"`save_pretrained`") from None
     if name not in _FAMILIES:
         raise UserError(f"{str(model_dir)!r} holds a {name}; the model families this framework can train are "
                         f"{sorted(_FAMILIES)} (add one with dgpo.models.handle.register_model_family)")

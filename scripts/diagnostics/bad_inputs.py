@@ -1,0 +1,98 @@
+"""What does a user see for bad input? Runs each bad input below through the real command line and records the
+exit status and the message, as a markdown table (``docs/bad-input.md`` holds the last one) and JSON.
+
+    python scripts/diagnostics/bad_inputs.py --out OUT      # about 2 minutes on a CPU; needs no base model
+
+Each case runs in a fresh temporary folder as its working directory, with an empty ``DGPO_CACHE``; a case
+passes when the command exits with status 2, prints one line, and leaves the folder as it found it (apart
+from the files the case itself prepared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+TINY = ["--set", "run.epochs=1", "--set", "run.time_budget_min=0"]
+
+# (what, files to prepare {name: bytes}, command arguments)
+CASES = [
+    ("malformed YAML config", {"bad.yaml": b"run: [unclosed\n"}, ["dgpo", "train", "bad.yaml"]),
+    ("unknown config key", {}, ["dgpo", "train", "--set", "optim.learning_rate=1e-4"]),
+    ("wrong type", {}, ["dgpo", "train", "--set", "rollout.group_size=eight"]),
+    ("zero size", {}, ["dgpo", "train", "--set", "rollout.group_size=0"]),
+    ("negative size", {}, ["dgpo", "train", "--set", "optim.micro_batch=-4"]),
+    ("non-finite number", {}, ["dgpo", "train", "--set", "optim.lr=nan"]),
+    ("a config path that is a directory", {"configs_dir/x": b""}, ["dgpo", "train", "configs_dir"]),
+    ("unknown reward", {}, ["dgpo", "train", "--set", "reward.name=clip_score"]),
+    ("remote reward without a URL", {}, ["dgpo", "train", "--set", "reward.name=remote"]),
+    ("empty prompt file", {"p.txt": b""}, ["dgpo", "sample", "--prompts", "p.txt", "--out", "s"]),
+    ("non-UTF-8 prompt file", {"p.txt": "caf\xe9\n".encode("latin-1")}, ["dgpo", "sample", "--prompts", "p.txt", "--out", "s"]),
+    ("prompt outside the world's grammar (dgpo eval)", {"p.txt": b"a photo of a dragon\n"},
+     ["dgpo", "eval", "--prompts", "p.txt"]),
+    ("model folder that is empty", {"model/.keep": b""}, ["dgpo", "sample", "--model", "model", "--split", "test", "--out", "s"]),
+    ("model folder that is not a pipeline", {"model/model_index.json": b"{not json"},
+     ["dgpo", "sample", "--model", "model", "--split", "test", "--out", "s"]),
+    ("LoRA folder without weights", {"lora/README.md": b"x"}, ["dgpo", "eval", "--lora", "lora", "--per-prompt", "1"]),
+    ("--resume of a missing run", {}, ["dgpo", "train", "--resume", "no-such-run"]),
+    ("--out holding a user's file", {"out/notes.txt": b"mine"}, ["dgpo", "sample", "--split", "test", "--out", "out"]),
+    ("prompt file world with a bad line", {"w.jsonl": b'{"prompt": "x", "split": "validation"}\n'},
+     ["dgpo", "train", "--set", "world=w.jsonl", "--set", "model.base=nowhere"]),
+    ("serve-reward on a public address without a token", {}, ["dgpo", "serve-reward", "shapes_partial", "--host", "0.0.0.0"]),
+    ("serve-reward of an unknown reward", {}, ["dgpo", "serve-reward", "no_such_reward"]),
+]
+
+
+def run_case(what: str, files: dict, argv: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as cache:
+        folder = Path(tmp)
+        for name, data in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+        before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+        tool = {"dgpo": "dgpo.cli", "tdm-r1": "tdm_r1.cli"}[argv[0]]
+        env = {**os.environ, "DGPO_CACHE": cache, "PYTHONPATH": str(ROOT)}
+        try:
+            done = subprocess.run([sys.executable, "-m", tool, *argv[1:]], cwd=folder, env=env, capture_output=True,
+                                  text=True, timeout=90)
+            status, stderr = done.returncode, done.stderr
+        except subprocess.TimeoutExpired:  # the command accepted the input and started working
+            status, stderr = None, "(accepted: the command was still working after 90 s)"
+        after = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    lines = [l for l in stderr.splitlines() if l.strip() and "%|" not in l]
+    return {"input": what, "command": " ".join(argv), "status": status, "message": lines[-1] if lines else "",
+            "lines": len(lines), "left_alone": before == after,
+            "ok": status == 2 and len(lines) == 1 and before == after}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for bad_inputs.json and bad_inputs.md (created)")
+    args = p.parse_args(argv)
+    rows = []
+    for what, files, command in CASES:
+        rows.append(run_case(what, files, command))
+        print(f"{'ok ' if rows[-1]['ok'] else 'BAD'} {what}: {rows[-1]['message'][:120]}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bad_inputs.json").write_text(json.dumps(rows, indent=2))
+    table = ["| input | command | exit | message |", "|---|---|---|---|"]
+    for r in rows:
+        message = r["message"].replace("|", "\\|")
+        flag = "" if r["ok"] else " **(not yet one line / status 2 / untouched)**"
+        table.append(f"| {r['input']} | `{r['command']}` | {r['status']} | {message}{flag} |")
+    (out / "bad_inputs.md").write_text("\n".join(table) + "\n")
+    print(f"{sum(r['ok'] for r in rows)} of {len(rows)} cases give one line, exit status 2 and touch nothing")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
