@@ -95,7 +95,8 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Ten
     tmp.mkdir()
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+        digest = _sha256(tmp / "tensors.safetensors")  # checked on load: a damaged file is found, not trusted
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state, "tensors_sha256": digest}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -116,13 +117,39 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and state of a checkpoint, its tensors checked against the checksum saved beside them;
+    a damaged checkpoint is a UserError naming it."""
     path = Path(path)
     try:
-        return load_file(str(path / "tensors.safetensors")), json.loads((path / "state.json").read_text())
+        state = json.loads((path / "state.json").read_text())
+        saved = state.get("tensors_sha256")  # checkpoints of older versions carry none
+        if saved is not None and _sha256(path / "tensors.safetensors") != saved:
+            raise ValueError("tensors.safetensors does not match the checksum saved with it (truncated or altered)")
+        return load_file(str(path / "tensors.safetensors")), state
     except (OSError, json.JSONDecodeError, Exception) as e:  # a damaged file must not crash with a bare trace
         raise UserError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e}); "
                         f"delete it to resume from the one before") from None
+
+
+def load_latest_good(run_dir: str | Path, log=print) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
+    """The newest checkpoint that reads back intact (checksum included), with its tensors and state; each
+    damaged one on the way is reported in one line and skipped (left where it is). None when there is none."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return (path, *load_checkpoint(path))
+        except UserError as e:
+            log(f"warning: {e}; trying the checkpoint before it")
+    return None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

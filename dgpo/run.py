@@ -39,7 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dgpo.config import option
-from dgpo.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from dgpo.checkpoint import capture_rng, load_checkpoint, load_latest_good, restore_rng, save_checkpoint
 from dgpo.errors import UserError
 from dgpo.evaluation import format_table
 from dgpo.processes import SINGLE, Processes
@@ -147,7 +147,10 @@ class Run:
         return save_checkpoint(self.out, c.step, {**tensors, **rng_t}, state, self.schedule.keep_checkpoints)
 
     def restore(self, path: Path) -> None:
-        tensors, state = load_checkpoint(path)
+        self.apply_state(*load_checkpoint(path))
+
+    def apply_state(self, tensors: dict, state: dict) -> None:
+        """Every state of a loaded checkpoint: the recipe's, the RNGs, the counters."""
         self.recipe.load_state(tensors, state)
         restore_rng(self.recipe.generators(), tensors, state["rng"])
         c = state["counters"]
@@ -159,11 +162,12 @@ class Run:
         """The run, from its first or its latest checkpointed step to the end; returns the first, last and
         best evaluation rows."""
         s, c = self.schedule, self.counters
-        if resume:
-            ckpt = latest_checkpoint(self.out)
-            if ckpt is None:
-                raise UserError(f"--resume: {str(self.out)!r} has no checkpoint yet; start the run without --resume")
-            self.restore(ckpt)
+        if resume:  # the newest intact checkpoint; a damaged one is named and skipped
+            found = load_latest_good(self.out, self.log)
+            if found is None:
+                raise UserError(f"--resume: {str(self.out)!r} has no intact checkpoint; start the run without --resume")
+            ckpt, tensors, state = found
+            self.apply_state(tensors, state)
             if self.writes:
                 truncate_metrics(self.metrics_path, c.step, self.step_key)
             self.log(f"resumed from {ckpt} ({self.step_key} {c.step})")

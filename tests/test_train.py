@@ -298,3 +298,22 @@ def test_a_gain_is_judged_against_its_evaluation_noise():
     assert not unclear["beyond_noise"] and "within the evaluation noise" in unclear["sentence"]
     unknown = gain_against_noise({"eval_geneval": 0.30}, {"eval_geneval": 0.40, "eval_geneval_se": 0.02})
     assert unknown["noise"] is None and unknown["beyond_noise"] is None
+
+
+def test_a_damaged_checkpoint_is_named_and_the_one_before_it_resumes(tiny_base, tmp_path, capsys):
+    """Truncate the newest checkpoint's tensors: --resume says which checkpoint is damaged, resumes from the
+    one before, and ends where the uninterrupted run ends."""
+    extra = ("run.epochs=3", "run.checkpoint_every=1", "run.keep_checkpoints=3")
+    full = Trainer(prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "full", *extra), False), log=lambda *a: None)
+    full.run()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "full", damaged)
+    tensors = damaged / "checkpoints" / "step-3" / "tensors.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-100])  # truncated, as a full disk or a kill mid-copy leaves it
+    capsys.readouterr()
+    assert main(["train", "--resume", str(damaged)]) == 0
+    out = capsys.readouterr().out
+    assert "step-3" in out and "does not match the checksum" in out and "resumed from" in out and "step-2" in out
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step-3" / "tensors.safetensors"))
+    b = load_file(str(tensors))  # written again by the resumed epoch 3
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
