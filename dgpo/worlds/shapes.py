@@ -659,23 +659,9 @@ def geneval(scores_by_prompt: dict[str, Sequence[float]]) -> dict:
 
 def geneval_standard_error(scores_by_prompt: dict[str, Sequence[float]]) -> float:
     """The seed noise of :func:`geneval`: the standard error of ``overall`` over fresh draws of the images,
-    the prompts held fixed.
-
-    ``overall = Σ_p w_p·m_p`` with m_p a prompt's mean over its n_p images and w_p = 1 / (C·P_c) (C
-    categories, P_c prompts in p's category); the images are independent draws, so
-    ``Var(overall) = Σ_p w_p²·s_p² / n_p`` with s_p² the unbiased variance of p's scores (0 for a prompt
-    with one image). The difference of two independent evaluations has standard error
-    √(SE₁² + SE₂²). NaN when nothing was scored.
-    """
-    by_cat: dict[str, list[np.ndarray]] = {}
-    for prompt, values in scores_by_prompt.items():
-        values = np.asarray(list(values), dtype=np.float64)
-        if values.size:
-            by_cat.setdefault(category(prompt), []).append(values)
-    if not by_cat:
-        return float("nan")
-    variance = 0.0
-    for prompts_of_cat in by_cat.values():
-        weight = 1.0 / (len(by_cat) * len(prompts_of_cat))
-        variance += sum(weight ** 2 * (v.var(ddof=1) if v.size > 1 else 0.0) / v.size for v in prompts_of_cat)
-    return float(np.sqrt(variance))
+    the prompts held fixed — ``Var(overall) = Σ_p w_p²·s_p² / n_p`` with w_p = 1 / (C·P_c), s_p² the unbiased
+    variance of prompt p's n_p scores (0 for one image); computed by
+    :func:`dgpo.worlds.prompt_file.mean_by_category`, the one aggregation both worlds share. The difference of
+    two independent evaluations has standard error √(SE₁² + SE₂²). NaN when nothing was scored."""
+    from dgpo.worlds.prompt_file import mean_by_category
+    return mean_by_category({p: list(v) for p, v in scores_by_prompt.items()}, category)["se"]
