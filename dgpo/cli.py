@@ -21,7 +21,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 from dgpo.errors import UserError  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_BASE_CONFIG = CONFIG_DIR / "base" / "shapes.yaml"
+DEFAULT_BASE_CONFIG = CONFIG_DIR / "base" / "shapes_grammar_fidelity0.5.yaml"  # shipped pretrained
 DEFAULT_TRAIN_CONFIG = CONFIG_DIR / "dgpo" / "shapes.yaml"
 
 
@@ -81,6 +81,7 @@ def cmd_pretrain(args) -> int | None:
         print(f"wrote {args.snapshot}: the unfinished base at flow step {step} of {cfg.flow.steps} "
               f"(evaluate it with `dgpo eval --model {args.snapshot}`)")
         return None
+    use_shipped = not (args.ignore_shipped or args.force)
     target = base_dir(cfg)
     if args.force:
         forget_base(cfg)
@@ -92,11 +93,14 @@ def cmd_pretrain(args) -> int | None:
         return deadline is not None and time.time() >= deadline
 
     try:
-        path = ensure_base(cfg, stop=stop)
+        path = ensure_base(cfg, stop=stop, use_shipped=use_shipped)
     except FlowPaused as paused:
         print(f"--max-minutes {args.max_minutes:g}: {paused}")
         return 3
-    print(f"base model: {path}" + (" (cached)" if cached else f" (trained in {time.time() - t0:.0f} s)"))
+    shipped = path != target
+    how = ("shipped with the package; --ignore-shipped pretrains it again into the cache" if shipped
+           else "cached" if cached else f"trained in {time.time() - t0:.0f} s")
+    print(f"base model: {path} ({how})")
     if args.no_eval:
         return
     eval_file = path / "eval.json"
@@ -106,7 +110,8 @@ def cmd_pretrain(args) -> int | None:
         model = load_model(path)
         result, _, _ = evaluate_model(model, EvalConfig(per_prompt=args.per_prompt), SamplerConfig())
         result["sampler"] = to_dict(SamplerConfig())
-        eval_file.write_text(json.dumps(result, indent=2))
+        if not shipped:  # a shipped folder is never written to
+            eval_file.write_text(json.dumps(result, indent=2))
     print(format_table({"base": result}))
 
 
@@ -339,11 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain (or find cached) the embedded shapes base and evaluate it",
                        description="Train the tiny SD3 base for the shapes world on the CPU (autoencoder, then flow "
                        "matching), save it with save_pretrained into the cache (keyed by its config) and print its "
-                       "shapes-geneval table. A second call with the same config only prints the cached result.")
+                       "shapes-geneval table. A second call with the same config only prints the cached result. The default "
+                       "config's base is shipped with the package, so for it this command only prints.")
     p.add_argument("config", nargs="?", help=f"YAML config (default {DEFAULT_BASE_CONFIG.relative_to(CONFIG_DIR.parent)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. flow.steps=100")
-    p.add_argument("--force", action="store_true", help="retrain from scratch even if a cached base (or an "
-                   "unfinished pretraining of this config) exists")
+    p.add_argument("--force", action="store_true", help="retrain from scratch into the cache even if a cached "
+                   "or shipped base (or an unfinished pretraining of this config) exists")
+    p.add_argument("--ignore-shipped", action="store_true", help="use (or pretrain) the cache's base even where "
+                   "the package ships this config's base: how a shipped base is reproduced")
     p.add_argument("--max-minutes", type=float, default=None, metavar="M",
                    help="stop the flow stage at a checkpoint once M minutes have passed since the start (exit "
                    "status 3); run the same command again to continue. Without it a stopped or killed pretraining "

@@ -14,7 +14,7 @@ from dgpo.sampling import SOLVERS
 @dataclass
 class ModelConfig:
     base: str = option("", "saved SD3 pipeline folder; empty = the embedded shapes base (pretrained if not cached)")
-    base_config: str = option("configs/base/shapes.yaml", "pretraining recipe of the embedded base when base is empty")
+    base_config: str = option("configs/base/shapes_grammar_fidelity0.5.yaml", "pretraining recipe of the embedded base when base is empty")
     lora_rank: int = option(16, "LoRA rank on the transformer's attention projections", min=1)
     lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / rank)", min=0.0)
     lora_targets: str = option("attention", "layers that get adapters: the joint-attention projections, or those "

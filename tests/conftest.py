@@ -11,6 +11,9 @@ os.environ["DGPO_CACHE"] = tempfile.mkdtemp(prefix="dgpo-test-cache-")
 import pytest
 import torch
 
+# The tiny test bases shrink the benchmark-caption recipe (fast to render and train), not the default base
+# (shipped pretrained, with the 576-caption grammar).
+TINY_BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base", "shapes.yaml")
 TINY_BASE = [
     "data.renders_per_prompt=2", "vae.steps=4", "vae.batch_size=8", "flow.steps=4", "flow.batch_size=8",
     "model.transformer.num_layers=2", "model.transformer.num_heads=2", "model.transformer.head_dim=16",
@@ -28,7 +31,7 @@ def cache_dir():
 @pytest.fixture(scope="session")
 def tiny_base_cfg(cache_dir):
     from dgpo.cli import load_base_config
-    return load_base_config(None, TINY_BASE)
+    return load_base_config(TINY_BASE_CONFIG, TINY_BASE)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_BASE
+from conftest import TINY_BASE, TINY_BASE_CONFIG
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def user(tmp_path_factory):
     env = {**os.environ, "DGPO_CACHE": str(cache), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     from dgpo.cli import load_base_config
     from dgpo.config import to_dict
-    (home / "tiny.yaml").write_text(yaml.safe_dump(to_dict(load_base_config(None, TINY_BASE))))
+    (home / "tiny.yaml").write_text(yaml.safe_dump(to_dict(load_base_config(TINY_BASE_CONFIG, TINY_BASE))))
 
     def run(*argv):
         done = subprocess.run([shutil.which(argv[0], path=env["PATH"]), *argv[1:]], cwd=home, env=env,

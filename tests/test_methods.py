@@ -17,7 +17,7 @@ from dgpo.sampling import sample_ode
 from dgpo.sde import sample_sde
 from dgpo.trainer import Trainer, load_train_config, prepare_run_dir
 
-from conftest import TINY_BASE
+from conftest import TINY_BASE, TINY_BASE_CONFIG
 from test_train import TINY_RUN
 
 
@@ -38,7 +38,7 @@ def learnable_base():
     from dgpo.cli import load_base_config
     from dgpo.worlds.shapes_base.pretrain import ensure_base
     torch.manual_seed(0)
-    return ensure_base(load_base_config(None, [*TINY_BASE, "vae.steps=80"]), log=lambda *a: None)
+    return ensure_base(load_base_config(TINY_BASE_CONFIG, [*TINY_BASE, "vae.steps=80"]), log=lambda *a: None)
 
 
 def make_trainer(base, out, method, *extra):

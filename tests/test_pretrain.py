@@ -53,11 +53,11 @@ def test_refinement_reuses_the_cached_base_and_changes_only_the_decoder(tiny_bas
 
 def test_first_use_inside_a_no_grad_block_pretrains(tmp_path, monkeypatch):
     """A base is built lazily by whatever needs it first, possibly from inside a no-grad evaluation."""
-    from conftest import TINY_BASE
+    from conftest import TINY_BASE, TINY_BASE_CONFIG
     from dgpo.cli import load_base_config
     from dgpo.worlds.shapes_base.pretrain import ensure_base
     monkeypatch.setenv("DGPO_CACHE", str(tmp_path))
-    cfg = load_base_config(None, [*TINY_BASE, "seed=5"])
+    cfg = load_base_config(TINY_BASE_CONFIG, [*TINY_BASE, "seed=5"])
     with torch.inference_mode():
         path = ensure_base(cfg, log=lambda *a: None)
         assert not torch.is_grad_enabled()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_BASE
+from conftest import TINY_BASE, TINY_BASE_CONFIG
 
 from dgpo.checkpoint import list_checkpoints
 from dgpo.cli import load_base_config, main
@@ -32,11 +32,12 @@ GRAMMAR = [*TINY_BASE, "data.captions=grammar", "data.renders_per_prompt=1", "da
 
 def test_keys_of_existing_bases_are_unchanged():
     # computed on the code before captions / fidelity / checkpoint_every existed
-    assert base_key(load_base_config()) == "faced2811a54"
+    assert base_key(load_base_config(REPO / "configs/base/shapes.yaml")) == "faced2811a54"
+    assert base_key(load_base_config()) == "91b45c1bfe5d"  # the default: the shipped grammar base, p = 0.5
     assert base_key(load_base_config(REPO / "configs/base/shapes_patch1.yaml")) == "a92ff9640456"
-    assert base_key(load_base_config(None, TINY_BASE)) == "aee6cc9d8748"
-    assert base_key(load_base_config(None, [*TINY_BASE, "flow.checkpoint_every=7"])) == "aee6cc9d8748"
-    keys = {base_key(load_base_config(None, [*TINY_BASE, *extra])) for extra in
+    assert base_key(load_base_config(TINY_BASE_CONFIG, TINY_BASE)) == "aee6cc9d8748"
+    assert base_key(load_base_config(TINY_BASE_CONFIG, [*TINY_BASE, "flow.checkpoint_every=7"])) == "aee6cc9d8748"
+    keys = {base_key(load_base_config(TINY_BASE_CONFIG, [*TINY_BASE, *extra])) for extra in
             ([], ["data.captions=grammar"], ["data.fidelity=0.7"], ["data.captions=grammar", "data.fidelity=0.7"])}
     assert len(keys) == 4
 
@@ -51,7 +52,7 @@ def test_grammar_config_is_patch1_with_grammar_captions_and_more_steps():
 
 
 def test_grammar_pool_and_its_corrupted_captions():
-    cfg = load_base_config(None, GRAMMAR)
+    cfg = load_base_config(TINY_BASE_CONFIG, GRAMMAR)
     assert pool_captions(cfg) == C.pretraining_captions()
     images, prompt_list, prompt_idx = render_pool(cfg)
     assert images.shape == (576, 32, 32, 3) and prompt_list == C.pretraining_captions()
@@ -66,7 +67,7 @@ def test_grammar_pool_and_its_corrupted_captions():
     corrupted = np.mean([prompt_list[j] != c for j, c in zip(many, noisy)])
     expected = F.expected_corrupted_fraction(prompt_list, 0.7, prompt_list)  # 0.3 * 565 / 576
     assert abs(corrupted - expected) < 4 * np.sqrt(expected * (1 - expected) / len(many))
-    default = load_base_config(None, TINY_BASE)
+    default = load_base_config(TINY_BASE_CONFIG, TINY_BASE)
     assert training_captions(default, prompt_list, many)[0] is prompt_list
 
 
@@ -80,7 +81,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_pretraining_in_pieces_is_bit_identical(tmp_path, monkeypatch, capsys):
-    cfg = load_base_config(None, GRAMMAR)
+    cfg = load_base_config(TINY_BASE_CONFIG, GRAMMAR)
     monkeypatch.setenv("DGPO_CACHE", str(tmp_path / "straight"))
     straight = ensure_base(cfg, log=lambda *a: None)
 
@@ -88,7 +89,7 @@ def test_pretraining_in_pieces_is_bit_identical(tmp_path, monkeypatch, capsys):
     work = partial_dir(cfg)
     # piece 1: the command line stops after the first flow step, with a checkpoint
     sets = [x for s in GRAMMAR for x in ("--set", s)]
-    assert main(["pretrain", *sets, "--no-eval", "--max-minutes", "0"]) == 3
+    assert main(["pretrain", TINY_BASE_CONFIG, *sets, "--no-eval", "--max-minutes", "0"]) == 3
     assert "Run the same command again" in capsys.readouterr().out
     assert (work / "autoencoder" / "state.json").is_file()
     assert [p.name for p in list_checkpoints(work)] == ["step-1"]
@@ -119,7 +120,7 @@ CONCURRENT = """
 import json, sys
 from dgpo.cli import load_base_config
 from dgpo.worlds.shapes_base.pretrain import ensure_base
-cfg = load_base_config(None, json.loads(sys.argv[1]))
+cfg = load_base_config(sys.argv[2], json.loads(sys.argv[1]))
 path = ensure_base(cfg, log=lambda message: print("LOG", message, flush=True))
 print("PATH", path, flush=True)
 """
@@ -128,7 +129,7 @@ print("PATH", path, flush=True)
 def test_concurrent_first_use_trains_once(tmp_path):
     env = {**os.environ, "DGPO_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
     overrides = json.dumps([*TINY_BASE, "seed=3", "threads=1"])  # one thread each: two processes share 2 cores
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, overrides], env=env, cwd=tmp_path,
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, overrides, TINY_BASE_CONFIG], env=env, cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, results):
@@ -148,16 +149,16 @@ def test_snapshot_of_an_unfinished_pretraining_is_the_base_it_would_save(tmp_pat
     it equals, bit for bit, the base the pretraining saves (so a mid-run snapshot is what that run has)."""
     from dgpo.worlds.shapes_base.pretrain import PartialBase, pretrain
     monkeypatch.setenv("DGPO_CACHE", str(tmp_path / "cache"))
-    cfg = load_base_config(None, GRAMMAR)
+    cfg = load_base_config(TINY_BASE_CONFIG, GRAMMAR)
     sets = [x for s in GRAMMAR for x in ("--set", s)]
-    assert main(["pretrain", *sets, "--snapshot", str(tmp_path / "none")]) == 2  # nothing to snapshot yet
+    assert main(["pretrain", TINY_BASE_CONFIG, *sets, "--snapshot", str(tmp_path / "none")]) == 2  # nothing to snapshot yet
     assert "no unfinished pretraining" in capsys.readouterr().err and not (tmp_path / "none").exists()
     saved = pretrain(cfg, tmp_path / "saved", log=lambda *a: None, work=PartialBase(partial_dir(cfg)))
     assert saved["key"] and partial_dir(cfg).is_dir()  # pretrain() keeps its work folder; ensure_base removes it
-    assert main(["pretrain", *sets, "--snapshot", str(tmp_path / "snap")]) == 0
+    assert main(["pretrain", TINY_BASE_CONFIG, *sets, "--snapshot", str(tmp_path / "snap")]) == 0
     assert "flow step 6 of 6" in capsys.readouterr().out
     a, b = _tensors(tmp_path / "saved"), _tensors(tmp_path / "snap")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-    assert main(["pretrain", *sets, "--snapshot", str(tmp_path / "snap")]) == 2  # taken: refused
-    assert main(["pretrain", *sets, "--snapshot", str(tmp_path / "snap"), "--overwrite"]) == 0
+    assert main(["pretrain", TINY_BASE_CONFIG, *sets, "--snapshot", str(tmp_path / "snap")]) == 2  # taken: refused
+    assert main(["pretrain", TINY_BASE_CONFIG, *sets, "--snapshot", str(tmp_path / "snap"), "--overwrite"]) == 0

@@ -169,12 +169,12 @@ def test_r1_runs_resumes_exactly_and_starts_from_a_tdm_run(tiny_base, tmp_path, 
 def briefly_pretrained_base():
     """A tiny base with 300 flow steps: its images differ enough between noises for a reward to order them
     (the 4-step test base draws nearly the same image for every noise)."""
-    from conftest import TINY_BASE
+    from conftest import TINY_BASE, TINY_BASE_CONFIG
     from dgpo.cli import load_base_config
     from dgpo.worlds.shapes_base.pretrain import ensure_base
     keys = [k for k in TINY_BASE if not k.startswith(("flow.steps", "vae.steps", "data.renders"))]
     torch.manual_seed(0)
-    return ensure_base(load_base_config(None, [*keys, "flow.steps=300", "vae.steps=100",
+    return ensure_base(load_base_config(TINY_BASE_CONFIG, [*keys, "flow.steps=300", "vae.steps=100",
                                               "data.renders_per_prompt=8"]), log=lambda *a: None)
 
 

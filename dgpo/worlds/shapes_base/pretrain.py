@@ -51,6 +51,7 @@ from dgpo.config import option, section, to_dict
 from dgpo.ema import EMA
 from dgpo.models.handle import FlowModel, SD3Model, flow_interpolate
 from dgpo.worlds.shapes_base.pretrain_state import PartialBase
+from dgpo.worlds.shapes_base.shipped import shipped_base
 from dgpo.worlds.shapes_base.tiny_sd3 import BaseModelConfig, build_pipeline, usage_note
 from dgpo.paths import cache_root, config_hash, exclusive_lock
 from dgpo.sampling import shift_sigmas
@@ -518,8 +519,9 @@ def save_base(pipe, cfg: PretrainConfig, out_dir: str | Path, summary: dict) -> 
     (out_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def ensure_base(cfg: PretrainConfig, log=print, stop=None) -> Path:
-    """The cached base for ``cfg``, pretraining it first if needed.
+def ensure_base(cfg: PretrainConfig, log=print, stop=None, use_shipped: bool = True) -> Path:
+    """The base for ``cfg``: the one shipped with the package if its key matches (unless ``use_shipped`` is
+    false: :mod:`dgpo.worlds.shapes_base.shipped`), else the cached one, pretraining it first if needed.
 
     Safe under concurrent first use and resumable: the training runs under an exclusive lock on
     ``<key>.lock`` (a process that gets the lock after another one finished the base just returns it), in
@@ -529,6 +531,8 @@ def ensure_base(cfg: PretrainConfig, log=print, stop=None) -> Path:
     may end the flow stage early (see :func:`train_flow`): :class:`FlowPaused` is raised, the next call
     continues.
     """
+    if use_shipped and (shipped := shipped_base(base_key(cfg))) is not None:
+        return shipped
     final = base_dir(cfg)
     if (final / "model_index.json").is_file():
         return final
