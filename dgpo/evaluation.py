@@ -25,6 +25,8 @@ class SamplerConfig:
     steps: int = option(20, "ODE steps", min=1)
     guidance_scale: float = option(1.5, "classifier-free guidance scale (<= 1: no CFG)", min=0.0)
     solver: str = option("euler", "ODE solver", choices=SOLVERS)
+    sigmas: list[float] = option([], "explicit noise levels as the stock pipeline's sigmas= takes them (Euler, one "
+                                 "step each; e.g. a student's final/sampler.json); empty: `steps` of the schedule")
 
 
 @dataclass
@@ -42,7 +44,8 @@ def generate(model: FlowModel, prompts: list[str], per_prompt: int = 1, sampler:
     """uint8 images (len(prompts)·per_prompt, S, S, 3) and one {"prompt", "seed"} record per image, drawn
     with the ODE sampler ``sampler`` through the one generation loop (:func:`dgpo.generation.generate_images`)."""
     def sample(embeds, noise):
-        return sample_ode(model, embeds, noise, sampler.steps, sampler.guidance_scale, sampler.solver)
+        return sample_ode(model, embeds, noise, sampler.steps, sampler.guidance_scale, sampler.solver,
+                          sigmas=sampler.sigmas)
     return generate_images(model, prompts, sample, per_prompt, seed, batch_size, progress, processes=processes)
 
 

@@ -74,6 +74,9 @@ class RunSettings:
     checkpoint_every: int = option(50, "save a full checkpoint every N steps", min=1)
     keep_checkpoints: int = option(2, "checkpoints to keep", min=1)
     threads: int = option(0, "torch CPU threads (0 = torch's default; 1 on a machine shared with other jobs)", min=0)
+    stop_at_gain: float = option(0.0, "end the run early once stop_after consecutive evaluations score at least "
+                                 "the first evaluation (the base) + this much (0 = never)", min=0.0)
+    stop_after: int = option(2, "consecutive evaluations at or above the stop_at_gain target that end the run", min=1)
 
 
 @dataclass
@@ -86,6 +89,15 @@ class Schedule:
     eval_every_minutes: float = 0.0
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    stop_at_gain: float = 0.0
+    stop_after: int = 2
+
+    def target_reached(self, scores: list[float]) -> bool:
+        """``scores``: the run's evaluations so far, the first being the base's. True once the last
+        ``stop_after`` of the later ones are all ≥ the first + ``stop_at_gain`` (never when that is 0)."""
+        if not self.stop_at_gain or len(scores) - 1 < self.stop_after:
+            return False
+        return all(x >= scores[0] + self.stop_at_gain for x in scores[-self.stop_after:])
 
 
 class Run:
@@ -179,7 +191,8 @@ class Run:
             evals.append(self._evaluated(self.recipe.initial_evaluation()))
         budget, every_s = s.time_budget_min * 60, s.eval_every_minutes * 60
         bar = self._progress_bar()
-        while c.step < s.steps and not (budget and c.train_seconds >= budget):
+        reached = lambda: s.target_reached([r["eval_geneval"] for r in evals])
+        while c.step < s.steps and not (budget and c.train_seconds >= budget) and not reached():
             before = c.train_seconds
             row = self.log_row(self.recipe.train_step())
             bar.update(min(c.train_seconds, budget) / 60 - min(before, budget) / 60 if budget else 1)
@@ -191,6 +204,9 @@ class Run:
             if c.step % s.checkpoint_every == 0:
                 self.save()
         bar.close()
+        if reached():
+            self.log(f"{s.stop_after} evaluations in a row at or above the base + {s.stop_at_gain:g} "
+                     f"(run.stop_at_gain): the run ends at {self.step_key} {c.step}")
         if evals[-1][self.step_key] != c.step:
             evals.append(self._evaluated(self.recipe.evaluate()))
         self.save()

@@ -55,15 +55,39 @@ def start_run(cfg, tool: str, overwrite: bool = False, named: bool = True, log=p
     return cfg
 
 
+#: Keys a resumed run may change with ``--set``: how long it runs, how often it evaluates and checkpoints, where
+#: it logs and on how many threads. Any other key (model, method, world, reward, seed, …) would make the
+#: checkpoint another run's: refused.
+SCHEDULE_KEYS = ("run.time_budget_min", "run.epochs", "run.iterations", "run.checkpoint_every", "run.keep_checkpoints",
+                 "run.threads", "run.tracker", "run.stop_at_gain", "run.stop_after", "eval.every",
+                 "eval.every_minutes", "optim.max_skipped_steps")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def reopen_run(config_cls, run_dir: str | Path, overrides=()):
-    """The config of the run in ``run_dir`` (with ``--set`` overrides), pointed at ``run_dir`` itself."""
+    """The config of the run in ``run_dir`` (with ``--set`` overrides of :data:`SCHEDULE_KEYS` only), pointed
+    at ``run_dir`` itself; an override of any other key is refused, naming the keys and both values."""
     folder = Path(run_dir)
     saved = folder / "config.yaml"
     if not saved.is_file():
         raise UserError(f"--resume: {str(run_dir)!r} is not a run folder (no config.yaml)")
+    before = to_dict(from_dict(config_cls, yaml.safe_load(saved.read_text())))
     data = apply_overrides(yaml.safe_load(saved.read_text()), overrides)
     data.setdefault("run", {})["out_dir"] = str(folder.resolve())
-    return from_dict(config_cls, data)
+    cfg = from_dict(config_cls, data)
+    old, new = _flat(before), _flat(to_dict(cfg))
+    changed = [k for k in new if k != "run.out_dir" and old.get(k) != new[k] and k not in SCHEDULE_KEYS]
+    if changed:
+        diff = "; ".join(f"{k}: {old.get(k)!r} in the run, {new[k]!r} asked" for k in changed)
+        raise UserError(f"--resume {str(run_dir)!r}: --set would make it another run ({diff}); a resumed run may "
+                        f"change only its schedule ({', '.join(SCHEDULE_KEYS)}) — start a new run for the rest")
+    return cfg
 
 
 def save_config(cfg, folder: Path) -> None:

@@ -1,11 +1,15 @@
 """The ``metrics.jsonl`` of a run folder (one JSON object per line), shared by ``dgpo train`` and
-``tdm-r1 distill``: read it, cut it back to a checkpoint on resume, turn an evaluation row into a result."""
+``tdm-r1 distill``: read it, cut it back to a checkpoint on resume, turn an evaluation row into a result; and a
+gain against the evaluation noise (two evaluations' standard errors, or the paired spread over seed sets)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+
+import numpy as np
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -51,3 +55,18 @@ def gain_against_noise(first: dict, last: dict, metric: str = "shapes-geneval") 
                "within the evaluation noise: more images per prompt (eval.per_prompt) would tell")
     return {"gain": gain, "noise": noise, "beyond_noise": beyond,
             "sentence": f"{metric} {gain:+.3f} ± {noise:.3f} (two standard errors of the evaluation noise): {verdict}"}
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (n − 1) and standard error of the mean of ``values``."""
+    a = np.asarray(values, dtype=np.float64)
+    std = float(a.std(ddof=1)) if len(a) > 1 else float("nan")
+    return {"mean": float(a.mean()), "std": std, "sem": std / math.sqrt(len(a))}
+
+
+def paired(base: list[float], other: list[float]) -> dict:
+    """The paired difference other − base, set by set: spread plus mean / sem (±inf when every set moved by
+    the same non-zero amount, 0 when none moved)."""
+    d = spread([o - b for o, b in zip(other, base)])
+    d["ratio"] = d["mean"] / d["sem"] if d["sem"] > 0 else (0.0 if d["mean"] == 0 else math.copysign(math.inf, d["mean"]))
+    return d

@@ -60,15 +60,23 @@ class Trajectory:
 
 @torch.no_grad()
 def sample_ode(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, steps: int = 20,
-               guidance_scale: float = 4.5, solver: str = "euler", return_trajectory: bool = False):
+               guidance_scale: float = 4.5, solver: str = "euler", return_trajectory: bool = False,
+               sigmas: list[float] | None = None):
     """Integrate the ODE from ``noise`` (B, C, h, w) at σ≈1 to a clean latent; deterministic.
 
-    Returns the final latents, or a :class:`Trajectory` with every visited state when asked.
+    ``sigmas`` (Euler only): the noise levels to visit as the stock pipeline's ``sigmas=`` takes them — before
+    the scheduler's shift, one Euler step each, e.g. a few-step student's (its ``final/sampler.json``);
+    ``steps`` is then ignored. Returns the final latents, or a :class:`Trajectory` with every visited state.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     scheduler = make_scheduler(model, solver)
-    scheduler.set_timesteps(steps, device=noise.device)
+    if sigmas:
+        if solver != "euler":
+            raise ValueError(f"explicit sigmas need the euler solver, not {solver!r}")
+        scheduler.set_timesteps(sigmas=list(sigmas), device=noise.device)
+    elif steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    else:
+        scheduler.set_timesteps(steps, device=noise.device)
     latents = noise.to(model.dtype)
     states = [latents]
     for t in scheduler.timesteps:

@@ -13,8 +13,11 @@ from dgpo.sampling import SOLVERS
 
 @dataclass
 class ModelConfig:
-    base: str = option("", "saved SD3 pipeline folder; empty = the embedded shapes base (pretrained if not cached)")
+    base: str = option("", "saved SD3 pipeline folder; empty = the embedded shapes base of base_config (shipped, or pretrained once)")
     base_config: str = option("configs/base/shapes_grammar_fidelity0.5.yaml", "pretraining recipe of the embedded base when base is empty")
+    merge_lora: str = option("", "a diffusers LoRA folder fused into the base before training, e.g. a few-step "
+                             "student's final/lora: the run trains a new LoRA on top, and its reference (the "
+                             "policy off) is the base with this LoRA fused")
     lora_rank: int = option(16, "LoRA rank on the transformer's attention projections", min=1)
     lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / rank)", min=0.0)
     lora_targets: str = option("attention", "layers that get adapters: the joint-attention projections, or those "
@@ -30,6 +33,8 @@ class RolloutConfig:
     steps: int = option(10, "ODE steps of a training rollout", min=1)
     guidance_scale: float = option(1.5, "CFG scale of rollouts (<= 1: no CFG)", min=0.0)
     solver: str = option("euler", "ODE solver of rollouts", choices=SOLVERS)
+    sigmas: list[float] = option([], "explicit noise levels of ODE rollouts as the stock pipeline's sigmas= takes "
+                                 "them (Euler, one step each; e.g. a student's final/sampler.json); empty: `steps`")
     policy: str = option("current", "who samples: the current weights or their EMA", choices=("current", "ema"))
     ema_after: int = option(0, "with policy=ema: use the current weights for the first N epochs", min=0)
     prompt_weighting: str = option("uniform", "uniform over train prompts, or 'failure': weight each prompt by "

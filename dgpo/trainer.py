@@ -84,7 +84,7 @@ def nfe_per_epoch(cfg: TrainConfig) -> int:
     """DGPO's transformer evaluations per epoch: rollouts (×2 with CFG) + training (policy + reference per
     level). The trainer counts NFE at the transformer for every objective; for DGPO the count equals this."""
     n = cfg.rollout.prompts_per_epoch * cfg.rollout.group_size
-    rollout = n * cfg.rollout.steps * (2 if cfg.rollout.guidance_scale > 1 else 1)
+    rollout = n * (len(cfg.rollout.sigmas) or cfg.rollout.steps) * (2 if cfg.rollout.guidance_scale > 1 else 1)
     ref = 2 if cfg.objective.reference_cfg > 1 else 1
     old = 1 if cfg.objective.clip_range > 0 else 0
     train = n * cfg.objective.timesteps_per_sample * (1 + ref + old) * cfg.optim.steps_per_epoch
@@ -111,6 +111,8 @@ class Trainer:
         if model is None:
             self.base_path, _ = self.processes.main_first(lambda: resolve_base(cfg, log))
             model = load_model(self.base_path)
+            if cfg.model.merge_lora:
+                model.fuse_lora(cfg.model.merge_lora)
         else:
             self.base_path = Path(cfg.model.base or "in-memory-model")
         self.model = model.to(self.accelerator.device)
@@ -140,7 +142,8 @@ class Trainer:
         run = cfg.run
         tracker = None if run.tracker == "none" else (lambda row, step: self.accelerator.log(row, step=step))
         self.runner = Run(self, self.out, Schedule(run.epochs, run.time_budget_min, cfg.eval.every,
-                                                   cfg.eval.every_minutes, run.checkpoint_every, run.keep_checkpoints),
+                                                   cfg.eval.every_minutes, run.checkpoint_every, run.keep_checkpoints,
+                                                   run.stop_at_gain, run.stop_after),
                           step_key="epoch", grid_prefix="epoch", tracker=tracker, log=log, processes=self.processes)
         self.shift = cfg.objective.shift if cfg.objective.shift > 0 else self.model.scheduler_config.shift
         self.objective = make_objective(cfg, self.model, self.params, self.shift)
@@ -309,6 +312,9 @@ class Trainer:
                     "precision": self.cfg.model.mixed_precision, "device": self.accelerator.device.type,
                     "record": 2,  # 2: rows carry eval_geneval_se (older entries are evaluated again)
                     **({"rewards": list(e.rewards)} if e.rewards else {})}
+        if self.cfg.model.merge_lora:  # the epoch-0 model is the base with that LoRA fused
+            merged = Path(self.cfg.model.merge_lora)
+            protocol["merged_lora"] = [str(merged.resolve()), eval_cache.weight_files(merged)]
         key = eval_cache.eval_key(self.base_path, protocol)
         hit = self.processes.broadcast(eval_cache.load(key) if self.processes.is_main else None)
         grid_path = self.runner.grid_path()
@@ -385,16 +391,21 @@ class Trainer:
 # ------------------------------------------------------------------------------------------- helpers
 
 def _final_note(base: Path, t5: int, cfg: TrainConfig) -> str:
+    s = cfg.eval.sampler
+    merged = (f'pipe.load_lora_weights("{Path(cfg.model.merge_lora).resolve()}")\n'
+              'pipe.fuse_lora(); pipe.unload_lora_weights()  # the LoRA this run was trained on top of (model.merge_lora)\n'
+              if cfg.model.merge_lora else "")
+    schedule = f"sigmas={list(s.sigmas)}" if s.sigmas else f"num_inference_steps={s.steps}"
     return f"""# Trained LoRA
 
 ```python
 import torch
 from diffusers import StableDiffusion3Pipeline
 pipe = StableDiffusion3Pipeline.from_pretrained("{base}", text_encoder_3=None, tokenizer_3=None)
-pipe.load_lora_weights("{Path(cfg.run.out_dir).resolve() / 'final' / 'lora'}")
+{merged}pipe.load_lora_weights("{Path(cfg.run.out_dir).resolve() / 'final' / 'lora'}")
 pipe.fuse_lora()  # only sampling: fold the adapters into the weights (the same function, faster)
-image = pipe("a photo of a red circle", num_inference_steps={cfg.eval.sampler.steps},
-             guidance_scale={cfg.eval.sampler.guidance_scale}, max_sequence_length={t5},
+image = pipe("a photo of a red circle", {schedule},
+             guidance_scale={s.guidance_scale}, max_sequence_length={t5},
              generator=torch.Generator().manual_seed(0)).images[0]
 ```
 """
@@ -406,6 +417,17 @@ def plot_curves(rows: list[dict], path: Path) -> None:
              "evaluation (± 2 standard errors)")
 
 
+def check_sigmas(sigmas: list[float], solver: str, section: str) -> None:
+    """Explicit sampler sigmas: Euler, strictly decreasing inside (0, 1] (the stock pipeline's ``sigmas=``)."""
+    from dgpo.config import ConfigError
+    if not sigmas:
+        return
+    if solver != "euler":
+        raise ConfigError(f"{section}.sigmas needs {section}.solver=euler (one Euler step per level)")
+    if any(not 0.0 < s <= 1.0 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+        raise ConfigError(f"{section}.sigmas must decrease strictly inside (0, 1], got {list(sigmas)}")
+
+
 def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
     """Load and validate a training config; a reward name that is not registered fails here, before any
     model is loaded (rewards added with ``dgpo.rewards.register_reward`` count)."""
@@ -414,6 +436,11 @@ def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
     from dgpo.methods import objective_class
     cfg = load_config(train_config_class(), path, overrides)
     objective_class(cfg.objective.name).validate(cfg)  # an unknown method or bad settings fail before any model loads
+    check_sigmas(cfg.rollout.sigmas, cfg.rollout.solver, "rollout")
+    check_sigmas(cfg.eval.sampler.sigmas, cfg.eval.sampler.solver, "eval.sampler")
+    if cfg.model.merge_lora:
+        from dgpo.cli import check_lora_folder
+        check_lora_folder(cfg.model.merge_lora)
     from dgpo.worlds.prompt_file import is_prompt_file
     if is_prompt_file(cfg.world):
         make_world(cfg.world)  # a bad prompt file fails here, naming its line, before any model loads

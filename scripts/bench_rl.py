@@ -1,22 +1,36 @@
 """RL efficiency benchmark: DGPO against Flow-GRPO, Diffusion-DPO and DiffusionNFT in the same trainer.
 
 Every method is one run folder of :class:`dgpo.trainer.Trainer` (its own recipe from
-``configs/<method>/shapes.yaml``) with the same cached base, train prompts, P×G, LoRA rank, seed,
-evaluation protocol (test prompts, images per prompt, sampler, FD) and training wall-clock budget; each is
-evaluated every ``--eval-minutes`` of training. Methods run one after another in this process (one torch
-process on the machine at a time). Outputs, under ``--out``:
+``configs/<method>/shapes.yaml``) with the same base, train prompts, P×G, LoRA rank, seed, evaluation
+protocol (test prompts, images per prompt, sampler, FD) and evaluation schedule (every ``--eval-minutes`` of
+training). Methods run one after another in this process (one torch process on the machine at a time).
 
-* ``bench_rl.json`` — every evaluation of every method, and the summary below;
-* ``bench_rl.md`` — per method: final test shapes-geneval, per-category scores, quality FD, the peak score
-  and when it came, the training reward (mean of the first → last tenth of the epochs), wall-clock and NFE to reach the target (``--target``, or ``--target-frac`` × the best
-  final score among methods) and time-to-target as a ratio to DGPO's;
-* ``bench_rl.png`` — test shapes-geneval against training wall-clock and against NFE, one curve per method;
-* ``bench_rl/<label>/`` — the run folders (config, metrics.jsonl, sample grids, final LoRA).
+**Time to target** (the default protocol). The target is the base's score + ``--target-gain`` (default 0.15);
+a run reaches it when two consecutive evaluations are at or above it (``run.stop_at_gain``, ``run.stop_after``),
+and its time to target is the training time of the first of those two. DGPO runs first, until it reaches the
+target or for ``--cap-minutes`` (60); every other method then runs until it reaches the target or for
+``--budget-factor`` (4) × DGPO's time to target on the same seed, capped at ``--cap-minutes`` (a method that
+stops short reports "> its budget"). Each seed of ``--seeds`` is a full set of runs; ratios are per seed.
+Each finished run's final LoRA is evaluated again at ``--final-per-prompt`` (64) images per test prompt, the
+base once likewise. The benchmark resumes: a finished run is read, an interrupted one continues from its last
+checkpoint, so it can be run in pieces (stop it, run the same command again).
+
+``--budget-minutes M`` instead gives every method a fixed M minutes of training with no early end (the
+target is then ``--target`` or ``--target-frac`` × the best final score), as the first benchmark ran.
+
+Outputs, under ``--out``:
+
+* ``bench_rl.json`` — every evaluation of every run, and the summary below;
+* ``bench_rl.md`` — per run: final test shapes-geneval (curve protocol and ``--final-per-prompt``), per
+  category, quality FD, the peak and when it came, the training reward (mean of the first → last tenth of the
+  epochs), wall-clock and NFE to the target, and time-to-target as a ratio to DGPO's on the same seed;
+* ``bench_rl.png`` — test shapes-geneval against training wall-clock and against NFE, one curve per run;
+* ``bench_rl/<label>[-seed<k>]/`` — the run folders (config, metrics.jsonl, sample grids, final LoRA).
 
 Examples::
 
-    python scripts/bench_rl.py                                   # 4 methods × 12 min of training
-    python scripts/bench_rl.py --methods dgpo,flow_grpo --budget-minutes 5
+    python scripts/bench_rl.py --seeds 0,1                       # the time-to-target protocol, 4 methods
+    python scripts/bench_rl.py --methods dgpo,flow_grpo --budget-minutes 5     # fixed budget
     # A learning-rate sweep: labels name variants of a method, LABEL:key=value sets one run's config.
     python scripts/bench_rl.py --methods fg1=flow_grpo,fg3=flow_grpo --budget-minutes 4 \\
         --set fg1:optim.lr=1e-4 --set fg3:optim.lr=3e-4
@@ -27,8 +41,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,23 +86,58 @@ def split_overrides(items: list[str], labels: list[str]) -> tuple[list[str], dic
     return shared, per
 
 
-def shared_settings(args, base: Path) -> list[str]:
+def shared_settings(args, base: Path, seed: int, budget_minutes: float) -> list[str]:
     """What every method gets alike (applied after its recipe, before the user's --set)."""
-    return [f"model.base={base}", f"run.time_budget_min={args.budget_minutes}", "run.epochs=1000000",
-            f"run.seed={args.seed}", f"run.threads={args.threads}", "run.checkpoint_every=25",
+    stop = [f"run.stop_at_gain={args.target_gain}", "run.stop_after=2"] if args.budget_minutes is None else []
+    return [f"model.base={base}", f"run.time_budget_min={budget_minutes}", "run.epochs=1000000",
+            f"run.seed={seed}", f"run.threads={args.threads}", "run.checkpoint_every=25", *stop,
             f"rollout.prompts_per_epoch={args.prompts}", f"rollout.group_size={args.group_size}",
             f"model.lora_rank={args.lora_rank}", f"model.lora_alpha={args.lora_rank}",
             "eval.every=1000000", f"eval.every_minutes={args.eval_minutes}", f"eval.per_prompt={args.per_prompt}",
             "eval.split=test", "eval.fd=true", "reward.name=shapes_partial"]
 
 
-def run_method(label: str, method: str, overrides: list[str], out: Path, log) -> None:
+def run_name(label: str, seed: int, seeds: list[int]) -> str:
+    """A run's folder name: the method's label, with the seed when there are several."""
+    return label if len(seeds) == 1 else f"{label}-seed{seed}"
+
+
+def run_method(label: str, method: str, overrides: list[str], run_dir: Path, log) -> None:
+    """Train one run to its end: a finished run (``final/``) is left as it is, an interrupted one continues
+    from its newest checkpoint, a folder without one starts again."""
+    from dgpo.checkpoint import list_checkpoints
+    from dgpo.run_folder import reopen_run
+    from dgpo.train_config import train_config_class
     from dgpo.trainer import Trainer, load_train_config, prepare_run_dir
-    run_dir = out / "bench_rl" / label
+    if (run_dir / "final").is_dir():
+        log(f"== {run_dir.name}: finished earlier; read from {run_dir}")
+        return
+    if list_checkpoints(run_dir):
+        cfg = reopen_run(train_config_class(), run_dir)
+        log(f"== {run_dir.name} ({method}): continuing {run_dir}")
+        Trainer(cfg, log=log).run(resume=True)
+        return
     cfg = load_train_config(REPO / "configs" / method / "shapes.yaml", [*overrides, f"run.out_dir={run_dir}"])
-    cfg = prepare_run_dir(cfg, resume=False)
-    log(f"== {label} ({method}): {cfg.run.time_budget_min} min of training -> {run_dir}")
+    cfg = prepare_run_dir(cfg, resume=False, overwrite=run_dir.exists())  # a start without a checkpoint: again
+    log(f"== {run_dir.name} ({method}): up to {cfg.run.time_budget_min:g} min of training -> {run_dir}")
     Trainer(cfg, log=log).run()
+
+
+def evaluate_final(base: Path, lora: Path | None, per_prompt: int, path: Path, log) -> dict:
+    """shapes-geneval at ``per_prompt`` images per test prompt of the base (``lora`` None) or base + LoRA,
+    cached in ``path``."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    from dgpo.cli import load_model
+    from dgpo.evaluation import EvalConfig, SamplerConfig, evaluate_model
+    log(f"evaluating {lora or 'the base'} at {per_prompt} images per test prompt")
+    result, _, _ = evaluate_model(load_model(base, str(lora) if lora else None), EvalConfig(per_prompt=per_prompt),
+                                  SamplerConfig())
+    result = {k: v for k, v in result.items() if k != "per_prompt"}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    return result
 
 
 def read_evals(run_dir: Path) -> list[dict]:
@@ -114,57 +168,93 @@ def reward_trend(rewards: list[float]) -> tuple[float, float] | None:
     return float(sum(rewards[:n]) / n), float(sum(rewards[-n:]) / n)
 
 
+def time_to_target(evals: list[dict], target: float, confirm: int = 1) -> dict | None:
+    """The first evaluation after the base's that starts ``confirm`` consecutive evaluations at or above
+    ``target`` (the run reached the target there and stayed), or None."""
+    scores = [r["eval_geneval"] for r in evals]
+    for i in range(1, len(evals) - confirm + 1):
+        if all(x >= target for x in scores[i:i + confirm]):
+            return evals[i]
+    return None
+
+
 def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_frac: float,
-              target: float | None = None, rewards: dict[str, list[float]] | None = None) -> dict:
-    """Per method: final and peak score, time and NFE to the target (``target`` if given, else ``target_frac``
-    of the best final score), the time-to-target ratio to DGPO's, and (given the per-epoch training rewards)
-    the training reward's first and last tenth (:func:`reward_trend`)."""
-    finals = {k: v[-1]["eval_geneval"] for k, v in curves.items() if v}
-    explicit = target is not None
-    if target is None:
-        target = target_frac * max(finals.values()) if finals else float("nan")
+              target: float | None = None, rewards: dict[str, list[float]] | None = None,
+              target_gain: float | None = None, confirm: int = 1, seeds: dict[str, int] | None = None,
+              budgets: dict[str, float] | None = None, finals: dict[str, dict] | None = None) -> dict:
+    """Per run: final and peak score, time and NFE to the target, the time-to-target ratio to DGPO's on the same
+    seed, and (given the per-epoch training rewards) the training reward's first and last tenth
+    (:func:`reward_trend`). The target: the base's score + ``target_gain`` if given, else ``target``, else
+    ``target_frac`` of the best final score; reached as :func:`time_to_target` with ``confirm``. ``budgets``
+    (minutes each run was allowed) and ``finals`` (each run's final evaluation at more images) are reported."""
+    last_scores = {k: v[-1]["eval_geneval"] for k, v in curves.items() if v}
+    bases = [v[0]["eval_geneval"] for v in curves.values() if v]
+    how = "gain"
+    if target_gain is not None:
+        target = (bases[0] + target_gain) if bases else float("nan")
+    elif target is not None:
+        how = "absolute"
+    else:
+        how, target = "frac", (target_frac * max(last_scores.values()) if last_scores else float("nan"))
+    seeds, budgets, finals = seeds or {}, budgets or {}, finals or {}
     rows = {}
     for label, evals in curves.items():
         if not evals:
             continue
-        hit = next((r for r in evals if r["eval_geneval"] >= target), None)
+        hit = time_to_target(evals, target, confirm)
         last = evals[-1]
         peak = max(evals, key=lambda r: r["eval_geneval"])
-        rows[label] = {"method": methods.get(label, label), "final": last["eval_geneval"],
+        rows[label] = {"method": methods.get(label, label), "seed": seeds.get(label), "final": last["eval_geneval"],
                        "peak": peak["eval_geneval"], "peak_seconds": peak["train_seconds"],
                        "per_category": last["eval_per_category"], "fd": last.get("eval_fd"),
                        "epochs": last["epoch"], "train_seconds": last["train_seconds"], "nfe": last["nfe"],
-                       "base": evals[0]["eval_geneval"],
+                       "base": evals[0]["eval_geneval"], "budget_minutes": budgets.get(label),
+                       "final_eval": finals.get(label),
                        "seconds_to_target": hit["train_seconds"] if hit else None,
                        "nfe_to_target": hit["nfe"] if hit else None,
                        "train_reward": reward_trend((rewards or {}).get(label, []))}
-    # DGPO's row: the run labelled "dgpo", else the only run of method dgpo. No ratio when DGPO never reached the
-    # target or reached it at epoch 0 (the base already scores the target: raise --target-frac).
-    dgpo_rows = [r for k, r in rows.items() if k == "dgpo"] or [r for r in rows.values() if r["method"] == "dgpo"]
-    ref = dgpo_rows[0]["seconds_to_target"] if len(dgpo_rows) == 1 else None
+    # DGPO's row on the same seed: the run of method dgpo labelled "dgpo" (or the only one) with that seed. No
+    # ratio when DGPO never reached the target or reached it at once.
     for r in rows.values():
+        same_seed = {k: d for k, d in rows.items() if d["method"] == "dgpo" and d["seed"] == r["seed"]}
+        ref_rows = [d for k, d in same_seed.items() if k.split("-seed")[0] == "dgpo"] or list(same_seed.values())
+        ref = ref_rows[0]["seconds_to_target"] if len(ref_rows) == 1 else None
         s = r["seconds_to_target"]
         r["time_ratio_to_dgpo"] = (s / ref) if (s is not None and ref) else None
-    return {"target": target, "target_frac": None if explicit else target_frac, "methods": rows}
+    return {"target": target, "target_how": how, "target_gain": target_gain,
+            "target_frac": target_frac if how == "frac" else None, "confirm": confirm, "methods": rows}
 
 
 def markdown(summary: dict) -> str:
     from dgpo.worlds import shapes
     cats = list(shapes.CATEGORIES)
-    head = ["method", "base", "final", *cats, "FD", "peak (min)", "train reward", "epochs", "min", "NFE",
-            "min to target", "NFE to target", "time / DGPO's"]
-    how = ("set with --target" if summary["target_frac"] is None
-           else f"= {summary['target_frac']:.0%} of the best final score")
-    lines = [f"Target: {summary['target']:.3f} ({how}).", "",
+    rows = summary["methods"]
+    with_finals = any(r.get("final_eval") for r in rows.values())
+    head = ["run", "base", "final", *(["final (64)", "FD (64)"] if with_finals else []), *cats, "FD",
+            "peak (min)", "train reward", "epochs", "min", "NFE", "min to target", "NFE to target", "time / DGPO's"]
+    how = {"gain": f"= the base + {summary.get('target_gain')}", "absolute": "set with --target",
+           "frac": f"= {summary.get('target_frac') or 0:.0%} of the best final score"}[summary.get("target_how", "frac")]
+    reached = ("reached when two consecutive evaluations are at or above it; the time is the first of them"
+               if summary.get("confirm", 1) == 2 else "reached at the first evaluation at or above it")
+    lines = [f"Target: {summary['target']:.3f} ({how}; {reached}).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v, f: "-" if v is None else format(v, f)
-    for label, r in summary["methods"].items():
-        name = label if label == r["method"] else f"{label} ({r['method']})"
+    for label, r in rows.items():
+        name = label if label.split("-seed")[0] == r["method"] else f"{label} ({r['method']})"
+        fe = r.get("final_eval") or {}
+        finals = [fmt(fe.get("geneval"), ".3f"), fmt(fe.get("fd"), ".2f")] if with_finals else []
+        if r["seconds_to_target"] is not None:
+            to_target = f"{r['seconds_to_target'] / 60:.1f}"
+        elif r.get("budget_minutes"):
+            to_target = f"> {r['budget_minutes']:.0f}"
+        else:
+            to_target = "not reached"
         lines.append("| " + " | ".join([
-            name, f"{r['base']:.3f}", f"{r['final']:.3f}", *(fmt(r["per_category"].get(c), ".3f") for c in cats),
+            name, f"{r['base']:.3f}", f"{r['final']:.3f}", *finals,
+            *(fmt(r["per_category"].get(c), ".3f") for c in cats),
             fmt(r["fd"], ".2f"), f"{r['peak']:.3f} ({r['peak_seconds'] / 60:.0f})",
-            "-" if not r.get("train_reward") else "{:.3f} → {:.3f}".format(*r["train_reward"]), str(r["epochs"]), f"{r['train_seconds'] / 60:.1f}", f"{r['nfe']:.3g}",
-            "not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target'] / 60:.1f}",
+            "-" if not r.get("train_reward") else "{:.3f} → {:.3f}".format(*r["train_reward"]), str(r["epochs"]),
+            f"{r['train_seconds'] / 60:.1f}", f"{r['nfe']:.3g}", to_target,
             "-" if r["nfe_to_target"] is None else f"{r['nfe_to_target']:.3g}",
             fmt(r["time_ratio_to_dgpo"], ".2f")]) + " |")
     return "\n".join(lines) + "\n"
@@ -175,13 +265,17 @@ def plot(curves: dict[str, list[dict]], methods: dict[str, str], target: float, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(methods.get(k, k) for k in curves))}
     for label, evals in curves.items():
         if not evals:
             continue
-        name = LABELS.get(label, label)
+        base_label, _, seed = label.partition("-seed")
+        name = LABELS.get(base_label, base_label) + (f", seed {seed}" if seed else "")
+        style = dict(color=colours[methods.get(label, label)], ls="--" if seed not in ("", "0") else "-",
+                     marker="o", markersize=3, label=name)
         y = [r["eval_geneval"] for r in evals]
-        axes[0].plot([r["train_seconds"] / 60 for r in evals], y, "o-", label=name, markersize=3)
-        axes[1].plot([r["nfe"] for r in evals], y, "o-", label=name, markersize=3)
+        axes[0].plot([r["train_seconds"] / 60 for r in evals], y, **style)
+        axes[1].plot([r["nfe"] for r in evals], y, **style)
     for ax, xl in zip(axes, ("training wall-clock (min)", "NFE (transformer evaluations, all samples)")):
         ax.axhline(target, color="gray", ls="--", lw=0.8)
         ax.set(xlabel=xl, ylabel="test shapes-geneval")
@@ -193,24 +287,53 @@ def plot(curves: dict[str, list[dict]], methods: dict[str, str], target: float, 
     plt.close(fig)
 
 
+def budget_minutes(args, method: str, dgpo_dir: Path | None) -> float:
+    """Minutes of training a run may take: ``--budget-minutes`` if given; else DGPO the cap, any other method
+    ``--budget-factor`` × DGPO's time to target on its seed (the cap when DGPO did not reach it)."""
+    if args.budget_minutes is not None:
+        return args.budget_minutes
+    evals = read_evals(dgpo_dir) if (method != "dgpo" and dgpo_dir is not None) else []
+    hit = time_to_target(evals, evals[0]["eval_geneval"] + args.target_gain, confirm=2) if evals else None
+    if hit is None:
+        return args.cap_minutes
+    return min(args.cap_minutes, round(args.budget_factor * hit["train_seconds"] / 60, 2))
+
+
+def read_budget(run_dir: Path) -> float | None:
+    import yaml
+    path = run_dir / "config.yaml"
+    return yaml.safe_load(path.read_text())["run"]["time_budget_min"] if path.is_file() else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated methods, each optionally label=method (default: all four)")
-    p.add_argument("--budget-minutes", type=float, default=12.0,
-                   help="training wall-clock per method, evaluation excluded (default 12: ~1 h for four)")
-    p.add_argument("--eval-minutes", type=float, default=2.0, help="evaluate every N minutes of training (default 2)")
-    p.add_argument("--per-prompt", type=int, default=16, help="evaluation images per test prompt (default 16)")
+    p.add_argument("--seeds", default="0", help="comma-separated run seeds; each is a full set of runs (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="one run seed (the same as --seeds N)")
+    p.add_argument("--target-gain", type=float, default=0.15,
+                   help="target = the base's score + this (default 0.15); each run ends when two consecutive "
+                        "evaluations reach it")
+    p.add_argument("--budget-factor", type=float, default=4.0,
+                   help="every method but DGPO trains up to this × DGPO's time to target on its seed (default 4)")
+    p.add_argument("--cap-minutes", type=float, default=60.0, help="no run trains longer than this (default 60)")
+    p.add_argument("--final-per-prompt", type=int, default=64,
+                   help="images per test prompt of each run's final evaluation, and the base's (default 64)")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="instead: a fixed training budget per method, no early end and no final evaluation")
+    p.add_argument("--eval-minutes", type=float, default=None,
+                   help="evaluate every N minutes of training (default 3; 2 with --budget-minutes)")
+    p.add_argument("--per-prompt", type=int, default=None,
+                   help="images per test prompt of the curves' evaluations (default 32; 16 with --budget-minutes)")
     p.add_argument("--prompts", type=int, default=8, help="P: prompts per epoch for every method (default 8)")
     p.add_argument("--group-size", type=int, default=8, help="G: samples per prompt for every method (default 8)")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (= alpha) for every method (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="run seed for every method (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--target-frac", type=float, default=0.9,
-                   help="target = this fraction of the best final score among methods (default 0.9)")
+                   help="with --budget-minutes: target = this fraction of the best final score (default 0.9)")
     p.add_argument("--target", type=float, default=None,
-                   help="absolute target score (overrides --target-frac; pick one above the base's noise band)")
-    p.add_argument("--base", default="", help="base pipeline folder (default: the cached embedded shapes base)")
+                   help="with --budget-minutes: an absolute target score (overrides --target-frac)")
+    p.add_argument("--base", default="", help="base pipeline folder (default: the embedded shapes base)")
     p.add_argument("--set", action="append", default=[], metavar="[LABEL:]KEY=VALUE",
                    help="config override for every run, or for one run with LABEL: (repeatable), "
                         "e.g. --set flow_grpo:optim.lr=1e-3")
@@ -218,11 +341,22 @@ def main(argv=None) -> int:
                    help="output folder (default docs/experiments/results)")
     p.add_argument("--report-only", action="store_true", help="only rebuild JSON/markdown/PNG from the run folders")
     args = p.parse_args(argv)
+    fixed = args.budget_minutes is not None
+    args.eval_minutes = args.eval_minutes or (2.0 if fixed else 3.0)
+    args.per_prompt = args.per_prompt or (16 if fixed else 32)
+    try:
+        seeds = [args.seed] if args.seed is not None else [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds: {args.seeds!r} is not a comma-separated list of integers")
 
     methods = parse_methods(args.methods)
     shared, per = split_overrides(args.set, list(methods))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    runs = {run_name(label, seed, seeds): (label, method, seed) for seed in seeds for label, method in
+            sorted(methods.items(), key=lambda item: item[1] != "dgpo")}  # DGPO first: it sets the others' budget
+    dgpo_label = "dgpo" if methods.get("dgpo") == "dgpo" else next((k for k, m in methods.items() if m == "dgpo"), None)
+    final_name = f"final_eval_{args.final_per_prompt}.json"
     if not args.report_only:
         from dgpo.errors import UserError
         from dgpo.trainer import load_train_config, resolve_base
@@ -230,22 +364,43 @@ def main(argv=None) -> int:
             for label, method in methods.items():  # validate every run's config before the first one starts
                 load_train_config(REPO / "configs" / method / "shapes.yaml", [*shared, *per[label]])
             base = Path(args.base) if args.base else resolve_base(load_train_config(REPO / "configs/dgpo/shapes.yaml"))[0]
-            for label, method in methods.items():
-                run_method(label, method, [*shared_settings(args, base), *shared, *per[label]], out, print)
+            for name, (label, method, seed) in runs.items():
+                run_dir = out / "bench_rl" / name
+                dgpo_dir = out / "bench_rl" / run_name(dgpo_label, seed, seeds) if dgpo_label else None
+                minutes = budget_minutes(args, method, dgpo_dir)
+                run_method(label, method, [*shared_settings(args, base, seed, minutes), *shared, *per[label]],
+                           run_dir, print)
+                if not fixed:
+                    evaluate_final(base, run_dir / "final" / "lora", args.final_per_prompt, run_dir / final_name, print)
+            if not fixed:
+                evaluate_final(base, None, args.final_per_prompt, out / "bench_rl" / f"base_eval_{args.final_per_prompt}.json",
+                               print)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    curves = {label: read_evals(out / "bench_rl" / label) for label in methods}
-    rewards = {label: read_rewards(out / "bench_rl" / label) for label in methods}
-    summary = summarise(curves, methods, args.target_frac, args.target, rewards)
+    folders = {name: out / "bench_rl" / name for name in runs}
+    curves = {name: read_evals(d) for name, d in folders.items()}
+    rewards = {name: read_rewards(d) for name, d in folders.items()}
+    finals = {name: json.loads((d / final_name).read_text()) for name, d in folders.items() if (d / final_name).is_file()}
+    summary = summarise(curves, {name: r[1] for name, r in runs.items()}, args.target_frac, args.target, rewards,
+                        target_gain=None if fixed else args.target_gain, confirm=1 if fixed else 2,
+                        seeds={name: r[2] for name, r in runs.items()},
+                        budgets={name: read_budget(d) for name, d in folders.items()}, finals=finals)
+    base_final = out / "bench_rl" / f"base_eval_{args.final_per_prompt}.json"
+    summary["base_final_eval"] = json.loads(base_final.read_text()) if base_final.is_file() else None
     summary["settings"] = {"budget_minutes": args.budget_minutes, "eval_minutes": args.eval_minutes,
-                           "per_prompt": args.per_prompt, "P": args.prompts, "G": args.group_size,
-                           "lora_rank": args.lora_rank, "seed": args.seed, "set": args.set, "target": args.target,
-                           "methods": methods}
+                           "per_prompt": args.per_prompt, "final_per_prompt": args.final_per_prompt,
+                           "P": args.prompts, "G": args.group_size, "lora_rank": args.lora_rank, "seeds": seeds,
+                           "set": args.set, "target": args.target, "target_gain": args.target_gain,
+                           "budget_factor": args.budget_factor, "cap_minutes": args.cap_minutes, "methods": methods}
     (out / "bench_rl.json").write_text(json.dumps({"summary": summary, "curves": curves}, indent=2))
     table = markdown(summary)
+    if summary["base_final_eval"]:
+        b = summary["base_final_eval"]
+        table += (f"\nThe base at {args.final_per_prompt} images per test prompt: {b['geneval']:.3f}"
+                  f" (FD {b.get('fd', float('nan')):.2f}).\n")
     (out / "bench_rl.md").write_text(table)
-    plot(curves, methods, summary["target"], out / "bench_rl.png")
+    plot(curves, {name: r[1] for name, r in runs.items()}, summary["target"], out / "bench_rl.png")
     print(table)
     print(f"wrote {out / 'bench_rl.json'}, {out / 'bench_rl.md'}, {out / 'bench_rl.png'}")
     return 0

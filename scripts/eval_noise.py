@@ -16,7 +16,6 @@ Writes ``NAME.json``, ``NAME.md`` and ``NAME.png`` (each set's score, base and L
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import numpy as np  # noqa: E402
+from dgpo.run_metrics import paired, spread  # noqa: E402  (the seed-set statistics)
 
 ROOT = Path(__file__).resolve().parents[1]
 SET_STRIDE = 10_000_000  # seeds of set j start at seed + j·SET_STRIDE: disjoint for < 10M images per set
@@ -45,21 +44,6 @@ def parse_args(argv=None):
     p.add_argument("--name", default="eval_noise", help="output file stem (default eval_noise)")
     p.add_argument("--overwrite", action="store_true", help="replace NAME.* written by an earlier run")
     return p.parse_args(argv)
-
-
-def spread(values: list[float]) -> dict:
-    """Mean, sample standard deviation (n − 1) and standard error of the mean of ``values``."""
-    a = np.asarray(values, dtype=np.float64)
-    std = float(a.std(ddof=1)) if len(a) > 1 else float("nan")
-    return {"mean": float(a.mean()), "std": std, "sem": std / math.sqrt(len(a))}
-
-
-def paired(base: list[float], other: list[float]) -> dict:
-    """The paired difference other − base, set by set: spread plus mean / sem (±inf when every set moved by
-    the same non-zero amount, 0 when none moved)."""
-    d = spread([o - b for o, b in zip(other, base)])
-    d["ratio"] = d["mean"] / d["sem"] if d["sem"] > 0 else (0.0 if d["mean"] == 0 else math.copysign(math.inf, d["mean"]))
-    return d
 
 
 def table(result: dict) -> str:

@@ -143,8 +143,9 @@ class Distiller:
         self.embeds_of = {p: embeds.index(slice(i, i + 1)) for i, p in enumerate(self.train_prompts)}
         self.counters = Counters()
         run = cfg.run
-        self.runner = Run(self, self.out, Schedule(run.iterations, run.time_budget_min, cfg.eval.every, 0.0,
-                                                   run.checkpoint_every, run.keep_checkpoints),
+        self.runner = Run(self, self.out, Schedule(run.iterations, run.time_budget_min, cfg.eval.every, cfg.eval.every_minutes,
+                                                   run.checkpoint_every, run.keep_checkpoints,
+                                                   run.stop_at_gain, run.stop_after),
                           step_key="iteration", grid_prefix="iter", log=log, processes=self.processes)
 
     def load_student_from(self, run: Path) -> None:

@@ -21,6 +21,17 @@ TINY_BASE = [
 ]
 
 
+def load_script(relative: str):
+    """A script of the repository (e.g. "scripts/chaos.py") as a module, to test its functions."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def cache_dir():
     """The private DGPO_CACHE of this test session."""

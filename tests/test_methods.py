@@ -1,12 +1,12 @@
 """The baselines in the shared trainer: Flow-GRPO's sampler checks, each loss against its formula, and a few
 epochs of every objective raising a learnable reward on a tiny model (in both directions)."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dgpo.config import ConfigError
 from dgpo.methods.batch import RolloutBatch
@@ -17,7 +17,7 @@ from dgpo.sampling import sample_ode
 from dgpo.sde import sample_sde
 from dgpo.trainer import Trainer, load_train_config, prepare_run_dir
 
-from conftest import TINY_BASE, TINY_BASE_CONFIG
+from conftest import TINY_BASE, TINY_BASE_CONFIG, load_script
 from test_train import TINY_RUN
 
 
@@ -191,11 +191,7 @@ def test_dgpo_nfe_is_counted_at_the_transformer_and_equals_the_formula(tiny_base
 
 
 def test_bench_summary_times_to_target_and_ratio_to_dgpo():
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("bench_rl", Path(__file__).parents[1] / "scripts" / "bench_rl.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("scripts/bench_rl.py")
     cats = {"single_object": 0.5}
     row = lambda g, s, n: {"eval_geneval": g, "train_seconds": s, "nfe": n, "epoch": int(s), "eval_per_category": cats}
     curves = {"dgpo": [row(0.3, 0, 0), row(0.45, 60, 100), row(0.5, 120, 200)],
@@ -218,6 +214,80 @@ def test_bench_summary_times_to_target_and_ratio_to_dgpo():
         ["optim.lr=1"], {"dgpo": [], "lo": ["optim.lr=2"]})
     with pytest.raises(SystemExit):
         bench.parse_methods("ppo")
+
+
+def test_bench_time_to_target_protocol_per_seed(tmp_path):
+    """The default protocol: target = base + gain, reached at the first of two consecutive evaluations at or
+    above it, ratios to DGPO on the same seed, budgets of the others from DGPO's time, "> budget" if missed."""
+    from types import SimpleNamespace
+    bench = load_script("scripts/bench_rl.py")
+    cats = {"single_object": 0.5}
+    row = lambda g, s: {"eval_geneval": g, "train_seconds": s, "nfe": 10 * s, "epoch": s, "eval_per_category": cats}
+    curves = {"dgpo-seed0": [row(0.6, 0), row(0.76, 60), row(0.70, 120), row(0.76, 180), row(0.80, 240)],
+              "dgpo-seed1": [row(0.6, 0), row(0.75, 120), row(0.77, 180)],
+              "flow_grpo-seed0": [row(0.6, 0), row(0.76, 540), row(0.78, 720)],
+              "flow_grpo-seed1": [row(0.6, 0), row(0.7, 300), row(0.8, 480)]}
+    methods = {k: k.split("-seed")[0] for k in curves}
+    seeds = {k: int(k[-1]) for k in curves}
+    s = bench.summarise(curves, methods, 0.9, target_gain=0.15, confirm=2, seeds=seeds,
+                        budgets={"flow_grpo-seed1": 8.0})
+    assert s["target"] == pytest.approx(0.75)
+    m = s["methods"]
+    assert m["dgpo-seed0"]["seconds_to_target"] == 180      # 0.76 at 60 s alone does not count: 0.70 follows
+    assert m["dgpo-seed1"]["seconds_to_target"] == 120 and m["dgpo-seed1"]["nfe_to_target"] == 1200
+    assert m["flow_grpo-seed0"]["time_ratio_to_dgpo"] == pytest.approx(3.0)   # 540 / 180, seed 0's DGPO
+    assert m["flow_grpo-seed1"]["seconds_to_target"] is None                 # one evaluation at the target
+    table = bench.markdown(s)
+    assert "> 8 |" in table and "the base + 0.15" in table and "two consecutive" in table
+
+    # the others' budget: 4 × DGPO's time to target on the seed, capped; the cap when DGPO missed it
+    dgpo_dir = tmp_path / "dgpo"
+    dgpo_dir.mkdir()
+    (dgpo_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in curves["dgpo-seed0"]))
+    args = SimpleNamespace(budget_minutes=None, target_gain=0.15, cap_minutes=60.0, budget_factor=4.0)
+    assert bench.budget_minutes(args, "flow_grpo", dgpo_dir) == 12.0          # 4 × 3 min
+    assert bench.budget_minutes(args, "dgpo", dgpo_dir) == 60.0
+    args.budget_factor = 40.0
+    assert bench.budget_minutes(args, "nft", dgpo_dir) == 60.0                # capped
+    args.target_gain = 0.5
+    assert bench.budget_minutes(args, "nft", dgpo_dir) == 60.0                # DGPO never reached it
+    args.budget_minutes = 7.0
+    assert bench.budget_minutes(args, "nft", dgpo_dir) == 7.0                 # a fixed budget wins
+
+
+def test_bench_runs_resume_where_they_stopped_and_finished_ones_are_kept(tiny_base, tmp_path):
+    """The benchmark in pieces: a run stopped after a checkpoint continues to the same final LoRA as a run
+    straight through; a finished run is read, not trained again; a run stopped before its first checkpoint
+    starts again."""
+    import shutil
+    from safetensors.torch import load_file
+    from dgpo.checkpoint import list_checkpoints
+    bench = load_script("scripts/bench_rl.py")
+    logs = []
+    overrides = [f"model.base={tiny_base}", *TINY_RUN, "run.epochs=4", "run.time_budget_min=0"]
+    run_dir = tmp_path / "bench_rl" / "dgpo"
+    bench.run_method("dgpo", "dgpo", overrides, run_dir, logs.append)
+    lora = run_dir / "final" / "lora" / "pytorch_lora_weights.safetensors"
+    straight = load_file(str(lora))
+    same = lambda: (lambda now: now.keys() == straight.keys() and all(torch.equal(now[k], straight[k]) for k in now))(
+        load_file(str(lora)))
+
+    shutil.rmtree(run_dir / "final")                       # as if killed after the checkpoint of epoch 2
+    shutil.rmtree(list_checkpoints(run_dir)[-1])
+    bench.run_method("dgpo", "dgpo", overrides, run_dir, logs.append)
+    assert any("continuing" in line for line in logs) and same()
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+    before = lora.stat().st_mtime_ns
+    bench.run_method("dgpo", "dgpo", overrides, run_dir, logs.append)
+    assert "finished earlier" in logs[-1] and lora.stat().st_mtime_ns == before
+
+    for ckpt in list_checkpoints(run_dir):                 # as if killed before its first checkpoint
+        shutil.rmtree(ckpt)
+    shutil.rmtree(run_dir / "final")
+    bench.run_method("dgpo", "dgpo", overrides, run_dir, logs.append)
+    assert same()
 
 
 def test_offline_dpo_rolls_out_the_frozen_base(tiny_base, tmp_path):

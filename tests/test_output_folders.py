@@ -145,6 +145,21 @@ def test_resume_reads_and_writes_the_run_folder_itself(tiny_base, tmp_path, monk
     assert "moved/final" in capsys.readouterr().out
 
 
+def test_resume_refuses_to_make_the_run_another_one_but_takes_schedule_changes(tiny_base, tmp_path, capsys):
+    """--resume --set may change how long and how often (budget, epochs, evaluation cadence), never what is
+    trained (model, method, reward, seed …): the message names each differing key with both values."""
+    run = tmp_path / "run"
+    assert _train(tiny_base, "--out", str(run)) == 0
+    before = _tree(run)
+    err = _refused(capsys, main, ["train", "--resume", str(run), "--set", "model.lora_rank=4", "--set", "run.seed=3",
+                                  "--set", "run.epochs=4"])
+    assert "model.lora_rank: 2 in the run, 4 asked" in err and "run.seed: 0 in the run, 3 asked" in err
+    assert "run.epochs" not in err.split("(")[1].split(")")[0]  # a schedule key is not a difference
+    assert _tree(run) == before
+    assert main(["train", "--resume", str(run), "--set", "run.epochs=3", "--set", "eval.every=1"]) == 0
+    assert _checkpoints(run)[-1] == "step-3"
+
+
 def test_resume_rejects_out_and_overwrite(tmp_path, capsys):
     assert "--resume" in _refused(capsys, main, ["train", "--resume", str(tmp_path), "--out", str(tmp_path / "x")])
 

@@ -66,7 +66,7 @@ class Objective:
     def rollout(self, embeds: PromptEmbeds, noise: torch.Tensor, gen: torch.Generator,
                 rows: torch.Tensor | None = None, total: int | None = None) -> tuple[torch.Tensor, dict]:
         r = self.cfg.rollout
-        return sample_ode(self.model, embeds, noise, r.steps, r.guidance_scale, r.solver), {}
+        return sample_ode(self.model, embeds, noise, r.steps, r.guidance_scale, r.solver, sigmas=r.sigmas), {}
 
     def minibatches(self, batch: RolloutBatch, gen: torch.Generator) -> list[RolloutBatch]:
         return [batch]

@@ -53,6 +53,8 @@ class FlowGRPO(Objective):
         if cfg.rollout.solver != "euler":
             raise ConfigError("rollout.solver: flow_grpo samples with the SDE on the Euler schedule; set "
                               "rollout.solver=euler")
+        if cfg.rollout.sigmas:
+            raise ConfigError("rollout.sigmas: flow_grpo's SDE rollouts take rollout.steps; leave rollout.sigmas empty")
         if cfg.rollout.policy != "current":
             raise ConfigError("rollout.policy: flow_grpo's ratios need rollouts from the current weights; set "
                               "rollout.policy=current")

@@ -1,0 +1,345 @@
+"""TDM-R1 benchmark: reinforcing a 4-NFE student, against the alternatives, from one shared student.
+
+From one finished ``tdm-r1 distill`` run (``--student RUN``; its distillation is not counted), every row trains
+for the same ``--minutes`` of training wall-clock on the same base (the student's teacher) and reward (the world's
+verifier):
+
+* ``r1`` — TDM-R1 on the student (``tdm-r1 train``, ``configs/tdm_r1/shapes.yaml``);
+* ``dgpo_student`` — DGPO applied directly to the student's weights (``dgpo train`` with ``model.merge_lora`` =
+  the student and its own 4-NFE sigmas, CFG 1): the "blurry" baseline TDM-R1's authors warn about;
+* ``r1_heldout`` — TDM-R1 trained on the train prompts of every category but ``--heldout``, evaluated on all:
+  does the gain carry over to categories it never trained on?
+* ``dgpo_teacher`` — DGPO on the full-length teacher (``configs/dgpo/shapes.yaml``), 20 steps with CFG.
+
+Every model — the student, the teacher and each row's result — is evaluated on the test prompts at
+``--final-per-prompt`` images per prompt with ``--seed-sets`` disjoint seed sets (set j: image k has seed
+1000 + j·10,000,000 + k; the same sets for every model), and each row's gain is its *paired* difference against
+its start (student or teacher) set by set: mean ± standard deviation over the sets. The sampling loop's time
+per image is measured for the teacher (20 steps, CFG) and the student (4 NFE), one batch timed ``--speed-repeats``
+times, interleaved, median kept (``dgpo.sampling_speed``).
+
+Resumable: a finished run is read, an interrupted one continues from its newest checkpoint, and every model's
+evaluation is stored under ``OUT/bench_tdm_r1/evals/``; run the same command again to continue.
+Writes ``bench_tdm_r1.json``, ``bench_tdm_r1.md`` (the table), ``bench_tdm_r1.png`` (curves) and
+``bench_tdm_r1_grid.png`` (the same prompts and seeds, a column per model) into ``--out``:
+
+    tdm-r1 distill --out runs/tdm-shapes                        # the shared student, once
+    python scripts/bench_tdm_r1.py --student runs/tdm-shapes --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = {"r1": "TDM-R1 on the student", "dgpo_student": "DGPO on the student's weights",
+        "r1_heldout": "TDM-R1, held-out categories", "dgpo_teacher": "DGPO on the teacher"}
+SET_STRIDE = 10_000_000  # as scripts/eval_noise.py: set j's seeds start at seed + j·SET_STRIDE
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", required=True, help="a finished `tdm-r1 distill` run folder (its final/lora and "
+                   "final/lora/sampler.json are the shared starting student)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all: {','.join(ROWS)})")
+    p.add_argument("--minutes", type=float, default=30.0, help="training wall-clock of every row (default 30)")
+    p.add_argument("--heldout", default="color_attr,position",
+                   help="categories r1_heldout never trains on (default color_attr,position)")
+    p.add_argument("--eval-minutes", type=float, default=5.0, help="curve evaluations every N minutes (default 5)")
+    p.add_argument("--per-prompt", type=int, default=16, help="images per test prompt of the curves (default 16)")
+    p.add_argument("--final-per-prompt", type=int, default=64,
+                   help="images per test prompt of each model's final evaluation (default 64)")
+    p.add_argument("--seed-sets", type=int, default=4, help="disjoint seed sets of the final evaluations (default 4)")
+    p.add_argument("--speed-repeats", type=int, default=5, help="timed batches per model (default 5)")
+    p.add_argument("--speed-batch", type=int, default=32, help="images per timed batch (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="run seed of every row (default 0)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--set", action="append", default=[], metavar="ROW:KEY=VALUE",
+                   help="a config override for one row (repeatable), e.g. r1:surrogate.lr=3e-4")
+    p.add_argument("--out", required=True, help="output folder (run folders under OUT/bench_tdm_r1/)")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------- the runs
+
+def run_to_end(run_dir: Path, start, resume, log) -> None:
+    """A finished run (``final/``) is left alone, an interrupted one continues from its newest checkpoint, a
+    folder without one starts again."""
+    from dgpo.checkpoint import list_checkpoints
+    if (run_dir / "final").is_dir():
+        log(f"== {run_dir.name}: finished earlier")
+    elif list_checkpoints(run_dir):
+        log(f"== {run_dir.name}: continuing")
+        resume()
+    else:
+        log(f"== {run_dir.name}: training")
+        start()
+
+
+def run_row(row: str, args, base: Path, student: dict, run_dir: Path, overrides: list[str], log) -> None:
+    from dgpo.run_folder import reopen_run, start_run
+    shared = [f"run.out_dir={run_dir}", f"run.time_budget_min={args.minutes}", f"run.seed={args.seed}",
+              f"run.threads={args.threads}", "eval.every=1000000", f"eval.every_minutes={args.eval_minutes}",
+              f"eval.per_prompt={args.per_prompt}"]
+    if row.startswith("r1"):
+        from tdm_r1.cli import DEFAULT_R1_CONFIG, load_r1_config
+        from tdm_r1.config import DistillConfig
+        from tdm_r1.distill import Distiller
+        extra = [f"teacher.base={base}", f"r1.init_run={args.student}", "run.iterations=1000000", *shared]
+        if row == "r1_heldout":
+            extra.append(f"r1.categories={json.dumps(trained_categories(args.heldout))}")
+        cfg = load_r1_config(DEFAULT_R1_CONFIG, [*extra, *overrides])
+        run_to_end(run_dir, lambda: Distiller(start_run(cfg, "bench_tdm_r1", overwrite=run_dir.exists()), log=log).run(),
+                   lambda: Distiller(reopen_run(DistillConfig, run_dir), log=log).run(resume=True), log)
+        return
+    from dgpo.train_config import train_config_class
+    from dgpo.trainer import Trainer, load_train_config
+    extra = [f"model.base={base}", "run.epochs=1000000", *shared]
+    if row == "dgpo_student":
+        sigmas = json.dumps(student["sigmas"])
+        extra += [f"model.merge_lora={student['lora']}", f"rollout.sigmas={sigmas}", "rollout.guidance_scale=1.0",
+                  f"eval.sampler.sigmas={sigmas}", "eval.sampler.guidance_scale=1.0"]
+    cfg = load_train_config(REPO / "configs" / "dgpo" / "shapes.yaml", [*extra, *overrides])
+    run_to_end(run_dir, lambda: Trainer(start_run(cfg, "bench_tdm_r1", overwrite=run_dir.exists()), log=log).run(),
+               lambda: Trainer(reopen_run(train_config_class(), run_dir), log=log).run(resume=True), log)
+
+
+def trained_categories(heldout: str) -> list[str]:
+    from dgpo.worlds import shapes
+    held = [c for c in heldout.split(",") if c]
+    unknown = [c for c in held if c not in shapes.CATEGORIES]
+    if unknown:
+        raise SystemExit(f"--heldout: {unknown} are not categories; choose from {list(shapes.CATEGORIES)}")
+    return [c for c in shapes.CATEGORIES if c not in held]
+
+
+# ------------------------------------------------------------------------------------------- the models
+
+def models_of(rows: list[str], base: Path, student: dict, runs: Path) -> dict:
+    """name → (how to build it, NFE per image, its start's name). A model is built by
+    ``build() -> (FlowModel, sample(model, prompts, per_prompt, seed) -> images)``."""
+    from dgpo.cli import load_model
+    from dgpo.evaluation import SamplerConfig, generate
+    from tdm_r1.student import generate_student
+
+    def teacher(lora=None):
+        return lambda: (load_model(base, lora),
+                        lambda m, ps, n, s: generate(m, ps, n, SamplerConfig(), s, progress=False)[0])
+
+    def few_step(lora, extra=None, boundaries=None):
+        def build():
+            m = load_model(base, lora)
+            if extra:
+                m.fuse_lora(extra)
+            b = boundaries or student["boundaries"]
+            return m, lambda mm, ps, n, s: generate_student(mm, ps, b, n, s, progress=False)[0]
+        return build
+
+    out = {"teacher": (teacher(), 40, None), "student": (few_step(student["lora"]), len(student["boundaries"]), None)}
+    if "dgpo_teacher" in rows:
+        out["dgpo_teacher"] = (teacher(runs / "dgpo_teacher" / "final" / "lora"), 40, "teacher")
+    for row in ("r1", "r1_heldout"):
+        if row in rows:
+            from tdm_r1.student import read_sampler_file
+            lora = runs / row / "final" / "lora"
+            saved = read_sampler_file(lora) if lora.exists() else None
+            out[row] = (few_step(lora, boundaries=saved["boundaries"] if saved else None),
+                        len(student["boundaries"]), "student")
+    if "dgpo_student" in rows:
+        out["dgpo_student"] = (few_step(student["lora"], extra=runs / "dgpo_student" / "final" / "lora"),
+                               len(student["boundaries"]), "student")
+    return out
+
+
+def evaluate_sets(name: str, build, args, evals_dir: Path, log) -> tuple[dict, np.ndarray | None]:
+    """Every seed set's evaluation of one model (stored, so a rerun reads it) and set 0's images when made."""
+    from dgpo.evaluation import evaluate_images
+    from dgpo.worlds import shapes
+    path = evals_dir / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text()), None
+    model, sample = build()
+    prompts = shapes.prompts("test")
+    flat = [p for p in prompts for _ in range(args.final_per_prompt)]
+    sets, first = [], None
+    for j in range(args.seed_sets):
+        with torch.no_grad():
+            images = sample(model, prompts, args.final_per_prompt, 1000 + j * SET_STRIDE)
+        r = evaluate_images(images, flat)
+        sets.append({k: r[k] for k in ("geneval", "per_category", "partial", "fd")})
+        first = images if first is None else first
+        log(f"{name}, seed set {j}: shapes-geneval {r['geneval']:.3f}, FD {r['fd']:.2f}")
+    result = {"sets": sets, "per_prompt": args.final_per_prompt}
+    evals_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    return result, first
+
+
+def loop_seconds(builds: dict, args) -> dict:
+    """Median seconds of the sampling loop per image of each model (one batch, interleaved repeats)."""
+    from dgpo.sampling import sample_ode
+    from dgpo.sampling_speed import median_breakdown, timed_generation
+    from dgpo.worlds import shapes
+    from tdm_r1.student import sample_student
+    prompts = (shapes.prompts("test") * args.speed_batch)[:args.speed_batch]
+    loops = {}
+    for name, (build, kind) in builds.items():
+        model, _ = build()
+        loops[name] = (model, (lambda m: lambda e, x: sample_ode(m, e, x, 20, 1.5, "euler"))(model) if kind == "teacher"
+                       else (lambda m, b: lambda e, x: sample_student(m, e, x, b))(model, kind))
+    runs = {name: [] for name in loops}
+    with torch.no_grad():
+        for name, (model, loop) in loops.items():  # warm-up
+            timed_generation(model, prompts, 0, loop)
+        for _ in range(args.speed_repeats):
+            for name, (model, loop) in loops.items():
+                runs[name].append(timed_generation(model, prompts, 0, loop)[1])
+    return {name: median_breakdown(r)["loop_s"] / args.speed_batch for name, r in runs.items()}
+
+
+# ------------------------------------------------------------------------------------------- the report
+
+def summarise(evals: dict[str, dict], starts: dict[str, str | None], heldout: list[str]) -> dict:
+    """Per model: mean ± std over seed sets of shapes-geneval and FD; per trained model the paired gain against
+    its start (and, for r1_heldout, the paired gain on the held-out categories alone)."""
+    from dgpo.run_metrics import paired, spread
+    out = {}
+    for name, e in evals.items():
+        g = [s["geneval"] for s in e["sets"]]
+        row = {"geneval": spread(g), "fd": spread([s["fd"] for s in e["sets"]]), "start": starts.get(name)}
+        start = starts.get(name)
+        if start and start in evals:
+            row["gain"] = paired([s["geneval"] for s in evals[start]["sets"]], g)
+            row["fd_ratio"] = row["fd"]["mean"] / spread([s["fd"] for s in evals[start]["sets"]])["mean"]
+            if name == "r1_heldout" and heldout:
+                held = lambda sets: [float(np.mean([s["per_category"][c] for c in heldout])) for s in sets]
+                row["heldout_gain"] = paired(held(evals[start]["sets"]), held(e["sets"]))
+        out[name] = row
+    return out
+
+
+def markdown(summary: dict, loop_s: dict, meta: dict) -> str:
+    lines = [f"{meta['seed_sets']} seed sets × {meta['final_per_prompt']} images per test prompt; mean ± std over "
+             f"the sets; gain = the paired difference against the start, set by set. {meta['minutes']:g} minutes of "
+             "training per row.", "",
+             "| model | NFE | shapes-geneval | gain vs start | FD | FD / start's | loop s per image |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in summary.items():
+        gain = f"{r['gain']['mean']:+.3f} ± {r['gain']['std']:.3f}" if "gain" in r else "-"
+        if "heldout_gain" in r:
+            gain += f" (held-out categories {r['heldout_gain']['mean']:+.3f} ± {r['heldout_gain']['std']:.3f})"
+        ratio = f"{r['fd_ratio']:.2f}" if "fd_ratio" in r else "-"
+        loop = loop_s.get(name) or loop_s.get(r["start"] or "")
+        lines.append(f"| {ROWS.get(name, name)} | {meta['nfe'][name]} | {r['geneval']['mean']:.3f} ± "
+                     f"{r['geneval']['std']:.3f} | {gain} | {r['fd']['mean']:.2f} | {ratio} | "
+                     f"{'-' if loop is None else f'{loop:.4f}'} |")
+    if "teacher" in loop_s and "student" in loop_s:
+        lines += ["", f"Sampling loop: the student takes {loop_s['teacher'] / loop_s['student']:.1f}× less time per "
+                  "image than the teacher at 20 steps with CFG."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: Path, rows: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from dgpo.run_metrics import read_metrics
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for row in rows:
+        evals = [r for r in read_metrics(runs / row / "metrics.jsonl") if "eval_geneval" in r]
+        if evals:
+            ax.plot([r["train_seconds"] / 60 for r in evals], [r["eval_geneval"] for r in evals], "o-",
+                    markersize=3, label=ROWS[row])
+    ax.set(xlabel="training wall-clock (min)", ylabel="test shapes-geneval (curve protocol)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from dgpo.errors import UserError
+    from dgpo.run_folder import reopen_run
+    from dgpo.samples_io import image_grid
+    from tdm_r1.config import DistillConfig
+    from tdm_r1.distill import resolve_teacher
+    from tdm_r1.student import read_sampler_file
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        print(f"error: --rows: {unknown} are not rows; choose from {list(ROWS)}", file=sys.stderr)
+        return 2
+    per_row: dict[str, list[str]] = {r: [] for r in rows}
+    for item in args.set:
+        row, _, rest = item.partition(":")
+        if row not in per_row or "=" not in rest:
+            print(f"error: --set {item!r}: expected ROW:KEY=VALUE with ROW one of {rows}", file=sys.stderr)
+            return 2
+        per_row[row].append(rest)
+    out = Path(args.out)
+    runs = out / "bench_tdm_r1"
+    heldout = [c for c in args.heldout.split(",") if c] if "r1_heldout" in rows else []
+    try:
+        lora = Path(args.student) / "final" / "lora"
+        saved = read_sampler_file(lora) if lora.is_dir() else None
+        if saved is None:
+            raise UserError(f"--student {args.student!r}: no final/lora with sampler.json; pass a finished "
+                            f"`tdm-r1 distill` run folder")
+        student = {"lora": str(lora), "boundaries": saved["boundaries"], "sigmas": saved["sigmas"]}
+        base = resolve_teacher(reopen_run(DistillConfig, args.student))  # the student's teacher is every row's base
+        if heldout:
+            trained_categories(args.heldout)
+        for row in rows:
+            run_row(row, args, base, student, runs / row, per_row[row], print)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    models = models_of(rows, base, student, runs)
+    evals, firsts = {}, {}
+    for name, (build, _, _) in models.items():
+        evals[name], firsts[name] = evaluate_sets(name, build, args, runs / "evals", print)
+    starts = {name: start for name, (_, _, start) in models.items()}
+    summary = summarise(evals, starts, heldout)
+    loop_s = loop_seconds({"teacher": (models["teacher"][0], "teacher"),
+                           "student": (models["student"][0], student["boundaries"])}, args)
+    meta = {"student": args.student, "base": str(base), "rows": rows, "minutes": args.minutes, "heldout": heldout,
+            "seed_sets": args.seed_sets, "final_per_prompt": args.final_per_prompt, "per_prompt": args.per_prompt,
+            "eval_minutes": args.eval_minutes, "seed": args.seed, "set": args.set,
+            "nfe": {name: nfe for name, (_, nfe, _) in models.items()}, "threads": args.threads}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_tdm_r1.json").write_text(json.dumps({"settings": meta, "summary": summary, "loop_seconds": loop_s,
+                                                       "evaluations": evals}, indent=2))
+    table = markdown(summary, loop_s, meta)
+    (out / "bench_tdm_r1.md").write_text(table)
+    plot_curves(runs, rows, out / "bench_tdm_r1.png")
+    made = {n: im for n, im in firsts.items() if im is not None}
+    if len(made) == len(models):  # the grid needs every model's images: made in the run that evaluated them all
+        from PIL import Image
+        first = np.arange(0, len(next(iter(made.values()))), args.final_per_prompt)[:8]
+        tiles = np.stack([made[n][i] for i in first for n in made])
+        Image.fromarray(image_grid(tiles, columns=len(made))).save(out / "bench_tdm_r1_grid.png")
+        print(f"columns of {out / 'bench_tdm_r1_grid.png'}: {list(made)}")
+    print(table)
+    print(f"wrote {out / 'bench_tdm_r1.json'}, {out / 'bench_tdm_r1.md'}, {out / 'bench_tdm_r1.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

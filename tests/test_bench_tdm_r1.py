@@ -1,0 +1,57 @@
+"""scripts/bench_tdm_r1.py end to end on a tiny base: every row trains from the one shared student, every model
+is evaluated on the same seed sets, gains are paired, and a second call reads what the first one made."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import load_script
+
+from tdm_r1.cli import main as tdm_main
+
+
+@pytest.mark.slow
+def test_bench_tdm_r1_rows_share_one_student_and_a_rerun_reads_them(tiny_base, tmp_path, capsys):
+    student = tmp_path / "tdm"
+    sets = [f"teacher.base={tiny_base}", "run.iterations=2", "run.time_budget_min=0", "optim.batch_size=4",
+            "eval.per_prompt=1", "eval.fd=false"]
+    assert tdm_main(["distill", "--out", str(student), *[a for s in sets for a in ("--set", s)]]) == 0
+    tiny = {"r1": ["optim.batch_size=4", "r1.group_size=2"], "r1_heldout": ["optim.batch_size=4", "r1.group_size=2"],
+            "dgpo_student": ["rollout.prompts_per_epoch=2", "rollout.group_size=2"],
+            "dgpo_teacher": ["rollout.prompts_per_epoch=2", "rollout.group_size=2", "rollout.steps=2"]}
+    out = tmp_path / "out"
+    args = ["--student", str(student), "--out", str(out), "--minutes", "0.03", "--per-prompt", "1",
+            "--final-per-prompt", "2", "--seed-sets", "2", "--speed-repeats", "1", "--speed-batch", "2",
+            "--heldout", "color_attr,position", "--threads", "1",
+            *[a for row, keys in tiny.items() for k in keys for a in ("--set", f"{row}:{k}")]]
+    bench = load_script("scripts/bench_tdm_r1.py")
+    assert bench.main(args) == 0
+    result = json.loads((out / "bench_tdm_r1.json").read_text())
+    summary = result["summary"]
+    assert set(summary) == {"teacher", "student", "r1", "r1_heldout", "dgpo_student", "dgpo_teacher"}
+    for row, start in [("r1", "student"), ("r1_heldout", "student"), ("dgpo_student", "student"),
+                       ("dgpo_teacher", "teacher")]:
+        assert summary[row]["start"] == start and "mean" in summary[row]["gain"], row
+        assert len(result["evaluations"][row]["sets"]) == 2
+    assert "heldout_gain" in summary["r1_heldout"]
+    runs = out / "bench_tdm_r1"
+    cfg = yaml.safe_load((runs / "r1_heldout" / "config.yaml").read_text())
+    assert cfg["r1"]["categories"] == ["single_object", "two_object", "counting", "colors"]
+    assert cfg["r1"]["init_run"] == str(student)
+    sampler = json.loads((student / "final" / "lora" / "sampler.json").read_text())
+    cfg = yaml.safe_load((runs / "dgpo_student" / "config.yaml").read_text())
+    assert cfg["model"]["merge_lora"] == str(student / "final" / "lora")
+    assert cfg["rollout"]["sigmas"] == pytest.approx(sampler["sigmas"]) and cfg["rollout"]["guidance_scale"] == 1.0
+    assert result["loop_seconds"]["teacher"] > result["loop_seconds"]["student"] > 0
+    assert (out / "bench_tdm_r1_grid.png").is_file() and (out / "bench_tdm_r1.png").is_file()
+    table = (out / "bench_tdm_r1.md").read_text()
+    assert "held-out categories" in table and "DGPO on the student's weights" in table
+
+    # a rerun trains nothing and evaluates nothing: the same numbers, read back
+    capsys.readouterr()
+    assert bench.main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier") == 4 and ", seed set " not in printed
+    assert json.loads((out / "bench_tdm_r1.json").read_text())["summary"] == summary

@@ -1,0 +1,59 @@
+"""Kills at random moments (scripts/chaos.py): a run SIGKILLed mid-rollout, mid-update or mid-checkpoint-write
+and resumed ends with the same final weights and metrics, bit for bit, as the run that was never interrupted —
+for DGPO, a baseline, TDM, TDM-R1, a 2-process run and a run whose reward server is killed too."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import load_script
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["run.epochs=8", "run.time_budget_min=0", "rollout.prompts_per_epoch=2", "rollout.group_size=3",
+         "rollout.steps=2", "eval.per_prompt=1", "eval.sampler.steps=2", "eval.fd=false", "eval.every=4",
+         "run.checkpoint_every=1", "optim.micro_batch=2", "model.lora_rank=2", "model.lora_alpha=2",
+         "objective.timesteps_per_sample=2", "run.threads=1"]
+DISTILL = ["run.iterations=8", "run.time_budget_min=0", "optim.batch_size=4", "eval.per_prompt=1", "eval.fd=false",
+           "eval.every=4", "run.checkpoint_every=1", "run.threads=1"]
+
+
+def _sets(keys):
+    return [a for k in keys for a in ("--set", k)]
+
+
+@pytest.fixture(scope="module")
+def student(tiny_base, tmp_path_factory):
+    """A finished tiny TDM run for TDM-R1 to start from."""
+    from tdm_r1.cli import main
+    out = tmp_path_factory.mktemp("student") / "tdm"
+    assert main(["distill", "--out", str(out), *_sets([f"teacher.base={tiny_base}", *DISTILL, "run.iterations=2"])]) == 0
+    return out
+
+
+@pytest.mark.parametrize("case", ["dgpo", "flow_grpo", "tdm", "tdm_r1", "dgpo_2_processes", "dgpo_reward_server"])
+def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(case, tiny_base, student, tmp_path, capsys):
+    flags = ["--kills", "3", "--seed", "1"]
+    if case in ("dgpo", "dgpo_2_processes", "dgpo_reward_server"):
+        command = ["dgpo.cli", "train", *_sets([f"model.base={tiny_base}", *TRAIN])]
+    elif case == "flow_grpo":
+        command = ["dgpo.cli", "train", "configs/flow_grpo/shapes.yaml", *_sets([f"model.base={tiny_base}", *TRAIN])]
+    elif case == "tdm":
+        command = ["tdm_r1.cli", "distill", *_sets([f"teacher.base={tiny_base}", *DISTILL])]
+    else:
+        command = ["tdm_r1.cli", "train", *_sets([f"teacher.base={tiny_base}", f"r1.init_run={student}", *DISTILL,
+                                                  "r1.group_size=2"])]
+    if case == "dgpo_2_processes":
+        flags += ["--processes", "2", "--kills", "2"]
+    if case == "dgpo_reward_server":  # long enough for the server's outages to fall inside the training
+        flags += ["--reward-server", "shapes_partial", "--server-kills", "2", "--kills", "1"]
+        command += ["--set", "run.epochs=40"]
+    out = tmp_path / "chaos"
+    code = load_script("scripts/chaos.py").main([*flags, "--out", str(out), "--", *command])
+    result = json.loads((out / "chaos.json").read_text())
+    assert code == 0 and result["equal"], result
+    assert result["kills"] >= 1 and result["metrics_rows"] > 8
+    if case == "dgpo_reward_server":
+        assert result["server_kills"] >= 1
+    assert "the same final weights and metrics" in capsys.readouterr().out

@@ -1,0 +1,90 @@
+"""``run.stop_at_gain``: a run ends once ``run.stop_after`` consecutive evaluations reach the base + the gain
+(what the RL benchmark's "time to target" needs), and not before; a dip in between restarts the count."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dgpo.run import Counters, Run, Schedule
+
+
+class ScriptedRecipe:
+    """A recipe whose evaluations return scripted scores: the loop's stopping rule, without a model."""
+
+    label = "scripted"
+    world = SimpleNamespace(metric="shapes-geneval")
+
+    def __init__(self, scores):
+        self.scores = list(scores)
+        self.counters = Counters()
+        self.weight = torch.zeros(1)
+
+    def _row(self):
+        score = self.scores[min(len(self.scores) - 1, self.counters.step)]
+        return {"epoch": self.counters.step, "eval_geneval": score, "eval_geneval_se": 0.01,
+                "eval_per_category": {"colors": score}, "eval_partial": score, "eval_fd": None,
+                "train_seconds": self.counters.train_seconds, "nfe": self.counters.nfe}
+
+    initial_evaluation = evaluate = _row
+
+    def train_step(self):
+        return self.runner.timed_step(lambda: ({"loss": 0.0}, 1))
+
+    def postfix(self, row):
+        return {}
+
+    def generators(self):
+        return {}
+
+    def state_tensors(self):
+        return {"weight": self.weight}, {}
+
+    def load_state(self, tensors, state):
+        self.weight = tensors["weight"]
+
+    def export(self, folder):
+        (folder / "weights.txt").write_text("scripted")
+
+    def plot(self, rows, out):
+        pass
+
+    def summary_names(self, first, last):
+        return "base", "trained"
+
+
+def _run(tmp_path, scores, gain, after=2, steps=20):
+    recipe = ScriptedRecipe(scores)
+    recipe.runner = Run(recipe, tmp_path, Schedule(steps, eval_every=1, checkpoint_every=100, stop_at_gain=gain,
+                                                   stop_after=after), step_key="epoch", grid_prefix="epoch",
+                        log=lambda *a: None)
+    out = recipe.runner.loop()
+    return recipe, out
+
+
+def test_the_run_ends_at_the_second_consecutive_evaluation_at_the_target(tmp_path):
+    #          base  1     2     3     4     5     6 ...
+    scores = [0.50, 0.60, 0.70, 0.55, 0.66, 0.72, 0.90, 0.90]
+    recipe, out = _run(tmp_path, scores, gain=0.15)  # target 0.65: reached at 2, lost at 3, reached at 4 and 5
+    assert recipe.counters.step == 5
+    assert out["last"]["eval_geneval"] == 0.72
+    evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_geneval" in l]
+    assert [r["epoch"] for r in evals] == [0, 1, 2, 3, 4, 5]
+    assert (tmp_path / "final" / "weights.txt").is_file()
+
+
+@pytest.mark.parametrize("gain,after,steps_run", [(0.0, 2, 20), (0.5, 2, 20), (0.15, 1, 2), (0.15, 3, 20)])
+def test_no_early_end_without_a_gain_or_without_enough_evaluations_at_it(tmp_path, gain, after, steps_run):
+    scores = [0.50, 0.60, 0.70, 0.55, 0.66, 0.72, 0.60, 0.60]  # never three in a row at 0.65
+    recipe, _ = _run(tmp_path, scores, gain=gain, after=after)
+    assert recipe.counters.step == steps_run
+
+
+def test_target_rule_ignores_the_base_evaluation():
+    s = Schedule(10, stop_at_gain=0.1, stop_after=1)
+    assert not s.target_reached([0.9])  # the base alone never counts
+    assert s.target_reached([0.5, 0.6])
+    assert not s.target_reached([0.5, 0.59])
