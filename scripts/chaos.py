@@ -71,11 +71,35 @@ def launch(module_args: list[str], processes: int, log_path: Path) -> subprocess
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc): the workers a launcher starts in sessions of their own, which a
+    kill of its process group would not reach."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def kill_tree(proc: subprocess.Popen) -> bool:
-    """SIGKILL the process group; True if it was still running."""
+    """SIGKILL the launched process, its group and every process below it; True if it was still running."""
     if proc.poll() is not None:
         return False
+    below = descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
     return True
 

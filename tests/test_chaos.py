@@ -5,6 +5,7 @@ for DGPO, a baseline, TDM, TDM-R1, a 2-process run and a run whose reward server
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import load_script
@@ -57,3 +58,16 @@ def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(case, tiny_base, s
     if case == "dgpo_reward_server":
         assert result["server_kills"] >= 1
     assert "the same final weights and metrics" in capsys.readouterr().out
+    assert not _processes_mentioning(str(out)), "a killed run left processes behind"
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args:
+            found.append(args)
+    return found
