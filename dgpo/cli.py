@@ -33,7 +33,8 @@ def load_base_config(path: str | Path | None = None, overrides=()):
 
 
 def resolve_model(model_dir: str | None, log=print) -> Path:
-    """``--model`` as given, or the embedded shapes base (pretrained on first use, then cached)."""
+    """``--model`` as given, or the embedded shapes base (shipped; a non-shipped default would be pretrained
+    on first use, then cached)."""
     if model_dir:
         return Path(model_dir)
     from dgpo.worlds.shapes_base.pretrain import ensure_base
@@ -293,8 +294,8 @@ def _add_sampler_args(p, steps=20, cfg=1.5) -> None:
 
 
 def _add_model_args(p) -> None:
-    p.add_argument("--model", help="a saved SD3 pipeline folder (default: the embedded shapes base, "
-                                   "pretrained on first use and cached)")
+    p.add_argument("--model", help="a saved SD3 pipeline folder (default: the embedded shapes base, shipped "
+                                   "with the package)")
     p.add_argument("--lora", help="a diffusers-format LoRA folder to load on top (e.g. RUN/final/lora)")
 
 

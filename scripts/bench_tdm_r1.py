@@ -188,21 +188,20 @@ def evaluate_sets(name: str, build, args, evals_dir: Path, log) -> tuple[dict, n
     return result, first
 
 
-def loop_seconds(builds: dict, args) -> dict:
-    """Median seconds of the sampling loop per image of each model (one batch, interleaved repeats)."""
+def loop_seconds(teacher_build, student_build, boundaries: list[float], args) -> dict:
+    """Median seconds of the sampling loop per image of the teacher (20 Euler steps, CFG 1.5) and the student
+    (its K steps, no CFG): one batch each, the two interleaved ``--speed-repeats`` times."""
     from dgpo.sampling import sample_ode
     from dgpo.sampling_speed import median_breakdown, timed_generation
     from dgpo.worlds import shapes
     from tdm_r1.student import sample_student
     prompts = (shapes.prompts("test") * args.speed_batch)[:args.speed_batch]
-    loops = {}
-    for name, (build, kind) in builds.items():
-        model, _ = build()
-        loops[name] = (model, (lambda m: lambda e, x: sample_ode(m, e, x, 20, 1.5, "euler"))(model) if kind == "teacher"
-                       else (lambda m, b: lambda e, x: sample_student(m, e, x, b))(model, kind))
+    teacher, student = teacher_build()[0], student_build()[0]
+    loops = {"teacher": (teacher, lambda e, x: sample_ode(teacher, e, x, 20, 1.5, "euler")),
+             "student": (student, lambda e, x: sample_student(student, e, x, boundaries))}
     runs = {name: [] for name in loops}
     with torch.no_grad():
-        for name, (model, loop) in loops.items():  # warm-up
+        for model, loop in loops.values():  # warm-up
             timed_generation(model, prompts, 0, loop)
         for _ in range(args.speed_repeats):
             for name, (model, loop) in loops.items():
@@ -317,8 +316,7 @@ def main(argv=None) -> int:
         evals[name], firsts[name] = evaluate_sets(name, build, args, runs / "evals", print)
     starts = {name: start for name, (_, _, start) in models.items()}
     summary = summarise(evals, starts, heldout)
-    loop_s = loop_seconds({"teacher": (models["teacher"][0], "teacher"),
-                           "student": (models["student"][0], student["boundaries"])}, args)
+    loop_s = loop_seconds(models["teacher"][0], models["student"][0], student["boundaries"], args)
     meta = {"student": args.student, "base": str(base), "rows": rows, "minutes": args.minutes, "heldout": heldout,
             "seed_sets": args.seed_sets, "final_per_prompt": args.final_per_prompt, "per_prompt": args.per_prompt,
             "eval_minutes": args.eval_minutes, "seed": args.seed, "set": args.set,

@@ -1,17 +1,12 @@
 """Every bad input of scripts/diagnostics/bad_inputs.py — run through the real command line in an empty folder
 with an empty cache — ends with one line, exit status 2, and nothing written (docs/bad-input.md)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import load_script
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "diagnostics" / "bad_inputs.py"
-spec = importlib.util.spec_from_file_location("bad_inputs", SCRIPT)
-bad_inputs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bad_inputs)
+bad_inputs = load_script("scripts/diagnostics/bad_inputs.py")
 
 
 @pytest.mark.parametrize("case", bad_inputs.CASES, ids=[c[0] for c in bad_inputs.CASES])

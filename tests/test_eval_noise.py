@@ -1,17 +1,13 @@
 """scripts/eval_noise.py: the spread of shapes-geneval over seed sets and the paired difference."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_noise.py"
-spec = importlib.util.spec_from_file_location("eval_noise", SCRIPT)
-eval_noise = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_noise)
+eval_noise = load_script("scripts/eval_noise.py")
 
 
 def test_spread_and_paired_difference_formulas():

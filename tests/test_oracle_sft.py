@@ -1,27 +1,21 @@
 """scripts/diagnostics/diag_oracle_sft.py: supervised training on perfect renders, the reference point for the RL demo."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "diagnostics" / "diag_oracle_sft.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("diag_oracle_sft", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_oracle_script():
+    return load_script("scripts/diagnostics/diag_oracle_sft.py")
 
 
 def test_training_on_renders_lowers_the_flow_matching_loss_on_held_out_renders(tiny_base):
     from dgpo.cli import load_model
     from dgpo.models.lora import add_lora
     from dgpo.worlds import shapes
-    oracle = load_script()
+    oracle = load_oracle_script()
     model = load_model(tiny_base)
     prompts = [p for p in shapes.prompts("train") if shapes.category(p) == "colors"]
     images, chosen = oracle.render_batch(prompts, model.image_size, 32, np.random.default_rng(123))
@@ -39,7 +33,7 @@ def test_training_on_renders_lowers_the_flow_matching_loss_on_held_out_renders(t
 
 def test_cli_writes_a_loadable_lora_and_refuses_bad_input(tiny_base, tmp_path, capsys):
     from dgpo.cli import load_model
-    oracle = load_script()
+    oracle = load_oracle_script()
     out = tmp_path / "oracle"
     assert oracle.main(["--model", str(tiny_base), "--category", "colours", "--out", str(out)]) == 2
     assert "unknown --category 'colours'" in capsys.readouterr().err and not out.exists()
@@ -57,7 +51,7 @@ def test_cli_writes_a_loadable_lora_and_refuses_bad_input(tiny_base, tmp_path, c
 
 def test_full_fine_tuning_writes_a_loadable_pipeline_with_new_text_encoders(tiny_base, tmp_path):
     from dgpo.cli import load_model
-    oracle = load_script()
+    oracle = load_oracle_script()
     out = tmp_path / "full"
     assert oracle.main(["--model", str(tiny_base), "--full", "--lr", "1e-3", "--max-steps", "2", "--batch", "4",
                         "--out", str(out)]) == 0

@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 
-import pytest
-
 from dgpo.cli import main
 from dgpo.output_dir import MANIFEST
 from test_train import TINY_RUN  # also registers the test reward

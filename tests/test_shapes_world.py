@@ -427,11 +427,8 @@ def test_score_is_fast():
 def test_shape_diagnostic_reads_renders_as_their_shapes():
     """scripts/diagnostics/diag_shapes.py: renders of a single-object prompt succeed, are detected as that shape, and their
     fill ratios sit above the verifier's threshold for it; a blank image counts as empty."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("diag_shapes", Path(__file__).resolve().parents[1] / "scripts" / "diagnostics" / "diag_shapes.py")
-    diag = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diag)
+    from conftest import load_script
+    diag = load_script("scripts/diagnostics/diag_shapes.py")
     for shape, threshold in (("square", 0.88), ("circle", 0.66), ("triangle", 0.35)):
         prompt = f"a photo of a {shape}"
         images = np.stack([W.render(prompt, seed=s) for s in range(8)] + [np.zeros((32, 32, 3), np.uint8)])
@@ -503,11 +500,8 @@ def test_relation_diagnostic_separates_presence_from_relation():
     """scripts/diagnostics/diag_relations.py: renders of a position / colour-attribution prompt have both objects and the
     relation; renders of the opposite relation (or swapped colours) have both objects but not the relation;
     blank images count as absent. Chance relations of random layouts lie strictly between 0 and 1."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("diag_relations", Path(__file__).resolve().parents[1] / "scripts" / "diagnostics" / "diag_relations.py")
-    diag = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diag)
+    from conftest import load_script
+    diag = load_script("scripts/diagnostics/diag_relations.py")
     blank = np.zeros((32, 32, 3), np.uint8)
     for prompt, opposite in (("a photo of a square left of a circle", "a photo of a square right of a circle"),
                              ("a photo of a red square and a blue circle", "a photo of a blue square and a red circle")):

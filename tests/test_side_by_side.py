@@ -1,18 +1,15 @@
 """scripts/side_by_side.py: one labelled picture of several models' samples for the same prompts and seeds."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
+from conftest import load_script
 from PIL import Image
 
 from dgpo.samples_io import write_samples
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "side_by_side.py"
-spec = importlib.util.spec_from_file_location("side_by_side", SCRIPT)
-side_by_side = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(side_by_side)
+side_by_side = load_script("scripts/side_by_side.py")
 
 PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle"]
 

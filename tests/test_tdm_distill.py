@@ -2,7 +2,6 @@
 stock diffusers reproduces the exported student from the settings written next to it."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,10 +186,8 @@ def test_options_full_finetune_full_tau_huber_per_dim(tiny_base, tmp_path):
 
 
 def test_bench_tdm_rejects_a_student_folder_that_is_not_a_pipeline(tiny_base, tmp_path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_tdm", Path(__file__).resolve().parents[1] / "scripts" / "bench_tdm.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from conftest import load_script
+    bench = load_script("scripts/bench_tdm.py")
     assert bench.main(["--model", str(tiny_base), "--student", str(tmp_path), "--out-dir", str(tmp_path / "out")]) == 2
     assert "not a saved pipeline" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

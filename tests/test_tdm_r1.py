@@ -12,7 +12,7 @@ from tdm_r1 import distill as distill_module
 from tdm_r1 import surrogate as surrogate_module
 from tdm_r1.cli import main
 from tdm_r1.config import load_distill_config
-from tdm_r1.distill import Distiller, prepare_run_dir
+from tdm_r1.distill import Distiller
 from tdm_r1.objectives import bridge_velocity, transition_sample
 
 
