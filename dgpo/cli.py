@@ -19,6 +19,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from dgpo.errors import UserError  # noqa: E402
+from dgpo.models.lora_io import check_lora_folder  # noqa: E402  (light: no torch)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_BASE_CONFIG = CONFIG_DIR / "base" / "shapes_grammar_fidelity0.5.yaml"  # shipped pretrained
@@ -39,13 +40,6 @@ def resolve_model(model_dir: str | None, log=print) -> Path:
         return Path(model_dir)
     from dgpo.worlds.shapes_base.pretrain import ensure_base
     return ensure_base(load_base_config(), log=log)
-
-
-def check_lora_folder(lora: str | None) -> None:
-    """A ``--lora`` folder holds diffusers LoRA weights: checked before any model is built or pretrained."""
-    from dgpo.models.lora_io import LORA_FILE
-    if lora and not (Path(lora) / LORA_FILE).is_file():
-        raise UserError(f"LoRA folder {lora!r} has no {LORA_FILE}: pass a folder such as RUN/final/lora")
 
 
 def load_model(model_dir: str | Path, lora: str | None = None):

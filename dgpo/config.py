@@ -148,6 +148,17 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flat_dict(d: dict, prefix: str = "", sep: str = "/") -> dict:
+    """A nested dict as one level: ``{"a": {"b": 1}}`` → ``{"a/b": 1}`` (keys joined by ``sep``)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_dict(v, f"{prefix}{k}{sep}", sep))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:

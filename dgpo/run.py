@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from dgpo.config import option
+from dgpo.config import flat_dict, option
 from dgpo.checkpoint import capture_rng, load_checkpoint, load_latest_good, restore_rng, save_checkpoint
 from dgpo.errors import UserError
 from dgpo.evaluation import format_table
@@ -294,11 +294,3 @@ def plot_run(rows: list[dict], path: Path, step_key: str, panels: list[tuple[str
     plt.close(fig)
 
 
-def flat_dict(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat_dict(v, f"{prefix}{k}/"))
-        else:
-            out[prefix + k] = v
-    return out

@@ -10,6 +10,7 @@ moved and whatever the working directory: the ``run.out_dir`` saved in its confi
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from dataclasses import replace
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from dgpo.config import apply_overrides, from_dict, to_dict
+from dgpo.config import apply_overrides, flat_dict, from_dict, to_dict
 from dgpo.errors import UserError
 from dgpo.output_dir import check_output, claim_run_dir
 
@@ -63,13 +64,6 @@ SCHEDULE_KEYS = ("run.time_budget_min", "run.epochs", "run.iterations", "run.che
                  "eval.every_minutes", "optim.max_skipped_steps")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def reopen_run(config_cls, run_dir: str | Path, overrides=()):
     """The config of the run in ``run_dir`` (with ``--set`` overrides of :data:`SCHEDULE_KEYS` only), pointed
     at ``run_dir`` itself; an override of any other key is refused, naming the keys and both values."""
@@ -77,17 +71,33 @@ def reopen_run(config_cls, run_dir: str | Path, overrides=()):
     saved = folder / "config.yaml"
     if not saved.is_file():
         raise UserError(f"--resume: {str(run_dir)!r} is not a run folder (no config.yaml)")
-    before = to_dict(from_dict(config_cls, yaml.safe_load(saved.read_text())))
-    data = apply_overrides(yaml.safe_load(saved.read_text()), overrides)
+    data = yaml.safe_load(saved.read_text())
+    old = flat_dict(to_dict(from_dict(config_cls, copy.deepcopy(data))), sep=".")
+    apply_overrides(data, overrides)
     data.setdefault("run", {})["out_dir"] = str(folder.resolve())
     cfg = from_dict(config_cls, data)
-    old, new = _flat(before), _flat(to_dict(cfg))
+    new = flat_dict(to_dict(cfg), sep=".")
     changed = [k for k in new if k != "run.out_dir" and old.get(k) != new[k] and k not in SCHEDULE_KEYS]
     if changed:
         diff = "; ".join(f"{k}: {old.get(k)!r} in the run, {new[k]!r} asked" for k in changed)
         raise UserError(f"--resume {str(run_dir)!r}: --set would make it another run ({diff}); a resumed run may "
                         f"change only its schedule ({', '.join(SCHEDULE_KEYS)}) — start a new run for the rest")
     return cfg
+
+
+def finish_run(run_dir: Path, start, resume, log=print) -> None:
+    """Bring the run in ``run_dir`` to its end, whatever stopped it: a finished run (``final/``) is left alone,
+    an interrupted one continues from its newest checkpoint (``resume()``), a folder without one — or no
+    folder — starts again (``start()``). What a benchmark does to run in pieces."""
+    from dgpo.checkpoint import list_checkpoints
+    if (run_dir / "final").is_dir():
+        log(f"== {run_dir.name}: finished earlier")
+    elif list_checkpoints(run_dir):
+        log(f"== {run_dir.name}: continuing")
+        resume()
+    else:
+        log(f"== {run_dir.name}: training")
+        start()
 
 
 def save_config(cfg, folder: Path) -> None:

@@ -57,6 +57,16 @@ def gain_against_noise(first: dict, last: dict, metric: str = "shapes-geneval") 
             "sentence": f"{metric} {gain:+.3f} ± {noise:.3f} (two standard errors of the evaluation noise): {verdict}"}
 
 
+#: Seed sets of an evaluation-noise measurement: image k of set j has seed ``seed + j·SEED_SET_STRIDE + k``, so
+#: sets are disjoint for fewer than 10 million images each (scripts/eval_noise.py and the few-step benchmark).
+SEED_SET_STRIDE = 10_000_000
+
+
+def seed_set_start(seed: int, j: int) -> int:
+    """The seed of the first image of seed set ``j``."""
+    return seed + j * SEED_SET_STRIDE
+
+
 def spread(values: list[float]) -> dict:
     """Mean, sample standard deviation (n − 1) and standard error of the mean of ``values``."""
     a = np.asarray(values, dtype=np.float64)

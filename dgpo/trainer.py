@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from dgpo.checkpoint import optimizer_from_flat, optimizer_to_flat
-from dgpo.config import to_dict
+from dgpo.config import flat_dict, to_dict
 from dgpo import eval_cache
 from dgpo.methods.batch import RolloutBatch, checked_rewards, score_groups
 from dgpo.ema import EMA
@@ -33,7 +33,7 @@ from dgpo.generation import timed
 from dgpo.methods import make_objective
 from dgpo.errors import UserError
 from dgpo.run_folder import reopen_run, start_run
-from dgpo.run import Counters, Run, Schedule, flat_dict, plot_run
+from dgpo.run import Counters, Run, Schedule, plot_run
 from dgpo.evaluation import EvalConfig, evaluate_model
 from dgpo.models.handle import FlowModel, PromptEmbeds, load_model, t5_tokens_of
 from dgpo.models.adapters import AdapterRoles
@@ -439,7 +439,7 @@ def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
     check_sigmas(cfg.rollout.sigmas, cfg.rollout.solver, "rollout")
     check_sigmas(cfg.eval.sampler.sigmas, cfg.eval.sampler.solver, "eval.sampler")
     if cfg.model.merge_lora:
-        from dgpo.cli import check_lora_folder
+        from dgpo.models.lora_io import check_lora_folder
         check_lora_folder(cfg.model.merge_lora)
     from dgpo.worlds.prompt_file import is_prompt_file
     if is_prompt_file(cfg.world):

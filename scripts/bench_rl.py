@@ -103,24 +103,18 @@ def run_name(label: str, seed: int, seeds: list[int]) -> str:
 
 
 def run_method(label: str, method: str, overrides: list[str], run_dir: Path, log) -> None:
-    """Train one run to its end: a finished run (``final/``) is left as it is, an interrupted one continues
-    from its newest checkpoint, a folder without one starts again."""
-    from dgpo.checkpoint import list_checkpoints
-    from dgpo.run_folder import reopen_run
+    """Train one run to its end (:func:`dgpo.run_folder.finish_run`: finished runs are read, interrupted ones
+    continue, one without a checkpoint starts again)."""
+    from dgpo.run_folder import finish_run, reopen_run
     from dgpo.train_config import train_config_class
     from dgpo.trainer import Trainer, load_train_config, prepare_run_dir
-    if (run_dir / "final").is_dir():
-        log(f"== {run_dir.name}: finished earlier; read from {run_dir}")
-        return
-    if list_checkpoints(run_dir):
-        cfg = reopen_run(train_config_class(), run_dir)
-        log(f"== {run_dir.name} ({method}): continuing {run_dir}")
-        Trainer(cfg, log=log).run(resume=True)
-        return
-    cfg = load_train_config(REPO / "configs" / method / "shapes.yaml", [*overrides, f"run.out_dir={run_dir}"])
-    cfg = prepare_run_dir(cfg, resume=False, overwrite=run_dir.exists())  # a start without a checkpoint: again
-    log(f"== {run_dir.name} ({method}): up to {cfg.run.time_budget_min:g} min of training -> {run_dir}")
-    Trainer(cfg, log=log).run()
+
+    def start():
+        cfg = load_train_config(REPO / "configs" / method / "shapes.yaml", [*overrides, f"run.out_dir={run_dir}"])
+        log(f"{label} ({method}): up to {cfg.run.time_budget_min:g} min of training -> {run_dir}")
+        Trainer(prepare_run_dir(cfg, resume=False, overwrite=run_dir.exists()), log=log).run()
+
+    finish_run(run_dir, start, lambda: Trainer(reopen_run(train_config_class(), run_dir), log=log).run(resume=True), log)
 
 
 def evaluate_final(base: Path, lora: Path | None, per_prompt: int, path: Path, log) -> dict:

@@ -45,7 +45,6 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 ROWS = {"r1": "TDM-R1 on the student", "dgpo_student": "DGPO on the student's weights",
         "r1_heldout": "TDM-R1, held-out categories", "dgpo_teacher": "DGPO on the teacher"}
-SET_STRIDE = 10_000_000  # as scripts/eval_noise.py: set j's seeds start at seed + j·SET_STRIDE
 
 
 def parse_args(argv=None):
@@ -73,22 +72,8 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------- the runs
 
-def run_to_end(run_dir: Path, start, resume, log) -> None:
-    """A finished run (``final/``) is left alone, an interrupted one continues from its newest checkpoint, a
-    folder without one starts again."""
-    from dgpo.checkpoint import list_checkpoints
-    if (run_dir / "final").is_dir():
-        log(f"== {run_dir.name}: finished earlier")
-    elif list_checkpoints(run_dir):
-        log(f"== {run_dir.name}: continuing")
-        resume()
-    else:
-        log(f"== {run_dir.name}: training")
-        start()
-
-
 def run_row(row: str, args, base: Path, student: dict, run_dir: Path, overrides: list[str], log) -> None:
-    from dgpo.run_folder import reopen_run, start_run
+    from dgpo.run_folder import finish_run, reopen_run, start_run
     shared = [f"run.out_dir={run_dir}", f"run.time_budget_min={args.minutes}", f"run.seed={args.seed}",
               f"run.threads={args.threads}", "eval.every=1000000", f"eval.every_minutes={args.eval_minutes}",
               f"eval.per_prompt={args.per_prompt}"]
@@ -100,7 +85,7 @@ def run_row(row: str, args, base: Path, student: dict, run_dir: Path, overrides:
         if row == "r1_heldout":
             extra.append(f"r1.categories={json.dumps(trained_categories(args.heldout))}")
         cfg = load_r1_config(DEFAULT_R1_CONFIG, [*extra, *overrides])
-        run_to_end(run_dir, lambda: Distiller(start_run(cfg, "bench_tdm_r1", overwrite=run_dir.exists()), log=log).run(),
+        finish_run(run_dir, lambda: Distiller(start_run(cfg, "bench_tdm_r1", overwrite=run_dir.exists()), log=log).run(),
                    lambda: Distiller(reopen_run(DistillConfig, run_dir), log=log).run(resume=True), log)
         return
     from dgpo.train_config import train_config_class
@@ -111,7 +96,7 @@ def run_row(row: str, args, base: Path, student: dict, run_dir: Path, overrides:
         extra += [f"model.merge_lora={student['lora']}", f"rollout.sigmas={sigmas}", "rollout.guidance_scale=1.0",
                   f"eval.sampler.sigmas={sigmas}", "eval.sampler.guidance_scale=1.0"]
     cfg = load_train_config(REPO / "configs" / "dgpo" / "shapes.yaml", [*extra, *overrides])
-    run_to_end(run_dir, lambda: Trainer(start_run(cfg, "bench_tdm_r1", overwrite=run_dir.exists()), log=log).run(),
+    finish_run(run_dir, lambda: Trainer(start_run(cfg, "bench_tdm_r1", overwrite=run_dir.exists()), log=log).run(),
                lambda: Trainer(reopen_run(train_config_class(), run_dir), log=log).run(resume=True), log)
 
 
@@ -165,6 +150,7 @@ def models_of(rows: list[str], base: Path, student: dict, runs: Path) -> dict:
 def evaluate_sets(name: str, build, args, evals_dir: Path, log) -> tuple[dict, np.ndarray | None]:
     """Every seed set's evaluation of one model (stored, so a rerun reads it) and set 0's images when made."""
     from dgpo.evaluation import evaluate_images
+    from dgpo.run_metrics import seed_set_start
     from dgpo.worlds import shapes
     path = evals_dir / f"{name}.json"
     if path.is_file():
@@ -175,7 +161,7 @@ def evaluate_sets(name: str, build, args, evals_dir: Path, log) -> tuple[dict, n
     sets, first = [], None
     for j in range(args.seed_sets):
         with torch.no_grad():
-            images = sample(model, prompts, args.final_per_prompt, 1000 + j * SET_STRIDE)
+            images = sample(model, prompts, args.final_per_prompt, seed_set_start(1000, j))
         r = evaluate_images(images, flat)
         sets.append({k: r[k] for k in ("geneval", "per_category", "partial", "fd")})
         first = images if first is None else first

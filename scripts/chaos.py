@@ -64,11 +64,11 @@ def launch(module_args: list[str], processes: int, log_path: Path) -> subprocess
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), "-m", *module_args]
-    log = open(log_path, "a")
-    log.write(f"\n$ {' '.join(cmd)}\n")
-    log.flush()
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with open(log_path, "a") as log:  # the child keeps its own copy of the descriptor
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def descendants(pid: int) -> list[int]:
@@ -144,7 +144,8 @@ def finished(run_dir: Path) -> bool:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return any((run_dir / "checkpoints").glob("step-*/state.json")) if (run_dir / "checkpoints").is_dir() else False
+    from dgpo.checkpoint import list_checkpoints  # what --resume itself will look for
+    return bool(list_checkpoints(run_dir))
 
 
 def straight_run(args, run_dir: Path, server: RewardServer | None) -> float:

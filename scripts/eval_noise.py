@@ -24,10 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from dgpo.run_metrics import paired, spread  # noqa: E402  (the seed-set statistics)
+from dgpo.run_metrics import SEED_SET_STRIDE, paired, seed_set_start, spread  # noqa: E402  (seed sets)
 
 ROOT = Path(__file__).resolve().parents[1]
-SET_STRIDE = 10_000_000  # seeds of set j start at seed + j·SET_STRIDE: disjoint for < 10M images per set
 
 
 def parse_args(argv=None):
@@ -101,12 +100,12 @@ def main(argv=None) -> int:
         base = resolve_model(args.model)
         models = {"base": None, **{str(lora): lora for lora in args.lora}}
         result = {"base": str(base), "seed_sets": args.seed_sets, "per_prompt": args.per_prompt,
-                  "seed": args.seed, "set_stride": SET_STRIDE, "models": {}}
+                  "seed": args.seed, "set_stride": SEED_SET_STRIDE, "models": {}}
         for name, lora in models.items():
             model = load_model(base, lora)
             per_set: dict[str, list[float]] = {"geneval": [], "partial": [], **({"fd": []} if args.fd else {})}
             for j in range(args.seed_sets):
-                cfg = EvalConfig(per_prompt=args.per_prompt, seed=args.seed + j * SET_STRIDE, fd=args.fd)
+                cfg = EvalConfig(per_prompt=args.per_prompt, seed=seed_set_start(args.seed, j), fd=args.fd)
                 r, _, _ = evaluate_model(model, cfg, SamplerConfig(), progress=False)
                 for key in per_set:
                     per_set[key].append(r[key])
