@@ -103,6 +103,16 @@ def _coerce(value: Any, tp, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp}")
 
 
+def _yaml_word(value: Any, tp, choices) -> Any:
+    """A string choice that YAML read as a boolean (``no``, ``off``, ``yes`` …) back as that choice, so that
+    ``--set model.mixed_precision=no`` means the choice "no" rather than failing as ``False``."""
+    if tp is str and isinstance(value, bool) and choices:
+        words = [c for c in choices if isinstance(c, str) and yaml.safe_load(c) is value]
+        if len(words) == 1:
+            return words[0]
+    return value
+
+
 def _check_bounds(value: Any, meta: dict, key: str) -> None:
     choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
     if choices is not None and value not in choices:
@@ -137,7 +147,7 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = from_dict(tp, data[name], key + ".")
         else:
-            value = _coerce(data[name], tp, key)
+            value = _coerce(_yaml_word(data[name], tp, f.metadata.get("choices")), tp, key)
             _check_bounds(value, f.metadata, key)
             kwargs[name] = value
     return cls(**kwargs)

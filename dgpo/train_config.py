@@ -102,7 +102,7 @@ class OptimConfig:
     lr_min_ratio: float = option(0.1, "lr_schedule=cosine: the final learning rate as a fraction of lr",
                                  min=0.0, max=1.0)
     grad_clip: float = option(1.0, "global gradient-norm clip (0 = off)", min=0.0)
-    max_skipped_steps: int = option(3, "a step whose loss or gradient is not finite is skipped with a warning; "
+    max_skipped_steps: int = option(3, "a step whose loss, gradient or reward is not finite is skipped with a warning; "
                                     "after this many in a row the run stops with a clear message (0: at the first)",
                                     min=0)
     micro_batch: int = option(64, "samples per forward/backward (whole groups; gradients accumulate)", min=1)

@@ -28,6 +28,7 @@ from dgpo.checkpoint import optimizer_from_flat, optimizer_to_flat
 from dgpo.config import flat_dict, to_dict
 from dgpo import eval_cache
 from dgpo.methods.batch import RolloutBatch, checked_rewards, score_groups
+from dgpo.nonfinite import NonFiniteRewards, SkipGuard
 from dgpo.ema import EMA
 from dgpo.generation import timed
 from dgpo.methods import make_objective
@@ -102,9 +103,9 @@ class Trainer:
         self.out = Path(cfg.run.out_dir)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        self.accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision, cpu=not torch.cuda.is_available(),
-                                       log_with=None if cfg.run.tracker == "none" else cfg.run.tracker,
-                                       project_dir=str(self.out))
+        self.accelerator = accelerator_at(cfg.model.mixed_precision, cpu=not torch.cuda.is_available(),
+                                          log_with=None if cfg.run.tracker == "none" else cfg.run.tracker,
+                                          project_dir=str(self.out))
         set_seed(cfg.run.seed)
         self.processes = Processes.of(self.accelerator)
         self.log = log = self.processes.voice(log)
@@ -126,7 +127,8 @@ class Trainer:
             backbone.enable_gradient_checkpointing()
         self.optimizer = self.accelerator.prepare(build_optimizer(self.params, cfg.optim))  # fp16: its loss scaler
         self.policy_ema = EMA(self.params, cfg.optim.ema_decay)
-        self.skipped_in_row = 0  # consecutive optimiser steps skipped for a non-finite loss or gradient
+        self.nonfinite = SkipGuard(cfg.optim.max_skipped_steps, log, "lower optim.lr or the objective's beta, set "
+                                   "optim.grad_clip, or check the reward")
         self.world = make_world(cfg.world)
         self.eval_rewards = {name: make_reward(name) for name in cfg.eval.rewards}  # logged beside, never trained on
         if reward is None:
@@ -219,9 +221,9 @@ class Trainer:
                 grad_norm = self.accelerator.clip_grad_norm_(  # fp16: unscaled first
                     self.params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
                 if not math.isfinite(stats["loss"]) or not torch.isfinite(grad_norm):
-                    self.skip_nonfinite_step(stats["loss"], grad_norm.item())
+                    self.skip_nonfinite_step(f"loss {stats['loss']}, gradient norm {grad_norm.item()}")
                     continue
-                self.skipped_in_row = 0
+                self.nonfinite.passed()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 stats["grad_norm"] = grad_norm.item()
@@ -233,18 +235,11 @@ class Trainer:
             return {"loss": float("nan"), "skipped": 1.0, "lr": lr}
         return {**{k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}, "lr": lr}
 
-    def skip_nonfinite_step(self, loss: float, grad_norm: float) -> None:
-        """A non-finite loss or gradient: no optimiser step (the weights, the optimiser state and so every
-        checkpoint stay finite), a warning; after ``optim.max_skipped_steps`` in a row, a UserError."""
+    def skip_nonfinite_step(self, fault: str) -> None:
+        """A non-finite loss, gradient or reward: no optimiser step, a warning; after ``optim.max_skipped_steps``
+        in a row, a UserError (:mod:`dgpo.nonfinite`)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.skipped_in_row += 1
-        where = f"epoch {self.counters.epoch + 1} (loss {loss}, gradient norm {grad_norm})"
-        if self.skipped_in_row > self.cfg.optim.max_skipped_steps:
-            raise UserError(f"{self.skipped_in_row} steps in a row had a non-finite loss or gradient, the last at "
-                            f"{where}: lower optim.lr or the objective's beta, or set optim.grad_clip; the last "
-                            f"checkpoint is intact and finite")
-        self.log(f"warning: skipped the update of {where}: not finite ({self.skipped_in_row} in a row; the run "
-                 f"stops after {self.cfg.optim.max_skipped_steps})")
+        self.nonfinite.skip(f"epoch {self.counters.epoch + 1}", fault)
 
     def epoch(self) -> dict:
         """One epoch (rollout → reward → advantages → update), timed and counted; its metrics row."""
@@ -263,9 +258,15 @@ class Trainer:
             with self.accelerator.autocast():  # model.mixed_precision (a no-op at "no")
                 (latents, images, embeds, flat, extras), rollout_s = timed(lambda: self.rollout(prompts), device)
                 rollout_calls = self._calls
-                scored, reward_s = timed(lambda: score_groups(
-                    self.reward, images, flat, self.cfg.rollout.group_size, self.cfg.advantage, self.reward_name,
-                    self.processes), device)  # every process's rewards, global groups
+                try:
+                    scored, reward_s = timed(lambda: score_groups(
+                        self.reward, images, flat, self.cfg.rollout.group_size, self.cfg.advantage,
+                        self.reward_name, self.processes), device)  # every process's rewards, global groups
+                except NonFiniteRewards as fault:  # no update learns from it; the epoch is counted
+                    self.skip_nonfinite_step(str(fault))
+                    return {"reward": float("nan"), "loss": float("nan"), "skipped": 1.0,
+                            "rollout_s": round(rollout_s, 3), "rollout_nfe": int(self.processes.sum(rollout_calls))
+                            }, int(self.processes.sum(self._calls))
                 rewards = scored.rewards
                 self.prompt_sampler.observe(prompts, rewards.view(len(prompts), -1).double().mean(1))
                 rows = self.processes.rows(len(rewards))
@@ -426,6 +427,17 @@ def check_sigmas(sigmas: list[float], solver: str, section: str) -> None:
         raise ConfigError(f"{section}.sigmas needs {section}.solver=euler (one Euler step per level)")
     if any(not 0.0 < s <= 1.0 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
         raise ConfigError(f"{section}.sigmas must decrease strictly inside (0, 1], got {list(sigmas)}")
+
+
+def accelerator_at(mixed_precision: str, **kwargs) -> Accelerator:
+    """An ``Accelerator`` at this mixed precision. accelerate keeps one precision per process and refuses
+    another; a process that trains again at a different one (a notebook, a script running several recipes)
+    gets that process-wide precision reset first — the distributed set-up itself is kept."""
+    from accelerate.state import AcceleratorState
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, **kwargs)
 
 
 def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:

@@ -63,6 +63,9 @@ class OptimConfig:
     fake_lr: float = option(1e-3, "Adam learning rate of the fake score", min=0.0)
     betas: list[float] = option([0.0, 0.99], "Adam betas of both optimisers (β₁ = 0, as in DMD/TDM)")
     grad_clip: float = option(1.0, "global gradient-norm clip (0 = off)", min=0.0)
+    max_skipped_steps: int = option(3, "an iteration that meets a non-finite loss, gradient or reward is skipped "
+                                    "from there on with a warning; after this many in a row the run stops with a "
+                                    "clear message (0: at the first)", min=0)
 
 
 @dataclass

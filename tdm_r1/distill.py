@@ -34,6 +34,7 @@ from dgpo.ema import EMA
 from dgpo.errors import UserError
 from dgpo.config import to_dict
 from dgpo.methods.batch import score_groups
+from dgpo.nonfinite import NonFiniteStep, SkipGuard
 from dgpo.processes import Processes
 from dgpo.rewards import reward_of_run
 from dgpo.run_folder import reopen_run, start_run
@@ -85,6 +86,8 @@ class Distiller:
         torch.manual_seed(cfg.run.seed)
         self.processes = Processes.launched()
         self.log = log = self.processes.voice(log)
+        self.nonfinite = SkipGuard(cfg.optim.max_skipped_steps, log, "lower optim.generator_lr, optim.fake_lr or "
+                                   "surrogate.lr, set optim.grad_clip, or check the reward")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.processes.distributed and device.type == "cuda":
             from accelerate import PartialState
@@ -314,15 +317,15 @@ class Distiller:
         return direction, {"reward_gap": (x0_sur - x0_base).abs().mean().item()}
 
     def _step(self, opt, params, loss, who: str) -> float:
-        """Backward of this process's share of the loss, gradients summed over processes, clip, step."""
+        """Backward of this process's share of the loss, gradients summed over processes, clip, step; a
+        non-finite loss or gradient steps nothing and raises :class:`dgpo.nonfinite.NonFiniteStep`."""
         loss.backward()
         self.processes.sum_gradients(params)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         if not math.isfinite(self.processes.sum(loss.item())) or not torch.isfinite(grad_norm):
-            raise UserError(f"non-finite {who} loss or gradient at iteration {self.counters.iteration} "
-                            f"(loss {loss.item()}, grad norm {grad_norm.item()}): lower optim.{who}_lr or set "
-                            f"optim.grad_clip; the last checkpoint is intact")
+            opt.zero_grad(set_to_none=True)
+            raise NonFiniteStep(f"{who} loss {loss.item()}, gradient norm {grad_norm.item()}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         return grad_norm.item()
@@ -350,11 +353,16 @@ class Distiller:
         prompts = self.sample_prompts(self.cfg.optim.batch_size)
         r = self.rollout(prompts)
         stats: dict = {}
-        for _ in range(self.cfg.fake.updates_per_generator):
-            stats.update(self.fake_update(r))
-        if self.r1:
-            stats.update(self.surrogate_update(r, prompts))
-        stats.update(self.generator_update(r))
+        try:
+            for _ in range(self.cfg.fake.updates_per_generator):
+                stats.update(self.fake_update(r))
+            if self.r1:
+                stats.update(self.surrogate_update(r, prompts))
+            stats.update(self.generator_update(r))
+        except NonFiniteStep as fault:  # the updates before it stand (finite); the rest of the iteration is skipped
+            self.nonfinite.skip(f"iteration {self.counters.iteration + 1}", str(fault))
+            return {"skipped": 1.0}, self.nfe_per_iteration()
+        self.nonfinite.passed()
         return {k: round(v, 6) for k, v in stats.items()}, self.nfe_per_iteration()
 
     def surrogate_update(self, r: Rollout, prompts: list[str]) -> dict:
@@ -371,6 +379,8 @@ class Distiller:
         return stats
 
     def postfix(self, row: dict) -> dict:
+        if row.get("skipped"):
+            return {"skipped": "non-finite"}
         return {"fake": f"{row['loss_fake']:.3f}", "gen": f"{row['loss_gen']:.4f}"}
 
     # --------------------------------------------------------------------------------------- evaluation

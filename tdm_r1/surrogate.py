@@ -29,6 +29,7 @@ The paper leaves open where k/K enters and how k and τ are drawn; each is a con
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from dgpo.config import option
 from dgpo.ema import EMA
 from dgpo.methods.batch import per_sample_mse
 from dgpo.methods.dgpo import clip_to_old
+from dgpo.nonfinite import NonFiniteStep
 from dgpo.models.adapters import AdapterRoles
 from dgpo.models.handle import FlowModel, PromptEmbeds
 from dgpo.objectives import dgpo_loss
@@ -186,11 +188,15 @@ class SurrogateReward:
                       "surrogate_k": p["k"].float().mean().item()}
 
     def update(self, states, sigmas, advantages, group_ids, embeds, gen, step: int, grad_clip: float = 1.0) -> dict:
-        """One Adam step of the surrogate on a batch; its EMAs follow."""
+        """One Adam step of the surrogate on a batch; its EMAs follow. A non-finite loss or gradient steps nothing
+        and raises :class:`dgpo.nonfinite.NonFiniteStep`."""
         loss, stats = self.loss(states, sigmas, advantages, group_ids, embeds, gen)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip if grad_clip > 0 else float("inf"))
+        if not math.isfinite(loss.item()) or not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteStep(f"surrogate loss {loss.item()}, gradient norm {norm.item()}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         for ema in self.emas.values():

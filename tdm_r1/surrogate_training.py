@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dgpo.methods.batch import score_groups
+from dgpo.nonfinite import NonFiniteStep
 
 
 @torch.no_grad()
@@ -48,7 +49,13 @@ def train_surrogate(distiller, updates: int, eval_every: int, eval_prompts: int 
     bar = tqdm(range(1, updates + 1), desc="surrogate updates", disable=not progress)
     for step in bar:
         batch = d.sample_prompts(d.cfg.optim.batch_size)
-        stats = d.surrogate_update(d.rollout(batch), batch)
+        try:
+            stats = d.surrogate_update(d.rollout(batch), batch)
+        except NonFiniteStep as fault:  # nothing stepped; skipped like a run's update (dgpo.nonfinite)
+            d.nonfinite.skip(f"update {step}", str(fault))
+            stats = {"loss_surrogate": float("nan"), "reward": float("nan")}
+        else:
+            d.nonfinite.passed()
         d.counters.step = step  # the surrogate's EMAs follow the update count
         if step % eval_every == 0 or step == updates:
             rows.append(evaluate(step))

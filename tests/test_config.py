@@ -79,3 +79,11 @@ def test_patch1_base_config_differs_from_the_default_only_in_patch_size():
     assert patch1["model"]["transformer"].pop("patch_size") == 1
     assert default["model"]["transformer"].pop("patch_size") == 2
     assert patch1 == default
+
+
+def test_a_choice_yaml_reads_as_a_boolean_is_that_choice():
+    from dgpo.trainer import load_train_config
+    for word in ("no", "'no'"):  # unquoted, YAML 1.1 reads no as false
+        assert load_train_config("configs/dgpo/shapes.yaml", [f"model.mixed_precision={word}"]).model.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="model.mixed_precision: expected a string, got True"):
+        load_train_config("configs/dgpo/shapes.yaml", ["model.mixed_precision=yes"])  # no such choice

@@ -265,3 +265,45 @@ def test_surrogate_command_trains_alone_and_train_starts_from_it(tiny_base, tmp_
         assert torch.equal(p.detach(), saved[f"transformer.{k}"]), k
     assert main(["surrogate", "--out", str(out), "--updates", "1", *sets(*keys)]) == 2  # never over a user's folder
     assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fault", ["generator", "surrogate", "reward"])
+def test_a_non_finite_update_is_skipped_then_stops_the_run_with_finite_checkpoints(fault, tiny_base, tmp_path,
+                                                                                    monkeypatch):
+    """A NaN in the generator's loss, the surrogate's gradient or a reward, on iterations 2 and 3 of 3: the
+    first is skipped with a warning (nothing of it reaches the weights), the second in a row stops the run;
+    every checkpoint holds finite values only."""
+    from safetensors.torch import load_file
+
+    from dgpo.errors import UserError
+    from tdm_r1.distill import prepare_run_dir
+    out = tmp_path / "run"
+    logged = []
+    d = Distiller(prepare_run_dir(tiny_cfg(tiny_base, out, "run.iterations=3", "run.checkpoint_every=1",
+                                           "optim.max_skipped_steps=1"), False), log=logged.append)
+    poisoned = lambda: d.counters.iteration >= 1  # noqa: E731
+    if fault == "generator":
+        real_loss = distill_module.regression_loss
+        monkeypatch.setattr(distill_module, "regression_loss", lambda *a, **k: real_loss(*a, **k) * (
+            float("nan") if poisoned() else 1.0))
+    elif fault == "surrogate":
+        real_surrogate_loss = d.surrogate.loss
+
+        def nan_gradient_loss(*args, **kwargs):
+            loss, stats = real_surrogate_loss(*args, **kwargs)
+            return (loss + d.surrogate.params[0].sum() * float("nan") if poisoned() else loss), stats
+        monkeypatch.setattr(d.surrogate, "loss", nan_gradient_loss)
+    else:
+        real_reward = d.reward
+        d.reward = lambda images, prompts: np.where(poisoned(), np.nan, np.asarray(real_reward(images, prompts)))
+    with pytest.raises(UserError, match="2 steps in a row had a non-finite loss, gradient or reward, the last at "
+                                        "iteration 3"):
+        d.run()
+    assert any(line.startswith("warning: skipped the update of iteration 2") for line in logged)
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step-1", "step-2"]  # iteration 2, skipped, is still checkpointed
+    one, two = (load_file(str(c / "tensors.safetensors")) for c in checkpoints)
+    assert all(torch.isfinite(v).all() for c in (one, two) for v in c.values())
+    frozen = ("student.",) if fault == "generator" else ("student.", "surrogate.")  # what the skip kept still
+    assert all(torch.equal(one[k], two[k]) for k in one if k.startswith(frozen)), \
+        "a skipped update moved the weights it was skipped for"

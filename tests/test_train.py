@@ -151,15 +151,29 @@ register_reward("test_nan", NaNReward, overwrite=True)
 def test_reward_answering_garbage_is_a_clear_error(tiny_base, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--out", str(out), *sum((["--set", o] for o in [
-        f"model.base={tiny_base}", "run.epochs=2", "run.time_budget_min=0", *TINY_RUN, "reward.name=test_nan"]), [])]
+        f"model.base={tiny_base}", "run.epochs=2", "run.time_budget_min=0", *TINY_RUN, "reward.name=test_nan",
+        "optim.max_skipped_steps=0"]), [])]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "reward 'test_nan' returned" in err and "finite: False" in err
+    assert "reward 'test_nan' answered 6 non-finite (NaN/inf) scores of 6" in err and "check the reward" in err
     assert not (out / "final").exists() and not (out / "checkpoints").exists()
 
 
-def _poison_gradients(trainer, monkeypatch, epochs: set[int]) -> None:
-    """After the objective's backward on the given epoch indices, every LoRA gradient is NaN (and the loss)."""
+def _inject_fault(trainer, monkeypatch, fault: str, epochs: set[int]) -> None:
+    """On the given epoch indices: after the objective's backward every LoRA gradient is NaN (and the loss), or
+    the reward answers NaN for one image."""
+    if fault == "reward":
+        real_reward = trainer.reward
+
+        class FaultyReward:
+            def __call__(self, images, prompts):
+                scores = np.asarray(real_reward(images, prompts), dtype=np.float64)
+                if trainer.counters.epoch in epochs:
+                    scores[1] = np.nan
+                return scores
+
+        trainer.reward = FaultyReward()
+        return
     real = trainer.objective.backward
 
     def poisoned(*args, **kwargs):
@@ -174,12 +188,21 @@ def _poison_gradients(trainer, monkeypatch, epochs: set[int]) -> None:
     monkeypatch.setattr(trainer.objective, "backward", poisoned)
 
 
-def test_a_non_finite_step_is_skipped_with_a_warning(tiny_base, tmp_path, monkeypatch):
+FAULTS = [("gradient", "no"), ("reward", "no"), ("gradient", "bf16"), ("reward", "bf16")]
+
+
+@pytest.mark.parametrize("fault,precision", FAULTS)
+def test_a_non_finite_step_is_skipped_with_a_warning(fault, precision, tiny_base, tmp_path, monkeypatch):
     out = tmp_path / "run"
     logged = []
-    trainer = Trainer(prepare_run_dir(tiny_cfg(tiny_base, out, "run.epochs=4"), False), log=logged.append)
-    _poison_gradients(trainer, monkeypatch, {2})
+    trainer = Trainer(prepare_run_dir(tiny_cfg(tiny_base, out, "run.epochs=4", f"model.mixed_precision={precision}"),
+                                      False), log=logged.append)
+    _inject_fault(trainer, monkeypatch, fault, {2})
+    dtypes = set()
+    linear = next(m for m in trainer.model.transformer.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
     trainer.run()  # the third epoch's step is skipped; the run goes on
+    assert (torch.bfloat16 in dtypes) == (precision == "bf16")  # rollouts and updates autocast; evaluation is fp32
     assert any("skipped the update of epoch 3" in line for line in logged)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in l]
     assert [r.get("skipped") for r in rows] == [None, None, 1.0, None]
@@ -187,13 +210,17 @@ def test_a_non_finite_step_is_skipped_with_a_warning(tiny_base, tmp_path, monkey
     assert all(torch.isfinite(v).all() for v in final.values())
 
 
-def test_non_finite_steps_in_a_row_stop_with_a_clear_error_and_finite_checkpoints(tiny_base, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fault,precision", FAULTS)
+def test_non_finite_steps_in_a_row_stop_with_a_clear_error_and_finite_checkpoints(fault, precision, tiny_base,
+                                                                                   tmp_path, monkeypatch):
     out = tmp_path / "run"
-    cfg = prepare_run_dir(tiny_cfg(tiny_base, out, "run.epochs=4", "optim.max_skipped_steps=1"), False)
+    cfg = prepare_run_dir(tiny_cfg(tiny_base, out, "run.epochs=4", "optim.max_skipped_steps=1",
+                                   f"model.mixed_precision={precision}"), False)
     trainer = Trainer(cfg, log=lambda *a: None)
-    _poison_gradients(trainer, monkeypatch, {2, 3})
+    _inject_fault(trainer, monkeypatch, fault, {2, 3})
     from dgpo.errors import UserError
-    with pytest.raises(UserError, match="2 steps in a row had a non-finite loss or gradient, the last at epoch 4"):
+    with pytest.raises(UserError, match="2 steps in a row had a non-finite loss, gradient or reward, the last at "
+                                        "epoch 4"):
         trainer.run()
     for ckpt in (out / "checkpoints").iterdir():  # step-2, and step-4 is never written
         tensors = load_file(str(ckpt / "tensors.safetensors"))

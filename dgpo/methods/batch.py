@@ -11,6 +11,7 @@ import torch
 from einops import reduce
 
 from dgpo.models.handle import PromptEmbeds
+from dgpo.nonfinite import NonFiniteRewards
 from dgpo.processes import SINGLE, Processes
 from dgpo.sampling import shift_sigmas
 
@@ -152,15 +153,23 @@ class ScoredGroups:
 
 def checked_rewards(reward, images, prompts: list[str], name: str, columns: bool = False) -> torch.Tensor:
     """``reward(images, prompts)`` as a float tensor (N,) — with ``columns``, ``reward.columns(images, prompts)``
-    (N, K) of a :class:`dgpo.reward_mix.RewardMix`; a reward that answers the wrong number of scores or a
-    non-finite one is a UserError naming it (the run's last checkpoint stays intact)."""
+    (N, K) of a :class:`dgpo.reward_mix.RewardMix`; a reward that answers the wrong number of scores is a
+    UserError naming it (the run's last checkpoint stays intact). Non-finite scores pass through:
+    :func:`finite_rewards` judges them once every process's rows are gathered."""
     import numpy as np
     from dgpo.errors import UserError
     scores = np.asarray(reward.columns(images, prompts) if columns else reward(images, prompts), dtype=np.float64)
-    if scores.shape[:1] != (len(prompts),) or scores.ndim != (2 if columns else 1) or not np.all(np.isfinite(scores)):
-        raise UserError(f"reward {name!r} returned {scores.shape} values "
-                        f"(finite: {bool(np.all(np.isfinite(scores)))}) for {len(prompts)} images")
+    if scores.shape[:1] != (len(prompts),) or scores.ndim != (2 if columns else 1):
+        raise UserError(f"reward {name!r} returned {scores.shape} values for {len(prompts)} images")
     return torch.from_numpy(scores).float()
+
+
+def finite_rewards(rewards: torch.Tensor, name: str) -> torch.Tensor:
+    """``rewards`` if every one is finite; else :class:`NonFiniteRewards` saying how many are not."""
+    bad = int((~torch.isfinite(rewards)).sum())
+    if bad:
+        raise NonFiniteRewards(f"reward {name!r} answered {bad} non-finite (NaN/inf) scores of {rewards.numel()}")
+    return rewards
 
 
 def score_groups(reward, images, prompts: list[str], group_size: int, advantage, name: str,
@@ -171,18 +180,18 @@ def score_groups(reward, images, prompts: list[str], group_size: int, advantage,
     this process's rows (:mod:`dgpo.processes`); the rewards of every process are gathered first, so the
     returned rewards, group ids and advantages are the global batch's, the same on every process. Every recipe
     that learns from groups of its own samples — DGPO and its baselines, a stepwise surrogate reward — starts
-    here."""
+    here. A non-finite reward raises :class:`NonFiniteRewards` on every process."""
     from dgpo.objectives import group_advantages
 
     def advantages_of(r: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         return group_advantages(r, group_ids, std=advantage.std, eps=advantage.eps, clip=advantage.clip or None)
 
     if getattr(reward, "combine", "sum") == "advantages":  # several rewards: A = Σ_k w_k·A_k (dgpo.reward_mix)
-        columns = processes.gather_rows(checked_rewards(reward, images, prompts, name, columns=True))
+        columns = finite_rewards(processes.gather_rows(checked_rewards(reward, images, prompts, name, columns=True)), name)
         group_ids = torch.arange(len(columns) // group_size).repeat_interleave(group_size)
         weights = torch.tensor(reward.weights)
         adv = sum(w * advantages_of(columns[:, k], group_ids) for k, w in enumerate(weights.tolist()))
         return ScoredGroups(columns @ weights, group_ids, adv)
-    rewards = processes.gather_rows(checked_rewards(reward, images, prompts, name))
+    rewards = finite_rewards(processes.gather_rows(checked_rewards(reward, images, prompts, name)), name)
     group_ids = torch.arange(len(rewards) // group_size).repeat_interleave(group_size)
     return ScoredGroups(rewards, group_ids, advantages_of(rewards, group_ids))
