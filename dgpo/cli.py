@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+from dgpo.cli_args import OneLineParser, at_least, finite  # noqa: E402
 from dgpo.errors import UserError  # noqa: E402
 from dgpo.models.lora_io import check_lora_folder  # noqa: E402  (light: no torch)
 
@@ -282,8 +283,8 @@ def cmd_serve_reward(args) -> None:
 # ------------------------------------------------------------------------------------------- parser
 
 def _add_sampler_args(p, steps=20, cfg=1.5) -> None:
-    p.add_argument("--steps", type=int, default=steps, help=f"ODE steps (default {steps})")
-    p.add_argument("--cfg", type=float, default=cfg, help=f"classifier-free guidance scale (default {cfg}; <=1 = off)")
+    p.add_argument("--steps", type=at_least(1), default=steps, help=f"ODE steps (default {steps})")
+    p.add_argument("--cfg", type=finite(0.0), default=cfg, help=f"classifier-free guidance scale (default {cfg}; <=1 = off)")
     p.add_argument("--solver", choices=["euler", "dpmpp"], default="euler", help="ODE solver (default euler)")
 
 
@@ -331,7 +332,7 @@ def add_run_args(p, default_config: Path, set_example: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dgpo", description="Group preference optimisation for flow-matching text-to-image models. "
         "Run `dgpo train` with no arguments for the embedded CPU demo.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -347,12 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "or shipped base (or an unfinished pretraining of this config) exists")
     p.add_argument("--ignore-shipped", action="store_true", help="use (or pretrain) the cache's base even where "
                    "the package ships this config's base: how a shipped base is reproduced")
-    p.add_argument("--max-minutes", type=float, default=None, metavar="M",
+    p.add_argument("--max-minutes", type=finite(0.0), default=None, metavar="M",
                    help="stop the flow stage at a checkpoint once M minutes have passed since the start (exit "
                    "status 3); run the same command again to continue. Without it a stopped or killed pretraining "
                    "also continues from its last checkpoint (flow.checkpoint_every)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation")
-    p.add_argument("--per-prompt", type=int, default=64, help="evaluation images per test prompt (default 64: ±0.012 noise)")
+    p.add_argument("--per-prompt", type=at_least(1), default=64, help="evaluation images per test prompt (default 64: ±0.012 noise)")
     p.add_argument("--snapshot", metavar="DIR", help="do not train: write the weights an unfinished pretraining of "
                    "this config has reached (its newest checkpoint) as a pipeline folder, to evaluate it meanwhile")
     p.add_argument("--overwrite", action="store_true", help="with --snapshot: replace an earlier snapshot at DIR")
@@ -363,9 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompt_args(p)
     _add_out_args(p, "output folder (new or empty; written all at once)")
     _add_sampler_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k (default 0)")
-    p.add_argument("--per-prompt", type=int, default=1, help="images per prompt (default 1)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per sampler batch (default 128)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the first image; image k uses seed + k (default 0)")
+    p.add_argument("--per-prompt", type=at_least(1), default=1, help="images per prompt (default 1)")
+    p.add_argument("--batch-size", type=at_least(1), default=128, help="images per sampler batch (default 128)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="score a model or a samples folder on the shapes world",
@@ -375,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", help="score this samples folder instead of sampling a model")
     _add_prompt_args(p)
     _add_sampler_args(p)
-    p.add_argument("--per-prompt", type=int, default=16, help="images per prompt (default 16)")
-    p.add_argument("--seed", type=int, default=1000, help="seed of the first image (default 1000)")
+    p.add_argument("--per-prompt", type=at_least(1), default=16, help="images per prompt (default 16)")
+    p.add_argument("--seed", type=at_least(0), default=1000, help="seed of the first image (default 1000)")
     p.add_argument("--no-fd", action="store_true", help="skip the quality FD")
     _add_out_args(p, "write the result as JSON to this new file", required=False)
     p.set_defaults(func=cmd_eval)
@@ -397,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "e.g. to keep an earlier, better evaluation than the final one, or to compare the raw "
                        "weights with their EMA (optim.ema_decay). The folder loads like RUN/final/lora.")
     p.add_argument("run", help="the run folder (holds config.yaml and checkpoints/step-N)")
-    p.add_argument("--step", type=int, help="the checkpoint's epoch (default: the latest kept)")
+    p.add_argument("--step", type=at_least(0), help="the checkpoint's epoch (default: the latest kept)")
     p.add_argument("--ema", action="store_true", help="export the policy EMA instead of the raw weights")
     _add_out_args(p, "a new folder for the LoRA")
     p.set_defaults(func=cmd_export)
@@ -410,10 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "reward.url=http://HOST:PORT/score (several URLs, comma-separated, spread the load).")
     p.add_argument("name", help="a registered reward (shapes_partial, shapes_strict, ..., or one a --plugin registers)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--port", type=at_least(0), default=8765, help="port (default 8765)")
     p.add_argument("--token", help="require this bearer token (default: DGPO_REWARD_TOKEN, if set)")
-    p.add_argument("--max-body-mb", type=int, default=256, help="largest request body in MiB (default 256)")
-    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image in pixels (default 4096²)")
+    p.add_argument("--max-body-mb", type=at_least(1), default=256, help="largest request body in MiB (default 256)")
+    p.add_argument("--max-pixels", type=at_least(1), default=4096 * 4096, help="largest image in pixels (default 4096²)")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
                    help="import a plug-in that registers the reward first")
     p.set_defaults(func=cmd_serve_reward)

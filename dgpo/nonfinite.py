@@ -1,7 +1,7 @@
 """Non-finite values in training: an update that meets a NaN or inf loss, gradient or reward is skipped (no
 optimiser steps on it, so weights, optimiser states and every checkpoint stay finite) with a warning; after
 ``limit`` skips in a row the run stops with one clear message, its last checkpoint intact. Shared by every
-trainer (:class:`dgpo.trainer.Trainer`, :class:`tdm_r1.distill.Distiller`)."""
+trainer (DGPO's and the few-step package's)."""
 
 from __future__ import annotations
 

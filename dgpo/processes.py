@@ -127,6 +127,14 @@ class Processes:
         torch.distributed.all_reduce(t)
         return t.item()
 
+    def max(self, value: float) -> float:
+        """The largest of a number over the processes (e.g. peak memory: every process then decides alike)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return t.item()
+
     def mean_stats(self, stats: dict[str, float]) -> dict[str, float]:
         """Diagnostics averaged over the processes (each computed on its own rows)."""
         if not self.distributed:

@@ -45,12 +45,13 @@ class RemoteReward:
         batch_size: images per request (0: the whole batch in one).
         token: bearer token (default: the ``DGPO_REWARD_TOKEN`` environment variable, if set).
         max_answer_bytes: the longest answer read.
+        score_range: ``(low, high)`` every score must lie in (empty: any finite number).
     """
 
     name = "remote"
 
     def __init__(self, url, timeout: float = 30.0, retries: int = 2, backoff: float = 0.5, batch_size: int = 0,
-                 token: str | None = None, max_answer_bytes: int = 1 << 20, name: str = "remote"):
+                 token: str | None = None, max_answer_bytes: int = 1 << 20, name: str = "remote", score_range=()):
         urls = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url) if isinstance(url, (list, tuple)) else None
         if not urls or not all(isinstance(u, str) and u for u in urls):
             raise UserError(f"reward.url must be a URL like http://127.0.0.1:8765/score (or several, comma-separated), "
@@ -72,6 +73,10 @@ class RemoteReward:
         self.batch_size, self.max_answer_bytes, self.name = batch_size, max_answer_bytes, name
         self.token = token or os.environ.get(TOKEN_ENV) or None
         self._clients: dict[str, object] = {}
+        score_range = list(score_range or ())
+        if score_range and (len(score_range) != 2 or not score_range[0] < score_range[1]):
+            raise UserError(f"reward.score_range must be [low, high] with low < high, got {score_range}")
+        self.score_range = score_range
 
     def __repr__(self) -> str:
         return f"RemoteReward(url={','.join(self.urls)!r}, timeout={self.timeout}, retries={self.retries})"
@@ -146,7 +151,15 @@ class RemoteReward:
         if not isinstance(answer, dict) or "scores" not in answer:
             raise RewardServerError(f'{who} answered garbage: expected a JSON object with "scores", '
                                     f"got {_short(text)!r}")
-        return check_scores(answer["scores"], n, who)
+        scores = check_scores(answer["scores"], n, who)
+        if self.score_range:
+            low, high = self.score_range
+            outside = np.flatnonzero((scores < low) | (scores > high))
+            if outside.size:
+                i = int(outside[0])
+                raise RewardServerError(f"{who} answered scores[{i}] = {scores[i]:g}, outside reward.score_range "
+                                        f"[{low:g}, {high:g}] ({outside.size} of {n}): is it the reward you meant?")
+        return scores
 
     def _read(self, resp, who: str) -> str:
         data = bytearray()

@@ -238,8 +238,9 @@ def uvicorn_config(app, host: str, port: int, limits: ServerLimits):
 
 
 def serve_reward(reward: Reward, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 limits: ServerLimits = ServerLimits()) -> RewardServer:
+                 limits: ServerLimits = ServerLimits(), wrap=None) -> RewardServer:
     """Serve ``reward`` in a daemon thread of this process (tests, notebooks); ``port=0`` picks a free port.
+    ``wrap``: an ASGI app wrapping the reward's app (``wrap(app)``), e.g. to inject faults in a load test.
     The command ``dgpo serve-reward`` runs the same app in the foreground."""
     import socket
     import uvicorn
@@ -249,6 +250,8 @@ def serve_reward(reward: Reward, host: str = "127.0.0.1", port: int = 0, token: 
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host.strip("[]"), port))
     app = create_app(reward, token, LOOPBACK_HOSTS if is_loopback(host) else None, limits)
+    if wrap is not None:
+        app = wrap(app)
     server = uvicorn.Server(uvicorn_config(app, host, port, limits))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
                               name=f"reward-server-{sock.getsockname()[1]}")

@@ -190,10 +190,11 @@ def decode_png(data: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ remote
 
 def _remote_reward(url, timeout: float = 30.0, retries: int = 2, backoff: float = 0.5, batch_size: int = 0,
-                   name: str = "remote") -> Reward:
+                   name: str = "remote", score_range=()) -> Reward:
     """``reward.name: remote``: :class:`dgpo.reward_client.RemoteReward` (imported when used)."""
     from dgpo.reward_client import RemoteReward
-    return RemoteReward(url, timeout=timeout, retries=retries, backoff=backoff, batch_size=batch_size, name=name)
+    return RemoteReward(url, timeout=timeout, retries=retries, backoff=backoff, batch_size=batch_size, name=name,
+                        score_range=score_range)
 
 
 def _ocr_reward(threads: int = 0) -> Reward:
@@ -242,7 +243,8 @@ def reward_of_run(reward_cfg, world) -> tuple[str, Reward]:
         from dgpo.reward_mix import RewardMix
         return name, RewardMix(name.split("+"), getattr(reward_cfg, "weights", []), getattr(reward_cfg, "combine", "sum"))
     options = ({"url": reward_cfg.url, "timeout": reward_cfg.timeout, "retries": reward_cfg.retries,
-                "batch_size": reward_cfg.batch_size} if name == "remote" else {})
+                "batch_size": reward_cfg.batch_size, "score_range": getattr(reward_cfg, "score_range", [])}
+               if name == "remote" else {})
     return name, make_reward(name, **options)
 
 

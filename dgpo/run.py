@@ -36,10 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from dgpo.config import flat_dict, option
-from dgpo.checkpoint import capture_rng, load_checkpoint, load_latest_good, restore_rng, save_checkpoint
+from dgpo.checkpoint import (capture_rng, list_checkpoints, load_checkpoint, load_latest_good, restore_rng,
+                             save_checkpoint)
 from dgpo.errors import UserError
 from dgpo.evaluation import format_table
 from dgpo.processes import SINGLE, Processes
@@ -77,6 +79,9 @@ class RunSettings:
     stop_at_gain: float = option(0.0, "end the run early once stop_after consecutive evaluations score at least "
                                  "the first evaluation (the base) + this much (0 = never)", min=0.0)
     stop_after: int = option(2, "consecutive evaluations at or above the stop_at_gain target that end the run", min=1)
+    max_memory_gb: float = option(0.0, "stop with a clear message (the last checkpoint intact) once the process's "
+                                  "peak memory passes this many GiB: GPU memory on CUDA, resident memory on CPU; "
+                                  "every step's peak is logged as peak_memory_gb (0 = no limit)", min=0.0)
 
 
 @dataclass
@@ -91,6 +96,13 @@ class Schedule:
     keep_checkpoints: int = 2
     stop_at_gain: float = 0.0
     stop_after: int = 2
+    max_memory_gb: float = 0.0
+
+    @classmethod
+    def of(cls, run: RunSettings, steps: int, eval_every: int, eval_every_minutes: float) -> "Schedule":
+        """The schedule of a recipe's ``run:`` section, its length in steps and its evaluation cadence."""
+        return cls(steps, run.time_budget_min, eval_every, eval_every_minutes, run.checkpoint_every,
+                   run.keep_checkpoints, run.stop_at_gain, run.stop_after, run.max_memory_gb)
 
     def target_reached(self, scores: list[float]) -> bool:
         """``scores``: the run's evaluations so far, the first being the base's. True once the last
@@ -194,7 +206,7 @@ class Run:
         reached = lambda: s.target_reached([r["eval_geneval"] for r in evals])
         while c.step < s.steps and not (budget and c.train_seconds >= budget) and not reached():
             before = c.train_seconds
-            row = self.log_row(self.recipe.train_step())
+            row = self.log_row(self.guarded_step())
             bar.update(min(c.train_seconds, budget) / 60 - min(before, budget) / 60 if budget else 1)
             bar.set_postfix(**{self.step_key: c.step}, **self.recipe.postfix(row),
                             eval=f"{evals[-1]['eval_geneval']:.3f}")
@@ -214,6 +226,24 @@ class Run:
             self.finish(evals)
         self.processes.barrier()
         return {"first": evals[0], "last": evals[-1], "best": max(evals, key=lambda r: r["eval_geneval"])}
+
+    def guarded_step(self) -> dict:
+        """The recipe's step, its row with the process's peak memory so far (``peak_memory_gb``); past
+        ``max_memory_gb``, or out of GPU memory, a UserError that names the recipe's memory levers."""
+        levers = getattr(self.recipe, "memory_levers", "a smaller batch")
+        at = f"{self.step_key} {self.counters.step + 1}"
+        kept = ("the last checkpoint is intact (--resume RUN continues from it)" if list_checkpoints(self.out)
+                else "nothing was checkpointed yet")
+        try:
+            row = self.recipe.train_step()
+        except torch.OutOfMemoryError:
+            raise UserError(f"out of GPU memory at {at}: {levers}; {kept}") from None
+        row["peak_memory_gb"] = round(self.processes.max(peak_memory_gb()), 3)  # the largest process's
+        limit = self.schedule.max_memory_gb
+        if limit and row["peak_memory_gb"] > limit:
+            raise UserError(f"peak memory {row['peak_memory_gb']:.2f} GiB passed run.max_memory_gb={limit:g} at "
+                            f"{at}: {levers}, or raise the limit; {kept}")
+        return row
 
     def _progress_bar(self):
         """Steps towards ``steps``; with a time budget, minutes of training towards the budget (what ends the
@@ -262,6 +292,16 @@ class Run:
         (self.out / "summary.md").write_text(f"{table}\n\n{gain['sentence']}\n{extra}")
         (self.out / "summary.json").write_text(json.dumps({"first": evals[0], "last": evals[-1], "gain": gain},
                                                           indent=2))
+
+
+def peak_memory_gb() -> float:
+    """This process's peak memory so far in GiB: allocated GPU memory on CUDA, else the resident set (RSS)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    import resource
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
 
 
 def plot_run(rows: list[dict], path: Path, step_key: str, panels: list[tuple[str, str]], eval_title: str) -> None:

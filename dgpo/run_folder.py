@@ -60,7 +60,7 @@ def start_run(cfg, tool: str, overwrite: bool = False, named: bool = True, log=p
 #: it logs and on how many threads. Any other key (model, method, world, reward, seed, …) would make the
 #: checkpoint another run's: refused.
 SCHEDULE_KEYS = ("run.time_budget_min", "run.epochs", "run.iterations", "run.checkpoint_every", "run.keep_checkpoints",
-                 "run.threads", "run.tracker", "run.stop_at_gain", "run.stop_after", "eval.every",
+                 "run.threads", "run.tracker", "run.stop_at_gain", "run.stop_after", "run.max_memory_gb", "eval.every",
                  "eval.every_minutes", "optim.max_skipped_steps")
 
 

@@ -59,6 +59,8 @@ class RewardConfig:
     retries: int = option(2, "further attempts of a request after a connection error, a timeout or HTTP 502/503/504 "
                           "(name=remote)", min=0)
     batch_size: int = option(0, "images per request, sent concurrently (name=remote; 0 = the whole batch in one)", min=0)
+    score_range: list[float] = option([], "[low, high] every score of a served reward must lie in; an answer outside "
+                                      "it is an error naming the server (name=remote; empty = any finite number)")
 
 
 @dataclass

@@ -143,9 +143,7 @@ class Trainer:
         self.counters = Counters()
         run = cfg.run
         tracker = None if run.tracker == "none" else (lambda row, step: self.accelerator.log(row, step=step))
-        self.runner = Run(self, self.out, Schedule(run.epochs, run.time_budget_min, cfg.eval.every,
-                                                   cfg.eval.every_minutes, run.checkpoint_every, run.keep_checkpoints,
-                                                   run.stop_at_gain, run.stop_after),
+        self.runner = Run(self, self.out, Schedule.of(run, run.epochs, cfg.eval.every, cfg.eval.every_minutes),
                           step_key="epoch", grid_prefix="epoch", tracker=tracker, log=log, processes=self.processes)
         self.shift = cfg.objective.shift if cfg.objective.shift > 0 else self.model.scheduler_config.shift
         self.objective = make_objective(cfg, self.model, self.params, self.shift)
@@ -163,6 +161,10 @@ class Trainer:
     @property
     def label(self) -> str:
         return self.objective.label
+
+    #: What lowers a step's memory, for :meth:`dgpo.run.Run.guarded_step`'s message.
+    memory_levers = ("lower optim.micro_batch (samples per forward/backward) or set "
+                     "model.gradient_checkpointing=true")
 
     def _count_call(self, module, args, kwargs) -> None:
         if self._counting:

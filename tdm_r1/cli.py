@@ -19,6 +19,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from dgpo.cli import (_add_model_args, _add_out_args, _add_prompt_args, _prompts_from_args, add_config_args,  # noqa: E402
                       add_run_args, load_model, resolve_model, run_command, train_command)
+from dgpo.cli_args import OneLineParser, at_least, finite  # noqa: E402
 from dgpo.errors import UserError  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -104,7 +105,7 @@ def cmd_sample(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from tdm_r1.config import DistillConfig
     from dgpo.config import describe
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="tdm-r1", description="Few-step students for flow-matching text-to-image models: TDM distillation "
         "(arXiv 2503.06674) and K-step sampling. Run `tdm-r1 distill` with no arguments for the shapes demo.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "surrogate.init=OUT/surrogate_lora) and OUT/ranking.json.")
     add_config_args(p, DEFAULT_R1_CONFIG, "surrogate.lr=3e-4 or r1.init_run=runs/tdm-shapes",
                     "; r1.init_run names the student")
-    p.add_argument("--updates", type=int, default=200, help="surrogate updates (default 200)")
-    p.add_argument("--eval-every", type=int, default=50, help="measure the ranking every N updates (default 50)")
-    p.add_argument("--eval-prompts", type=int, default=8, help="train prompts the ranking is measured on (default 8)")
-    p.add_argument("--per-prompt", type=int, default=16, help="fresh rollouts per evaluation prompt (default 16)")
+    p.add_argument("--updates", type=at_least(1), default=200, help="surrogate updates (default 200)")
+    p.add_argument("--eval-every", type=at_least(1), default=50, help="measure the ranking every N updates (default 50)")
+    p.add_argument("--eval-prompts", type=at_least(1), default=8, help="train prompts the ranking is measured on (default 8)")
+    p.add_argument("--per-prompt", type=at_least(1), default=16, help="fresh rollouts per evaluation prompt (default 16)")
     _add_out_args(p, "output folder (surrogate_lora/, ranking.json); must be new or empty")
     p.set_defaults(func=cmd_surrogate)
 
@@ -153,11 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_prompt_args(p)
     _add_out_args(p, "output folder (new or empty; written all at once)")
-    p.add_argument("--nfe", "--steps", dest="nfe", type=int, default=4, help="student steps (default 4)")
+    p.add_argument("--nfe", "--steps", dest="nfe", type=at_least(1), default=4, help="student steps (default 4)")
     p.add_argument("--boundaries", help="comma-separated noise levels σ_0=1 > … > σ_{K-1} (default: saved with --lora)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k (default 0)")
-    p.add_argument("--per-prompt", type=int, default=1, help="images per prompt (default 1)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per sampler batch (default 128)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the first image; image k uses seed + k (default 0)")
+    p.add_argument("--per-prompt", type=at_least(1), default=1, help="images per prompt (default 1)")
+    p.add_argument("--batch-size", type=at_least(1), default=128, help="images per sampler batch (default 128)")
     p.set_defaults(func=cmd_sample)
     return parser
 

@@ -132,6 +132,7 @@ class Distiller:
         self.train_prompts = training_prompts(self.world, cfg.r1.categories if cfg.r1.enabled else [])
         self.r1 = cfg.r1.enabled
         self.label = "TDM-R1" if self.r1 else "TDM"
+        self.memory_levers = "lower optim.batch_size (student trajectories per iteration)"
         if self.r1:
             if self.processes.distributed:
                 raise UserError("r1.enabled: TDM-R1 runs on one process for now; launch it without --num_processes")
@@ -146,9 +147,7 @@ class Distiller:
         self.embeds_of = {p: embeds.index(slice(i, i + 1)) for i, p in enumerate(self.train_prompts)}
         self.counters = Counters()
         run = cfg.run
-        self.runner = Run(self, self.out, Schedule(run.iterations, run.time_budget_min, cfg.eval.every, cfg.eval.every_minutes,
-                                                   run.checkpoint_every, run.keep_checkpoints,
-                                                   run.stop_at_gain, run.stop_after),
+        self.runner = Run(self, self.out, Schedule.of(run, run.iterations, cfg.eval.every, cfg.eval.every_minutes),
                           step_key="iteration", grid_prefix="iter", log=log, processes=self.processes)
 
     def load_student_from(self, run: Path) -> None:

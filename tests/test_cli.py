@@ -88,3 +88,21 @@ def test_help_explains_every_command(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
     assert "--resume" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dgpo", "sample", "--split", "test", "--per-prompt", "0", "--out", "s"], "argument --per-prompt: must be at least 1, got 0"),
+    (["dgpo", "eval", "--per-prompt", "-5"], "argument --per-prompt: must be at least 1, got -5"),
+    (["dgpo", "sample", "--split", "test", "--cfg", "inf", "--out", "s"], "argument --cfg: must be a finite number, got 'inf'"),
+    (["dgpo", "sample", "--split", "test", "--steps", "2.5", "--out", "s"], "argument --steps: expected a whole number, got '2.5'"),
+    (["tdm-r1", "sample", "--lora", "x", "--nfe", "0", "--split", "test", "--out", "s"], "argument --nfe/--steps: must be at least 1"),
+    (["dgpo", "serve-reward", "shapes_partial", "--port", "-1"], "argument --port: must be at least 0, got -1"),
+])
+def test_absurd_flags_are_one_line_with_status_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from tdm_r1.cli import main as tdm_main
+    with pytest.raises(SystemExit) as exit_:
+        (main if argv[0] == "dgpo" else tdm_main)(argv[1:])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and message in err[0] and "--help" in err[0]
+    assert not any(tmp_path.iterdir())

@@ -96,3 +96,44 @@ def _float_images(model, prompt, seed, steps, cfg, solver):
     latents = sample_ode(model, model.encode_prompts([prompt]), initial_noise([seed], model.latent_shape),
                          steps, cfg, solver)
     return model.decode_latents(latents, output="np")
+
+
+def test_damaged_pipelines_and_loras_are_one_clear_error(tiny_base, tmp_path):
+    """A half-copied pipeline, truncated weights, a prompt the tokenizer cannot hold, and LoRAs that are not
+    safetensors, do not fit, or match no layer (which diffusers alone skips without a word)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from dgpo.errors import UserError
+    from dgpo.models.handle import load_model
+    from dgpo.models.lora_io import load_lora_into_pipeline
+    half = tmp_path / "half"
+    shutil.copytree(tiny_base, half, ignore=lambda d, names: ["vae"] if "vae" in names else [])
+    with pytest.raises(UserError, match="is incomplete: no vae folder"):
+        load_model(half)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_base, truncated)
+    weights = truncated / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match="could not be loaded .* missing, truncated or damaged"):
+        load_model(truncated)
+    model = load_model(tiny_base)
+    with pytest.raises(UserError, match="tokens; the text encoder reads at most"):
+        model.encode_prompts(["a red circle " * 50])
+    q = "transformer.transformer_blocks.0.attn.to_q"
+    width = model.transformer.transformer_blocks[0].attn.to_q.in_features
+    cases = {"garbage": None, "misfit": {f"{q}.lora_A.weight": (2, width + 3), f"{q}.lora_B.weight": (width, 2)},
+             "unet": {"unet.mid.to_q.lora_A.weight": (2, 8), "unet.mid.to_q.lora_B.weight": (8, 2)}}
+    messages = {"garbage": "is not readable safetensors", "misfit": "does not fit this StableDiffusion3Pipeline",
+                "unet": "its keys match none of its layers"}
+    for name, shapes in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        if shapes is None:
+            (folder / "pytorch_lora_weights.safetensors").write_bytes(b"\x00garbage" * 100)
+        else:
+            save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(folder / "pytorch_lora_weights.safetensors"))
+        with pytest.raises(UserError, match=messages[name]):
+            load_lora_into_pipeline(load_model(tiny_base).pipe, folder)

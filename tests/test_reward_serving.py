@@ -299,3 +299,13 @@ def test_dgpo_serve_reward_serves_a_registered_reward(renders):
     bad = subprocess.run([sys.executable, "-m", "dgpo.cli", "serve-reward", "no_such_reward"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown reward 'no_such_reward'" in bad.stderr
+
+
+def test_scores_outside_the_declared_range_are_named(stub_server):
+    stub_server["answer"] = (200, b'{"scores": [0.5, 7.0]}')
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    assert RemoteReward(stub_server["url"])(images, ["a", "b"]).tolist() == [0.5, 7.0]  # no range: any number
+    with pytest.raises(UserError, match=r"answered scores\[1\] = 7, outside reward.score_range \[0, 1\] \(1 of 2\)"):
+        RemoteReward(stub_server["url"], score_range=[0, 1])(images, ["a", "b"])
+    with pytest.raises(UserError, match="reward.score_range must be \\[low, high\\] with low < high"):
+        RemoteReward(stub_server["url"], score_range=[1, 0])

@@ -21,6 +21,7 @@ family registers its handle with :func:`register_model_family` under its pipelin
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -64,9 +65,40 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> 
     from transformers.utils import logging as transformers_logging
     diffusers_logging.disable_progress_bar()  # no per-component loading bars: a local load takes a blink
     transformers_logging.disable_progress_bar()
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(path), text_encoder_3=None, tokenizer_3=None, dtype=dtype)
+    skipped = ("text_encoder_3", "tokenizer_3")
+    check_components(path, skipped)
+    with damaged_pipeline_is_a_user_error(path):
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), text_encoder_3=None, tokenizer_3=None, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_components(path: Path, skipped: tuple[str, ...] = ()) -> None:
+    """Every component ``model_index.json`` names (but ``skipped`` and null ones) is a folder in ``path``: a
+    half-copied pipeline is one clear line, not a loader's traceback."""
+    import json
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+        named = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+    except (ValueError, AttributeError, IndexError, TypeError):
+        raise UserError(f"'{path / 'model_index.json'}' is not a pipeline index (not a JSON object): pass a "
+                        f"folder written by `save_pretrained`") from None
+    missing = [k for k in named if k not in skipped and not (path / k).is_dir()]
+    if missing:
+        raise UserError(f"model directory {str(path)!r} is incomplete: no {', '.join(missing)} folder (its "
+                        f"model_index.json names them); copy the whole folder that `save_pretrained` wrote")
+
+
+@contextmanager
+def damaged_pipeline_is_a_user_error(path: Path):
+    """A component whose files are missing, truncated or not weights at all: one line naming the folder."""
+    from safetensors import SafetensorError
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError, RuntimeError) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(f"model directory {str(path)!r} could not be loaded ({type(e).__name__}: {reason}): a file "
+                        f"in it is missing, truncated or damaged; copy the folder again") from None
 
 
 def t5_tokens_of(model_dir: str | Path) -> int:
@@ -116,6 +148,17 @@ class FlowModel(Protocol):
     def encode_images(self, images, sample: bool = False, generator: torch.Generator | None = None
                       ) -> torch.Tensor: ...
     def decode_latents(self, latents: torch.Tensor, output: str = "uint8"): ...
+
+
+def check_prompt_lengths(tokenizer, prompts: list[str]) -> None:
+    """Every prompt fits ``tokenizer.model_max_length`` tokens (start and end tokens included)."""
+    limit = tokenizer.model_max_length
+    for prompt in dict.fromkeys(prompts):
+        n = len(tokenizer(prompt, truncation=False)["input_ids"])
+        if n > limit:
+            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            raise UserError(f"prompt {shown!r} is {n} tokens; the text encoder reads at most {limit} (the rest would "
+                            f"be dropped without a word): shorten it")
 
 
 _FAMILIES: dict[str, type] = {}
@@ -227,7 +270,9 @@ class SD3Model:
 
     # -------------------------------------------------------------------------------- text
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        """Token and pooled embeddings of ``prompts`` (grad flows if the text encoders require it)."""
+        """Token and pooled embeddings of ``prompts`` (grad flows if the text encoders require it). A prompt
+        longer than the CLIP encoders read is a UserError (the stock pipeline would drop its end quietly)."""
+        check_prompt_lengths(self.pipe.tokenizer, prompts)
         tokens, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length)

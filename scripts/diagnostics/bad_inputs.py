@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,8 +23,35 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 TINY = ["--set", "run.epochs=1", "--set", "run.time_budget_min=0"]
+#: The shipped base: cases copy it (whole, or but some components) to damage the copy.
+SHIPPED = ROOT / "dgpo" / "worlds" / "shapes_base" / "shipped" / "shapes_grammar_fidelity0.5"
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 
-# (what, files to prepare {name: bytes}, command arguments)
+
+def lora_file(shapes: dict[str, tuple[int, int]]) -> bytes:
+    """A diffusers LoRA file (safetensors bytes) with zero tensors of these names and shapes."""
+    import torch
+    from safetensors.torch import save
+    return save({name: torch.zeros(shape) for name, shape in shapes.items()})
+
+
+def lora_cases() -> list:
+    q = "transformer.transformer_blocks.0.attn.to_q"
+    return [
+        ("garbage safetensors as a LoRA", {"lora/pytorch_lora_weights.safetensors": os.urandom(4096)},
+         ["dgpo", "eval", "--lora", "lora", "--per-prompt", "1"]),
+        ("a LoRA of another architecture (shapes differ)",
+         {"lora/pytorch_lora_weights.safetensors": lora_file({f"{q}.lora_A.weight": (4, 999),
+                                                               f"{q}.lora_B.weight": (999, 4)})},
+         ["dgpo", "eval", "--lora", "lora", "--per-prompt", "1"]),
+        ("a LoRA whose keys match nothing (a UNet's)",
+         {"lora/pytorch_lora_weights.safetensors": lora_file({"unet.down_blocks.0.attn1.to_q.lora_A.weight": (4, 8),
+                                                               "unet.down_blocks.0.attn1.to_q.lora_B.weight": (8, 4)})},
+         ["dgpo", "eval", "--lora", "lora", "--per-prompt", "1"]),
+    ]
+
+
+# (what, files to prepare {name: bytes, or (folder to copy, [names left out])}, command arguments)
 CASES = [
     ("malformed YAML config", {"bad.yaml": b"run: [unclosed\n"}, ["dgpo", "train", "bad.yaml"]),
     ("unknown config key", {}, ["dgpo", "train", "--set", "optim.learning_rate=1e-4"]),
@@ -48,15 +76,30 @@ CASES = [
      ["dgpo", "train", "--set", "world=w.jsonl", "--set", "model.base=nowhere"]),
     ("serve-reward on a public address without a token", {}, ["dgpo", "serve-reward", "shapes_partial", "--host", "0.0.0.0"]),
     ("serve-reward of an unknown reward", {}, ["dgpo", "serve-reward", "no_such_reward"]),
+    ("model folder with half a pipeline (no transformer/)", {"model": (SHIPPED, ["transformer"])},
+     ["dgpo", "sample", "--model", "model", "--split", "test", "--out", "s"]),
+    ("model folder with truncated weights", {"model": (SHIPPED, []),
+                                             f"model/{WEIGHTS}": (SHIPPED / WEIGHTS).read_bytes()[:100_000]},
+     ["dgpo", "sample", "--model", "model", "--split", "test", "--out", "s"]),
+    ("prompt longer than the tokenizer reads", {"p.txt": b"a photo of a red circle " * 20 + b"\n"},
+     ["dgpo", "sample", "--prompts", "p.txt", "--out", "s"]),
+    ("zero-size flag", {}, ["dgpo", "sample", "--split", "test", "--per-prompt", "0", "--out", "s"]),
+    ("non-finite flag", {}, ["dgpo", "sample", "--split", "test", "--cfg", "nan", "--out", "s"]),
+    ("negative seed", {}, ["tdm-r1", "sample", "--lora", "lora", "--seed", "-1", "--split", "test", "--out", "s"]),
+    *lora_cases(),
 ]
 
 
 def run_case(what: str, files: dict, argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as cache:
         folder = Path(tmp)
-        for name, data in files.items():
+        for name, data in sorted(files.items(), key=lambda kv: isinstance(kv[1], bytes)):  # copies first
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_bytes(data)
+            if isinstance(data, bytes):
+                (folder / name).write_bytes(data)
+            else:
+                source, left_out = data
+                shutil.copytree(source, folder / name, ignore=lambda d, names: [n for n in names if n in left_out])
         before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
         tool = {"dgpo": "dgpo.cli", "tdm-r1": "tdm_r1.cli"}[argv[0]]
         env = {**os.environ, "DGPO_CACHE": cache, "PYTHONPATH": str(ROOT)}

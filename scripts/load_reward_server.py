@@ -1,0 +1,205 @@
+"""The reward server under load: concurrent clients on loopback, faults injected, every score checked.
+
+Serves a reward whose score is the identity of the image (each image carries a unique id in its first pixel,
+the score is that id), so every answer can be checked exactly: ``--clients`` threads, each with its own
+:class:`dgpo.reward_client.RemoteReward`, send ``--batches`` batches of ``--batch`` images each. Every
+``--fault-every``-th request is answered HTTP 503 before it reaches the reward (an overloaded server), so the
+clients retry. Reports:
+
+- lost or mis-ordered scores (a batch whose scores are not its ids in its order) — must be 0;
+- images the reward scored more than once or never (the retries must not duplicate work that counts);
+- latency per batch as a client sees it (retries included): p50 and p99; throughput in batches and images
+  per second; the 503s answered and so the retries made.
+
+Writes ``NAME.json``, ``NAME.md`` and ``NAME.png`` (the latency distribution) into ``--out-dir``:
+
+    python scripts/load_reward_server.py --clients 8 --batches 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    p.add_argument("--batches", type=int, default=200, help="batches per client (default 200)")
+    p.add_argument("--batch", type=int, default=4, help="images per batch (default 4)")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--fault-every", type=int, default=25,
+                   help="answer every N-th request with HTTP 503 before scoring it (default 25; 0 = never)")
+    p.add_argument("--max-seconds", type=float, default=300.0,
+                   help="fail if the load takes longer than this (default 300)")
+    p.add_argument("--out-dir", default=str(ROOT / "docs" / "experiments" / "results"))
+    p.add_argument("--name", default="reward_server_load")
+    args = p.parse_args(argv)
+    for flag in ("clients", "batches", "batch", "size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.fault_every < 0 or args.fault_every == 1:
+        p.error("--fault-every must be 0 (no faults) or at least 2 (every request failing never succeeds)")
+    return args
+
+
+def image_of(identity: int, size: int) -> np.ndarray:
+    """A noisy image whose first pixel spells ``identity`` in base 256 (R, G, B)."""
+    rng = np.random.default_rng(identity)
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    image[0, 0] = [(identity >> 16) & 255, (identity >> 8) & 255, identity & 255]
+    return image
+
+
+class IdentityReward:
+    """Scores an image by the id in its first pixel, and counts how often each id was scored."""
+
+    name = "identity"
+
+    def __init__(self):
+        self.scored: Counter = Counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, images, prompts):
+        ids = [(int(im[0, 0, 0]) << 16) | (int(im[0, 0, 1]) << 8) | int(im[0, 0, 2]) for im in images]
+        with self.lock:
+            self.scored.update(ids)
+        return np.asarray(ids, dtype=np.float64)
+
+
+class OverloadedEvery:
+    """An ASGI wrapper answering every ``every``-th POST with HTTP 503, before the app sees it."""
+
+    def __init__(self, app, every: int):
+        self.app, self.every, self.posts, self.refused = app, every, 0, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and self.every:
+            self.posts += 1
+            if self.posts % self.every == 0:
+                self.refused += 1
+                body = b'{"error": "overloaded (injected)"}'
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def run_load(clients: int, batches: int, batch: int, size: int, fault_every: int, max_seconds: float) -> dict:
+    """Serve, load, check; the measurements as a dict."""
+    from dgpo.reward_client import RemoteReward
+    from dgpo.reward_server import serve_reward
+
+    reward = IdentityReward()
+    wrapper: dict = {}
+
+    def wrap(app):
+        wrapper["app"] = OverloadedEvery(app, fault_every)
+        return wrapper["app"]
+
+    def client(c: int) -> tuple[list[float], int]:
+        remote = RemoteReward(server.url, timeout=30.0, retries=3, backoff=0.01)
+        latencies, wrong = [], 0
+        try:
+            for b in range(batches):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the load took longer than {max_seconds:g} s")
+                ids = [(c * batches + b) * batch + i for i in range(batch)]
+                images = np.stack([image_of(i, size) for i in ids])
+                start = time.perf_counter()
+                scores = remote(images, [f"client {c} batch {b}"] * batch)
+                latencies.append(time.perf_counter() - start)
+                wrong += int(scores.tolist() != [float(i) for i in ids])
+        finally:
+            remote.close()
+        return latencies, wrong
+
+    with serve_reward(reward, wrap=wrap) as server:
+        deadline = time.monotonic() + max_seconds
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            results = list(pool.map(client, range(clients)))
+        wall = time.perf_counter() - start
+    latencies = np.array([t for lat, _ in results for t in lat])
+    expected = clients * batches * batch
+    counts = Counter(reward.scored.values())
+    return {
+        "clients": clients, "batches_per_client": batches, "images_per_batch": batch, "image_size": size,
+        "fault_every": fault_every, "wall_s": round(wall, 3),
+        "batches": int(latencies.size), "images": expected,
+        "wrong_batches": sum(w for _, w in results),
+        "images_scored_once": counts.get(1, 0),
+        "images_scored_more_than_once": sum(n for k, n in counts.items() if k > 1),
+        "images_never_scored": expected - len(reward.scored),
+        "refused_503": wrapper["app"].refused,
+        "latency_p50_ms": round(float(np.percentile(latencies, 50)) * 1e3, 2),
+        "latency_p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 2),
+        "latency_max_ms": round(float(latencies.max()) * 1e3, 2),
+        "batches_per_s": round(latencies.size / wall, 1),
+        "images_per_s": round(expected / wall, 1),
+        "latencies_ms": [round(float(t) * 1e3, 3) for t in latencies],
+    }
+
+
+def write_report(result: dict, out_dir: Path, name: str) -> list[Path]:
+    import platform
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {**result, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
+              f"{__import__('os').cpu_count()} CPUs", "command": "python scripts/load_reward_server.py "
+              f"--clients {result['clients']} --batches {result['batches_per_client']} --batch "
+              f"{result['images_per_batch']} --size {result['image_size']} --fault-every {result['fault_every']}"}
+    (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    rows = [("clients × batches × images", f"{result['clients']} × {result['batches_per_client']} × "
+             f"{result['images_per_batch']} ({result['image_size']} px)"),
+            ("wrong or mis-ordered batches", result["wrong_batches"]),
+            ("images scored once / more than once / never", f"{result['images_scored_once']} / "
+             f"{result['images_scored_more_than_once']} / {result['images_never_scored']}"),
+            ("HTTP 503 injected (each retried)", result["refused_503"]),
+            ("latency p50 / p99 / max (ms)", f"{result['latency_p50_ms']} / {result['latency_p99_ms']} / "
+             f"{result['latency_max_ms']}"),
+            ("throughput", f"{result['batches_per_s']} batches/s, {result['images_per_s']} images/s"),
+            ("wall-clock", f"{result['wall_s']} s")]
+    md = [f"`{record['command']}` ({record['machine']}, {record['date']})", "", "| measure | value |", "|---|---|",
+          *[f"| {k} | {v} |" for k, v in rows]]
+    (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(result["latencies_ms"], bins=60, color="tab:blue")
+    for q, style in (("latency_p50_ms", "--"), ("latency_p99_ms", ":")):
+        ax.axvline(result[q], color="k", linestyle=style, label=f"{q[8:11]} {result[q]} ms")
+    ax.set(xlabel="batch latency as a client sees it (ms, retries included)", ylabel="batches",
+           title=f"{result['clients']} clients on loopback, every {result['fault_every']}th request 503")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{name}.png", dpi=110)
+    plt.close(fig)
+    return [out_dir / f"{name}.{ext}" for ext in ("json", "md", "png")]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run_load(args.clients, args.batches, args.batch, args.size, args.fault_every, args.max_seconds)
+    for path in write_report(result, Path(args.out_dir), args.name):
+        print(path)
+    print(Path(args.out_dir, f"{args.name}.md").read_text())
+    ok = (result["wrong_batches"] == 0 and result["images_never_scored"] == 0
+          and result["images_scored_more_than_once"] == 0)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
