@@ -18,6 +18,8 @@ class ModelConfig:
     merge_lora: str = option("", "a diffusers LoRA folder fused into the base before training, e.g. a few-step "
                              "student's final/lora: the run trains a new LoRA on top, and its reference (the "
                              "policy off) is the base with this LoRA fused")
+    resolution: int = option(0, "image side in pixels the model samples and trains at (0 = the pipeline's own: "
+                             "1024 for SD3.5 and FLUX.1; the released DGPO recipes use 512)", min=0)
     lora_rank: int = option(16, "LoRA rank on the transformer's attention projections", min=1)
     lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / rank)", min=0.0)
     lora_targets: str = option("attention", "layers that get adapters: the joint-attention projections, or those "

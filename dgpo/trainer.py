@@ -111,7 +111,7 @@ class Trainer:
         self.log = log = self.processes.voice(log)
         if model is None:
             self.base_path, _ = self.processes.main_first(lambda: resolve_base(cfg, log))
-            model = load_model(self.base_path)
+            model = load_model(self.base_path, resolution=cfg.model.resolution)
             if cfg.model.merge_lora:
                 model.fuse_lora(cfg.model.merge_lora)
         else:
@@ -314,7 +314,8 @@ class Trainer:
                     "sampler": to_dict(e.sampler), "t5_tokens": self.model.max_sequence_length,
                     "precision": self.cfg.model.mixed_precision, "device": self.accelerator.device.type,
                     "record": 2,  # 2: rows carry eval_geneval_se (older entries are evaluated again)
-                    **({"rewards": list(e.rewards)} if e.rewards else {})}
+                    **({"rewards": list(e.rewards)} if e.rewards else {}),
+                    **({"resolution": self.model.image_size} if self.cfg.model.resolution else {})}
         if self.cfg.model.merge_lora:  # the epoch-0 model is the base with that LoRA fused
             merged = Path(self.cfg.model.merge_lora)
             protocol["merged_lora"] = [str(merged.resolve()), eval_cache.weight_files(merged)]
@@ -382,7 +383,7 @@ class Trainer:
         """final/: lora/ (diffusers format; the EMA weights when rollouts use the EMA) and a usage note."""
         with self.rollout_policy():
             self.adapters.save_diffusers(POLICY, folder / "lora")
-        (folder / "README.md").write_text(_final_note(self.base_path, self.model.max_sequence_length, self.cfg))
+        (folder / "README.md").write_text(_final_note(self.base_path, self.model, self.cfg))
 
     def plot(self, rows: list[dict], out: Path) -> None:
         plot_curves(rows, out / "reward_curve.png")
@@ -393,22 +394,28 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------------- helpers
 
-def _final_note(base: Path, t5: int, cfg: TrainConfig) -> str:
+def _final_note(base: Path, model: FlowModel, cfg: TrainConfig) -> str:
+    """final/README.md: the stock diffusers lines that sample the trained LoRA as the run evaluated it."""
     s = cfg.eval.sampler
+    pipeline = getattr(getattr(model, "pipe", None), "__class__", type(None)).__name__
+    if pipeline == "NoneType":
+        return "# Trained LoRA\n\n`pytorch_lora_weights.safetensors` in the diffusers LoRA format.\n"
     merged = (f'pipe.load_lora_weights("{Path(cfg.model.merge_lora).resolve()}")\n'
               'pipe.fuse_lora(); pipe.unload_lora_weights()  # the LoRA this run was trained on top of (model.merge_lora)\n'
               if cfg.model.merge_lora else "")
     schedule = f"sigmas={list(s.sigmas)}" if s.sigmas else f"num_inference_steps={s.steps}"
+    loading = ', text_encoder_3=None, tokenizer_3=None' if pipeline == "StableDiffusion3Pipeline" else ""
+    size = f"height={model.image_size}, width={model.image_size}, "
     return f"""# Trained LoRA
 
 ```python
 import torch
-from diffusers import StableDiffusion3Pipeline
-pipe = StableDiffusion3Pipeline.from_pretrained("{base}", text_encoder_3=None, tokenizer_3=None)
+from diffusers import {pipeline}
+pipe = {pipeline}.from_pretrained("{base}"{loading})
 {merged}pipe.load_lora_weights("{Path(cfg.run.out_dir).resolve() / 'final' / 'lora'}")
 pipe.fuse_lora()  # only sampling: fold the adapters into the weights (the same function, faster)
-image = pipe("a photo of a red circle", {schedule},
-             guidance_scale={s.guidance_scale}, max_sequence_length={t5},
+image = pipe("a photo of a red circle", {size}{schedule},
+             guidance_scale={s.guidance_scale}, max_sequence_length={model.max_sequence_length},
              generator=torch.Generator().manual_seed(0)).images[0]
 ```
 """

@@ -73,11 +73,11 @@ def test_sd3_handle_implements_the_protocol(tiny_base):
 
 
 def test_a_folder_of_an_unregistered_family_is_one_clear_error(tiny_base, tmp_path):
-    folder = tmp_path / "flux"
+    folder = tmp_path / "kandinsky"
     shutil.copytree(tiny_base, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    with pytest.raises(UserError, match="holds a FluxPipeline.*register_model_family"):
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "Kandinsky3Pipeline"}))
+    with pytest.raises(UserError, match="holds a Kandinsky3Pipeline.*register_model_family"):
         load_model(folder)
 
 

@@ -171,9 +171,12 @@ def register_model_family(pipeline_class: str, handle_cls: type) -> type:
     return handle_cls
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> FlowModel:
-    """The handle of a local pipeline folder, by the pipeline class its ``model_index.json`` names."""
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, resolution: int = 0) -> FlowModel:
+    """The handle of a local pipeline folder, by the pipeline class its ``model_index.json`` names; at
+    ``resolution`` pixels when given (a family that cannot change it says so), else the pipeline's own."""
     import json
+
+    from dgpo.models import flux  # noqa: F401  (registers FluxPipeline)
     index = Path(model_dir) / "model_index.json"
     if not index.is_file():
         load_pipeline(model_dir)  # the one clear error for a folder that is not a pipeline
@@ -185,7 +188,12 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Flo
     if name not in _FAMILIES:
         raise UserError(f"{str(model_dir)!r} holds a {name}; the model families this framework can train are "
                         f"{sorted(_FAMILIES)} (add one with dgpo.models.handle.register_model_family)")
-    return _FAMILIES[name].from_pretrained(model_dir, dtype)
+    model = _FAMILIES[name].from_pretrained(model_dir, dtype)
+    if resolution and resolution != model.image_size:
+        if not hasattr(model, "at_resolution"):
+            raise UserError(f"model.resolution={resolution}: the {name} handle samples {model.image_size} px only")
+        model = model.at_resolution(resolution)
+    return model
 
 
 class SD3Model:
@@ -194,10 +202,18 @@ class SD3Model:
 
     family = "sd3"
 
-    def __init__(self, pipe: StableDiffusion3Pipeline, max_sequence_length: int = 0):
+    def __init__(self, pipe: StableDiffusion3Pipeline, max_sequence_length: int = 0, image_size: int = 0):
         self.pipe = pipe
         self.max_sequence_length = max_sequence_length
+        self._image_size = image_size or pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        factor = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+        if self._image_size % factor:
+            raise UserError(f"SD3 images must be a multiple of {factor} pixels, got {self._image_size}")
         self._negative: PromptEmbeds | None = None
+
+    def at_resolution(self, image_size: int) -> "SD3Model":
+        """The same model sampling ``image_size`` × ``image_size`` images (e.g. SD3.5-Medium at 512 px)."""
+        return SD3Model(self.pipe, self.max_sequence_length, image_size)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> "SD3Model":
@@ -215,7 +231,7 @@ class SD3Model:
     def with_transformer(self, transformer: torch.nn.Module) -> "SD3Model":
         pipe = StableDiffusion3Pipeline(**{**self.pipe.components, "transformer": transformer})
         pipe.set_progress_bar_config(disable=True)
-        return SD3Model(pipe, self.max_sequence_length)
+        return SD3Model(pipe, self.max_sequence_length, self._image_size)
 
     def save_pretrained(self, folder: str | Path) -> None:
         self.pipe.save_pretrained(str(folder))
@@ -260,13 +276,13 @@ class SD3Model:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(C, h, w) of one latent at the pipeline's default resolution."""
-        size = self.transformer.config.sample_size
+        """(C, h, w) of one latent at this handle's resolution (the pipeline's default unless set)."""
+        size = self._image_size // self.pipe.vae_scale_factor
         return (self.transformer.config.in_channels, size, size)
 
     @property
     def image_size(self) -> int:
-        return self.transformer.config.sample_size * self.pipe.vae_scale_factor
+        return self._image_size
 
     # -------------------------------------------------------------------------------- text
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
@@ -319,24 +335,35 @@ class SD3Model:
     def encode_images(self, images: np.ndarray | torch.Tensor, sample: bool = False,
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 images (B, S, S, 3) → scaled latents z = (E(x) − shift)·scale, (B, C, h, w)."""
-        x = torch.as_tensor(np.asarray(images)).to(self.device)
-        x = x.permute(0, 3, 1, 2).to(self.vae.dtype) / 127.5 - 1.0
-        dist = self.vae.encode(x).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        cfg = self.vae.config
-        return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+        return vae_encode(self.vae, images, self.device, sample, generator)
 
     def decode_latents(self, latents: torch.Tensor, output: str = "uint8") -> np.ndarray | torch.Tensor:
         """Scaled latents → images: uint8 (B, S, S, 3) numpy, float in [0, 1] numpy ("np"), or the raw
         decoder output in [-1, 1] as a tensor ("pt-raw", differentiable)."""
-        cfg = self.vae.config
-        raw = self.vae.decode(latents / cfg.scaling_factor + (cfg.shift_factor or 0.0), return_dict=False)[0]
-        if output == "pt-raw":
-            return raw
-        images = self.pipe.image_processor.postprocess(raw.detach(), output_type="np")
-        if output == "np":
-            return images
-        return (images * 255).round().astype(np.uint8)
+        return vae_decode(self.vae, self.pipe.image_processor, latents, output)
+
+
+def vae_encode(vae, images: np.ndarray | torch.Tensor, device, sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 images (B, S, S, 3) → a diffusers VAE's scaled latents z = (E(x) − shift)·scale, (B, C, h, w)."""
+    x = torch.as_tensor(np.asarray(images)).to(device)
+    x = x.permute(0, 3, 1, 2).to(vae.dtype) / 127.5 - 1.0
+    dist = vae.encode(x).latent_dist
+    z = dist.sample(generator) if sample else dist.mode()
+    cfg = vae.config
+    return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+
+def vae_decode(vae, image_processor, latents: torch.Tensor, output: str = "uint8") -> np.ndarray | torch.Tensor:
+    """Scaled latents → images as :meth:`FlowModel.decode_latents` returns them ("uint8", "np", "pt-raw")."""
+    cfg = vae.config
+    raw = vae.decode(latents / cfg.scaling_factor + (cfg.shift_factor or 0.0), return_dict=False)[0]
+    if output == "pt-raw":
+        return raw
+    images = image_processor.postprocess(raw.detach(), output_type="np")
+    if output == "np":
+        return images
+    return (images * 255).round().astype(np.uint8)
 
 
 def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,239 @@
+"""The FLUX.1 family's model handle (FLUX.1-dev, FLUX.1-schnell) over a local ``FluxPipeline`` folder.
+
+FLUX.1 is a rectified-flow transformer like SD3's, conditioned differently, and the handle hides each
+difference behind the :class:`dgpo.models.handle.FlowModel` protocol, so that no algorithm knows it trains FLUX:
+
+- latents: the VAE's (B, 16, h, w) latents are what every algorithm sees; the transformer reads them packed
+  into 2 × 2 patches, (B, h/2 · w/2, 64) tokens with their positions (``img_ids``), and the handle packs and
+  unpacks around each call;
+- text: CLIP's pooled embedding and T5's token embeddings (``max_sequence_length`` tokens: the tokenizer's
+  limit, 512 for FLUX.1-dev, 256 for schnell);
+- time: the transformer takes σ ∈ [0, 1] (SD3's takes 1000·σ);
+- guidance: FLUX.1-dev has no true classifier-free guidance. It was distilled to take the guidance scale as an
+  input (``guidance_embeds``): :meth:`FluxModel.guided_velocity` with scale w is *one* pass with w embedded, and
+  the plain :meth:`FluxModel.velocity` embeds ``guidance`` (3.5, the pipeline's default). So on FLUX.1-dev
+  ``rollout.guidance_scale`` and the sampler's ``guidance_scale`` are that embedding, and the algorithms'
+  "CFG" rows are the embedded guidance. A model without the embedding (FLUX.1-schnell, timestep-distilled)
+  gets true CFG against the empty prompt for w > 1, as ``FluxPipeline``'s ``true_cfg_scale``; schnell is meant
+  to sample in 1–4 steps at w ≤ 1;
+- the flow schedule: FLUX shifts its noise levels by the image's token count (``use_dynamic_shifting``, shift
+  e^μ with μ = calculate_shift(tokens)); at a fixed resolution that is SD3's static shift s = e^μ, which
+  :attr:`FluxModel.scheduler_config` reports, so every sampler here works unchanged. ``FluxPipeline`` itself
+  steps through ``sigmas = linspace(1, 1/N, N)``; pass those as ``sigmas`` to reproduce it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dgpo.errors import UserError
+from dgpo.models.handle import (PromptEmbeds, check_components, check_prompt_lengths, damaged_pipeline_is_a_user_error,
+                                register_model_family, vae_decode, vae_encode)
+
+#: Attention projections of the double-stream blocks (image and text) and of the single-stream blocks.
+FLUX_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+#: Feed-forward layers: both streams' MLPs in the double blocks, the fused MLP of the single blocks.
+FLUX_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
+FLUX_LORA_TARGETS = {"attention": FLUX_ATTENTION, "attention_ff": FLUX_ATTENTION + FLUX_FEED_FORWARD}
+#: The guidance FLUX.1-dev embeds when none is given (``FluxPipeline``'s default).
+DEFAULT_GUIDANCE = 3.5
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) → (B, h/2 · w/2, 4C): 2 × 2 patches as tokens, as ``FluxPipeline._pack_latents`` packs them."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents`."""
+    b = tokens.shape[0]
+    x = tokens.view(b, h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, h, w)
+
+
+def image_positions(h: int, w: int, device, dtype) -> torch.Tensor:
+    """(h/2 · w/2, 3) positions of the packed latent tokens: (0, row, column), as FLUX's rotary embedding reads."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxModel:
+    """The FLUX.1 family's handle (see the module docstring)."""
+
+    family = "flux"
+
+    def __init__(self, pipe, image_size: int = 0, guidance: float = DEFAULT_GUIDANCE):
+        self.pipe = pipe
+        self._image_size = image_size or pipe.default_sample_size * pipe.vae_scale_factor
+        factor = 2 * pipe.vae_scale_factor
+        if self._image_size % factor:
+            raise UserError(f"FLUX images must be a multiple of {factor} pixels, got {self._image_size}")
+        self.guidance = guidance
+        self.max_sequence_length = pipe.tokenizer_2.model_max_length
+        self._negative: PromptEmbeds | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> "FluxModel":
+        """A local ``FluxPipeline`` folder; VAE and text encoders frozen."""
+        from diffusers import FluxPipeline
+        path = Path(model_dir)
+        check_components(path)
+        with damaged_pipeline_is_a_user_error(path):
+            pipe = FluxPipeline.from_pretrained(str(path), dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            m.requires_grad_(False)
+        return cls(pipe)
+
+    def at_resolution(self, image_size: int) -> "FluxModel":
+        """The same model sampling ``image_size`` × ``image_size`` images (FLUX.1 trains at 256–2048 px)."""
+        return FluxModel(self.pipe, image_size, self.guidance)
+
+    def to(self, device) -> "FluxModel":
+        self.pipe.to(device)
+        self._negative = None
+        return self
+
+    def with_transformer(self, transformer: torch.nn.Module) -> "FluxModel":
+        from diffusers import FluxPipeline
+        pipe = FluxPipeline(**{**self.pipe.components, "transformer": transformer})
+        pipe.set_progress_bar_config(disable=True)
+        return FluxModel(pipe, self._image_size, self.guidance)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        self.pipe.save_pretrained(str(folder))
+
+    def fuse_lora(self, lora_dir: str | Path) -> None:
+        """Fold a diffusers-format LoRA folder into the transformer (``fuse_lora`` + ``unload_lora_weights``)."""
+        from dgpo.models.lora_io import load_lora_into_pipeline
+        load_lora_into_pipeline(self.pipe, lora_dir)
+        self.pipe.fuse_lora()
+        self.pipe.unload_lora_weights()
+
+    def lora_targets(self, kind: str) -> tuple[str, ...]:
+        """"attention": the projections of every block; "attention_ff": and the feed-forward layers."""
+        if kind not in FLUX_LORA_TARGETS:
+            raise UserError(f"LoRA targets {kind!r}: the FLUX family has {sorted(FLUX_LORA_TARGETS)}")
+        return FLUX_LORA_TARGETS[kind]
+
+    @property
+    def scheduler_config(self):
+        """The flow-matching scheduler's config at this resolution: FLUX's token-count shift e^μ as a static
+        ``shift`` (so every sampler here reproduces the pipeline's noise levels)."""
+        from diffusers.configuration_utils import FrozenDict
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+        cfg = dict(self.pipe.scheduler.config)
+        if cfg.get("use_dynamic_shifting"):
+            _, h, w = self.latent_shape
+            mu = calculate_shift((h // 2) * (w // 2), cfg.get("base_image_seq_len", 256),
+                                 cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                                 cfg.get("max_shift", 1.15))
+            cfg.update(use_dynamic_shifting=False, shift=math.exp(mu))
+        return FrozenDict(cfg)
+
+    # -------------------------------------------------------------------------------- parts
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self._image_size // self.pipe.vae_scale_factor
+        return (self.pipe.vae.config.latent_channels, side, side)
+
+    @property
+    def image_size(self) -> int:
+        return self._image_size
+
+    @property
+    def distilled_guidance(self) -> bool:
+        """True for FLUX.1-dev: the guidance scale is an input of the transformer, not a second pass."""
+        return bool(self.transformer.config.guidance_embeds)
+
+    # -------------------------------------------------------------------------------- text
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        """T5 token embeddings and CLIP's pooled embedding of ``prompts``; a prompt longer than CLIP reads is a
+        UserError (the pipeline would drop its end without a word)."""
+        check_prompt_lengths(self.pipe.tokenizer, prompts)
+        tokens, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                    max_sequence_length=self.max_sequence_length)
+        return PromptEmbeds(tokens, pooled)
+
+    def negative_embeds(self, batch: int) -> PromptEmbeds:
+        """The empty prompt's embeddings (true CFG's unconditional branch), repeated ``batch`` times."""
+        if self._negative is None:
+            with torch.no_grad():
+                self._negative = self.encode_prompts([""])
+        return self._negative.repeat_interleave(batch)
+
+    # -------------------------------------------------------------------------------- velocity
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        """v_θ(x_σ, σ, c) on (B, C, h, w) latents (FLUX.1-dev: with the default guidance embedded)."""
+        return self.velocity_at_timestep(latents, sigma * 1000.0, embeds)
+
+    def velocity_at_timestep(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
+                             guidance: float | None = None) -> torch.Tensor:
+        """The transformer at the scheduler's timestep t = 1000·σ (it reads σ = t / 1000), latents packed
+        around the call."""
+        b, c, h, w = latents.shape
+        sigma = (timestep.to(latents.dtype).reshape(-1) / 1000.0).expand(b)
+        g = None
+        if self.distilled_guidance:
+            g = torch.full((b,), self.guidance if guidance is None else guidance, device=latents.device,
+                           dtype=latents.dtype)
+        text_ids = torch.zeros(embeds.tokens.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        out = self.transformer(hidden_states=pack_latents(latents), timestep=sigma, guidance=g,
+                               pooled_projections=embeds.pooled, encoder_hidden_states=embeds.tokens,
+                               txt_ids=text_ids, img_ids=image_positions(h, w, latents.device, latents.dtype),
+                               return_dict=False)[0]
+        return unpack_latents(out, c, h, w)
+
+    def guided_velocity(self, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds,
+                        guidance_scale: float) -> torch.Tensor:
+        return self.guided_velocity_at_timestep(latents, sigma * 1000.0, embeds, guidance_scale)
+
+    def guided_velocity_at_timestep(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
+                                    guidance_scale: float) -> torch.Tensor:
+        """FLUX.1-dev: one pass with ``guidance_scale`` embedded. Without the embedding: true CFG
+        v_u + w·(v_c − v_u) against the empty prompt for w > 1, one conditional pass otherwise."""
+        if self.distilled_guidance:
+            return self.velocity_at_timestep(latents, timestep, embeds, guidance=guidance_scale)
+        if guidance_scale <= 1.0:
+            return self.velocity_at_timestep(latents, timestep, embeds)
+        batch = latents.shape[0]
+        both = PromptEmbeds.cat([self.negative_embeds(batch), embeds])
+        timestep = timestep.reshape(-1).expand(batch)
+        v = self.velocity_at_timestep(torch.cat([latents, latents]), torch.cat([timestep, timestep]), both)
+        v_uncond, v_cond = v.chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+    # -------------------------------------------------------------------------------- latents
+    def encode_images(self, images: np.ndarray | torch.Tensor, sample: bool = False,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        return vae_encode(self.vae, images, self.device, sample, generator)
+
+    def decode_latents(self, latents: torch.Tensor, output: str = "uint8") -> np.ndarray | torch.Tensor:
+        return vae_decode(self.vae, self.pipe.image_processor, latents, output)
+
+
+register_model_family("FluxPipeline", FluxModel)

@@ -1,0 +1,73 @@
+"""Tiny pipelines of the real model families, built from config and saved in their published on-disk layout.
+
+No weights can be downloaded here, so every loader and every algorithm is tested on pipelines that are the
+published ones in everything but size: the same diffusers and transformers classes, the same component
+folders, ``model_index.json`` and tokenizer files, written by ``save_pretrained``. A real checkpoint then loads
+through exactly the code the tests ran. The text side speaks the shapes world's words.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+#: T5's word-start marker in its SentencePiece vocabulary.
+WORD_START = "\u2581"
+
+
+def world_words() -> list[str]:
+    """Every word of the shapes world's prompts and pretraining captions, sorted."""
+    from dgpo.worlds import shapes
+    from dgpo.worlds.shapes_captions import pretraining_captions
+    return sorted({w for text in (*shapes.prompts("all"), *pretraining_captions()) for w in text.split()})
+
+
+def t5_tokenizer(words: list[str], max_length: int):
+    """A ``T5TokenizerFast`` (a SentencePiece-style Unigram model, as T5's) over ``words``: one piece per word,
+    single characters as the fallback, ``</s>`` appended."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+    chars = sorted({c for w in words for c in w})
+    pieces = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (WORD_START, -3.0)]
+              + [(WORD_START + w, -1.0) for w in words] + [(c, -5.0) for c in chars])
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def build_tiny_flux(folder: str | Path, guidance_embeds: bool = True, seed: int = 0, width: int = 32,
+                    text_tokens: int = 16) -> Path:
+    """A FLUX.1-dev (``guidance_embeds``) or -schnell shaped ``FluxPipeline`` with random weights, saved in
+    ``folder``: one double- and one single-stream block of width ``width``, CLIP-L and T5 text encoders of one
+    layer, a 16-channel VAE with a ×2 downsampling (32 px images are 16 × 16 latents, 64 tokens)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from dgpo.worlds.shapes_base.tokenizer import build_clip_tokenizer
+    words = world_words()
+    clip_tok = build_clip_tokenizer(words, text_tokens)
+    t5_tok = t5_tokenizer(words, text_tokens)
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=text_tokens, projection_dim=width,
+        bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=width, d_kv=width // 4, d_ff=2 * width,
+                                 num_layers=1, num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=16,
+                        layers_per_block=1, norm_num_groups=4, sample_size=32, shift_factor=0.1159,
+                        scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=width // 2,
+        num_attention_heads=2, joint_attention_dim=width, pooled_projection_dim=width,
+        guidance_embeds=guidance_embeds, axes_dims_rope=[width // 8, width // 8 * 1, width // 4])
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+                        tokenizer_2=t5_tok, transformer=transformer)
+    pipe.save_pretrained(str(folder))
+    return Path(folder)
