@@ -169,7 +169,7 @@ class Trainer:
     def _count_call(self, module, args, kwargs) -> None:
         if self._counting:
             x = kwargs.get("hidden_states", args[0] if args else None)
-            self._calls += int(x.shape[0])
+            self._calls += len(x) if isinstance(x, (list, tuple)) else int(x.shape[0])  # Z-Image: a list of frames
 
     def emas(self) -> dict[str, EMA]:
         """Every EMA that is checkpointed: the policy's and the objective's (e.g. DGPO's "ref"/"old")."""

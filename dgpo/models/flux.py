@@ -24,7 +24,6 @@ difference behind the :class:`dgpo.models.handle.FlowModel` protocol, so that no
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 
 from dgpo.errors import UserError
 from dgpo.models.handle import (PromptEmbeds, check_components, check_prompt_lengths, damaged_pipeline_is_a_user_error,
-                                register_model_family, vae_decode, vae_encode)
+                                register_model_family, static_shift_schedule, vae_decode, vae_encode)
 
 #: Attention projections of the double-stream blocks (image and text) and of the single-stream blocks.
 FLUX_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -128,16 +127,8 @@ class FluxModel:
     def scheduler_config(self):
         """The flow-matching scheduler's config at this resolution: FLUX's token-count shift e^μ as a static
         ``shift`` (so every sampler here reproduces the pipeline's noise levels)."""
-        from diffusers.configuration_utils import FrozenDict
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-        cfg = dict(self.pipe.scheduler.config)
-        if cfg.get("use_dynamic_shifting"):
-            _, h, w = self.latent_shape
-            mu = calculate_shift((h // 2) * (w // 2), cfg.get("base_image_seq_len", 256),
-                                 cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                                 cfg.get("max_shift", 1.15))
-            cfg.update(use_dynamic_shifting=False, shift=math.exp(mu))
-        return FrozenDict(cfg)
+        _, h, w = self.latent_shape
+        return static_shift_schedule(self.pipe.scheduler.config, (h // 2) * (w // 2))
 
     # -------------------------------------------------------------------------------- parts
     @property

@@ -21,6 +21,7 @@ family registers its handle with :func:`register_model_family` under its pipelin
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,9 @@ from dgpo.errors import UserError
 
 @dataclass
 class PromptEmbeds:
-    """Encoded prompts: token embeddings (B, L, D) and pooled embeddings (B, P)."""
+    """Encoded prompts: token embeddings (B, L, D) and pooled embeddings (B, P). What ``pooled`` holds is the
+    family's (Z-Image, which pools nothing, keeps each prompt's token count there); prompts of a batch may have
+    been encoded to different lengths L, and :meth:`cat` pads the shorter with zeros."""
 
     tokens: torch.Tensor
     pooled: torch.Tensor
@@ -51,7 +54,9 @@ class PromptEmbeds:
 
     @staticmethod
     def cat(items: list["PromptEmbeds"]) -> "PromptEmbeds":
-        return PromptEmbeds(torch.cat([e.tokens for e in items]), torch.cat([e.pooled for e in items]))
+        longest = max(e.tokens.shape[1] for e in items)
+        tokens = [torch.nn.functional.pad(e.tokens, (0, 0, 0, longest - e.tokens.shape[1])) for e in items]
+        return PromptEmbeds(torch.cat(tokens), torch.cat([e.pooled for e in items]))
 
 
 def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
@@ -176,7 +181,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, resolu
     ``resolution`` pixels when given (a family that cannot change it says so), else the pipeline's own."""
     import json
 
-    from dgpo.models import flux  # noqa: F401  (registers FluxPipeline)
+    from dgpo.models import flux, zimage  # noqa: F401  (they register FluxPipeline and ZImagePipeline)
     index = Path(model_dir) / "model_index.json"
     if not index.is_file():
         load_pipeline(model_dir)  # the one clear error for a folder that is not a pipeline
@@ -341,6 +346,21 @@ class SD3Model:
         """Scaled latents → images: uint8 (B, S, S, 3) numpy, float in [0, 1] numpy ("np"), or the raw
         decoder output in [-1, 1] as a tensor ("pt-raw", differentiable)."""
         return vae_decode(self.vae, self.pipe.image_processor, latents, output)
+
+
+def static_shift_schedule(scheduler_config, image_tokens: int):
+    """A flow scheduler config whose token-count shift (``use_dynamic_shifting``: shift e^μ, μ linear in the
+    image's token count, as FLUX.1 and Z-Image schedule) is fixed at ``image_tokens`` as SD3's static
+    ``shift``: σ' = s·σ / (1 + (s − 1)·σ) with s = e^μ equals the dynamic exp(μ) / (exp(μ) + 1/σ − 1). A config
+    without dynamic shifting comes back as it is."""
+    from diffusers.configuration_utils import FrozenDict
+    cfg = dict(scheduler_config)
+    if cfg.get("use_dynamic_shifting"):
+        base, top = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+        low, high = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+        mu = low + (high - low) * (image_tokens - base) / (top - base)  # diffusers' calculate_shift
+        cfg.update(use_dynamic_shifting=False, shift=math.exp(mu))
+    return FrozenDict(cfg)
 
 
 def vae_encode(vae, images: np.ndarray | torch.Tensor, device, sample: bool = False,

@@ -3,7 +3,8 @@
 No weights can be downloaded here, so every loader and every algorithm is tested on pipelines that are the
 published ones in everything but size: the same diffusers and transformers classes, the same component
 folders, ``model_index.json`` and tokenizer files, written by ``save_pretrained``. A real checkpoint then loads
-through exactly the code the tests ran. The text side speaks the shapes world's words.
+through exactly the code the tests ran: FLUX.1 (:func:`build_tiny_flux`) and Z-Image (:func:`build_tiny_zimage`),
+whose text side speaks the shapes world's words.
 """
 
 from __future__ import annotations
@@ -70,4 +71,56 @@ def build_tiny_flux(folder: str | Path, guidance_embeds: bool = True, seed: int 
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
                         tokenizer_2=t5_tok, transformer=transformer)
     pipe.save_pretrained(str(folder))
+    return Path(folder)
+
+
+#: A chat template in Qwen's format (the one ``ZImagePipeline`` applies to every prompt).
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def qwen_tokenizer(words: list[str], max_length: int):
+    """A byte-level BPE ``Qwen2TokenizerFast`` (Qwen's format: ``Ġ`` marks a space, ``Ċ`` a newline) whose merges
+    spell every word of ``words`` and the chat template's role names as one token, with Qwen's chat markers."""
+    from transformers import Qwen2TokenizerFast
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    spelled = [*words, "user", "assistant"]
+    alphabet = sorted({c for w in spelled for c in w} | {"Ġ", "Ċ"})
+    vocab, merges = {t: i for i, t in enumerate(alphabet)}, []
+    for word in dict.fromkeys([w for w in spelled] + ["Ġ" + w for w in spelled]):
+        for end in range(2, len(word) + 1):  # left to right: (w[:k-1], w[k-1]) → w[:k]
+            merge = (word[:end - 1], word[end - 1])
+            if merge not in merges:
+                merges.append(merge)
+                vocab.setdefault(word[:end], len(vocab))
+    qwen = Qwen2TokenizerFast(vocab=vocab, merges=merges, unk_token=None,
+                              bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              model_max_length=max_length)
+    qwen.add_special_tokens({"additional_special_tokens": specials})
+    qwen.chat_template = QWEN_CHAT_TEMPLATE
+    return qwen
+
+
+def build_tiny_zimage(folder: str | Path, seed: int = 0, width: int = 32, text_tokens: int = 64) -> Path:
+    """A Z-Image shaped ``ZImagePipeline`` with random weights, saved in ``folder``: one main and one refiner
+    layer of width ``width``, a two-layer Qwen3 text encoder, a 16-channel VAE with ×2 downsampling."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+    tok = qwen_tokenizer(world_words(), text_tokens)
+    torch.manual_seed(seed)
+    text = Qwen3Model(Qwen3Config(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                  head_dim=width // 2, max_position_embeddings=2 * text_tokens))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=16,
+                        layers_per_block=1, norm_num_groups=4, sample_size=32, shift_factor=0.1159,
+                        scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+    head = width // 2
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=width, n_layers=1, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=width, axes_dims=[head // 4, 3 * head // 8, 3 * head // 8],
+        axes_lens=[2 * text_tokens, 32, 32])
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+    ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text, tokenizer=tok,
+                   transformer=transformer).save_pretrained(str(folder))
     return Path(folder)
