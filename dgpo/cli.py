@@ -268,7 +268,7 @@ def cmd_serve_reward(args) -> None:
     check_binding(args.host, token)
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
-    reward = make_reward(args.name)
+    reward = make_reward(args.name, **({"model": args.model} if args.model else {}))
     limits = ServerLimits(max_body_bytes=args.max_body_mb << 20, max_pixels=args.max_pixels)
     app = create_app(reward, token, LOOPBACK_HOSTS if is_loopback(args.host) else None, limits)
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -417,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=at_least(1), default=4096 * 4096, help="largest image in pixels (default 4096²)")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
                    help="import a plug-in that registers the reward first")
+    p.add_argument("--model", help="the model a model-based reward reads (clip_score, pickscore: a CLIP folder; "
+                                   "aesthetic: CLIP_DIR,HEAD.pth)")
     p.set_defaults(func=cmd_serve_reward)
     return parser
 

@@ -203,6 +203,15 @@ def _ocr_reward(threads: int = 0) -> Reward:
     return OCRReward(threads=threads)
 
 
+def _clip_reward(kind: str):
+    """``reward.name: clip_score | pickscore | aesthetic``: :class:`dgpo.clip_rewards.CLIPReward` on
+    ``reward.model`` (imported when used)."""
+    def factory(model: str = "") -> Reward:
+        from dgpo.clip_rewards import CLIPReward
+        return CLIPReward(kind, model)
+    return factory
+
+
 # ------------------------------------------------------------------------------------------------ registry
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {
@@ -212,6 +221,9 @@ _REGISTRY: dict[str, Callable[..., Reward]] = {
     "shapes_soft": lambda: ShapesReward(kind="soft"),
     "remote": _remote_reward,
     "ocr": _ocr_reward,
+    "clip_score": _clip_reward("clip_score"),
+    "pickscore": _clip_reward("pickscore"),
+    "aesthetic": _clip_reward("aesthetic"),
 }
 
 
@@ -245,6 +257,8 @@ def reward_of_run(reward_cfg, world) -> tuple[str, Reward]:
     options = ({"url": reward_cfg.url, "timeout": reward_cfg.timeout, "retries": reward_cfg.retries,
                 "batch_size": reward_cfg.batch_size, "score_range": getattr(reward_cfg, "score_range", [])}
                if name == "remote" else {})
+    if getattr(reward_cfg, "model", "") and name in _REGISTRY and "model" in inspect.signature(_REGISTRY[name]).parameters:
+        options["model"] = reward_cfg.model
     return name, make_reward(name, **options)
 
 
