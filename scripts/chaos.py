@@ -167,7 +167,9 @@ def killed_run(args, run_dir: Path, server: RewardServer | None, seconds: float)
     while not finished(run_dir):
         proc = launch(run_folder_command(args.command, run_dir, how, server), args.processes, log)
         t0 = time.time()
-        moment = rng.uniform(0.15, 1.0) * seconds if kills < args.kills else None
+        # within the first half of a straight run: a resumed launch (and one whose first evaluation is now
+        # cached) has less left to run than the straight run had
+        moment = rng.uniform(0.1, 0.5) * seconds if kills < args.kills else None
         while proc.poll() is None:
             now = time.time() - t0
             if moment is not None and now >= moment:
@@ -193,8 +195,9 @@ def killed_run(args, run_dir: Path, server: RewardServer | None, seconds: float)
 
 
 def is_timing(key: str) -> bool:
-    """A wall-clock column of metrics.jsonl (train_seconds, rollout_s, …): no two runs share those."""
-    return "seconds" in key or key.endswith("_s")
+    """A column of metrics.jsonl that measures the machine, not the run: wall-clock (train_seconds, rollout_s,
+    …) and peak memory. No two runs share those."""
+    return "seconds" in key or key.endswith("_s") or key == "peak_memory_gb"
 
 
 def comparable_rows(run_dir: Path) -> list[dict]:
