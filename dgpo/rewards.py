@@ -212,6 +212,13 @@ def _clip_reward(kind: str):
     return factory
 
 
+def _vlm_judge(url: str = "", model: str = "", timeout: float = 60.0, retries: int = 2) -> Reward:
+    """``reward.name: vlm_judge``: :class:`dgpo.vlm_judge.VLMJudge` at ``reward.url`` (an OpenAI-compatible API
+    base) judging with the served ``reward.model``."""
+    from dgpo.vlm_judge import VLMJudge
+    return VLMJudge(url, model, timeout=timeout, retries=retries)
+
+
 # ------------------------------------------------------------------------------------------------ registry
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {
@@ -224,6 +231,7 @@ _REGISTRY: dict[str, Callable[..., Reward]] = {
     "clip_score": _clip_reward("clip_score"),
     "pickscore": _clip_reward("pickscore"),
     "aesthetic": _clip_reward("aesthetic"),
+    "vlm_judge": _vlm_judge,
 }
 
 
@@ -257,6 +265,8 @@ def reward_of_run(reward_cfg, world) -> tuple[str, Reward]:
     options = ({"url": reward_cfg.url, "timeout": reward_cfg.timeout, "retries": reward_cfg.retries,
                 "batch_size": reward_cfg.batch_size, "score_range": getattr(reward_cfg, "score_range", [])}
                if name == "remote" else {})
+    if name == "vlm_judge":
+        options = {"url": reward_cfg.url, "timeout": reward_cfg.timeout, "retries": reward_cfg.retries}
     if getattr(reward_cfg, "model", "") and name in _REGISTRY and "model" in inspect.signature(_REGISTRY[name]).parameters:
         options["model"] = reward_cfg.model
     return name, make_reward(name, **options)
