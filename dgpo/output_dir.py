@@ -52,12 +52,13 @@ def read_manifest(folder: Path) -> dict | None:
     return data if ok else None
 
 
-def write_manifest(folder: Path, tool: str, owns: list[str], created: bool = False) -> None:
+def write_manifest(folder: Path, tool: str, owns: list[str], created: bool = False, created_parents: int = 0) -> None:
     """Record (atomically) that ``tool`` owns the files matching ``owns`` in ``folder`` (and, ``created``, the
-    folder itself: it did not exist before)."""
+    folder itself: it did not exist before; ``created_parents``: that many folders above it neither)."""
     fd, tmp = tempfile.mkstemp(prefix=f"{MANIFEST}.", suffix=".tmp", dir=folder)
     with os.fdopen(fd, "w") as f:
-        json.dump({"tool": tool, "owns": sorted(owns), "created": created}, f, indent=1)
+        json.dump({"tool": tool, "owns": sorted(owns), "created": created,
+                   **({"created_parents": created_parents} if created_parents else {})}, f, indent=1)
     os.replace(tmp, folder / MANIFEST)
 
 
@@ -123,10 +124,13 @@ def claim_run_dir(path: str | Path, tool: str, layout: list[str], overwrite: boo
     ``tool``, whose files are removed first. ``layout`` are the patterns of the files a run writes."""
     out = check_output(path, tool, overwrite, flag)
     created = not out.exists() or (read_manifest(out) or {}).get("created", False)
+    parents = 0
+    while not out.parents[parents].exists():  # e.g. runs/ for runs/dgpo-shapes: released with the run
+        parents += 1
     if out.exists():
         clear_owned(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_manifest(out, tool, layout, created=created)
+    write_manifest(out, tool, layout, created=created, created_parents=parents)
     return out
 
 
@@ -141,6 +145,9 @@ def release_run_dir(path: str | Path) -> bool:
     clear_owned(out)
     if created and out.is_dir() and not any(out.iterdir()):
         out.rmdir()
+        for parent in list(out.parents)[:manifest.get("created_parents", 0)]:  # the folders the claim made
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
     return True
 
 

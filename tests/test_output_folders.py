@@ -181,10 +181,15 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_base
     run = tmp_path / "run"
     err = _refused(capsys, main, ["train", *TRAIN, "--set", f"model.base={not_a_pipeline}", "--out", str(run)])
     assert "model_index.json" in err and not run.exists()
+    nested = tmp_path / "runs" / "sweep" / "run"  # the folders the claim made above the run go with it
+    _refused(capsys, main, ["train", *TRAIN, "--set", f"model.base={not_a_pipeline}", "--out", str(nested)])
+    assert not (tmp_path / "runs").exists()
     users = tmp_path / "made-by-the-user"
     users.mkdir()
     _refused(capsys, main, ["train", *TRAIN, "--set", f"model.base={not_a_pipeline}", "--out", str(users)])
     assert users.is_dir() and list(users.iterdir()) == []
+    _refused(capsys, main, ["train", *TRAIN, "--set", f"model.base={not_a_pipeline}", "--out", str(users / "run")])
+    assert users.is_dir() and list(users.iterdir()) == []  # the user's folder stays
     # interrupted after its first checkpoint: the run stays, and resumes
     from dgpo.trainer import Trainer
     calls = {"n": 0}
