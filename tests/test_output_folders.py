@@ -209,3 +209,24 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_base
         Trainer.train_step = original
     assert _checkpoints(run) == ["step-1"]
     assert main(["train", "--resume", str(run)]) == 0 and _checkpoints(run)[-1] == "step-2"
+
+
+def test_ctrl_c_while_sampling_stops_cleanly_and_writes_nothing(tiny_base, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of `dgpo sample`: "interrupted", exit status 130, and no output folder (the images
+    are written all at once, after the sampling)."""
+    import dgpo.evaluation as evaluation
+    calls = {"n": 0}
+    real = evaluation.sample_ode
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "sample_ode", interrupted)
+    out = tmp_path / "samples"
+    assert main(["sample", "--model", str(tiny_base), "--split", "test", "--steps", "2", "--batch-size", "4",
+                 "--out", str(out)]) == 130
+    assert calls["n"] == 2 and "interrupted" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []

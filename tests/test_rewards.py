@@ -66,8 +66,8 @@ def test_registry():
     assert soft[0] == pytest.approx(shapes.soft_partial_score(im[0], "a photo of a square"))
     assert 0.0 < soft[0] < 0.5 and make_reward("shapes_partial")(im, ["a photo of a square"])[0] == 0.0
     assert make_reward("remote", url="http://127.0.0.1:1/", timeout=1.0).timeout == 1.0
-    with pytest.raises(UserError, match="unknown reward 'clip_score'.*shapes_partial.*shapes_strict"):
-        make_reward("clip_score")
+    with pytest.raises(UserError, match="unknown reward 'image_reward'.*shapes_partial.*shapes_strict"):
+        make_reward("image_reward")
     with pytest.raises(UserError, match="needs url"):
         make_reward("remote")
     with pytest.raises(UserError, match="bad options"):
