@@ -10,12 +10,14 @@ moments (the client retries; a run that gives up is resumed like a killed one). 
 every tensor of ``final/`` and every row of ``metrics.jsonl`` (timing columns aside) must be equal, bit for bit
 on a CPU. Writes ``OUT/chaos.json`` and prints how many kills the run survived.
 
-    python scripts/chaos.py --kills 10 --out OUT -- dgpo.cli train --set run.epochs=30 --set run.threads=1
+    python scripts/chaos.py --kills 10 --out OUT -- dgpo.cli train --set run.epochs=40 --set run.time_budget_min=0 \
+        --set eval.every_minutes=0 --set eval.every=10 --set run.threads=1
     python scripts/chaos.py --kills 5 --processes 2 --out OUT -- dgpo.cli train --set run.epochs=10
     python scripts/chaos.py --kills 5 --reward-server shapes_partial --out OUT -- dgpo.cli train --set run.epochs=20
 
-Give the run ``run.time_budget_min=0`` (the default recipes stop on wall-clock, which no two runs share) and one
-thread per process (``run.threads=1``): the equality is what is checked.
+Give the run ``run.time_budget_min=0`` and ``eval.every_minutes=0`` (the default recipes stop and evaluate on
+wall-clock, which no two runs share) and one thread per process (``run.threads=1``): the equality is what is
+checked.
 """
 
 from __future__ import annotations
@@ -167,9 +169,9 @@ def killed_run(args, run_dir: Path, server: RewardServer | None, seconds: float)
     while not finished(run_dir):
         proc = launch(run_folder_command(args.command, run_dir, how, server), args.processes, log)
         t0 = time.time()
-        # within the first half of a straight run: a resumed launch (and one whose first evaluation is now
-        # cached) has less left to run than the straight run had
-        moment = rng.uniform(0.1, 0.5) * seconds if kills < args.kills else None
+        # early in a straight run's length: a resumed launch (and one whose first evaluation is now cached) has
+        # less left to run than the straight run had, and every launch should be hit until --kills have landed
+        moment = rng.uniform(0.05, 0.3) * seconds if kills < args.kills else None
         while proc.poll() is None:
             now = time.time() - t0
             if moment is not None and now >= moment:

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 TRAIN = ["run.epochs=8", "run.time_budget_min=0", "rollout.prompts_per_epoch=2", "rollout.group_size=3",
          "rollout.steps=2", "eval.per_prompt=1", "eval.sampler.steps=2", "eval.fd=false", "eval.every=4",
-         "run.checkpoint_every=1", "optim.micro_batch=2", "model.lora_rank=2", "model.lora_alpha=2",
+         "eval.every_minutes=0", "run.checkpoint_every=1", "optim.micro_batch=2", "model.lora_rank=2", "model.lora_alpha=2",
          "objective.timesteps_per_sample=2", "run.threads=1"]
 DISTILL = ["run.iterations=8", "run.time_budget_min=0", "optim.batch_size=4", "eval.per_prompt=1", "eval.fd=false",
            "eval.every=4", "run.checkpoint_every=1", "run.threads=1"]
