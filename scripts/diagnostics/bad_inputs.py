@@ -1,7 +1,7 @@
 """What does a user see for bad input? Runs each bad input below through the real command line and records the
 exit status and the message, as a markdown table (``docs/bad-input.md`` holds the last one) and JSON.
 
-    python scripts/diagnostics/bad_inputs.py --out OUT      # about 2 minutes on a CPU; needs no base model
+    python scripts/diagnostics/bad_inputs.py --out OUT      # a few minutes on a CPU
 
 Each case runs in a fresh temporary folder as its working directory, with an empty ``DGPO_CACHE``; a case
 passes when the command exits with status 2, prints one line, and leaves the folder as it found it (apart
