@@ -4,6 +4,10 @@
   transformers CLIP folder (e.g. openai/clip-vit-large-patch14 as saved by ``save_pretrained``);
 - ``pickscore``: PickScore (Kirstain et al. 2023): the learned logit scale · cos(E_I(x), E_T(p)) of the
   PickScore_v1 CLIP-H folder (a transformers ``CLIPModel``); it ranks images of one prompt (about 18–23);
+- ``hpsv2``: HPSv2 (Wu et al. 2023): cos(E_I(x), E_T(p)) of its fine-tuned open_clip ViT-H-14, read from the
+  published checkpoint (``HPS_v2.1_compressed.pt``: open_clip's state dict, with ``torch.load(weights_only=True)``)
+  and converted into transformers' ``CLIPModel``, since open_clip itself cannot be imported with this torch; its
+  tokenizer is CLIP's BPE, read from any CLIP folder: ``reward.model`` = "CHECKPOINT.pt,CLIP_TOKENIZER_DIR";
 - ``aesthetic``: the LAION aesthetic predictor v2: an MLP (768 → 1024 → 128 → 64 → 16 → 1) on the
   normalised CLIP ViT-L/14 image embedding, predicting a 1–10 rating; ``reward.model`` = "CLIP_DIR,HEAD.pth",
   the head's state dict read with ``torch.load(weights_only=True)`` (never unpickled as objects).
@@ -78,19 +82,23 @@ class CLIPReward:
     """``clip_score``, ``pickscore`` (text–image) and ``aesthetic`` (image only) over a local CLIP (see the
     module docstring)."""
 
+    NEEDS = {"clip_score": "CLIP_DIR", "pickscore": "PICKSCORE_DIR", "aesthetic": "CLIP_DIR,HEAD.pth",
+             "hpsv2": "CHECKPOINT.pt,CLIP_TOKENIZER_DIR"}
+
     def __init__(self, kind: str, model: str, batch_size: int = 64):
-        if kind not in ("clip_score", "pickscore", "aesthetic"):
+        if kind not in self.NEEDS:
             raise ValueError(f"unknown CLIP reward {kind!r}")
         if not model:
-            need = "CLIP_DIR,HEAD.pth" if kind == "aesthetic" else "CLIP_DIR"
-            raise UserError(f"reward {kind!r} needs its model on disk: --set reward.model={need}")
+            raise UserError(f"reward {kind!r} needs its model on disk: --set reward.model={self.NEEDS[kind]}")
         self.name, self.kind, self.batch_size = kind, kind, batch_size
-        folder, _, head = model.partition(",")
-        if kind == "aesthetic" and not head:
-            raise UserError("reward 'aesthetic' needs reward.model=CLIP_DIR,HEAD.pth (a CLIP ViT-L/14 folder and the "
-                            "LAION aesthetic predictor's state dict)")
-        self.clip, self.tokenizer, self.settings = load_clip_folder(folder, kind)
-        self.head = load_aesthetic_head(head, self.clip.config.projection_dim) if kind == "aesthetic" else None
+        first, _, second = model.partition(",")
+        if kind in ("aesthetic", "hpsv2") and not second:
+            raise UserError(f"reward {kind!r} needs reward.model={self.NEEDS[kind]}")
+        if kind == "hpsv2":
+            self.clip, self.tokenizer, self.settings = load_open_clip_checkpoint(first, second, kind)
+        else:
+            self.clip, self.tokenizer, self.settings = load_clip_folder(first, kind)
+        self.head = load_aesthetic_head(second, self.clip.config.projection_dim) if kind == "aesthetic" else None
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         from dgpo.rewards import _check_batch
@@ -114,6 +122,8 @@ class CLIPReward:
         cos = (image * text).sum(-1)
         if self.kind == "clip_score":
             return 2.5 * cos.clamp(min=0)
+        if self.kind == "hpsv2":
+            return cos
         return self.clip.logit_scale.exp() * cos
 
 
@@ -147,3 +157,96 @@ def load_aesthetic_head(path: str, width: int) -> torch.nn.Sequential:
                                torch.nn.Linear(hidden[2], hidden[3]), torch.nn.Linear(hidden[3], 1))
     head.load_state_dict({k[len("layers."):]: v for k, v in state.items()})
     return head.eval().requires_grad_(False)
+
+
+#: open_clip's attention head width per vision tower width where it is not 64 (ViT-H-14: 1280 wide, 16 heads).
+OPEN_CLIP_VISION_HEADS = {1280: 16}
+
+
+def open_clip_to_transformers(state: dict[str, torch.Tensor], tokenizer):
+    """An open_clip CLIP state dict (``visual.*``, ``transformer.*``, ``token_embedding``, …) as a transformers
+    ``CLIPModel``: the architecture read from the tensors' shapes (heads: 64 wide, ViT-H's 80), the fused
+    attention projections split into q, k, v, the projections transposed. The text is pooled at the
+    ``tokenizer``'s end token, where open_clip pools at the largest token id: the same token in CLIP's BPE."""
+    from transformers import CLIPConfig, CLIPModel
+
+    def layers(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+    v_width = state["visual.conv1.weight"].shape[0]
+    patch = state["visual.conv1.weight"].shape[-1]
+    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    t_width = state["token_embedding.weight"].shape[1]
+    config = CLIPConfig(
+        vision_config=dict(hidden_size=v_width, image_size=patch * grid, patch_size=patch,
+                           num_hidden_layers=layers("visual.transformer.resblocks."),
+                           num_attention_heads=OPEN_CLIP_VISION_HEADS.get(v_width, v_width // 64),
+                           intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                           hidden_act="gelu", layer_norm_eps=1e-5),
+        text_config=dict(hidden_size=t_width, vocab_size=state["token_embedding.weight"].shape[0],
+                         max_position_embeddings=state["positional_embedding"].shape[0],
+                         num_hidden_layers=layers("transformer.resblocks."), num_attention_heads=t_width // 64,
+                         intermediate_size=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                         hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        projection_dim=state["text_projection"].shape[1])
+    out = {"logit_scale": state["logit_scale"], "text_projection.weight": state["text_projection"].T,
+           "visual_projection.weight": state["visual.proj"].T,
+           "text_model.embeddings.token_embedding.weight": state["token_embedding.weight"],
+           "text_model.embeddings.position_embedding.weight": state["positional_embedding"],
+           "text_model.final_layer_norm.weight": state["ln_final.weight"],
+           "text_model.final_layer_norm.bias": state["ln_final.bias"],
+           "vision_model.embeddings.class_embedding": state["visual.class_embedding"],
+           "vision_model.embeddings.patch_embedding.weight": state["visual.conv1.weight"],
+           "vision_model.embeddings.position_embedding.weight": state["visual.positional_embedding"],
+           "vision_model.pre_layrnorm.weight": state["visual.ln_pre.weight"],
+           "vision_model.pre_layrnorm.bias": state["visual.ln_pre.bias"],
+           "vision_model.post_layernorm.weight": state["visual.ln_post.weight"],
+           "vision_model.post_layernorm.bias": state["visual.ln_post.bias"]}
+    for ours, theirs in (("text_model", "transformer"), ("vision_model", "visual.transformer")):
+        for i in range(layers(f"{theirs}.resblocks.")):
+            src, dst = f"{theirs}.resblocks.{i}.", f"{ours}.encoder.layers.{i}."
+            for part, w in zip("qkv", state[src + "attn.in_proj_weight"].chunk(3)):
+                out[f"{dst}self_attn.{part}_proj.weight"] = w
+            for part, b in zip("qkv", state[src + "attn.in_proj_bias"].chunk(3)):
+                out[f"{dst}self_attn.{part}_proj.bias"] = b
+            for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                         ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                out[f"{dst}{b}.weight"], out[f"{dst}{b}.bias"] = state[f"{src}{a}.weight"], state[f"{src}{a}.bias"]
+    model = CLIPModel(config)
+    missing, unexpected = model.load_state_dict(out, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"open_clip conversion: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+def load_open_clip_checkpoint(checkpoint: str, tokenizer_dir: str, name: str):
+    """(CLIPModel, tokenizer, preprocessing) of an open_clip checkpoint (its state dict, or ``{"state_dict": …}``
+    as HPSv2 publishes it) and a CLIP tokenizer folder."""
+    from transformers import AutoTokenizer
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise UserError(f"reward {name!r}: no checkpoint {checkpoint!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"reward {name!r}: {checkpoint!r} is not a plain state dict ({type(e).__name__}); nothing in "
+                        "it was unpickled") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if isinstance(state, dict):  # saved from a DistributedDataParallel model
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if not isinstance(state, dict) or "visual.conv1.weight" not in state:
+        raise UserError(f"reward {name!r}: {checkpoint!r} is not an open_clip CLIP state dict (no visual.conv1.weight)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError):
+        raise UserError(f"reward {name!r}: {tokenizer_dir!r} holds no CLIP tokenizer (a CLIP folder's tokenizer "
+                        "files)") from None
+    try:
+        model = open_clip_to_transformers(state, tokenizer).eval().requires_grad_(False)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"reward {name!r}: {checkpoint!r} does not convert to a CLIP model ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:160]})") from None
+    size = model.config.vision_config.image_size
+    return model, tokenizer, {"size": size, "crop": size, "mean": CLIP_MEAN, "std": CLIP_STD}

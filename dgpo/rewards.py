@@ -204,7 +204,7 @@ def _ocr_reward(threads: int = 0) -> Reward:
 
 
 def _clip_reward(kind: str):
-    """``reward.name: clip_score | pickscore | aesthetic``: :class:`dgpo.clip_rewards.CLIPReward` on
+    """``reward.name: clip_score | pickscore | aesthetic | hpsv2``: :class:`dgpo.clip_rewards.CLIPReward` on
     ``reward.model`` (imported when used)."""
     def factory(model: str = "") -> Reward:
         from dgpo.clip_rewards import CLIPReward
@@ -231,6 +231,7 @@ _REGISTRY: dict[str, Callable[..., Reward]] = {
     "clip_score": _clip_reward("clip_score"),
     "pickscore": _clip_reward("pickscore"),
     "aesthetic": _clip_reward("aesthetic"),
+    "hpsv2": _clip_reward("hpsv2"),
     "vlm_judge": _vlm_judge,
 }
 

@@ -51,11 +51,12 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     name: str = option("", "reward: empty = the world's own (shapes: shapes_partial); shapes_strict, shapes_mixed, "
-                       "shapes_soft, ocr, clip_score, pickscore, aesthetic, vlm_judge, remote, or a registered name; several "
+                       "shapes_soft, ocr, clip_score, pickscore, hpsv2, aesthetic, vlm_judge, remote, or a registered name; several "
                        "joined by + "
                        "(ocr+shapes_strict)")
     model: str = option("", "the model a model-based reward reads: clip_score and pickscore a local transformers "
-                        "CLIP folder, aesthetic CLIP_DIR,HEAD.pth, vlm_judge the served model's name "
+                        "CLIP folder, hpsv2 CHECKPOINT.pt,CLIP_TOKENIZER_DIR, aesthetic CLIP_DIR,HEAD.pth, vlm_judge "
+                        "the served model's name "
                         "(docs/rewards.md)")
     weights: list[float] = option([], "with several rewards: one weight each (empty = all 1)")
     combine: str = option("sum", "with several rewards: sum (one reward, Σ w_k r_k) or advantages (Σ w_k A_k, each "

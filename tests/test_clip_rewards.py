@@ -130,3 +130,79 @@ def test_a_run_passes_reward_model_to_the_reward(clip_dir):
     cfg = SimpleNamespace(name="clip_score", model=str(clip_dir), url="", timeout=1.0, retries=0, batch_size=0)
     name, reward = reward_of_run(cfg, world=None)
     assert name == "clip_score" and isinstance(reward, CLIPReward) and reward.kind == "clip_score"
+
+
+# ------------------------------------------------------------------------------------------ HPSv2 (open_clip)
+
+def open_clip_state(vocab: int, width=128, layers=2, patch=8, grid=4, context=16, embed=64, seed=0):
+    """A random state dict with open_clip's CLIP key names and layout (as HPSv2's checkpoint holds it)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=0.05: torch.randn(*shape, generator=g) * s  # noqa: E731
+    state = {"visual.conv1.weight": r(width, 3, patch, patch), "visual.class_embedding": r(width),
+             "visual.positional_embedding": r(grid * grid + 1, width), "visual.proj": r(width, embed),
+             "token_embedding.weight": r(vocab, width), "positional_embedding": r(context, width),
+             "text_projection": r(width, embed), "logit_scale": torch.tensor(4.6)}
+    for ln in ("visual.ln_pre", "visual.ln_post", "ln_final"):
+        state[f"{ln}.weight"], state[f"{ln}.bias"] = 1 + r(width), r(width)
+    for tower in ("visual.transformer", "transformer"):
+        for i in range(layers):
+            p = f"{tower}.resblocks.{i}."
+            state.update({p + "attn.in_proj_weight": r(3 * width, width, s=0.1), p + "attn.in_proj_bias": r(3 * width),
+                          p + "attn.out_proj.weight": r(width, width, s=0.1), p + "attn.out_proj.bias": r(width),
+                          p + "mlp.c_fc.weight": r(4 * width, width, s=0.1), p + "mlp.c_fc.bias": r(4 * width),
+                          p + "mlp.c_proj.weight": r(width, 4 * width, s=0.1), p + "mlp.c_proj.bias": r(width)})
+            for ln in ("ln_1", "ln_2"):
+                state[f"{p}{ln}.weight"], state[f"{p}{ln}.bias"] = 1 + r(width), r(width)
+    return state
+
+
+def open_clip_forward(state, pixels, tokens, eos: int, heads: int = 2):
+    """open_clip's CLIP forward written from its definition (an oracle independent of the conversion): unit
+    image and text embeddings."""
+    F = torch.nn.functional
+
+    def ln(x, name):
+        return F.layer_norm(x, x.shape[-1:], state[f"{name}.weight"], state[f"{name}.bias"], 1e-5)
+
+    def blocks(x, tower, mask=None):
+        i = 0
+        while f"{tower}.resblocks.{i}.ln_1.weight" in state:
+            p = f"{tower}.resblocks.{i}."
+            h = ln(x, p + "ln_1").transpose(0, 1)  # (L, B, E)
+            a, _ = F.multi_head_attention_forward(
+                h, h, h, h.shape[-1], heads, state[p + "attn.in_proj_weight"], state[p + "attn.in_proj_bias"], None,
+                None, False, 0.0, state[p + "attn.out_proj.weight"], state[p + "attn.out_proj.bias"], training=False,
+                need_weights=False, attn_mask=mask)
+            x = x + a.transpose(0, 1)
+            h = F.gelu(F.linear(ln(x, p + "ln_2"), state[p + "mlp.c_fc.weight"], state[p + "mlp.c_fc.bias"]))
+            x = x + F.linear(h, state[p + "mlp.c_proj.weight"], state[p + "mlp.c_proj.bias"])
+            i += 1
+        return x
+
+    x = F.conv2d(pixels, state["visual.conv1.weight"], stride=state["visual.conv1.weight"].shape[-1])
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([state["visual.class_embedding"].expand(len(x), 1, -1), x], dim=1) + state["visual.positional_embedding"]
+    x = blocks(ln(x, "visual.ln_pre"), "visual.transformer")
+    image = ln(x[:, 0], "visual.ln_post") @ state["visual.proj"]
+    n = tokens.shape[1]
+    t = state["token_embedding.weight"][tokens] + state["positional_embedding"][:n]
+    causal = torch.full((n, n), float("-inf")).triu(1)
+    t = ln(blocks(t, "transformer", causal), "ln_final")
+    text = t[torch.arange(len(t)), (tokens == eos).int().argmax(1)] @ state["text_projection"]
+    return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+
+
+def test_hpsv2_converts_open_clip_and_scores_the_cosine(clip_dir, images, tmp_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(clip_dir))
+    state = open_clip_state(vocab=len(tok))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "hps.pt")  # as published
+    got = make_reward("hpsv2", model=f"{tmp_path / 'hps.pt'},{clip_dir}")(images, PROMPTS)
+    pixels = clip_pixels(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, 32, 32,
+                         (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    tokens = torch.tensor([i + [tok.pad_token_id] * (16 - len(i)) for i in ids])
+    with torch.no_grad():
+        image, text = open_clip_forward(state, pixels, tokens, tok.eos_token_id)
+    np.testing.assert_allclose(got, (image * text).sum(-1).numpy(), atol=1e-4)
+    assert got.std() > 1e-3  # three different pairs, three different scores
