@@ -94,21 +94,29 @@ class RemoteReward:
             client.close()
         self._clients.clear()
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+    def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict] | None = None) -> np.ndarray:
+        """Scores of ``images`` for ``prompts``; ``metadata`` (one JSON-able dict per prompt) travels with them
+        for a served reward that takes it."""
         images, prompts = _check_batch(images, prompts, f"{self.name} reward")
         n = len(images)
         if n == 0:
             return np.zeros(0, dtype=np.float64)
         size = self.batch_size or n
         chunks = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        meta = (lambda c: metadata[c]) if metadata is not None else (lambda c: None)  # noqa: E731
         if len(chunks) == 1:
-            return self._score(images[chunks[0]], prompts[chunks[0]], 0)
+            return self._score(images[chunks[0]], prompts[chunks[0]], 0, meta(chunks[0]))
         with ThreadPoolExecutor(max_workers=min(len(chunks), 4 * len(self.urls))) as pool:
-            parts = pool.map(lambda k: self._score(images[chunks[k]], prompts[chunks[k]], k), range(len(chunks)))
+            parts = pool.map(lambda k: self._score(images[chunks[k]], prompts[chunks[k]], k, meta(chunks[k])),
+                             range(len(chunks)))
             return np.concatenate(list(parts))
 
-    def _score(self, images: np.ndarray, prompts: list[str], first_url: int) -> np.ndarray:
-        body = json.dumps({"prompts": prompts, "images": [encode_png(im) for im in images]}).encode()
+    def _score(self, images: np.ndarray, prompts: list[str], first_url: int,
+               metadata: list[dict] | None = None) -> np.ndarray:
+        request = {"prompts": prompts, "images": [encode_png(im) for im in images]}
+        if metadata is not None:
+            request["metadata"] = metadata
+        body = json.dumps(request).encode()
         last = ""
         for attempt in range(self.retries + 1):
             url = self.urls[(first_url + attempt) % len(self.urls)]

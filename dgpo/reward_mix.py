@@ -37,9 +37,11 @@ class RewardMix:
     def __repr__(self) -> str:
         return f"RewardMix({self.name!r}, weights={self.weights}, combine={self.combine!r})"
 
-    def columns(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        """(N, K): every reward's scores."""
-        return np.stack([np.asarray(r(images, prompts), dtype=np.float64) for r in self.rewards], axis=1)
+    def columns(self, images: np.ndarray, prompts: list[str], metadata: list[dict] | None = None) -> np.ndarray:
+        """(N, K): every reward's scores (each given the prompts' metadata if it takes it)."""
+        from dgpo.rewards import call_reward
+        return np.stack([np.asarray(call_reward(r, images, prompts, metadata), dtype=np.float64)
+                         for r in self.rewards], axis=1)
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        return self.columns(images, prompts) @ np.asarray(self.weights)
+    def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict] | None = None) -> np.ndarray:
+        return self.columns(images, prompts, metadata) @ np.asarray(self.weights)

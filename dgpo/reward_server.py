@@ -1,6 +1,7 @@
 """Serve a reward over HTTP: an ASGI app (Starlette) on uvicorn, speaking the remote-reward protocol.
 
-``POST /score`` (``/`` too) with ``{"prompts": [str, ...], "images": [base64 PNG, ...]}`` answers
+``POST /score`` (``/`` too) with ``{"prompts": [str, ...], "images": [base64 PNG, ...]}`` (and optionally
+``"metadata": [object, ...]``, one per prompt, for a reward that takes it) answers
 ``{"scores": [float, ...]}``; ``GET /`` answers ``{"reward": NAME}`` (a health check). Every refusal is JSON
 ``{"error": message}`` with its status:
 
@@ -39,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from dgpo.errors import UserError
-from dgpo.rewards import Reward, RewardServerError, check_scores
+from dgpo.rewards import Reward, RewardServerError, call_reward, check_scores
 
 #: Largest request body the server reads (bytes): 1,024 PNGs of 512 × 512 fit with room to spare.
 MAX_REQUEST_BYTES = 256 * 1024 * 1024
@@ -94,8 +95,9 @@ def decode_png_bounded(data: str, max_pixels: int) -> np.ndarray:
         raise RequestRefused(400, f"not a readable PNG ({type(e).__name__})") from None
 
 
-def parse_request(raw: bytes, max_pixels: int) -> tuple[np.ndarray, list[str]]:
-    """The images (N, H, W, 3) and prompts of a request body, or a :class:`RequestRefused` saying what is wrong."""
+def parse_request(raw: bytes, max_pixels: int) -> tuple[np.ndarray, list[str], list[dict] | None]:
+    """The images (N, H, W, 3), prompts and metadata (one object per prompt, or None) of a request body, or a
+    :class:`RequestRefused` saying what is wrong."""
     try:
         req = json.loads(raw)
     except ValueError:
@@ -116,7 +118,11 @@ def parse_request(raw: bytes, max_pixels: int) -> tuple[np.ndarray, list[str]]:
     if arrays and len({a.shape for a in arrays}) != 1:
         raise RequestRefused(400, "all images of a request must have the same size")
     images = np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)
-    return images, prompts
+    metadata = req.get("metadata")
+    if metadata is not None and (not isinstance(metadata, list) or len(metadata) != len(prompts)
+                                 or not all(isinstance(m, dict) for m in metadata)):
+        raise RequestRefused(400, f'"metadata" must be a list of {len(prompts)} objects, one per prompt')
+    return images, prompts, metadata
 
 
 def create_app(reward: Reward, token: str | None = None, allowed_hosts: list[str] | None = None,
@@ -176,7 +182,7 @@ def create_app(reward: Reward, token: str | None = None, allowed_hosts: list[str
         if not authorised(request):
             return refuse(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
         try:
-            images, prompts = parse_request(await read_body(request), limits.max_pixels)
+            images, prompts, metadata = parse_request(await read_body(request), limits.max_pixels)
         except RequestRefused as e:
             return refuse(e.status, f"bad request: {e}" if e.status == 400 else str(e))
         except ClientDisconnect:
@@ -184,7 +190,7 @@ def create_app(reward: Reward, token: str | None = None, allowed_hosts: list[str
 
         def call() -> np.ndarray:
             with lock:
-                return check_scores(reward(images, prompts), len(prompts), f"reward {name!r}")
+                return check_scores(call_reward(reward, images, prompts, metadata), len(prompts), f"reward {name!r}")
 
         from starlette.concurrency import run_in_threadpool
         try:

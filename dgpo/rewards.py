@@ -187,6 +187,30 @@ def decode_png(data: str) -> np.ndarray:
         raise ValueError(f"not a readable PNG ({type(e).__name__})") from None
 
 
+# ------------------------------------------------------------------------------------------------ metadata
+
+def takes_metadata(reward) -> bool:
+    """Whether ``reward`` is called with the prompts' metadata: its ``__call__`` has a ``metadata`` parameter."""
+    try:
+        return "metadata" in inspect.signature(reward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def call_reward(reward, images, prompts: list[str], metadata: list[dict] | None = None):
+    """``reward(images, prompts)``, with ``metadata=`` (one dict per prompt: what a prompt file says about it,
+    e.g. GenEval's tag and object list) for a reward that takes it."""
+    if metadata is not None and takes_metadata(reward):
+        return reward(images, prompts, metadata=metadata)
+    return reward(images, prompts)
+
+
+def metadata_of(world, prompts: list[str]) -> list[dict] | None:
+    """Each prompt's metadata from a world that keeps it (a prompt file), else None."""
+    lookup = getattr(world, "metadata", None)
+    return [lookup(p) for p in prompts] if callable(lookup) else None
+
+
 # ------------------------------------------------------------------------------------------------ remote
 
 def _remote_reward(url, timeout: float = 30.0, retries: int = 2, backoff: float = 0.5, batch_size: int = 0,
@@ -270,7 +294,11 @@ def reward_of_run(reward_cfg, world) -> tuple[str, Reward]:
         options = {"url": reward_cfg.url, "timeout": reward_cfg.timeout, "retries": reward_cfg.retries}
     if getattr(reward_cfg, "model", "") and name in _REGISTRY and "model" in inspect.signature(_REGISTRY[name]).parameters:
         options["model"] = reward_cfg.model
-    return name, make_reward(name, **options)
+    reward = make_reward(name, **options)
+    adopt = getattr(world, "use_reward", None)
+    if callable(adopt):  # a prompt file without a reward of its own evaluates with the run's
+        adopt(name, reward)
+    return name, reward
 
 
 def make_reward(name: str, **kwargs) -> Reward:

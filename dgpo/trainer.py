@@ -40,7 +40,7 @@ from dgpo.models.handle import FlowModel, PromptEmbeds, load_model, t5_tokens_of
 from dgpo.models.adapters import AdapterRoles
 from dgpo.processes import Processes
 from dgpo.prompt_sampling import PromptSampler
-from dgpo.rewards import make_reward, reward_of_run
+from dgpo.rewards import make_reward, metadata_of, reward_of_run
 from dgpo.train_config import TrainConfig, train_config_class
 from dgpo.worlds import make_world
 
@@ -263,7 +263,8 @@ class Trainer:
                 try:
                     scored, reward_s = timed(lambda: score_groups(
                         self.reward, images, flat, self.cfg.rollout.group_size, self.cfg.advantage,
-                        self.reward_name, self.processes), device)  # every process's rewards, global groups
+                        self.reward_name, self.processes, metadata_of(self.world, flat)),
+                        device)  # every process's rewards, global groups
                 except NonFiniteRewards as fault:  # no update learns from it; the epoch is counted
                     self.skip_nonfinite_step(str(fault))
                     return {"reward": float("nan"), "loss": float("nan"), "skipped": 1.0,

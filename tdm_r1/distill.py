@@ -36,7 +36,7 @@ from dgpo.config import to_dict
 from dgpo.methods.batch import score_groups
 from dgpo.nonfinite import NonFiniteStep, SkipGuard
 from dgpo.processes import Processes
-from dgpo.rewards import reward_of_run
+from dgpo.rewards import metadata_of, reward_of_run
 from dgpo.run_folder import reopen_run, start_run
 from dgpo.run import Counters, Run, Schedule, plot_run
 from dgpo.evaluation import evaluate_images
@@ -370,7 +370,7 @@ class Distiller:
         with torch.no_grad():
             images = self.teacher.decode_latents(r.states[-1])
         scored = score_groups(self.reward, images, prompts, self.cfg.r1.group_size, self.cfg.advantage,
-                              self.reward_name)
+                              self.reward_name, metadata=metadata_of(self.world, prompts))
         stats = {"reward": scored.rewards.mean().item(), "reward_std": scored.rewards.std().item()}
         for _ in range(self.cfg.surrogate.updates_per_iteration):
             stats.update(self.surrogate.update(r.states, self.sigmas, scored.advantages, scored.group_ids, r.embeds,

@@ -151,14 +151,17 @@ class ScoredGroups:
     advantages: torch.Tensor
 
 
-def checked_rewards(reward, images, prompts: list[str], name: str, columns: bool = False) -> torch.Tensor:
+def checked_rewards(reward, images, prompts: list[str], name: str, columns: bool = False,
+                    metadata: list[dict] | None = None) -> torch.Tensor:
     """``reward(images, prompts)`` as a float tensor (N,) — with ``columns``, ``reward.columns(images, prompts)``
     (N, K) of a :class:`dgpo.reward_mix.RewardMix`; a reward that answers the wrong number of scores is a
     UserError naming it (the run's last checkpoint stays intact). Non-finite scores pass through:
     :func:`finite_rewards` judges them once every process's rows are gathered."""
     import numpy as np
     from dgpo.errors import UserError
-    scores = np.asarray(reward.columns(images, prompts) if columns else reward(images, prompts), dtype=np.float64)
+    from dgpo.rewards import call_reward
+    scores = np.asarray(call_reward(reward.columns if columns else reward, images, prompts, metadata),
+                        dtype=np.float64)
     if scores.shape[:1] != (len(prompts),) or scores.ndim != (2 if columns else 1):
         raise UserError(f"reward {name!r} returned {scores.shape} values for {len(prompts)} images")
     return torch.from_numpy(scores).float()
@@ -173,25 +176,28 @@ def finite_rewards(rewards: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def score_groups(reward, images, prompts: list[str], group_size: int, advantage, name: str,
-                 processes: Processes = SINGLE) -> ScoredGroups:
+                 processes: Processes = SINGLE, metadata: list[dict] | None = None) -> ScoredGroups:
     """Rollout → reward → group advantages, for a global batch made of consecutive groups of ``group_size``
     samples of one prompt each: A = (r − mean_g) / (std + eps) per :func:`dgpo.objectives.group_advantages`
     with the ``advantage`` settings (std per group / batch / none, eps, clip). ``images`` and ``prompts`` are
     this process's rows (:mod:`dgpo.processes`); the rewards of every process are gathered first, so the
     returned rewards, group ids and advantages are the global batch's, the same on every process. Every recipe
     that learns from groups of its own samples — DGPO and its baselines, a stepwise surrogate reward — starts
-    here. A non-finite reward raises :class:`NonFiniteRewards` on every process."""
+    here. A non-finite reward raises :class:`NonFiniteRewards` on every process. ``metadata``: one dict per
+    prompt, for a reward that takes it (:func:`dgpo.rewards.call_reward`)."""
     from dgpo.objectives import group_advantages
 
     def advantages_of(r: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         return group_advantages(r, group_ids, std=advantage.std, eps=advantage.eps, clip=advantage.clip or None)
 
     if getattr(reward, "combine", "sum") == "advantages":  # several rewards: A = Σ_k w_k·A_k (dgpo.reward_mix)
-        columns = finite_rewards(processes.gather_rows(checked_rewards(reward, images, prompts, name, columns=True)), name)
+        columns = finite_rewards(processes.gather_rows(checked_rewards(reward, images, prompts, name, columns=True,
+                                                                       metadata=metadata)), name)
         group_ids = torch.arange(len(columns) // group_size).repeat_interleave(group_size)
         weights = torch.tensor(reward.weights)
         adv = sum(w * advantages_of(columns[:, k], group_ids) for k, w in enumerate(weights.tolist()))
         return ScoredGroups(columns @ weights, group_ids, adv)
-    rewards = finite_rewards(processes.gather_rows(checked_rewards(reward, images, prompts, name)), name)
+    rewards = finite_rewards(processes.gather_rows(checked_rewards(reward, images, prompts, name, metadata=metadata)),
+                             name)
     group_ids = torch.arange(len(rewards) // group_size).repeat_interleave(group_size)
     return ScoredGroups(rewards, group_ids, advantages_of(rewards, group_ids))

@@ -8,7 +8,8 @@ One JSON object per line:
     {"prompt": "a poster that reads \\"SALE 50%\\"", "split": "test", "category": "long", "any": "metadata"}
 
 ``prompt`` is required; ``split`` is ``train`` (the default) or ``test``; ``category`` (default ``all``) groups
-the prompts for the task metric; other keys are kept as metadata (``PromptFileWorld.metadata``). Select it with
+the prompts for the task metric; other keys are kept as metadata (``PromptFileWorld.metadata``), which a reward
+taking a ``metadata`` argument receives, one dict per image (GenEval's tag and objects, an OCR target). Select it with
 the file's path as the world — ``dgpo train --set world=prompts/ocr.jsonl --set model.base=PIPELINE`` — and
 the reward with ``reward.name`` or the header line.
 
@@ -111,6 +112,14 @@ class PromptFileWorld:
             if not isinstance(p, str) or not p.strip():
                 raise UserError(f"empty prompt {p!r}")
 
+    def use_reward(self, name: str, reward) -> None:
+        """Evaluate with the run's reward (built with its settings: a model path, a server URL) when the file
+        names none, or names the same one."""
+        if self.reward in ("", name):
+            self.reward, self._scorer = name, reward
+            self.metric = f"mean {name}"
+            self.name = f"{self.name.split(':reward=')[0]}:reward={name}"  # evaluation caches key on it
+
     def _reward(self):
         from dgpo.rewards import make_reward
         if not self.reward:
@@ -122,7 +131,9 @@ class PromptFileWorld:
 
     def score(self, images: np.ndarray, prompts: list[str], fd: bool = True) -> dict:
         """The reward's mean by category (the module docstring); ``partial`` is the plain mean; no FD."""
-        scores = np.asarray(self._reward()(images, prompts), dtype=np.float64)
+        from dgpo.rewards import call_reward
+        scores = np.asarray(call_reward(self._reward(), images, prompts, [self.metadata(p) for p in prompts]),
+                            dtype=np.float64)
         by_prompt: dict[str, list[float]] = {}
         for p, s in zip(prompts, scores):
             by_prompt.setdefault(p, []).append(float(s))
