@@ -15,6 +15,7 @@ from tdm_r1.surrogate import SurrogateConfig
 class TeacherConfig:
     base: str = option("", "saved SD3 pipeline folder of the teacher; empty = the embedded shapes base")
     base_config: str = option("configs/base/shapes_grammar_fidelity0.5.yaml", "pretraining recipe of the embedded base when base is empty")
+    resolution: int = option(0, "image side in pixels the teacher and student sample at (0 = the pipeline's own)", min=0)
     guidance_scale: float = option(1.5, "CFG scale of the teacher's score in the generator target (<= 1: off)", min=0.0)
 
 

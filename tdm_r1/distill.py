@@ -94,7 +94,7 @@ class Distiller:
             device = PartialState().device
         self.processes.rows(cfg.optim.batch_size, "optim.batch_size")
         self.base_path = self.processes.main_first(lambda: resolve_teacher(cfg, log))
-        self.teacher = load_model(self.base_path).to(device)  # adapters off = the teacher
+        self.teacher = load_model(self.base_path, resolution=cfg.teacher.resolution).to(device)  # adapters off = the teacher
         backbone = self.teacher.transformer
         self.boundaries = check_boundaries(cfg.student.boundaries or default_boundaries(self.teacher, cfg.student.nfe))
         if len(self.boundaries) != cfg.student.nfe:
@@ -116,6 +116,9 @@ class Distiller:
             self.student = self.teacher
         self.step_embed = None
         if cfg.objective.tau == "full":  # the step index k as extra conditioning of the fake score
+            if getattr(self.teacher, "family", "") == "zimage":
+                raise UserError("objective.tau=full conditions the fake score through the pooled prompt embedding, "
+                                "which Z-Image does not have: use tau=disjoint")
             dim = self.teacher.negative_embeds(1).pooled.shape[-1]  # the pooled prompt embedding's width
             self.step_embed = torch.nn.Parameter(torch.zeros(cfg.student.nfe, dim, device=device))
             self.fake_params.append(self.step_embed)

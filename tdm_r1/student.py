@@ -119,15 +119,20 @@ def generate_student(model: FlowModel, prompts: list[str], boundaries: list[floa
 # ------------------------------------------------------------------------------------------- export
 
 def diffusers_settings(model: FlowModel, boundaries: list[float]) -> dict:
-    """Everything a stock ``StableDiffusion3Pipeline`` call needs to reproduce the student."""
+    """Everything a stock pipeline call needs to reproduce the student: its ``sigmas``, the guidance argument
+    that means "the plain conditional velocity" to that pipeline (1.0 for SD3; FLUX.1-dev's embedded default;
+    0 for Z-Image, whose g = 0 turns CFG off), the image size and the text length."""
     sigmas = pipeline_sigmas(model, boundaries)
     return {
+        "pipeline": type(getattr(model, "pipe", model)).__name__,
         "scheduler": "FlowMatchEulerDiscreteScheduler",
         "scheduler_config": {k: v for k, v in dict(model.scheduler_config).items() if not k.startswith("_")},
         "num_inference_steps": len(sigmas),
         "sigmas": sigmas,
         "boundaries": [float(b) for b in boundaries],
-        "guidance_scale": 1.0,
+        "guidance_scale": float(getattr(model, "unguided_pipeline_scale", 1.0)),
+        "height": model.image_size,
+        "width": model.image_size,
         "max_sequence_length": model.max_sequence_length,
     }
 
@@ -139,6 +144,8 @@ def write_sampler_files(folder: str | Path, model: FlowModel, boundaries: list[f
     folder.mkdir(parents=True, exist_ok=True)
     settings = diffusers_settings(model, boundaries)
     (folder / SAMPLER_FILE).write_text(json.dumps(settings, indent=2))
+    pipeline = settings["pipeline"]
+    loading = ', text_encoder_3=None, tokenizer_3=None' if pipeline == "StableDiffusion3Pipeline" else ""
     lora_line = (f'pipe.load_lora_weights("{lora}")\n'
                  f'pipe.fuse_lora()  # only sampling: fold the adapters into the weights (the same function, faster)\n'
                  if lora else "")
@@ -150,10 +157,11 @@ scheduler with these `sigmas` (the scheduler shifts them onto the student's boun
 
 ```python
 import torch
-from diffusers import StableDiffusion3Pipeline
-pipe = StableDiffusion3Pipeline.from_pretrained("{base}", text_encoder_3=None, tokenizer_3=None)
-{lora_line}image = pipe("a photo of a red circle", sigmas={settings['sigmas']},
-             guidance_scale=1.0, max_sequence_length={settings['max_sequence_length']},
+from diffusers import {pipeline}
+pipe = {pipeline}.from_pretrained("{base}"{loading})
+{lora_line}image = pipe("a photo of a red circle", sigmas={settings['sigmas']}, height={settings['height']},
+             width={settings['width']}, guidance_scale={settings['guidance_scale']},
+             max_sequence_length={settings['max_sequence_length']},
              generator=torch.Generator().manual_seed(0)).images[0]
 ```
 """)

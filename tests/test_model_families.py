@@ -91,3 +91,32 @@ def test_dgpo_trains_through_the_handle_and_its_lora_loads_in_stock_diffusers(ti
     pipe.load_lora_weights(str(tmp_path / "run" / "final" / "lora"))
     after = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     assert np.abs(after - before).max() > 1e-4  # the trained LoRA is on, and it moved the image
+
+
+def test_tdm_distils_a_student_whose_stock_pipeline_call_reproduces_it(tiny_family, tmp_path):
+    """Two TDM iterations on the family's pipeline; the exported student (LoRA + sampler.json) sampled by the stock
+    pipeline with the written settings equals our student sampler's latents."""
+    from tdm_r1.cli import main as tdm_main
+    from tdm_r1.student import read_sampler_file, sample_student
+    folder, kind = tiny_family
+    sets = [f"teacher.base={folder}", "teacher.resolution=32", f"teacher.guidance_scale={GUIDANCE[kind][0]}",
+            "run.iterations=2", "run.time_budget_min=0", "optim.batch_size=4", "eval.per_prompt=1", "eval.fd=false",
+            "eval.every=1000", "student.lora_rank=2", "student.lora_alpha=2", "fake.lora_rank=2", "fake.lora_alpha=2",
+            "fake.updates_per_generator=1", "optim.generator_lr=0.05", "run.checkpoint_every=1000"]
+    assert tdm_main(["distill", "--out", str(tmp_path / "tdm"), *[a for k in sets for a in ("--set", k)]]) == 0
+    lora = tmp_path / "tdm" / "final" / "lora"
+    settings = read_sampler_file(lora)
+    assert settings["pipeline"] == ("ZImagePipeline" if kind == "zimage" else "FluxPipeline")
+    assert settings["height"] == 32 and f"{settings['pipeline']}.from_pretrained" in (lora / "USAGE.md").read_text()
+    model = load_model(folder, resolution=32)
+    model.fuse_lora(lora)
+    noise = torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(0))
+    ours = sample_student(model, model.encode_prompts(["a photo of a red circle"]), noise, settings["boundaries"])
+    pipe = stock_pipeline(folder, kind)
+    pipe.load_lora_weights(str(lora))
+    theirs = pipe("a photo of a red circle", height=32, width=32, sigmas=settings["sigmas"],
+                  guidance_scale=settings["guidance_scale"], max_sequence_length=settings["max_sequence_length"],
+                  latents=noise if kind == "zimage" else pack_latents(noise), output_type="latent").images
+    if kind != "zimage":
+        theirs = unpack_latents(theirs, 16, 16, 16)
+    torch.testing.assert_close(ours, theirs.to(ours.dtype), atol=1e-4, rtol=1e-3)

@@ -157,6 +157,11 @@ class FluxModel:
         return self._image_size
 
     @property
+    def unguided_pipeline_scale(self) -> float:
+        """The ``guidance_scale`` a stock ``FluxPipeline`` call takes to sample as :meth:`velocity` does."""
+        return self.guidance if self.distilled_guidance else 1.0
+
+    @property
     def distilled_guidance(self) -> bool:
         """True for FLUX.1-dev: the guidance scale is an input of the transformer, not a second pass."""
         return bool(self.transformer.config.guidance_embeds)

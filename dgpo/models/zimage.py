@@ -38,6 +38,8 @@ class ZImageModel:
     """The Z-Image family's handle (see the module docstring)."""
 
     family = "zimage"
+    #: The ``guidance_scale`` a stock ``ZImagePipeline`` call takes to sample without CFG (its g = 0).
+    unguided_pipeline_scale = 0.0
 
     def __init__(self, pipe, image_size: int = 1024, max_sequence_length: int = 512):
         self.pipe = pipe
