@@ -39,6 +39,7 @@ At 1024 px the RL epochs need about 4× the activations; pass ``--skip-rl`` if m
 
     python scripts/gpu_speed_check.py --out OUT_DIR                      # H100, 512 px, bf16
     python scripts/gpu_speed_check.py --out OUT_DIR --resolution 1024 --skip-rl
+    python scripts/gpu_speed_check.py --out OUT_DIR --family flux     # one DGPO and one Flow-GRPO epoch, FLUX.1-dev size
     OMP_NUM_THREADS=1 python scripts/gpu_speed_check.py --out /tmp/gsc --layers 1 --resolution 64   # CPU, ~15 min
     OMP_NUM_THREADS=1 python scripts/gpu_speed_check.py --out /tmp/gsc --layers 1 --resolution 64 \
         --text-layers 1 --reps 1 --epochs 1 --rollout-steps 2 --group-size 2      # CPU smoke test, ~2 min
@@ -67,6 +68,7 @@ import torch
 from gpu_scale_check import DEVICE, build_sd35m_like, timed
 
 from dgpo.evaluation import SamplerConfig, generate
+from dgpo.models.flux import FluxModel
 from dgpo.models.handle import FlowModel, SD3Model
 from dgpo.models.lora import add_lora
 from dgpo.sampling import sample_ode
@@ -85,8 +87,13 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (gpu_speed_check.json is written there)")
     ap.add_argument("--resolution", type=int, default=512, help="image size in pixels (default 512; 1024 works)")
-    ap.add_argument("--layers", type=int, default=24, help="transformer blocks (default 24 = SD3.5-M; 1 for a "
-                    "CPU smoke test)")
+    ap.add_argument("--family", choices=("sd3", "flux"), default="sd3", help="sd3: the SD3.5-Medium-sized pipeline "
+                    "(both sections); flux: a FLUX.1-dev-sized transformer (19 double + 38 single blocks at width "
+                    "3072, 12B parameters; one-layer text encoders at FLUX's widths), RL epochs only (default sd3)")
+    ap.add_argument("--layers", type=int, default=0, help="transformer blocks (default: the family's, 24 for SD3.5-M, "
+                    "19 double + 38 single for FLUX.1; 1 for a CPU smoke test)")
+    ap.add_argument("--width", type=int, default=0, help="flux: transformer width (default 3072; 64 for a CPU smoke "
+                    "test)")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="weights and autocast (default bf16)")
     ap.add_argument("--lora-rank", type=int, default=32, help="LoRA rank (= alpha) of the student and the RL "
                     "policy (default 32)")
@@ -111,6 +118,10 @@ def parse_args(argv=None):
                    help="extra config override for every method, e.g. rollout.guidance_scale=4.5 (repeatable)")
     g.add_argument("--skip-rl", action="store_true", help="skip the RL section")
     args = ap.parse_args(argv)
+    if args.family == "flux":
+        args.skip_sampling = True  # the TDM sampling rows are the SD3.5-Medium study's
+        if args.methods == ",".join(METHODS):
+            args.methods = "dgpo,flow_grpo"
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in args.methods:
         if m not in METHODS:
@@ -121,6 +132,22 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+def build_flux_like(args, dtype):
+    """A FLUX.1-dev-sized ``FluxPipeline`` with random weights (``dgpo.models.tiny_pipelines.flux_pipeline`` at
+    FLUX's sizes), built on the device: the transformer at full size, the text encoders one layer deep at FLUX's
+    widths (CLIP-L 768, T5-XXL 4096), FLUX's VAE."""
+    from dgpo.models.tiny_pipelines import flux_pipeline
+    width = args.width or 3072
+    double, single = (args.layers, args.layers) if args.layers else (19, 38)
+    with torch.device(DEVICE):
+        pipe = flux_pipeline(width=width, heads=max(width // 128, 1), double_blocks=double, single_blocks=single,
+                             text_width=768 if width >= 768 else width, t5_width=4096 if width >= 768 else width,
+                             vae_channels=(128, 256, 512, 512) if width >= 768 else (8, 16, 16, 16),
+                             text_tokens=77, seed=args.seed)
+    return pipe.to(dtype=dtype)
+
+
 
 def _autocast(dtype):
     return torch.autocast(DEVICE, dtype) if dtype != torch.float32 else nullcontext()
@@ -360,15 +387,19 @@ def main(argv=None) -> int:
         report["total_s"] = time.perf_counter() - t_start
         path.write_text(json.dumps(report, indent=2, default=str))
 
-    pipe, report["build_s"] = timed(lambda: build_sd35m_like(args.resolution, args.layers, dtype))
-    if args.text_layers > 0:  # smoke tests only: the text encoders dominate a 1-layer CPU run
-        for enc in (pipe.text_encoder, pipe.text_encoder_2):
-            enc.text_model.encoder.layers = enc.text_model.encoder.layers[: args.text_layers]
-            enc.config.num_hidden_layers = len(enc.text_model.encoder.layers)
+    if args.family == "flux":
+        pipe, report["build_s"] = timed(lambda: build_flux_like(args, dtype))
+        model = FluxModel(pipe, image_size=args.resolution)
+    else:
+        pipe, report["build_s"] = timed(lambda: build_sd35m_like(args.resolution, args.layers or 24, dtype))
+        if args.text_layers > 0:  # smoke tests only: the text encoders dominate a 1-layer CPU run
+            for enc in (pipe.text_encoder, pipe.text_encoder_2):
+                enc.text_model.encoder.layers = enc.text_model.encoder.layers[: args.text_layers]
+                enc.config.num_hidden_layers = len(enc.text_model.encoder.layers)
+        model = SD3Model(pipe, max_sequence_length=256)
     report["transformer_params"] = sum(p.numel() for p in pipe.transformer.parameters())
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
         m.requires_grad_(False)
-    model = SD3Model(pipe, max_sequence_length=256)
     print(f"built in {report['build_s']:.1f} s on {report['device']}", flush=True)
     save()
 

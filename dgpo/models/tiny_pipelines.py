@@ -39,11 +39,14 @@ def t5_tokenizer(words: list[str], max_length: int):
                            extra_ids=0, model_max_length=max_length)
 
 
-def build_tiny_flux(folder: str | Path, guidance_embeds: bool = True, seed: int = 0, width: int = 32,
-                    text_tokens: int = 16) -> Path:
-    """A FLUX.1-dev (``guidance_embeds``) or -schnell shaped ``FluxPipeline`` with random weights, saved in
-    ``folder``: one double- and one single-stream block of width ``width``, CLIP-L and T5 text encoders of one
-    layer, a 16-channel VAE with a ×2 downsampling (32 px images are 16 × 16 latents, 64 tokens)."""
+def flux_pipeline(width: int = 32, heads: int = 2, double_blocks: int = 1, single_blocks: int = 1,
+                  guidance_embeds: bool = True, text_width: int = 32, t5_width: int = 32, text_layers: int = 1,
+                  vae_channels: tuple[int, ...] = (8, 16), text_tokens: int = 16, seed: int = 0):
+    """A ``FluxPipeline`` with random weights, built from config in memory: ``double_blocks`` double-stream and
+    ``single_blocks`` single-stream blocks of ``width`` (``heads`` heads), CLIP and T5 encoders of ``text_layers``
+    layers at ``text_width`` / ``t5_width``, a 16-channel VAE with ``vae_channels`` (×2 downsampling per level
+    after the first). FLUX.1-dev's own sizes: width 3072, 24 heads, 19 + 38 blocks, T5 4096 wide, VAE
+    (128, 256, 512, 512)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -53,24 +56,37 @@ def build_tiny_flux(folder: str | Path, guidance_embeds: bool = True, seed: int 
     t5_tok = t5_tokenizer(words, text_tokens)
     torch.manual_seed(seed)
     clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=text_tokens, projection_dim=width,
-        bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=width, d_kv=width // 4, d_ff=2 * width,
-                                 num_layers=1, num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=16,
-                        layers_per_block=1, norm_num_groups=4, sample_size=32, shift_factor=0.1159,
-                        scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+        vocab_size=len(clip_tok), hidden_size=text_width, intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers, num_attention_heads=2, max_position_embeddings=text_tokens,
+        projection_dim=text_width, bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+        pad_token_id=clip_tok.pad_token_id))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=t5_width, d_kv=max(t5_width // 4, 8),
+                                 d_ff=2 * t5_width, num_layers=text_layers, num_heads=4, decoder_start_token_id=0,
+                                 pad_token_id=0, eos_token_id=1))
+    levels = len(vae_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * levels,
+                        up_block_types=["UpDecoderBlock2D"] * levels, block_out_channels=list(vae_channels),
+                        latent_channels=16, layers_per_block=1, norm_num_groups=4, sample_size=32,
+                        shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+    head = width // heads
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=width // 2,
-        num_attention_heads=2, joint_attention_dim=width, pooled_projection_dim=width,
-        guidance_embeds=guidance_embeds, axes_dims_rope=[width // 8, width // 8 * 1, width // 4])
+        patch_size=1, in_channels=64, num_layers=double_blocks, num_single_layers=single_blocks,
+        attention_head_dim=head, num_attention_heads=heads, joint_attention_dim=t5_width,
+        pooled_projection_dim=text_width, guidance_embeds=guidance_embeds,
+        axes_dims_rope=[head // 8, 7 * head // 16, 7 * head // 16] if head >= 64 else [head // 4, head // 4, head // 2])
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
                         tokenizer_2=t5_tok, transformer=transformer)
-    pipe.save_pretrained(str(folder))
+
+
+def build_tiny_flux(folder: str | Path, guidance_embeds: bool = True, seed: int = 0, width: int = 32,
+                    text_tokens: int = 16) -> Path:
+    """A FLUX.1-dev (``guidance_embeds``) or -schnell shaped ``FluxPipeline`` with random weights, saved in
+    ``folder``: one double- and one single-stream block of width ``width``, CLIP-L and T5 text encoders of one
+    layer, a 16-channel VAE with a ×2 downsampling (32 px images are 16 × 16 latents, 64 tokens)."""
+    flux_pipeline(width=width, heads=2, guidance_embeds=guidance_embeds, text_width=width, t5_width=width,
+                  text_tokens=text_tokens, seed=seed).save_pretrained(str(folder))
     return Path(folder)
 
 
