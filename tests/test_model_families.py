@@ -120,3 +120,10 @@ def test_tdm_distils_a_student_whose_stock_pipeline_call_reproduces_it(tiny_fami
     if kind != "zimage":
         theirs = unpack_latents(theirs, 16, 16, 16)
     torch.testing.assert_close(ours, theirs.to(ours.dtype), atol=1e-4, rtol=1e-3)
+    # TDM-R1 from that student: its surrogate and reward directions run through the handle, its LoRA loads too
+    r1 = [*sets, "r1.enabled=true", f"r1.init_run={tmp_path / 'tdm'}", "r1.group_size=2", "run.iterations=1",
+          "surrogate.lora_rank=2", "surrogate.lora_alpha=2", "reward.name=shapes_soft"]
+    assert tdm_main(["train", "--out", str(tmp_path / "r1"), *[a for k in r1 for a in ("--set", k)]]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "r1" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_surrogate" in r and np.isfinite(r["loss_surrogate"]) for r in rows)
+    stock_pipeline(folder, kind).load_lora_weights(str(tmp_path / "r1" / "final" / "lora"))
