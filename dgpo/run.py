@@ -199,8 +199,9 @@ class Run:
             self.metrics_path.unlink(missing_ok=True)
         self.processes.barrier()  # the metrics file is as the main process left it
         evals = [r for r in read_metrics(self.metrics_path) if "eval_geneval" in r]
+        self.check_memory("the start (the model loaded)")
         if not evals:
-            evals.append(self._evaluated(self.recipe.initial_evaluation()))
+            evals.append(self._evaluated(self.guarded_evaluation(self.recipe.initial_evaluation)))
         budget, every_s = s.time_budget_min * 60, s.eval_every_minutes * 60
         bar = self._progress_bar()
         reached = lambda: s.target_reached([r["eval_geneval"] for r in evals])
@@ -212,7 +213,7 @@ class Run:
                             eval=f"{evals[-1]['eval_geneval']:.3f}")
             timed = every_s and (c.train_seconds // every_s > evals[-1]["train_seconds"] // every_s)
             if (s.eval_every and c.step % s.eval_every == 0) or timed:
-                evals.append(self._evaluated(self.recipe.evaluate()))
+                evals.append(self._evaluated(self.guarded_evaluation(self.recipe.evaluate)))
             if c.step % s.checkpoint_every == 0:
                 self.save()
         bar.close()
@@ -220,7 +221,7 @@ class Run:
             self.log(f"{s.stop_after} evaluations in a row at or above the base + {s.stop_at_gain:g} "
                      f"(run.stop_at_gain): the run ends at {self.step_key} {c.step}")
         if evals[-1][self.step_key] != c.step:
-            evals.append(self._evaluated(self.recipe.evaluate()))
+            evals.append(self._evaluated(self.guarded_evaluation(self.recipe.evaluate)))
         self.save()
         if self.writes:
             self.finish(evals)
@@ -230,20 +231,39 @@ class Run:
     def guarded_step(self) -> dict:
         """The recipe's step, its row with the process's peak memory so far (``peak_memory_gb``); past
         ``max_memory_gb``, or out of GPU memory, a UserError that names the recipe's memory levers."""
-        levers = getattr(self.recipe, "memory_levers", "a smaller batch")
         at = f"{self.step_key} {self.counters.step + 1}"
-        kept = ("the last checkpoint is intact (--resume RUN continues from it)" if list_checkpoints(self.out)
-                else "nothing was checkpointed yet")
         try:
             row = self.recipe.train_step()
         except torch.OutOfMemoryError:
-            raise UserError(f"out of GPU memory at {at}: {levers}; {kept}") from None
-        row["peak_memory_gb"] = round(self.processes.max(peak_memory_gb()), 3)  # the largest process's
-        limit = self.schedule.max_memory_gb
-        if limit and row["peak_memory_gb"] > limit:
-            raise UserError(f"peak memory {row['peak_memory_gb']:.2f} GiB passed run.max_memory_gb={limit:g} at "
-                            f"{at}: {levers}, or raise the limit; {kept}")
+            raise UserError(f"out of GPU memory at {at}: {self._memory_advice()}") from None
+        row["peak_memory_gb"] = self.check_memory(at)
         return row
+
+    def guarded_evaluation(self, evaluate) -> dict:
+        """An evaluation, under the same memory guard as a step (its sampler batch can be the run's peak)."""
+        at = f"the evaluation after {self.step_key} {self.counters.step}"
+        try:
+            row = evaluate()
+        except torch.OutOfMemoryError:
+            raise UserError(f"out of GPU memory in {at}: {self._memory_advice()}") from None
+        self.check_memory(at)
+        return row
+
+    def check_memory(self, at: str) -> float:
+        """The largest process's peak memory so far (GiB); past ``max_memory_gb``, a UserError."""
+        peak = round(self.processes.max(peak_memory_gb()), 3)
+        limit = self.schedule.max_memory_gb
+        if limit and peak > limit:
+            raise UserError(f"peak memory {peak:.2f} GiB passed run.max_memory_gb={limit:g} at {at}: "
+                            f"{self._memory_advice(', or raise the limit')}")
+        return peak
+
+    def _memory_advice(self, also: str = "") -> str:
+        """The recipe's memory levers (and ``also``), then whether a checkpoint is there to resume."""
+        levers = getattr(self.recipe, "memory_levers", "a smaller batch")
+        kept = ("the last checkpoint is intact (--resume RUN continues from it)" if list_checkpoints(self.out)
+                else "nothing was checkpointed yet")
+        return f"{levers}{also}; {kept}"
 
     def _progress_bar(self):
         """Steps towards ``steps``; with a time budget, minutes of training towards the budget (what ends the

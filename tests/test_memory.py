@@ -29,7 +29,7 @@ def test_a_memory_limit_stops_the_run_with_one_line_and_leaves_no_folder(tiny_ba
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "Traceback" not in err
-    assert "passed run.max_memory_gb=0.01 at epoch 1: lower optim.micro_batch" in err
+    assert "passed run.max_memory_gb=0.01 at the start (the model loaded): lower optim.micro_batch" in err
     assert "nothing was checkpointed yet" in err
     assert not out.exists()  # nothing was checkpointed: the run folder goes
 
@@ -41,7 +41,8 @@ def test_a_memory_limit_after_a_checkpoint_keeps_the_run_resumable(tiny_base, tm
                                                    *TINY_RUN)]) == 0
     capsys.readouterr()
     assert main(["train", "--resume", str(out), *sets("run.epochs=4", "run.max_memory_gb=0.01")]) == 2
-    assert "passed run.max_memory_gb=0.01 at epoch 3" in capsys.readouterr().err  # ... intact (--resume RUN ...
+    err = capsys.readouterr().err  # checked as soon as the model is loaded, before minutes of evaluation
+    assert "passed run.max_memory_gb=0.01 at the start" in err and "the last checkpoint is intact" in err
     assert main(["train", "--resume", str(out), *sets("run.epochs=4", "run.max_memory_gb=0")]) == 0
 
 
@@ -63,3 +64,14 @@ def test_the_profile_reads_a_child_process_peak(tmp_path):
     big, rc2, _ = profile.peak_rss_of([sys.executable, "-c", "b = bytearray(600 * 2**20); b[::4096] = b'x' * "
                                        "len(b[::4096])"], tmp_path / "b.log")
     assert rc == rc2 == 0 and small < 0.2 and 0.55 < big - small < 0.75
+
+
+def test_out_of_gpu_memory_in_an_evaluation_is_one_line(tiny_base, tmp_path, monkeypatch):
+    trainer = Trainer(prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "run", "run.epochs=2", "eval.cache_initial=false"),
+                                      False), log=lambda *a: None)
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+    monkeypatch.setattr(trainer, "evaluate", oom)
+    with pytest.raises(UserError, match="out of GPU memory in the evaluation after epoch 0: lower optim.micro_batch"):
+        trainer.run()
