@@ -43,12 +43,12 @@ def resolve_model(model_dir: str | None, log=print) -> Path:
     return ensure_base(load_base_config(), log=log)
 
 
-def load_model(model_dir: str | Path, lora: str | None = None):
-    """A :class:`FlowModel` over a saved pipeline for inference, with optional LoRA weights fused into the
-    backbone (diffusers ``fuse_lora`` + ``unload_lora_weights``: the same function, without the adapters'
-    extra matrix products at every step)."""
+def load_model(model_dir: str | Path, lora: str | None = None, resolution: int = 0):
+    """A :class:`FlowModel` over a saved pipeline for inference (at ``resolution`` pixels, 0: the pipeline's
+    own), with optional LoRA weights fused into the backbone (diffusers ``fuse_lora`` + ``unload_lora_weights``:
+    the same function, without the adapters' extra matrix products at every step)."""
     from dgpo.models.handle import load_model as load_handle
-    model = load_handle(model_dir)
+    model = load_handle(model_dir, resolution=resolution)
     if lora:
         model.fuse_lora(lora)
     return model

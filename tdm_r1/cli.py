@@ -19,7 +19,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from dgpo.cli import (_add_model_args, _add_out_args, _add_prompt_args, _prompts_from_args, add_config_args,  # noqa: E402
                       add_run_args, load_model, resolve_model, run_command, train_command)
-from dgpo.cli_args import OneLineParser, at_least, finite  # noqa: E402
+from dgpo.cli_args import OneLineParser, at_least  # noqa: E402
 from dgpo.errors import UserError  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -94,7 +94,9 @@ def cmd_sample(args) -> None:
         raise UserError(f"--nfe must be at least 1, got {args.nfe}")
     check_output(args.out, "tdm-r1 sample", args.overwrite)  # before the work, not after it
     prompts = _prompts_from_args(args)
-    model = load_model(resolve_model(args.model), args.lora)
+    from tdm_r1.student import read_sampler_file
+    settings = read_sampler_file(args.lora) if args.lora else None  # the size the student was trained at
+    model = load_model(resolve_model(args.model), args.lora, (settings or {}).get("height", 0))
     boundaries = student_boundaries(model, args.nfe, args.boundaries, args.lora)
     images, records = generate_student(model, prompts, boundaries, args.per_prompt, args.seed, args.batch_size)
     meta = {"steps": args.nfe, "guidance_scale": 1.0, "solver": "euler", "sigmas": pipeline_sigmas(model, boundaries)}

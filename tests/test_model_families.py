@@ -120,6 +120,11 @@ def test_tdm_distils_a_student_whose_stock_pipeline_call_reproduces_it(tiny_fami
     if kind != "zimage":
         theirs = unpack_latents(theirs, 16, 16, 16)
     torch.testing.assert_close(ours, theirs.to(ours.dtype), atol=1e-4, rtol=1e-3)
+    # `tdm-r1 sample` samples the student at the size it was trained at (its sampler.json), as the stock call does
+    assert tdm_main(["sample", "--model", str(folder), "--lora", str(lora), "--nfe", "4", "--split", "test",
+                     "--out", str(tmp_path / "samples")]) == 0
+    from PIL import Image
+    assert Image.open(next((tmp_path / "samples").glob("*.png"))).size == (32, 32)
     # TDM-R1 from that student: its surrogate and reward directions run through the handle, its LoRA loads too
     r1 = [*sets, "r1.enabled=true", f"r1.init_run={tmp_path / 'tdm'}", "r1.group_size=2", "run.iterations=1",
           "surrogate.lora_rank=2", "surrogate.lora_alpha=2", "reward.name=shapes_soft"]
