@@ -40,8 +40,8 @@ At 1024 px the RL epochs need about 4× the activations; pass ``--skip-rl`` if m
     python scripts/gpu_speed_check.py --out OUT_DIR                      # H100, 512 px, bf16
     python scripts/gpu_speed_check.py --out OUT_DIR --resolution 1024 --skip-rl
     python scripts/gpu_speed_check.py --out OUT_DIR --family flux     # one DGPO and one Flow-GRPO epoch, FLUX.1-dev size
-    OMP_NUM_THREADS=1 python scripts/gpu_speed_check.py --out /tmp/gsc --layers 1 --resolution 64   # CPU, ~15 min
-    OMP_NUM_THREADS=1 python scripts/gpu_speed_check.py --out /tmp/gsc --layers 1 --resolution 64 \
+    OMP_NUM_THREADS=1 python scripts/gpu_speed_check.py --out OUT --layers 1 --resolution 64   # CPU, ~15 min
+    OMP_NUM_THREADS=1 python scripts/gpu_speed_check.py --out OUT --layers 1 --resolution 64 \
         --text-layers 1 --reps 1 --epochs 1 --rollout-steps 2 --group-size 2      # CPU smoke test, ~2 min
 
 Writes ``OUT_DIR/gpu_speed_check.json`` (device, arguments, every timing; rewritten after each section, so
