@@ -26,12 +26,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from dgpo.errors import UserError
-from dgpo.models.handle import (PromptEmbeds, check_components, check_prompt_lengths, damaged_pipeline_is_a_user_error,
-                                register_model_family, static_shift_schedule, vae_decode, vae_encode)
+from dgpo.models.handle import (DiffusersModel, PromptEmbeds, check_prompt_lengths, freeze_all_but_transformer,
+                                open_pipeline, register_model_family, static_shift_schedule)
 
 #: Attention projections of the double-stream blocks (image and text) and of the single-stream blocks.
 FLUX_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -64,64 +62,33 @@ def image_positions(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxModel:
+class FluxModel(DiffusersModel):
     """The FLUX.1 family's handle (see the module docstring)."""
 
     family = "flux"
+    label = "FLUX"
+    lora_target_sets = FLUX_LORA_TARGETS
 
     def __init__(self, pipe, image_size: int = 0, guidance: float = DEFAULT_GUIDANCE):
-        self.pipe = pipe
-        self._image_size = image_size or pipe.default_sample_size * pipe.vae_scale_factor
-        factor = 2 * pipe.vae_scale_factor
-        if self._image_size % factor:
-            raise UserError(f"FLUX images must be a multiple of {factor} pixels, got {self._image_size}")
+        super().__init__(pipe, image_size or pipe.default_sample_size * pipe.vae_scale_factor, 2 * pipe.vae_scale_factor)
         self.guidance = guidance
         self.max_sequence_length = pipe.tokenizer_2.model_max_length
-        self._negative: PromptEmbeds | None = None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> "FluxModel":
         """A local ``FluxPipeline`` folder; VAE and text encoders frozen."""
         from diffusers import FluxPipeline
-        path = Path(model_dir)
-        check_components(path)
-        with damaged_pipeline_is_a_user_error(path):
-            pipe = FluxPipeline.from_pretrained(str(path), dtype=dtype)
-        pipe.set_progress_bar_config(disable=True)
-        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            m.requires_grad_(False)
-        return cls(pipe)
+        return cls(freeze_all_but_transformer(open_pipeline(FluxPipeline, model_dir, dtype)))
 
     def at_resolution(self, image_size: int) -> "FluxModel":
         """The same model sampling ``image_size`` × ``image_size`` images (FLUX.1 trains at 256–2048 px)."""
         return FluxModel(self.pipe, image_size, self.guidance)
-
-    def to(self, device) -> "FluxModel":
-        self.pipe.to(device)
-        self._negative = None
-        return self
 
     def with_transformer(self, transformer: torch.nn.Module) -> "FluxModel":
         from diffusers import FluxPipeline
         pipe = FluxPipeline(**{**self.pipe.components, "transformer": transformer})
         pipe.set_progress_bar_config(disable=True)
         return FluxModel(pipe, self._image_size, self.guidance)
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        self.pipe.save_pretrained(str(folder))
-
-    def fuse_lora(self, lora_dir: str | Path) -> None:
-        """Fold a diffusers-format LoRA folder into the transformer (``fuse_lora`` + ``unload_lora_weights``)."""
-        from dgpo.models.lora_io import load_lora_into_pipeline
-        load_lora_into_pipeline(self.pipe, lora_dir)
-        self.pipe.fuse_lora()
-        self.pipe.unload_lora_weights()
-
-    def lora_targets(self, kind: str) -> tuple[str, ...]:
-        """"attention": the projections of every block; "attention_ff": and the feed-forward layers."""
-        if kind not in FLUX_LORA_TARGETS:
-            raise UserError(f"LoRA targets {kind!r}: the FLUX family has {sorted(FLUX_LORA_TARGETS)}")
-        return FLUX_LORA_TARGETS[kind]
 
     @property
     def scheduler_config(self):
@@ -130,31 +97,10 @@ class FluxModel:
         _, h, w = self.latent_shape
         return static_shift_schedule(self.pipe.scheduler.config, (h // 2) * (w // 2))
 
-    # -------------------------------------------------------------------------------- parts
-    @property
-    def transformer(self):
-        return self.pipe.transformer
-
-    @property
-    def vae(self):
-        return self.pipe.vae
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
-
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         side = self._image_size // self.pipe.vae_scale_factor
         return (self.pipe.vae.config.latent_channels, side, side)
-
-    @property
-    def image_size(self) -> int:
-        return self._image_size
 
     @property
     def unguided_pipeline_scale(self) -> float:
@@ -175,22 +121,11 @@ class FluxModel:
                                                     max_sequence_length=self.max_sequence_length)
         return PromptEmbeds(tokens, pooled)
 
-    def negative_embeds(self, batch: int) -> PromptEmbeds:
-        """The empty prompt's embeddings (true CFG's unconditional branch), repeated ``batch`` times."""
-        if self._negative is None:
-            with torch.no_grad():
-                self._negative = self.encode_prompts([""])
-        return self._negative.repeat_interleave(batch)
-
     # -------------------------------------------------------------------------------- velocity
-    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
-        """v_θ(x_σ, σ, c) on (B, C, h, w) latents (FLUX.1-dev: with the default guidance embedded)."""
-        return self.velocity_at_timestep(latents, sigma * 1000.0, embeds)
-
     def velocity_at_timestep(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
                              guidance: float | None = None) -> torch.Tensor:
         """The transformer at the scheduler's timestep t = 1000·σ (it reads σ = t / 1000), latents packed
-        around the call."""
+        around the call (FLUX.1-dev: with ``guidance`` embedded, the default ``self.guidance``)."""
         b, c, h, w = latents.shape
         sigma = (timestep.to(latents.dtype).reshape(-1) / 1000.0).expand(b)
         g = None
@@ -204,32 +139,13 @@ class FluxModel:
                                return_dict=False)[0]
         return unpack_latents(out, c, h, w)
 
-    def guided_velocity(self, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds,
-                        guidance_scale: float) -> torch.Tensor:
-        return self.guided_velocity_at_timestep(latents, sigma * 1000.0, embeds, guidance_scale)
-
     def guided_velocity_at_timestep(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
                                     guidance_scale: float) -> torch.Tensor:
         """FLUX.1-dev: one pass with ``guidance_scale`` embedded. Without the embedding: true CFG
         v_u + w·(v_c − v_u) against the empty prompt for w > 1, one conditional pass otherwise."""
         if self.distilled_guidance:
             return self.velocity_at_timestep(latents, timestep, embeds, guidance=guidance_scale)
-        if guidance_scale <= 1.0:
-            return self.velocity_at_timestep(latents, timestep, embeds)
-        batch = latents.shape[0]
-        both = PromptEmbeds.cat([self.negative_embeds(batch), embeds])
-        timestep = timestep.reshape(-1).expand(batch)
-        v = self.velocity_at_timestep(torch.cat([latents, latents]), torch.cat([timestep, timestep]), both)
-        v_uncond, v_cond = v.chunk(2)
-        return v_uncond + guidance_scale * (v_cond - v_uncond)
-
-    # -------------------------------------------------------------------------------- latents
-    def encode_images(self, images: np.ndarray | torch.Tensor, sample: bool = False,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        return vae_encode(self.vae, images, self.device, sample, generator)
-
-    def decode_latents(self, latents: torch.Tensor, output: str = "uint8") -> np.ndarray | torch.Tensor:
-        return vae_decode(self.vae, self.pipe.image_processor, latents, output)
+        return super().guided_velocity_at_timestep(latents, timestep, embeds, guidance_scale)
 
 
 register_model_family("FluxPipeline", FluxModel)

@@ -60,7 +60,16 @@ class PromptEmbeds:
 
 
 def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
-    """Load a local SD3 pipeline directory, with a clear error when it is missing or incomplete."""
+    """Load a local SD3 pipeline directory (T5 left out), with a clear error when it is missing or incomplete."""
+    return open_pipeline(StableDiffusion3Pipeline, model_dir, dtype, ("text_encoder_3", "tokenizer_3"),
+                         text_encoder_3=None, tokenizer_3=None)
+
+
+def open_pipeline(pipeline_cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
+                  skipped: tuple[str, ...] = (), **components):
+    """A local ``pipeline_cls`` folder (``components`` passed on, e.g. ``text_encoder_3=None`` for the
+    ``skipped`` ones), its progress bars off; a folder that is not a pipeline, half a pipeline or damaged
+    weights are each one clear UserError."""
     path = Path(model_dir)
     if not (path / "model_index.json").is_file():
         raise UserError(
@@ -70,10 +79,9 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> 
     from transformers.utils import logging as transformers_logging
     diffusers_logging.disable_progress_bar()  # no per-component loading bars: a local load takes a blink
     transformers_logging.disable_progress_bar()
-    skipped = ("text_encoder_3", "tokenizer_3")
     check_components(path, skipped)
     with damaged_pipeline_is_a_user_error(path):
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), text_encoder_3=None, tokenizer_3=None, dtype=dtype)
+        pipe = pipeline_cls.from_pretrained(str(path), dtype=dtype, **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -201,42 +209,29 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, resolu
     return model
 
 
-class SD3Model:
-    """The SD3 family's handle: velocity, prompt encoding and latent coding over a ``StableDiffusion3Pipeline``
-    (T5 left out: ``max_sequence_length`` zero T5 tokens, as the shapes base was trained)."""
+class DiffusersModel:
+    """What every handle over a diffusers pipeline shares (the :class:`FlowModel` protocol's plumbing): the
+    pipeline's parts, moving and saving it, fusing a LoRA, the LoRA target sets, the empty prompt's embeddings,
+    σ → timestep, true CFG, and the VAE's latent coding. A family subclass sets ``family``, ``label`` and
+    ``lora_target_sets``, calls ``__init__`` with its pipeline, image size and the size's required multiple, and
+    implements ``from_pretrained``, ``with_transformer``, ``at_resolution``, ``scheduler_config``,
+    ``latent_shape``, ``encode_prompts`` and ``velocity_at_timestep``."""
 
-    family = "sd3"
+    family = ""
+    label = ""  # in messages: "the SD3 family", "SD3 images"
+    lora_target_sets: dict[str, tuple[str, ...]] = {}
 
-    def __init__(self, pipe: StableDiffusion3Pipeline, max_sequence_length: int = 0, image_size: int = 0):
+    def __init__(self, pipe, image_size: int, multiple: int):
         self.pipe = pipe
-        self.max_sequence_length = max_sequence_length
-        self._image_size = image_size or pipe.transformer.config.sample_size * pipe.vae_scale_factor
-        factor = pipe.vae_scale_factor * pipe.transformer.config.patch_size
-        if self._image_size % factor:
-            raise UserError(f"SD3 images must be a multiple of {factor} pixels, got {self._image_size}")
+        if image_size % multiple:
+            raise UserError(f"{self.label} images must be a multiple of {multiple} pixels, got {image_size}")
+        self._image_size = image_size
         self._negative: PromptEmbeds | None = None
 
-    def at_resolution(self, image_size: int) -> "SD3Model":
-        """The same model sampling ``image_size`` × ``image_size`` images (e.g. SD3.5-Medium at 512 px)."""
-        return SD3Model(self.pipe, self.max_sequence_length, image_size)
-
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> "SD3Model":
-        """A local SD3 pipeline folder; VAE and text encoders frozen (the backbone is what adapters train)."""
-        pipe = load_pipeline(model_dir, dtype)
-        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            m.requires_grad_(False)
-        return cls(pipe, max_sequence_length=t5_tokens_of(model_dir))
-
-    def to(self, device) -> "SD3Model":
+    def to(self, device):
         self.pipe.to(device)
         self._negative = None
         return self
-
-    def with_transformer(self, transformer: torch.nn.Module) -> "SD3Model":
-        pipe = StableDiffusion3Pipeline(**{**self.pipe.components, "transformer": transformer})
-        pipe.set_progress_bar_config(disable=True)
-        return SD3Model(pipe, self.max_sequence_length, self._image_size)
 
     def save_pretrained(self, folder: str | Path) -> None:
         self.pipe.save_pretrained(str(folder))
@@ -250,17 +245,11 @@ class SD3Model:
         self.pipe.unload_lora_weights()
 
     def lora_targets(self, kind: str) -> tuple[str, ...]:
-        """The MM-DiT's module names for ``kind``: "attention" (joint-attention projections of both streams)
-        or "attention_ff" (and the feed-forward layers)."""
-        from dgpo.models.lora import LORA_TARGETS
-        if kind not in LORA_TARGETS:
-            raise UserError(f"LoRA targets {kind!r}: the SD3 family has {sorted(LORA_TARGETS)}")
-        return LORA_TARGETS[kind]
-
-    @property
-    def scheduler_config(self):
-        """The flow-matching scheduler's config (``shift``, ``num_train_timesteps``, …)."""
-        return self.pipe.scheduler.config
+        """The backbone's module names for ``kind``: "attention" (the attention projections) or
+        "attention_ff" (and the feed-forward layers)."""
+        if kind not in self.lora_target_sets:
+            raise UserError(f"LoRA targets {kind!r}: the {self.label} family has {sorted(self.lora_target_sets)}")
+        return self.lora_target_sets[kind]
 
     # -------------------------------------------------------------------------------- parts
     @property
@@ -280,25 +269,10 @@ class SD3Model:
         return self.pipe.transformer.dtype
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(C, h, w) of one latent at this handle's resolution (the pipeline's default unless set)."""
-        size = self._image_size // self.pipe.vae_scale_factor
-        return (self.transformer.config.in_channels, size, size)
-
-    @property
     def image_size(self) -> int:
         return self._image_size
 
     # -------------------------------------------------------------------------------- text
-    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        """Token and pooled embeddings of ``prompts`` (grad flows if the text encoders require it). A prompt
-        longer than the CLIP encoders read is a UserError (the stock pipeline would drop its end quietly)."""
-        check_prompt_lengths(self.pipe.tokenizer, prompts)
-        tokens, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length)
-        return PromptEmbeds(tokens, pooled)
-
     def negative_embeds(self, batch: int) -> PromptEmbeds:
         """The empty prompt's embeddings (the CFG unconditional branch), repeated ``batch`` times."""
         if self._negative is None:
@@ -311,13 +285,6 @@ class SD3Model:
         """v_θ(x_σ, σ, c): latents (B, C, h, w), sigma (B,) in [0, 1] → velocity (B, C, h, w)."""
         return self.velocity_at_timestep(latents, sigma * 1000.0, embeds)
 
-    def velocity_at_timestep(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
-        """The transformer call with the scheduler's timestep t = 1000·σ as is (samplers use this so that
-        they feed the transformer exactly what the stock pipeline feeds it)."""
-        timestep = timestep.to(latents.dtype).reshape(-1).expand(latents.shape[0])
-        return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds.tokens,
-                                pooled_projections=embeds.pooled, return_dict=False)[0]
-
     def guided_velocity(self, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds,
                         guidance_scale: float) -> torch.Tensor:
         """CFG velocity v_u + w·(v_c − v_u) at noise level σ (see :meth:`guided_velocity_at_timestep`)."""
@@ -325,8 +292,8 @@ class SD3Model:
 
     def guided_velocity_at_timestep(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
                                     guidance_scale: float) -> torch.Tensor:
-        """CFG velocity v_u + w·(v_c − v_u), computed like the pipeline: one batch [uncond; cond].
-        Guidance ≤ 1 means no CFG (one conditional pass), as in diffusers."""
+        """True CFG v_u + w·(v_c − v_u) against the empty prompt, computed like the pipelines: one batch
+        [uncond; cond]. Guidance ≤ 1 means no CFG (one conditional pass), as in diffusers."""
         if guidance_scale <= 1.0:
             return self.velocity_at_timestep(latents, timestep, embeds)
         batch = latents.shape[0]
@@ -340,12 +307,95 @@ class SD3Model:
     def encode_images(self, images: np.ndarray | torch.Tensor, sample: bool = False,
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 images (B, S, S, 3) → scaled latents z = (E(x) − shift)·scale, (B, C, h, w)."""
-        return vae_encode(self.vae, images, self.device, sample, generator)
+        x = torch.as_tensor(np.asarray(images)).to(self.device)
+        x = x.permute(0, 3, 1, 2).to(self.vae.dtype) / 127.5 - 1.0
+        dist = self.vae.encode(x).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        cfg = self.vae.config
+        return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor, output: str = "uint8") -> np.ndarray | torch.Tensor:
         """Scaled latents → images: uint8 (B, S, S, 3) numpy, float in [0, 1] numpy ("np"), or the raw
         decoder output in [-1, 1] as a tensor ("pt-raw", differentiable)."""
-        return vae_decode(self.vae, self.pipe.image_processor, latents, output)
+        cfg = self.vae.config
+        raw = self.vae.decode(latents / cfg.scaling_factor + (cfg.shift_factor or 0.0), return_dict=False)[0]
+        if output == "pt-raw":
+            return raw
+        images = self.pipe.image_processor.postprocess(raw.detach(), output_type="np")
+        if output == "np":
+            return images
+        return (images * 255).round().astype(np.uint8)
+
+
+def freeze_all_but_transformer(pipe):
+    """Every module of ``pipe`` but the backbone frozen (text encoders, VAE): adapters train the backbone."""
+    for name, part in pipe.components.items():
+        if isinstance(part, torch.nn.Module) and name != "transformer":
+            part.requires_grad_(False)
+    return pipe
+
+
+class SD3Model(DiffusersModel):
+    """The SD3 family's handle: velocity, prompt encoding and latent coding over a ``StableDiffusion3Pipeline``
+    (T5 left out: ``max_sequence_length`` zero T5 tokens, as the shapes base was trained)."""
+
+    family = "sd3"
+    label = "SD3"
+
+    def __init__(self, pipe: StableDiffusion3Pipeline, max_sequence_length: int = 0, image_size: int = 0):
+        super().__init__(pipe, image_size or pipe.transformer.config.sample_size * pipe.vae_scale_factor,
+                         pipe.vae_scale_factor * pipe.transformer.config.patch_size)
+        self.max_sequence_length = max_sequence_length
+
+    def at_resolution(self, image_size: int) -> "SD3Model":
+        """The same model sampling ``image_size`` × ``image_size`` images (e.g. SD3.5-Medium at 512 px)."""
+        return SD3Model(self.pipe, self.max_sequence_length, image_size)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> "SD3Model":
+        """A local SD3 pipeline folder; VAE and text encoders frozen (the backbone is what adapters train)."""
+        return cls(freeze_all_but_transformer(load_pipeline(model_dir, dtype)),
+                   max_sequence_length=t5_tokens_of(model_dir))
+
+    def with_transformer(self, transformer: torch.nn.Module) -> "SD3Model":
+        pipe = StableDiffusion3Pipeline(**{**self.pipe.components, "transformer": transformer})
+        pipe.set_progress_bar_config(disable=True)
+        return SD3Model(pipe, self.max_sequence_length, self._image_size)
+
+    @property
+    def lora_target_sets(self) -> dict[str, tuple[str, ...]]:
+        """The MM-DiT's joint-attention projections of both streams, and with them the feed-forward layers."""
+        from dgpo.models.lora import LORA_TARGETS
+        return LORA_TARGETS
+
+    @property
+    def scheduler_config(self):
+        """The flow-matching scheduler's config (``shift``, ``num_train_timesteps``, …)."""
+        return self.pipe.scheduler.config
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one latent at this handle's resolution (the pipeline's default unless set)."""
+        size = self._image_size // self.pipe.vae_scale_factor
+        return (self.transformer.config.in_channels, size, size)
+
+    # -------------------------------------------------------------------------------- text
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        """Token and pooled embeddings of ``prompts`` (grad flows if the text encoders require it). A prompt
+        longer than the CLIP encoders read is a UserError (the stock pipeline would drop its end quietly)."""
+        check_prompt_lengths(self.pipe.tokenizer, prompts)
+        tokens, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length)
+        return PromptEmbeds(tokens, pooled)
+
+    # -------------------------------------------------------------------------------- velocity
+    def velocity_at_timestep(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        """The transformer call with the scheduler's timestep t = 1000·σ as is (samplers use this so that
+        they feed the transformer exactly what the stock pipeline feeds it)."""
+        timestep = timestep.to(latents.dtype).reshape(-1).expand(latents.shape[0])
+        return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds.tokens,
+                                pooled_projections=embeds.pooled, return_dict=False)[0]
 
 
 def static_shift_schedule(scheduler_config, image_tokens: int):
@@ -361,29 +411,6 @@ def static_shift_schedule(scheduler_config, image_tokens: int):
         mu = low + (high - low) * (image_tokens - base) / (top - base)  # diffusers' calculate_shift
         cfg.update(use_dynamic_shifting=False, shift=math.exp(mu))
     return FrozenDict(cfg)
-
-
-def vae_encode(vae, images: np.ndarray | torch.Tensor, device, sample: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 images (B, S, S, 3) → a diffusers VAE's scaled latents z = (E(x) − shift)·scale, (B, C, h, w)."""
-    x = torch.as_tensor(np.asarray(images)).to(device)
-    x = x.permute(0, 3, 1, 2).to(vae.dtype) / 127.5 - 1.0
-    dist = vae.encode(x).latent_dist
-    z = dist.sample(generator) if sample else dist.mode()
-    cfg = vae.config
-    return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
-
-
-def vae_decode(vae, image_processor, latents: torch.Tensor, output: str = "uint8") -> np.ndarray | torch.Tensor:
-    """Scaled latents → images as :meth:`FlowModel.decode_latents` returns them ("uint8", "np", "pt-raw")."""
-    cfg = vae.config
-    raw = vae.decode(latents / cfg.scaling_factor + (cfg.shift_factor or 0.0), return_dict=False)[0]
-    if output == "pt-raw":
-        return raw
-    images = image_processor.postprocess(raw.detach(), output_type="np")
-    if output == "np":
-        return images
-    return (images * 255).round().astype(np.uint8)
 
 
 def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
