@@ -9,9 +9,8 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import numpy as np
@@ -23,6 +22,7 @@ from dgpo.reward_client import RemoteReward
 from dgpo.reward_server import ServerLimits, serve_reward
 from dgpo.rewards import ShapesReward, encode_png, make_reward
 from dgpo.worlds import shapes
+from conftest import http_stub
 
 PROMPTS = ["a photo of a circle", "a photo of three squares", "a photo of a red triangle",
            "a photo of a square left of a circle", "a photo of a blue circle and a yellow triangle"]
@@ -135,13 +135,9 @@ def stub_server():
             self.end_headers()
             self.wfile.write(body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    state["url"] = f"http://127.0.0.1:{server.server_port}/"
-    yield state
-    server.shutdown()
-    server.server_close()
+    with http_stub(Handler) as port:
+        state["url"] = f"http://127.0.0.1:{port}/"
+        yield state
 
 
 @pytest.mark.parametrize("case", list(GARBAGE))

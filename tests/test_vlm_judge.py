@@ -5,8 +5,7 @@ line for every way a judge can fail."""
 import base64
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from PIL import Image
 
 from dgpo.errors import UserError
 from dgpo.vlm_judge import VLMJudge, parse_score
+from conftest import http_stub
 
 
 @pytest.fixture
@@ -44,13 +44,9 @@ def judge_server():
             self.end_headers()
             self.wfile.write(payload)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    state["url"] = f"http://127.0.0.1:{server.server_port}/v1"
-    yield state
-    server.shutdown()
-    server.server_close()
+    with http_stub(Handler) as port:
+        state["url"] = f"http://127.0.0.1:{port}/v1"
+        yield state
 
 
 def grey(levels):
