@@ -62,22 +62,19 @@ def test_the_handle_samples_what_the_stock_pipeline_samples(tiny_family):
 
 def test_dgpo_trains_through_the_handle_and_its_lora_loads_in_stock_diffusers(tiny_family, tmp_path):
     from dgpo.cli import main
-    from test_reward_serving import BRIGHTNESS_PLUGIN, _serve
+    from test_reward_serving import BRIGHTNESS_PLUGIN, served
     folder, kind = tiny_family
     plugin = tmp_path / "brightness.py"
     plugin.write_text(BRIGHTNESS_PLUGIN)
-    server, url = _serve("brightness", "--plugin", str(plugin))  # `dgpo serve-reward`, as a user starts it
     sets = [f"model.base={folder}", "model.resolution=32", "run.epochs=2", "run.time_budget_min=0",
             "rollout.prompts_per_epoch=2", "rollout.group_size=3", "rollout.steps=2", "eval.per_prompt=1",
             "eval.sampler.steps=2", "eval.fd=false", "eval.every=100", "optim.micro_batch=6", "model.lora_rank=2",
             "model.lora_alpha=2", "optim.lr=0.05", "objective.timesteps_per_sample=1",
             f"rollout.guidance_scale={GUIDANCE[kind][0]}", "eval.sampler.guidance_scale=1.0",
-            "reward.name=remote", f"reward.url={url}"]
-    try:
-        assert main(["train", "--out", str(tmp_path / "run"), *[a for k in sets for a in ("--set", k)]]) == 0
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+            "reward.name=remote"]
+    with served("brightness", "--plugin", str(plugin)) as url:  # `dgpo serve-reward`, as a user starts it
+        assert main(["train", "--out", str(tmp_path / "run"), *[a for k in [*sets, f"reward.url={url}"]
+                                                                 for a in ("--set", k)]]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward"] for r in rows if "reward" in r]
     assert len(rewards) == 2 and all(0.25 <= r <= 0.2511 for r in rewards)  # the served reward's, over HTTP

@@ -146,20 +146,16 @@ def test_metadata_reaches_a_reward_served_by_dgpo_serve_reward(tiny_base, tmp_pa
     """Every train prompt's line says target 0.25, every test prompt's 0.75; the file names no reward, the run
     trains and evaluates with `reward.name=remote`: the logged rewards are the targets, so the metadata travelled
     from the file through the trainer and the client to the served reward, and the evaluation used it too."""
-    from test_reward_serving import _serve
+    from test_reward_serving import served
     lines = [{**line, "target": 0.25 if line.get("split", "train") == "train" else 0.75} for line in LINES[1:]]
     path = write(tmp_path / "p.jsonl", lines)
     plugin = tmp_path / "target.py"
     plugin.write_text(TARGET_PLUGIN)
-    server, url = _serve("target", "--plugin", str(plugin))
-    try:
+    with served("target", "--plugin", str(plugin)) as url:
         sets = [a for s in [f"model.base={tiny_base}", f"world={path}", "run.epochs=2", "run.time_budget_min=0",
                             *TINY_RUN, "reward.name=remote", f"reward.url={url}", "reward.batch_size=2"]
                 for a in ("--set", s)]
         assert main(["train", *sets, "--out", str(tmp_path / "run")]) == 0
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(0.25 <= r["reward"] <= 0.2511 for r in rows if "reward" in r)
     evals = [r["eval_geneval"] for r in rows if "eval_geneval" in r]

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
 
 import httpx
@@ -244,23 +245,29 @@ register_reward("brightness", Brightness, overwrite=True)
 """
 
 
-def _serve(*args) -> tuple[subprocess.Popen, str]:
-    """``dgpo serve-reward ARGS`` as a user starts it; returns the process and its URL once it answers."""
+@contextmanager
+def served(*args):
+    """``dgpo serve-reward ARGS`` as a user starts it; yields its URL once it answers, and stops it after."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dgpo.cli", "serve-reward", *args, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/score"
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url, trust_env=False, timeout=1.0).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"dgpo serve-reward did not come up: {proc.stdout.read()}")
-        time.sleep(0.2)
+    try:
+        while True:
+            try:
+                if httpx.get(url, trust_env=False, timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"dgpo serve-reward did not come up: {proc.stdout.read()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def test_dgpo_trains_against_a_reward_served_by_dgpo_serve_reward(tiny_base, tmp_path):
@@ -270,28 +277,20 @@ def test_dgpo_trains_against_a_reward_served_by_dgpo_serve_reward(tiny_base, tmp
     from dgpo.cli import main
     plugin = tmp_path / "brightness.py"
     plugin.write_text(BRIGHTNESS_PLUGIN)
-    proc, url = _serve("brightness", "--plugin", str(plugin))
-    try:
+    with served("brightness", "--plugin", str(plugin)) as url:
         sets = [f"model.base={tiny_base}", "run.epochs=2", "run.time_budget_min=0", "rollout.prompts_per_epoch=2",
                 "rollout.group_size=3", "rollout.steps=2", "eval.per_prompt=1", "eval.sampler.steps=2", "eval.fd=false",
                 "eval.every=100", "optim.micro_batch=6", "model.lora_rank=2", "model.lora_alpha=2",
                 "objective.timesteps_per_sample=1", "reward.name=remote", f"reward.url={url}", "reward.batch_size=2"]
         assert main(["train", "--out", str(tmp_path / "run"), *[a for k in sets for a in ("--set", k)]]) == 0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
     rows = [_json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward"] for r in rows if "reward" in r]
     assert len(rewards) == 2 and all(0.25 <= r <= 0.2511 for r in rewards)  # the served plug-in's, nothing else
 
 
 def test_dgpo_serve_reward_serves_a_registered_reward(renders):
-    proc, url = _serve("shapes_partial")
-    try:
+    with served("shapes_partial") as url:
         np.testing.assert_array_equal(RemoteReward(url)(renders, PROMPTS), ShapesReward("partial")(renders, PROMPTS))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
     bad = subprocess.run([sys.executable, "-m", "dgpo.cli", "serve-reward", "no_such_reward"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown reward 'no_such_reward'" in bad.stderr
