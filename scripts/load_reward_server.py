@@ -28,26 +28,25 @@ from pathlib import Path
 
 import numpy as np
 
+from dgpo.cli_args import at_least
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
-    p.add_argument("--batches", type=int, default=200, help="batches per client (default 200)")
-    p.add_argument("--batch", type=int, default=4, help="images per batch (default 4)")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
-    p.add_argument("--fault-every", type=int, default=25,
+    p.add_argument("--clients", type=at_least(1), default=8, help="concurrent clients (default 8)")
+    p.add_argument("--batches", type=at_least(1), default=200, help="batches per client (default 200)")
+    p.add_argument("--batch", type=at_least(1), default=4, help="images per batch (default 4)")
+    p.add_argument("--size", type=at_least(1), default=32, help="image side in pixels (default 32)")
+    p.add_argument("--fault-every", type=at_least(0), default=25,
                    help="answer every N-th request with HTTP 503 before scoring it (default 25; 0 = never)")
     p.add_argument("--max-seconds", type=float, default=300.0,
                    help="fail if the load takes longer than this (default 300)")
     p.add_argument("--out-dir", default=str(ROOT / "docs" / "experiments" / "results"))
     p.add_argument("--name", default="reward_server_load")
     args = p.parse_args(argv)
-    for flag in ("clients", "batches", "batch", "size"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.fault_every < 0 or args.fault_every == 1:
+    if args.fault_every == 1:
         p.error("--fault-every must be 0 (no faults) or at least 2 (every request failing never succeeds)")
     return args
 

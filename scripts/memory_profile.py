@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dgpo.cli_args import at_least
+
 ROOT = Path(__file__).resolve().parents[1]
 #: A short run of a recipe: a few steps, evaluations with a full first sampler batch (128 images), no cache.
 SHORT = ["run.time_budget_min=0", "eval.every=1000000", "eval.every_minutes=0", "eval.per_prompt=4",
@@ -98,12 +100,10 @@ def write_report(results: list[dict], out_dir: Path, name: str, command: str) ->
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3, help="training steps per recipe (default 3)")
+    p.add_argument("--steps", type=at_least(1), default=3, help="training steps per recipe (default 3)")
     p.add_argument("--out-dir", default=str(ROOT / "docs" / "experiments" / "results"))
     p.add_argument("--name", default="memory_profile")
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error("--steps must be at least 1")
     command = f"python scripts/memory_profile.py --steps {args.steps}"  # where it writes changes nothing measured
     results = []
     with tempfile.TemporaryDirectory(prefix="memory-profile-") as tmp:
