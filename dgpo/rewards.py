@@ -280,18 +280,20 @@ def register_reward(name: str, factory: Callable[..., Reward], overwrite: bool =
     _REGISTRY[name] = factory
 
 
+#: The ``reward:`` settings a reward reached over HTTP is built with.
+SERVED_SETTINGS = {"remote": ("url", "timeout", "retries", "batch_size", "score_range"),
+                   "vlm_judge": ("url", "timeout", "retries")}
+
+
 def reward_of_run(reward_cfg, world) -> tuple[str, Reward]:
     """The reward a training run's ``reward:`` section names (:class:`dgpo.train_config.RewardConfig`): its
-    ``name``, or the world's own when empty, built with the section's ``url``/``timeout`` for ``remote``."""
+    ``name``, or the world's own when empty, built with the section's server settings for a served reward
+    (:data:`SERVED_SETTINGS`) and its ``model`` for a reward that reads one."""
     name = reward_cfg.name or world.reward
     if "+" in name:  # several rewards (dgpo.reward_mix)
         from dgpo.reward_mix import RewardMix
         return name, RewardMix(name.split("+"), getattr(reward_cfg, "weights", []), getattr(reward_cfg, "combine", "sum"))
-    options = ({"url": reward_cfg.url, "timeout": reward_cfg.timeout, "retries": reward_cfg.retries,
-                "batch_size": reward_cfg.batch_size, "score_range": getattr(reward_cfg, "score_range", [])}
-               if name == "remote" else {})
-    if name == "vlm_judge":
-        options = {"url": reward_cfg.url, "timeout": reward_cfg.timeout, "retries": reward_cfg.retries}
+    options = {key: getattr(reward_cfg, key) for key in SERVED_SETTINGS.get(name, ())}
     if getattr(reward_cfg, "model", "") and name in _REGISTRY and "model" in inspect.signature(_REGISTRY[name]).parameters:
         options["model"] = reward_cfg.model
     reward = make_reward(name, **options)
