@@ -162,7 +162,7 @@ class Trainer:
     def label(self) -> str:
         return self.objective.label
 
-    #: What lowers a step's memory, for :meth:`dgpo.run.Run.guarded_step`'s message.
+    #: What lowers a step's memory, for the memory messages of :class:`dgpo.run.Run`.
     memory_levers = ("lower optim.micro_batch (samples per forward/backward) or set "
                      "model.gradient_checkpointing=true")
 

@@ -39,6 +39,17 @@ def t5_tokenizer(words: list[str], max_length: int):
                            extra_ids=0, model_max_length=max_length)
 
 
+def latent16_vae(channels: tuple[int, ...]):
+    """A 16-latent-channel ``AutoencoderKL`` as FLUX.1 and Z-Image use (their shift and scale), one level per
+    entry of ``channels`` (×2 downsampling per level after the first), random weights."""
+    from diffusers import AutoencoderKL
+    levels = len(channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * levels,
+                         up_block_types=["UpDecoderBlock2D"] * levels, block_out_channels=list(channels),
+                         latent_channels=16, layers_per_block=1, norm_num_groups=4, sample_size=32,
+                         shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+
+
 def flux_pipeline(width: int = 32, heads: int = 2, double_blocks: int = 1, single_blocks: int = 1,
                   guidance_embeds: bool = True, text_width: int = 32, t5_width: int = 32, text_layers: int = 1,
                   vae_channels: tuple[int, ...] = (8, 16), text_tokens: int = 16, seed: int = 0):
@@ -47,7 +58,7 @@ def flux_pipeline(width: int = 32, heads: int = 2, double_blocks: int = 1, singl
     layers at ``text_width`` / ``t5_width``, a 16-channel VAE with ``vae_channels`` (×2 downsampling per level
     after the first). FLUX.1-dev's own sizes: width 3072, 24 heads, 19 + 38 blocks, T5 4096 wide, VAE
     (128, 256, 512, 512)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from dgpo.worlds.shapes_base.tokenizer import build_clip_tokenizer
@@ -63,11 +74,7 @@ def flux_pipeline(width: int = 32, heads: int = 2, double_blocks: int = 1, singl
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=t5_width, d_kv=max(t5_width // 4, 8),
                                  d_ff=2 * t5_width, num_layers=text_layers, num_heads=4, decoder_start_token_id=0,
                                  pad_token_id=0, eos_token_id=1))
-    levels = len(vae_channels)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * levels,
-                        up_block_types=["UpDecoderBlock2D"] * levels, block_out_channels=list(vae_channels),
-                        latent_channels=16, layers_per_block=1, norm_num_groups=4, sample_size=32,
-                        shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+    vae = latent16_vae(vae_channels)
     head = width // heads
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=double_blocks, num_single_layers=single_blocks,
@@ -120,17 +127,14 @@ def qwen_tokenizer(words: list[str], max_length: int):
 def build_tiny_zimage(folder: str | Path, seed: int = 0, width: int = 32, text_tokens: int = 64) -> Path:
     """A Z-Image shaped ``ZImagePipeline`` with random weights, saved in ``folder``: one main and one refiner
     layer of width ``width``, a two-layer Qwen3 text encoder, a 16-channel VAE with ×2 downsampling."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
     tok = qwen_tokenizer(world_words(), text_tokens)
     torch.manual_seed(seed)
     text = Qwen3Model(Qwen3Config(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                                   head_dim=width // 2, max_position_embeddings=2 * text_tokens))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=16,
-                        layers_per_block=1, norm_num_groups=4, sample_size=32, shift_factor=0.1159,
-                        scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+    vae = latent16_vae((8, 16))
     head = width // 2
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=width, n_layers=1, n_refiner_layers=1,
