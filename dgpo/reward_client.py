@@ -30,8 +30,22 @@ RETRY_STATUSES = (502, 503, 504)
 TOKEN_ENV = "DGPO_REWARD_TOKEN"
 
 
-class _Retry(Exception):
+class Retry(Exception):
     """A failure worth another attempt (down, slow, overloaded); ``message`` is what the user sees at the end."""
+
+
+def with_retries(send, retries: int, backoff: float):
+    """``send(attempt)`` until it returns, again after each :class:`Retry` (waiting ``backoff · 2^k`` seconds),
+    at most ``retries`` more times; then a :class:`RewardServerError` with the last failure's message."""
+    last = ""
+    for attempt in range(retries + 1):
+        try:
+            return send(attempt)
+        except Retry as e:
+            last = str(e)
+            if attempt < retries:
+                time.sleep(backoff * 2 ** attempt)
+    raise RewardServerError(f"{last} (after {retries + 1} attempts)")
 
 
 class RemoteReward:
@@ -117,16 +131,8 @@ class RemoteReward:
         if metadata is not None:
             request["metadata"] = metadata
         body = json.dumps(request).encode()
-        last = ""
-        for attempt in range(self.retries + 1):
-            url = self.urls[(first_url + attempt) % len(self.urls)]
-            try:
-                return self._post(url, body, len(images))
-            except _Retry as e:
-                last = str(e)
-                if attempt < self.retries:
-                    time.sleep(self.backoff * 2 ** attempt)
-        raise RewardServerError(f"{last} (after {self.retries + 1} attempts)")
+        return with_retries(lambda attempt: self._post(self.urls[(first_url + attempt) % len(self.urls)], body,
+                                                       len(images)), self.retries, self.backoff)
 
     def _post(self, url: str, body: bytes, n: int) -> np.ndarray:
         import httpx
@@ -137,16 +143,16 @@ class RemoteReward:
                 text = self._read(resp, who)
                 status = resp.status_code
         except httpx.TimeoutException:
-            raise _Retry(f"{who} did not answer within {self.timeout:g} s; check that it is not stuck or "
+            raise Retry(f"{who} did not answer within {self.timeout:g} s; check that it is not stuck or "
                          "overloaded, or raise reward.timeout") from None
         except httpx.RemoteProtocolError as e:
             raise RewardServerError(f"{who} answered garbage: not a valid HTTP response ({_short(str(e))}); "
                                     "is reward.url pointing at the reward server?") from None
         except httpx.TransportError as e:
-            raise _Retry(f"{who} is not reachable ({type(e).__name__}: {_short(str(e))}); start it or fix "
+            raise Retry(f"{who} is not reachable ({type(e).__name__}: {_short(str(e))}); start it or fix "
                          "reward.url") from None
         if status in RETRY_STATUSES:
-            raise _Retry(f"{who} is overloaded or restarting (HTTP {status})")
+            raise Retry(f"{who} is overloaded or restarting (HTTP {status})")
         if status in (401, 403):
             raise RewardServerError(f"{who} refused the request (HTTP {status}: {_short(text)}); set the server's "
                                     f"token in reward.token or {TOKEN_ENV}")

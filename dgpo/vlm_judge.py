@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from dgpo.errors import UserError
+from dgpo.reward_client import Retry, with_retries
 from dgpo.rewards import RewardServerError, _check_batch, _short, encode_png
 
 #: Environment variable the judge's API key is read from.
@@ -106,15 +106,7 @@ class VLMJudge:
     def judge(self, image: np.ndarray, prompt: str) -> float:
         """One image's score on the judge's scale, retried as the module docstring says."""
         body = json.dumps(self.request(image, prompt)).encode()
-        last = ""
-        for attempt in range(self.retries + 1):
-            try:
-                return self._post(body)
-            except _Retry as e:
-                last = str(e)
-                if attempt < self.retries:
-                    time.sleep(self.backoff * 2 ** attempt)
-        raise RewardServerError(f"{last} (after {self.retries + 1} attempts)")
+        return with_retries(lambda attempt: self._post(body), self.retries, self.backoff)
 
     def _post(self, body: bytes) -> float:
         import httpx
@@ -126,12 +118,12 @@ class VLMJudge:
         try:
             resp = self._client.post(self.endpoint, content=body, headers=headers)
         except httpx.TimeoutException:
-            raise _Retry(f"{who} did not answer within {self.timeout:g} s; raise reward.timeout for a slow "
+            raise Retry(f"{who} did not answer within {self.timeout:g} s; raise reward.timeout for a slow "
                          "judge") from None
         except httpx.TransportError as e:
-            raise _Retry(f"{who} is not reachable ({type(e).__name__}); start the server or fix reward.url") from None
+            raise Retry(f"{who} is not reachable ({type(e).__name__}); start the server or fix reward.url") from None
         if resp.status_code in RETRY_STATUSES:
-            raise _Retry(f"{who} is overloaded or restarting (HTTP {resp.status_code})")
+            raise Retry(f"{who} is overloaded or restarting (HTTP {resp.status_code})")
         if resp.status_code in (401, 403):
             raise RewardServerError(f"{who} refused the request (HTTP {resp.status_code}): set its API key in "
                                     f"{API_KEY_ENV}")
@@ -157,7 +149,3 @@ class VLMJudge:
         if self._client is not None:
             self._client.close()
             self._client = None
-
-
-class _Retry(Exception):
-    """A failure worth another attempt."""
