@@ -79,8 +79,8 @@ def clip_pixels(pixels: torch.Tensor, size: int, crop: int, mean, std) -> torch.
 
 
 class CLIPReward:
-    """``clip_score``, ``pickscore`` (text–image) and ``aesthetic`` (image only) over a local CLIP (see the
-    module docstring)."""
+    """``clip_score``, ``pickscore``, ``hpsv2`` (text–image) and ``aesthetic`` (image only) over a local CLIP
+    (see the module docstring)."""
 
     NEEDS = {"clip_score": "CLIP_DIR", "pickscore": "PICKSCORE_DIR", "aesthetic": "CLIP_DIR,HEAD.pth",
              "hpsv2": "CHECKPOINT.pt,CLIP_TOKENIZER_DIR"}
