@@ -69,6 +69,20 @@ def cmd_surrogate(args) -> None:
     print(f"surrogate: {out / 'surrogate_lora'} (tdm-r1 train --set surrogate.init=...); ranking: {out / 'ranking.json'}")
 
 
+def cmd_convert(args) -> None:
+    from dgpo.output_dir import atomic_output_dir, check_output
+    from tdm_r1.published import convert_published_student, read_ema_parameters, released_levels
+    out = check_output(args.out, "tdm-r1 convert", args.overwrite)  # before the work, not after it
+    read_ema_parameters(args.checkpoint)  # a bad file fails before the pipeline loads
+    model = load_model(resolve_model(args.model))
+    levels = released_levels(args.steps, args.flow_shift)
+    with atomic_output_dir(out, "tdm-r1 convert", args.overwrite) as tmp:
+        convert_published_student(args.checkpoint, model, tmp, args.rank, args.alpha, levels=levels,
+                                  base=Path(resolve_model(args.model)).resolve(), shown_as=out.resolve())
+    print(f"wrote {out}: a {args.steps}-step student at levels {[round(x, 4) for x in levels]}; start TDM-R1 from it "
+          f"with --set r1.init_lora={out}, or sample it with tdm-r1 sample --model {args.model} --lora {out}")
+
+
 def student_boundaries(model, nfe: int, boundaries: str | None, lora: str | None) -> list[float]:
     """--boundaries, else those saved with the LoRA (when its K equals --nfe), else the scheduler's K levels."""
     from tdm_r1.student import check_boundaries, default_boundaries, read_sampler_file
@@ -148,6 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-prompt", type=at_least(1), default=16, help="fresh rollouts per evaluation prompt (default 16)")
     _add_out_args(p, "output folder (surrogate_lora/, ranking.json); must be new or empty")
     p.set_defaults(func=cmd_surrogate)
+
+    p = sub.add_parser("convert", help="convert a published TDM student (an EMA checkpoint) into a LoRA folder",
+                       description="Convert the released TDM-R1 code's student checkpoint (torch.save of "
+                       "{'ema_parameters': [LoRA tensors in PEFT order]}, rank 32, alpha 64, the joint attention's "
+                       "projections) into a diffusers LoRA folder with its sampler.json, for the pipeline it was "
+                       "trained on (SD3.5-Medium, from a local folder). Start TDM-R1 from it with --set "
+                       "r1.init_lora=OUT; sample it with tdm-r1 sample --lora OUT. Read with torch.load("
+                       "weights_only=True): no code in the file runs.")
+    p.add_argument("checkpoint", help="the published EMA checkpoint (e.g. ema.ckpt)")
+    p.add_argument("--model", required=True, help="the saved SD3 pipeline folder the student was trained on")
+    p.add_argument("--rank", type=at_least(1), default=32, help="LoRA rank of the checkpoint (default 32)")
+    p.add_argument("--alpha", type=float, default=64.0, help="LoRA alpha of the checkpoint (default 64)")
+    p.add_argument("--steps", type=at_least(1), default=4, help="student steps (default 4)")
+    p.add_argument("--flow-shift", type=float, default=3.0,
+                   help="flow shift of the released DPM-Solver sampler, which sets the student's levels (default 3)")
+    _add_out_args(p, "output LoRA folder (new or empty)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("sample", help="sample a K-step student into a folder (PNGs, samples.jsonl, grid.png)",
                        description="Like `dgpo sample`, with the student's sampler: --nfe Euler steps at the noise "

@@ -93,6 +93,9 @@ class R1Config:
     enabled: bool = option(False, "add the surrogate reward and its direction to TDM (what `tdm-r1 train` runs)")
     init_run: str = option("", "a `tdm-r1 distill` run folder whose latest checkpoint gives the starting student "
                            "and fake score (empty: start from the teacher)")
+    init_lora: str = option("", "a student LoRA folder to start from instead (RUN/final/lora, or a published TDM "
+                            "student converted by `tdm-r1 convert`); the fake score starts at the teacher, and the "
+                            "folder's sampler.json gives the student's levels when student.boundaries is empty")
     group_size: int = option(4, "G: student rollouts per prompt (a group); optim.batch_size = P × G", min=2)
     categories: list[str] = option([], "train only on prompts of these world categories (empty: all train "
                                    "prompts), e.g. [position, counting]")

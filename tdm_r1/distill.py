@@ -42,13 +42,15 @@ from dgpo.run import Counters, Run, Schedule, plot_run
 from dgpo.evaluation import evaluate_images
 from dgpo.models.handle import PromptEmbeds, load_model
 from dgpo.models.adapters import AdapterRoles
+from dgpo.models.lora_io import read_lora_folder
 from dgpo.worlds import make_world
 from tdm_r1.config import DistillConfig
 from tdm_r1.objectives import (distribution_matching_direction, fake_score_loss, log_importance_weight,
                                level_above, normalise_weights, regression_loss, reward_direction, sample_tau,
                                transition_sample, x0_from_velocity)
 from tdm_r1.surrogate import SurrogateReward, group_draws
-from tdm_r1.student import boundary_sigmas, check_boundaries, default_boundaries, generate_student, write_sampler_files
+from tdm_r1.student import (boundary_sigmas, check_boundaries, default_boundaries, generate_student, read_sampler_file,
+                            write_sampler_files)
 
 STUDENT, FAKE = "student", "fake"
 
@@ -96,7 +98,8 @@ class Distiller:
         self.base_path = self.processes.main_first(lambda: resolve_teacher(cfg, log))
         self.teacher = load_model(self.base_path, resolution=cfg.teacher.resolution).to(device)  # adapters off = the teacher
         backbone = self.teacher.transformer
-        self.boundaries = check_boundaries(cfg.student.boundaries or default_boundaries(self.teacher, cfg.student.nfe))
+        self.boundaries = check_boundaries(cfg.student.boundaries or self.saved_boundaries()
+                                           or default_boundaries(self.teacher, cfg.student.nfe))
         if len(self.boundaries) != cfg.student.nfe:
             raise UserError(f"student.boundaries has {len(self.boundaries)} levels for student.nfe={cfg.student.nfe}")
         self.sigmas = boundary_sigmas(self.teacher, self.boundaries)  # σ_0 … σ_K (σ_K = 0)
@@ -143,8 +146,12 @@ class Distiller:
             if cfg.surrogate.init:
                 self.surrogate.load(cfg.surrogate.init)
             self.reward_name, self.reward = reward_of_run(cfg.reward, self.world)
+            if cfg.r1.init_run and cfg.r1.init_lora:
+                raise UserError("r1.init_run and r1.init_lora both name a starting student: keep one")
             if cfg.r1.init_run:
                 self.load_student_from(Path(cfg.r1.init_run))
+            elif cfg.r1.init_lora:
+                self.load_student_lora(Path(cfg.r1.init_lora))
         with torch.no_grad():
             embeds = self.teacher.encode_prompts(self.train_prompts)
         self.embeds_of = {p: embeds.index(slice(i, i + 1)) for i, p in enumerate(self.train_prompts)}
@@ -178,6 +185,27 @@ class Distiller:
         if self.student_ema is not None:  # the EMA starts at the loaded student
             self.student_ema = EMA(self.student_params, self.cfg.student.ema_decay)
         self.log(f"starting student and fake score: {ckpt}")
+
+    def saved_boundaries(self) -> list[float]:
+        """The levels saved with ``r1.init_lora`` (its sampler.json), when TDM-R1 starts from one."""
+        if not (self.cfg.r1.enabled and self.cfg.r1.init_lora):
+            return []
+        levels = list((read_sampler_file(self.cfg.r1.init_lora) or {}).get("boundaries", []))
+        if levels and len(levels) != self.cfg.student.nfe:
+            raise UserError(f"r1.init_lora: that student takes {len(levels)} steps (its sampler.json), this config "
+                            f"{self.cfg.student.nfe}: set student.nfe={len(levels)}")
+        return levels
+
+    def load_student_lora(self, folder: Path) -> None:
+        """Start the student from a LoRA folder (rescaled to student.lora_alpha / lora_rank; layers it does
+        not name add nothing); the fake score starts at the teacher."""
+        if self.cfg.student.mode != "lora":
+            raise UserError("r1.init_lora starts a LoRA student: set student.mode=lora")
+        weights, scale = read_lora_folder(folder, "r1.init_lora")
+        layers = self.adapters.load_scaled(STUDENT, weights, scale, "r1.init_lora")
+        if self.student_ema is not None:
+            self.student_ema = EMA(self.student_params, self.cfg.student.ema_decay)
+        self.log(f"starting student: {folder} ({layers} LoRA layers, levels {[round(b, 4) for b in self.boundaries]})")
 
     # --------------------------------------------------------------------------------------- models
     @contextmanager

@@ -247,22 +247,10 @@ class SurrogateReward:
         self.adapters.save_diffusers(SURROGATE, folder)
 
     def load(self, folder) -> None:
-        """Start from a LoRA folder :meth:`save` wrote (its keys must match this surrogate's shape)."""
-        from pathlib import Path
-        from safetensors.torch import load_file
-        from dgpo.errors import UserError
-        path = Path(folder) / "pytorch_lora_weights.safetensors"
-        if not path.is_file():
-            raise UserError(f"surrogate.init: {str(folder)!r} has no pytorch_lora_weights.safetensors; pass the "
-                            f"surrogate_lora folder `tdm-r1 surrogate` wrote")
-        state = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
-        mine = dict(self.adapters.named_parameters(SURROGATE))
-        if state.keys() != mine.keys() or any(state[k].shape != p.shape for k, p in mine.items()):
-            raise UserError(f"surrogate.init: {str(folder)!r} holds another surrogate (its LoRA keys or shapes "
-                            f"differ from surrogate.lora_rank/lora_targets here)")
-        with torch.no_grad():
-            for k, p in mine.items():
-                p.copy_(state[k])
+        """Start from a LoRA folder (:meth:`save`'s, ``tdm-r1 surrogate``'s), rescaled to this surrogate's α / r."""
+        from dgpo.models.lora_io import read_lora_folder
+        weights, scale = read_lora_folder(folder, "surrogate.init")
+        self.adapters.load_scaled(SURROGATE, weights, scale, "surrogate.init")
         for ema in self.emas.values():
             ema.shadow = [p.detach().clone() for p in self.params]
 

@@ -62,6 +62,35 @@ class AdapterRoles:
         self._check(role)
         return json.loads(json.dumps(lora_metadata(self.transformer, role), default=sorted))
 
+    def scale(self, role: str) -> float:
+        """``role``'s LoRA scale α / r (what its B·A product is multiplied by)."""
+        config = self.transformer.peft_config[role]
+        return float(config.lora_alpha) / float(config.r)
+
+    @torch.no_grad()
+    def load_scaled(self, role: str, weights: dict[str, torch.Tensor], scale: float, what: str) -> int:
+        """Make ``role`` compute what LoRA ``weights`` (by peft name, trained at scale α / r = ``scale``) computed:
+        A copied, B multiplied by ``scale`` / the role's scale; the role's layers the weights do not name get
+        B = 0 (they add nothing). Names the role lacks or shapes that differ are one UserError naming ``what``.
+        Returns how many of the role's layers the weights set."""
+        from dgpo.errors import UserError
+        mine = dict(self.named_parameters(role))
+        unknown = sorted(set(weights) - set(mine))
+        if unknown:
+            raise UserError(f"{what}: the LoRA has layers this {role} adapter lacks (e.g. {unknown[0]}): set the "
+                            f"{role}'s lora_targets to include them")
+        wrong = next((k for k in weights if weights[k].shape != mine[k].shape), None)
+        if wrong is not None:
+            raise UserError(f"{what}: {wrong} has shape {tuple(weights[wrong].shape)}, this {role} adapter "
+                            f"{tuple(mine[wrong].shape)}: set the {role}'s lora_rank to the LoRA's rank")
+        ratio = scale / self.scale(role)
+        for name, p in mine.items():
+            if name in weights:
+                p.copy_(weights[name] * (ratio if ".lora_B." in name else 1.0))
+            elif ".lora_B." in name:
+                p.zero_()
+        return sum(1 for k in weights if ".lora_A." in k)
+
     @contextmanager
     def active(self, role: str):
         """``role`` is the live adapter inside the block (the previously live one again after it)."""

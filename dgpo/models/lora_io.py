@@ -56,3 +56,28 @@ def load_lora_into_pipeline(pipe, lora_dir: str | Path, adapter_name: str = "def
     if not loaded:
         raise UserError(f"LoRA folder {str(lora_dir)!r} has no weight for this {type(pipe).__name__}'s transformer "
                         f"(its keys match none of its layers, e.g. a UNet's LoRA): nothing would change")
+
+
+def read_lora_folder(lora_dir: str | Path, what: str = "LoRA folder") -> tuple[dict, float]:
+    """The transformer weights of a diffusers LoRA folder by peft name (``transformer.`` dropped) and the scale
+    α / r they were trained at (diffusers' saved LoRA config; without one, α = r as diffusers assumes).
+    ``what`` names the folder in errors (e.g. "r1.init_lora")."""
+    import json
+    from safetensors import SafetensorError, safe_open
+    path = Path(lora_dir) / LORA_FILE
+    if not path.is_file():
+        raise UserError(f"{what}: {str(lora_dir)!r} has no {LORA_FILE}: pass a LoRA folder such as RUN/final/lora")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            weights = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()
+                       if k.startswith("transformer.")}
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"{what}: '{path}' is not readable safetensors ({' '.join(str(e).split())[:120]})") from None
+    if not weights:
+        raise UserError(f"{what}: '{path}' holds no transformer LoRA weights")
+    config = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    rank = next((v.shape[0] for k, v in weights.items() if k.endswith("lora_A.weight")), 1)
+    rank = config.get("transformer.r", rank)
+    alpha = config.get("transformer.lora_alpha", rank)
+    return weights, float(alpha) / float(rank)
