@@ -46,6 +46,18 @@ class _SumAcross(torch.autograd.Function):
         return grad
 
 
+def refuse_sharding(env) -> None:
+    """One clear error when launched with an FSDP or DeepSpeed accelerate config (``accelerate launch`` sets
+    ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``): these trainers shard nothing — only LoRA adapters
+    train, every process holds the frozen model (SD3.5-Medium: 5 GiB in bf16) — so such a launch would run as
+    plain data parallel while its config promised sharding."""
+    for key, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if str(env.get(key, "")).lower() == "true":
+            raise UserError(f"launched with a {name} accelerate config, but training here is data parallel only (LoRA "
+                            f"adapters train, every process holds the frozen model): launch with "
+                            f"configs/accelerate/gpus_8.yaml or --multi_gpu")
+
+
 class Processes:
     """The training processes as this process sees them; one process when not launched distributed."""
 
@@ -61,6 +73,7 @@ class Processes:
         """The processes this program was launched on: one, or those of ``accelerate launch`` / ``torchrun``
         (their process group is set up here)."""
         import os
+        refuse_sharding(os.environ)
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return SINGLE
         from accelerate import PartialState

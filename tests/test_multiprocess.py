@@ -42,6 +42,9 @@ TINY_DISTILL = ["run.iterations=2", "run.time_budget_min=0", "optim.batch_size=8
                 "student.lora_alpha=2", "fake.lora_rank=2", "fake.lora_alpha=2", "run.threads=1"]
 
 
+ACCELERATE_CPU = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu_2_processes.yaml"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,8 +56,8 @@ def _run(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProc
     if processes == 1:
         cmd = [sys.executable, "-m", *args]
     else:  # on a machine without GPUs, --multi_gpu launches CPU processes over gloo
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        assert processes == 2, "configs/accelerate/cpu_2_processes.yaml launches two"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU),
                "--main_process_port", str(_free_port()), "-m", *args]
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

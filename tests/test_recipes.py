@@ -34,3 +34,25 @@ def test_the_sd35_medium_recipes_hold_the_released_settings(task, reward, beta, 
     assert (cfg.reward.name, cfg.objective.beta) == (reward, beta)
     text = (ROOT / "configs" / "dgpo" / f"sd35m_{task}.yaml").read_text()
     assert "GPUs:" in text and "accelerate launch" in text  # each recipe states what it expects
+
+
+@pytest.mark.parametrize("name, kind, processes, machines", [("cpu_2_processes", "MULTI_CPU", 2, 1),
+                                                            ("gpus_8", "MULTI_GPU", 8, 1),
+                                                            ("two_nodes", "MULTI_GPU", 16, 2)])
+def test_accelerate_configs_load_in_accelerate(name, kind, processes, machines):
+    """Each launch config parses with accelerate's own loader and launches what its name says (the CPU one is
+    what tests/test_multiprocess.py launches; the GPU ones cannot run here)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert (str(cfg.distributed_type).split(".")[-1], cfg.num_processes, cfg.num_machines) == (kind, processes, machines)
+
+
+@pytest.mark.parametrize("key", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_a_sharded_launch_is_refused_in_one_line(key, monkeypatch):
+    """An FSDP or DeepSpeed launch config would shard nothing here (only LoRA adapters train): one clear error
+    instead of a run that silently does something else than its config says."""
+    from dgpo.errors import UserError
+    from dgpo.processes import Processes
+    monkeypatch.setenv(key, "true")
+    with pytest.raises(UserError, match="data parallel only"):
+        Processes.launched()
