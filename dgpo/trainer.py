@@ -38,6 +38,7 @@ from dgpo.run import Counters, Run, Schedule, plot_run
 from dgpo.evaluation import EvalConfig, evaluate_model
 from dgpo.models.handle import FlowModel, PromptEmbeds, load_model, t5_tokens_of
 from dgpo.models.adapters import AdapterRoles
+from dgpo.prompt_encodings import PromptEncodings
 from dgpo.processes import Processes
 from dgpo.prompt_sampling import PromptSampler
 from dgpo.rewards import make_reward, metadata_of, reward_of_run
@@ -154,9 +155,7 @@ class Trainer:
                             "an epoch (rollout.prompts_per_epoch × rollout.group_size)")
         self._counting, self._calls = False, 0
         self._count_hook = backbone.register_forward_pre_hook(self._count_call, with_kwargs=True)
-        with torch.no_grad():
-            embeds = self.model.encode_prompts(self.train_prompts)
-        self.embeds_of = {p: embeds.index(slice(i, i + 1)) for i, p in enumerate(self.train_prompts)}
+        self.embeds_of = PromptEncodings(self.model, self.train_prompts)  # each prompt encoded once
 
     @property
     def label(self) -> str:

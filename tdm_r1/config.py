@@ -17,6 +17,9 @@ class TeacherConfig:
     base_config: str = option("configs/base/shapes_grammar_fidelity0.5.yaml", "pretraining recipe of the embedded base when base is empty")
     resolution: int = option(0, "image side in pixels the teacher and student sample at (0 = the pipeline's own)", min=0)
     guidance_scale: float = option(1.5, "CFG scale of the teacher's score in the generator target (<= 1: off)", min=0.0)
+    mixed_precision: str = option("no", "autocast of the training iteration's transformer calls (rollout, fake "
+                                  "score, surrogate, generator); weights, optimisers and evaluation stay fp32",
+                                  choices=("no", "bf16"))
 
 
 @dataclass

@@ -35,6 +35,7 @@ from dgpo.errors import UserError
 from dgpo.config import to_dict
 from dgpo.methods.batch import score_groups
 from dgpo.nonfinite import NonFiniteStep, SkipGuard
+from dgpo.prompt_encodings import PromptEncodings
 from dgpo.processes import Processes
 from dgpo.rewards import metadata_of, reward_of_run
 from dgpo.run_folder import reopen_run, start_run
@@ -152,9 +153,7 @@ class Distiller:
                 self.load_student_from(Path(cfg.r1.init_run))
             elif cfg.r1.init_lora:
                 self.load_student_lora(Path(cfg.r1.init_lora))
-        with torch.no_grad():
-            embeds = self.teacher.encode_prompts(self.train_prompts)
-        self.embeds_of = {p: embeds.index(slice(i, i + 1)) for i, p in enumerate(self.train_prompts)}
+        self.embeds_of = PromptEncodings(self.teacher, self.train_prompts)  # each prompt encoded once
         self.counters = Counters()
         run = cfg.run
         self.runner = Run(self, self.out, Schedule.of(run, run.iterations, cfg.eval.every, cfg.eval.every_minutes),
@@ -380,6 +379,14 @@ class Distiller:
     def _iteration(self) -> tuple[dict, int]:
         """Rollout; fake-score update(s); with TDM-R1 the rollouts' rewards (labels only) and surrogate
         update(s); the generator update."""
+        with self.autocast():
+            return self._autocast_iteration()
+
+    def autocast(self):
+        """teacher.mixed_precision: bf16 autocast on the device (a no-op at "no")."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.teacher.mixed_precision == "bf16")
+
+    def _autocast_iteration(self) -> tuple[dict, int]:
         prompts = self.sample_prompts(self.cfg.optim.batch_size)
         r = self.rollout(prompts)
         stats: dict = {}

@@ -56,3 +56,29 @@ def test_a_sharded_launch_is_refused_in_one_line(key, monkeypatch):
     monkeypatch.setenv(key, "true")
     with pytest.raises(UserError, match="data parallel only"):
         Processes.launched()
+
+
+DISTILL_RECIPES = sorted(str(p.relative_to(ROOT)) for d in ("tdm", "tdm_r1") for p in (ROOT / "configs" / d).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", DISTILL_RECIPES)
+def test_every_tdm_recipe_loads(recipe, prompt_file):
+    from tdm_r1.config import load_distill_config
+    load_distill_config(ROOT / recipe, [f"world={prompt_file}"] if "sd35m" in recipe else [])
+
+
+@pytest.mark.parametrize("task, reward, beta, rl_cfg, surrogate_t_min, reward_t_min",
+                         [("geneval", "remote", 1, 2.5, 0.55, 0.25), ("ocr", "ocr", 10, 4.5, 0.3, 0.3)])
+def test_the_sd35_medium_r1_recipes_hold_the_released_per_task_settings(task, reward, beta, rl_cfg, surrogate_t_min,
+                                                                         reward_t_min, prompt_file):
+    from tdm_r1.config import load_distill_config
+    path = ROOT / "configs" / "tdm_r1" / f"sd35m_{task}.yaml"
+    cfg = load_distill_config(path, [f"world={prompt_file}"])
+    assert (cfg.teacher.resolution, cfg.teacher.mixed_precision, cfg.student.lora_rank, cfg.student.lora_alpha) == \
+        (512, "bf16", 32, 64)
+    assert (cfg.r1.group_size, cfg.r1.rl_cfg, cfg.r1.t_min, cfg.r1.trunc_steps) == (24, rl_cfg, reward_t_min, 4)
+    s = cfg.surrogate
+    assert (s.lr, s.beta, s.normalization, s.t_min, s.clip_range) == (3e-4, beta, "gradient_equivalent",
+                                                                       surrogate_t_min, 1e-3)
+    assert (cfg.reward.name, cfg.optim.generator_lr, cfg.student.ema_decay) == (reward, 7.5e-5, 0.9)
+    assert "GPUs:" in path.read_text() and "tdm-r1 convert" in path.read_text()

@@ -267,12 +267,13 @@ def test_surrogate_command_trains_alone_and_train_starts_from_it(tiny_base, tmp_
     assert "--out" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("fault", ["generator", "surrogate", "reward"])
-def test_a_non_finite_update_is_skipped_then_stops_the_run_with_finite_checkpoints(fault, tiny_base, tmp_path,
-                                                                                    monkeypatch):
+@pytest.mark.parametrize("fault,precision", [("generator", "no"), ("surrogate", "no"), ("reward", "no"),
+                                             ("generator", "bf16"), ("surrogate", "bf16")])
+def test_a_non_finite_update_is_skipped_then_stops_the_run_with_finite_checkpoints(fault, precision, tiny_base,
+                                                                                    tmp_path, monkeypatch):
     """A NaN in the generator's loss, the surrogate's gradient or a reward, on iterations 2 and 3 of 3: the
     first is skipped with a warning (nothing of it reaches the weights), the second in a row stops the run;
-    every checkpoint holds finite values only."""
+    every checkpoint holds finite values only — in fp32 and under teacher.mixed_precision=bf16."""
     from safetensors.torch import load_file
 
     from dgpo.errors import UserError
@@ -280,7 +281,11 @@ def test_a_non_finite_update_is_skipped_then_stops_the_run_with_finite_checkpoin
     out = tmp_path / "run"
     logged = []
     d = Distiller(prepare_run_dir(tiny_cfg(tiny_base, out, "run.iterations=3", "run.checkpoint_every=1",
-                                           "optim.max_skipped_steps=1"), False), log=logged.append)
+                                           "optim.max_skipped_steps=1", f"teacher.mixed_precision={precision}"),
+                                  False), log=logged.append)
+    dtypes = set()
+    linear = next(m for m in d.teacher.transformer.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
     poisoned = lambda: d.counters.iteration >= 1  # noqa: E731
     if fault == "generator":
         real_loss = distill_module.regression_loss
@@ -300,6 +305,7 @@ def test_a_non_finite_update_is_skipped_then_stops_the_run_with_finite_checkpoin
                                         "iteration 3"):
         d.run()
     assert any(line.startswith("warning: skipped the update of iteration 2") for line in logged)
+    assert (torch.bfloat16 in dtypes) == (precision == "bf16")  # the iterations autocast; evaluation is fp32
     checkpoints = sorted((out / "checkpoints").iterdir())
     assert [c.name for c in checkpoints] == ["step-1", "step-2"]  # iteration 2, skipped, is still checkpointed
     one, two = (load_file(str(c / "tensors.safetensors")) for c in checkpoints)
