@@ -236,6 +236,15 @@ def _clip_reward(kind: str):
     return factory
 
 
+def _geneval(partial: bool):
+    """``reward.name: geneval | geneval_partial``: GenEval's rules (:mod:`dgpo.geneval`) with the detector named by
+    ``reward.model`` (``shapes``, or GenEval's Mask2Former: ``CONFIG.py,CHECKPOINT.pth,CLIP_DIR``)."""
+    def factory(model: str = "") -> Reward:
+        from dgpo.geneval import make_geneval_reward
+        return make_geneval_reward(model, partial)
+    return factory
+
+
 def _vlm_judge(url: str = "", model: str = "", timeout: float = 60.0, retries: int = 2) -> Reward:
     """``reward.name: vlm_judge``: :class:`dgpo.vlm_judge.VLMJudge` at ``reward.url`` (an OpenAI-compatible API
     base) judging with the served ``reward.model``."""
@@ -257,6 +266,8 @@ _REGISTRY: dict[str, Callable[..., Reward]] = {
     "aesthetic": _clip_reward("aesthetic"),
     "hpsv2": _clip_reward("hpsv2"),
     "vlm_judge": _vlm_judge,
+    "geneval": _geneval(partial=False),
+    "geneval_partial": _geneval(partial=True),
 }
 
 
