@@ -103,6 +103,10 @@ class R1Config:
     categories: list[str] = option([], "train only on prompts of these world categories (empty: all train "
                                    "prompts), e.g. [position, counting]")
     rl_cfg: float = option(4.5, "CFG scale of the surrogate's x̂₀ in the reward direction", min=0.0)
+    reward_reference: str = option("conditional", "what the surrogate's guided x̂₀ is compared with in the reward "
+                                   "direction: the base's conditional x̂₀ (the released code: the direction then also "
+                                   "carries CFG at rl_cfg), or the base at the same rl_cfg (the surrogate's learned "
+                                   "shift alone)", choices=("conditional", "guided"))
     t_min: float = option(0.0, "τ′ ~ U[max(σ_{k+1}, t_min), 1]: where the reward direction is read", min=0.0,
                           max=0.99)
     trunc_steps: int = option(0, "steps k < trunc_steps take the early weights, the rest the late ones "

@@ -318,7 +318,8 @@ class Distiller:
         """TDM-R1's combined direction w_R·reward + w_C·CFG + w_D·distribution matching, per sample by its
         step k (early: k < ``r1.trunc_steps``, all steps when 0; late: the rest):
 
-        - reward: (x̂₀^{surrogate, CFG r1.rl_cfg}(x_τ′) − x̂₀^{base}(x_τ′)) / mean|x̂₀ − x̂₀^{surrogate,CFG}|, with
+        - reward: (x̂₀^{surrogate, CFG r1.rl_cfg}(x_τ′) − x̂₀^{base}(x_τ′)) / mean|x̂₀ − x̂₀^{surrogate,CFG}|, the base
+          conditional (``r1.reward_reference=conditional``) or at the same CFG (``guided``), with
           x_τ′ diffused from the student's next point x_{σ_{k+1}} to τ′ ~ U[max(σ_{k+1}, r1.t_min), 1], τ′'s
           uniform and the noise shared by a group (:func:`tdm_r1.objectives.reward_direction`);
         - CFG: (x̂₀^{teacher,CFG}(x_τ) − x̂₀^{teacher}(x_τ)) / mean|x̂₀ − x̂₀^{teacher,CFG}| at TDM's own point x_τ
@@ -335,7 +336,10 @@ class Distiller:
         x_tau2 = transition_sample(p["x_next"], p["s_next"], tau2, z.to(self.device))
         x0_sur = self.surrogate.x0(x_tau2, tau2, r.embeds, c.rl_cfg)
         with self.as_teacher() as teacher:
-            x0_base = x0_from_velocity(x_tau2, tau2, teacher.velocity(x_tau2, tau2, r.embeds))
+            guided = c.reward_reference == "guided"
+            v_base = (teacher.guided_velocity(x_tau2, tau2, r.embeds, c.rl_cfg) if guided else
+                      teacher.velocity(x_tau2, tau2, r.embeds))
+            x0_base = x0_from_velocity(x_tau2, tau2, v_base)
             x0_cond = x0_from_velocity(p["x_tau"], p["tau"], teacher.velocity(p["x_tau"], p["tau"], r.embeds))
         reward = reward_direction(x0_student, x0_sur, x0_base)
         cfg_dir = (torch.zeros_like(dm) if self.cfg.teacher.guidance_scale <= 1 else
@@ -366,7 +370,9 @@ class Distiller:
         teacher = 2 if self.cfg.teacher.guidance_scale > 1 else 1
         n = k + 2 * self.cfg.fake.updates_per_generator + teacher + 1 + 2
         if self.r1:
-            n += 2 * self.cfg.surrogate.updates_per_iteration + (2 if self.cfg.r1.rl_cfg > 1 else 1) + 2
+            guided = 2 if self.cfg.r1.rl_cfg > 1 else 1
+            base = guided if self.cfg.r1.reward_reference == "guided" else 1
+            n += 2 * self.cfg.surrogate.updates_per_iteration + guided + base + 1
         return b * n
 
     def iteration(self) -> dict:

@@ -132,6 +132,18 @@ def test_the_student_only_moves_along_the_regression_direction(r1, monkeypatch):
             assert torch.allclose(got, want, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("reference", ["conditional", "guided"])
+def test_the_reward_direction_of_an_untrained_surrogate(reference, tiny_base, tmp_path):
+    """With the base read at the surrogate's own CFG (reward_reference=guided) the reward direction is the
+    surrogate's learned shift alone: exactly 0 before it learns (LoRA B = 0); read against the base's conditional
+    x̂₀ (the released code) it is the CFG push at rl_cfg even then."""
+    d = Distiller(tiny_cfg(tiny_base, tmp_path / "run", f"r1.reward_reference={reference}", "r1.rl_cfg=3.0"),
+                  log=lambda *a: None)
+    prompts, r, _, _ = _batch(d)
+    stats = d.generator_update(r)
+    assert (stats["reward_gap"] == 0.0) == (reference == "guided")
+
+
 def test_r1_runs_resumes_exactly_and_starts_from_a_tdm_run(tiny_base, tmp_path, capsys):
     sets = lambda *keys: [a for k in keys for a in ("--set", k)]  # noqa: E731
     base = [f"teacher.base={tiny_base}", *TINY_R1[:-5], "student.ema_decay=0"]
