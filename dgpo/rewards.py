@@ -236,6 +236,13 @@ def _clip_reward(kind: str):
     return factory
 
 
+def _image_reward(model: str = "") -> Reward:
+    """``reward.name: imagereward``: :class:`dgpo.image_reward.ImageReward` on ``reward.model``
+    (``IMAGEREWARD_PT,BERT_TOKENIZER_DIR``; imported when used)."""
+    from dgpo.image_reward import ImageReward
+    return ImageReward(model)
+
+
 def _geneval(partial: bool):
     """``reward.name: geneval | geneval_partial``: GenEval's rules (:mod:`dgpo.geneval`) with the detector named by
     ``reward.model`` (``shapes``, or GenEval's Mask2Former: ``CONFIG.py,CHECKPOINT.pth,CLIP_DIR``)."""
@@ -265,6 +272,7 @@ _REGISTRY: dict[str, Callable[..., Reward]] = {
     "pickscore": _clip_reward("pickscore"),
     "aesthetic": _clip_reward("aesthetic"),
     "hpsv2": _clip_reward("hpsv2"),
+    "imagereward": _image_reward,
     "vlm_judge": _vlm_judge,
     "geneval": _geneval(partial=False),
     "geneval_partial": _geneval(partial=True),
