@@ -174,6 +174,56 @@ def evaluate_sets(name: str, build, args, evals_dir: Path, log) -> tuple[dict, n
     return result, first
 
 
+def claim(lock: Path) -> bool:
+    """Take ``lock`` for this process (a file holding its pid, created exclusively); False while another live
+    process holds it. A lock whose process has died is taken over."""
+    import os
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or "0")
+                os.kill(pid, 0)
+                return False  # alive: another process is evaluating this model
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # its process died: take it over
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def evaluate_all(models: dict, args, evals_dir: Path, log, poll_s: float = 30.0) -> tuple[dict, dict]:
+    """Every model's evaluations: read when stored, made when no other process is making them (a lock per
+    model under ``evals_dir``), else waited for after the rest — so several bench processes (e.g. one per row)
+    can share one OUT and each model is evaluated once."""
+    import time
+    evals, firsts, waiting = {}, {}, list(models)
+    while waiting:
+        deferred = []
+        for name in waiting:
+            path, lock = evals_dir / f"{name}.json", evals_dir / f"{name}.lock"
+            if path.is_file():
+                evals[name], firsts[name] = json.loads(path.read_text()), None
+            elif claim(lock):
+                try:
+                    evals[name], firsts[name] = evaluate_sets(name, models[name][0], args, evals_dir, log)
+                finally:
+                    lock.unlink(missing_ok=True)
+            else:
+                deferred.append(name)
+        if deferred and deferred == waiting:
+            log(f"waiting for another bench process to evaluate {', '.join(deferred)}")
+            time.sleep(poll_s)
+        waiting = deferred
+    return {n: evals[n] for n in models}, {n: firsts[n] for n in models}
+
+
 def loop_seconds(teacher_build, student_build, boundaries: list[float], args) -> dict:
     """Median seconds of the sampling loop per image of the teacher (20 Euler steps, CFG 1.5) and the student
     (its K steps, no CFG): one batch each, the two interleaved ``--speed-repeats`` times."""
@@ -297,9 +347,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     models = models_of(rows, base, student, runs)
-    evals, firsts = {}, {}
-    for name, (build, _, _) in models.items():
-        evals[name], firsts[name] = evaluate_sets(name, build, args, runs / "evals", print)
+    evals, firsts = evaluate_all(models, args, runs / "evals", print)
     starts = {name: start for name, (_, _, start) in models.items()}
     summary = summarise(evals, starts, heldout)
     loop_s = loop_seconds(models["teacher"][0], models["student"][0], student["boundaries"], args)

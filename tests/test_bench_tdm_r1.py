@@ -55,3 +55,41 @@ def test_bench_tdm_r1_rows_share_one_student_and_a_rerun_reads_them(tiny_base, t
     printed = capsys.readouterr().out
     assert printed.count("finished earlier") == 4 and ", seed set " not in printed
     assert json.loads((out / "bench_tdm_r1.json").read_text())["summary"] == summary
+
+
+def test_bench_processes_share_evaluations_through_locks(tmp_path):
+    """Two bench processes sharing OUT evaluate each model once: a model another live process holds is waited
+    for and read; a lock left by a dead process is taken over."""
+    import os
+    import subprocess
+    import sys
+    bench = load_script("scripts/bench_tdm_r1.py")
+    evals = tmp_path / "evals"
+    made = []
+
+    def evaluate_sets(name, build, args, evals_dir, log):
+        made.append(name)
+        (evals_dir / f"{name}.json").write_text(json.dumps({"sets": [name]}))
+        return {"sets": [name]}, None
+
+    bench.evaluate_sets = evaluate_sets
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a live "other process"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        evals.mkdir()
+        (evals / "teacher.lock").write_text(str(other.pid))
+        (evals / "student.lock").write_text(str(dead.pid))
+        polls = []
+
+        def log(line):  # the other process finishes the teacher while this one waits
+            polls.append(line)
+            (evals / "teacher.json").write_text(json.dumps({"sets": ["by the other process"]}))
+
+        got, _ = bench.evaluate_all({"teacher": (None,), "student": (None,), "r1": (None,)}, None, evals, log, poll_s=0)
+    finally:
+        other.kill()
+    assert made == ["student", "r1"]  # the dead process's lock taken over; the live one's model not redone
+    assert got["teacher"] == {"sets": ["by the other process"]} and polls
+    assert not (evals / "student.lock").exists() and not (evals / "r1.lock").exists()
+    assert os.path.exists(evals / "r1.json")
