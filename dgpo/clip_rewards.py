@@ -135,14 +135,8 @@ def projected(features) -> torch.Tensor:
 
 def load_aesthetic_head(path: str, width: int) -> torch.nn.Sequential:
     """The LAION aesthetic predictor v2's MLP from its state dict (``torch.load(weights_only=True)``)."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"reward 'aesthetic': no head file {path!r} (the predictor's .pth state dict)")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or one holding objects that weights_only refuses
-        raise UserError(f"reward 'aesthetic': {path!r} is not a plain state dict ({type(e).__name__}); nothing in it "
-                        "was unpickled") from None
+    from dgpo.weights_file import load_weights_only
+    state = load_weights_only(path, "reward 'aesthetic'", "head file (the predictor's .pth state dict)")
     if not isinstance(state, dict) or sorted(state) != sorted(AESTHETIC_HEAD_KEYS):
         keys = sorted(state)[:4] if isinstance(state, dict) else type(state).__name__
         raise UserError(f"reward 'aesthetic': {path!r} is not the LAION aesthetic predictor's state dict (keys "
@@ -225,14 +219,8 @@ def load_open_clip_checkpoint(checkpoint: str, tokenizer_dir: str, name: str):
     """(CLIPModel, tokenizer, preprocessing) of an open_clip checkpoint (its state dict, or ``{"state_dict": …}``
     as HPSv2 publishes it) and a CLIP tokenizer folder."""
     from transformers import AutoTokenizer
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise UserError(f"reward {name!r}: no checkpoint {checkpoint!r}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"reward {name!r}: {checkpoint!r} is not a plain state dict ({type(e).__name__}); nothing in "
-                        "it was unpickled") from None
+    from dgpo.weights_file import load_weights_only
+    state = load_weights_only(checkpoint, f"reward {name!r}", "checkpoint (the published open_clip state dict)")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if isinstance(state, dict):  # saved from a DistributedDataParallel model
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}

@@ -169,14 +169,8 @@ def reward_head(state: dict[str, torch.Tensor]) -> torch.nn.Sequential:
 
 def read_checkpoint(path: str, name: str = "imagereward") -> dict[str, torch.Tensor]:
     """ImageReward's state dict from ``path`` (float32), or a ``UserError`` saying why it is not one."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"reward {name!r}: no checkpoint {path!r} (ImageReward.pt, the published state dict)")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or one holding objects that weights_only refuses
-        raise UserError(f"reward {name!r}: {path!r} is not a plain state dict ({type(e).__name__}); nothing in it "
-                        "was unpickled") from None
+    from dgpo.weights_file import load_weights_only
+    state = load_weights_only(path, f"reward {name!r}", "checkpoint (ImageReward.pt, the published state dict)")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -44,14 +44,8 @@ def released_levels(steps: int = RELEASED_STEPS, flow_shift: float = RELEASED_FL
 def read_ema_parameters(path: str | Path) -> list[torch.Tensor]:
     """The tensors of a released EMA checkpoint (a dict with ``ema_parameters``, or a bare list), read with
     ``torch.load(weights_only=True)``: tensors, lists and numbers only, never arbitrary pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{str(path)!r} is not a file: pass the published student's EMA checkpoint (e.g. ema.ckpt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 — any unreadable or unsafe file is the same user error
-        raise UserError(f"{str(path)!r} is not a readable weights-only torch checkpoint "
-                        f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    from dgpo.weights_file import load_weights_only
+    state = load_weights_only(path, "tdm-r1 convert", "published student checkpoint (e.g. ema.ckpt)")
     tensors = state.get("ema_parameters") if isinstance(state, dict) else state
     if not isinstance(tensors, (list, tuple)) or not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
         raise UserError(f"{str(path)!r} holds no list of tensors (expected the EMA checkpoint's 'ema_parameters')")

@@ -93,8 +93,8 @@ def test_convert_refuses_bad_checkpoints_in_one_line(sd35_layout, tmp_path, caps
     garbage.write_bytes(b"not a checkpoint")
     wrong = tmp_path / "wrong.ckpt"
     torch.save({"ema_parameters": [torch.zeros(4, 4)] * 3}, wrong)
-    for ckpt, says in ((garbage, "not a readable weights-only"), (wrong, "holds 3 tensors"),
-                       (tmp_path / "missing.ckpt", "is not a file")):
+    for ckpt, says in ((garbage, "is not a plain state dict"), (wrong, "holds 3 tensors"),
+                       (tmp_path / "missing.ckpt", "no published student checkpoint")):
         assert main(["convert", str(ckpt), "--model", str(sd35_layout), "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err
