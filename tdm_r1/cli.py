@@ -1,4 +1,5 @@
-"""The ``tdm-r1`` command: distil a few-step student with TDM, and sample it.
+"""The ``tdm-r1`` command: distil a few-step student with TDM, reinforce it with TDM-R1, convert a published
+student, and sample it.
 
 ``tdm-r1 distill [CONFIG]`` follows ``dgpo train``'s run-folder conventions; ``tdm-r1 sample`` takes the
 options of ``dgpo sample`` (with ``--nfe`` for the number of student steps) and writes the same folder.
@@ -123,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dgpo.config import describe
     parser = OneLineParser(
         prog="tdm-r1", description="Few-step students for flow-matching text-to-image models: TDM distillation "
-        "(arXiv 2503.06674) and K-step sampling. Run `tdm-r1 distill` with no arguments for the shapes demo.")
+        "(arXiv 2503.06674), TDM-R1 reinforcement with a non-differentiable reward (arXiv 2603.07700), K-step "
+        "sampling, and published students converted to start from. Run `tdm-r1 distill` with no arguments for "
+        "the shapes demo.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("distill", help="distil a K-NFE student from the base with TDM",
