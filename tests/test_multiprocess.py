@@ -61,6 +61,7 @@ def _run(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProc
                "--main_process_port", str(_free_port()), "-m", *args]
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert ("(2 processes)" in done.stdout) == (processes == 2), done.stdout[-2000:]  # really two processes
     return done
 
 

@@ -36,7 +36,7 @@ def test_the_sd35_medium_recipes_hold_the_released_settings(task, reward, beta, 
     assert "GPUs:" in text and "accelerate launch" in text  # each recipe states what it expects
 
 
-@pytest.mark.parametrize("name, kind, processes, machines", [("cpu_2_processes", "MULTI_CPU", 2, 1),
+@pytest.mark.parametrize("name, kind, processes, machines", [("cpu_2_processes", "MULTI_GPU", 2, 1),
                                                             ("gpus_8", "MULTI_GPU", 8, 1),
                                                             ("two_nodes", "MULTI_GPU", 16, 2)])
 def test_accelerate_configs_load_in_accelerate(name, kind, processes, machines):
