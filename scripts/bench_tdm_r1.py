@@ -147,31 +147,30 @@ def models_of(rows: list[str], base: Path, student: dict, runs: Path) -> dict:
     return out
 
 
-def evaluate_sets(name: str, build, args, evals_dir: Path, log) -> tuple[dict, np.ndarray | None]:
-    """Every seed set's evaluation of one model (stored, so a rerun reads it) and set 0's images when made."""
+def evaluate_sets(name: str, build, args, evals_dir: Path, log) -> dict:
+    """Every seed set's evaluation of one model (stored, so a rerun reads it)."""
     from dgpo.evaluation import evaluate_images
     from dgpo.run_metrics import seed_set_start
     from dgpo.worlds import shapes
     path = evals_dir / f"{name}.json"
     if path.is_file():
-        return json.loads(path.read_text()), None
+        return json.loads(path.read_text())
     model, sample = build()
     prompts = shapes.prompts("test")
     flat = [p for p in prompts for _ in range(args.final_per_prompt)]
-    sets, first = [], None
+    sets = []
     for j in range(args.seed_sets):
         with torch.no_grad():
             images = sample(model, prompts, args.final_per_prompt, seed_set_start(1000, j))
         r = evaluate_images(images, flat)
         sets.append({k: r[k] for k in ("geneval", "per_category", "partial", "fd")})
-        first = images if first is None else first
         log(f"{name}, seed set {j}: shapes-geneval {r['geneval']:.3f}, FD {r['fd']:.2f}")
     result = {"sets": sets, "per_prompt": args.final_per_prompt}
     evals_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(path)
-    return result, first
+    return result
 
 
 def claim(lock: Path) -> bool:
@@ -198,21 +197,21 @@ def claim(lock: Path) -> bool:
     return False
 
 
-def evaluate_all(models: dict, args, evals_dir: Path, log, poll_s: float = 30.0) -> tuple[dict, dict]:
+def evaluate_all(models: dict, args, evals_dir: Path, log, poll_s: float = 30.0) -> dict:
     """Every model's evaluations: read when stored, made when no other process is making them (a lock per
     model under ``evals_dir``), else waited for after the rest — so several bench processes (e.g. one per row)
     can share one OUT and each model is evaluated once."""
     import time
-    evals, firsts, waiting = {}, {}, list(models)
+    evals, waiting = {}, list(models)
     while waiting:
         deferred = []
         for name in waiting:
             path, lock = evals_dir / f"{name}.json", evals_dir / f"{name}.lock"
             if path.is_file():
-                evals[name], firsts[name] = json.loads(path.read_text()), None
+                evals[name] = json.loads(path.read_text())
             elif claim(lock):
                 try:
-                    evals[name], firsts[name] = evaluate_sets(name, models[name][0], args, evals_dir, log)
+                    evals[name] = evaluate_sets(name, models[name][0], args, evals_dir, log)
                 finally:
                     lock.unlink(missing_ok=True)
             else:
@@ -221,7 +220,24 @@ def evaluate_all(models: dict, args, evals_dir: Path, log, poll_s: float = 30.0)
             log(f"waiting for another bench process to evaluate {', '.join(deferred)}")
             time.sleep(poll_s)
         waiting = deferred
-    return {n: evals[n] for n in models}, {n: firsts[n] for n in models}
+    return {n: evals[n] for n in models}
+
+
+def draw_grid(models: dict, path: Path, prompts_shown: int = 8, seed: int = 1000) -> None:
+    """A column per model, a row per test prompt (its first ``prompts_shown``), the same seeds for every model:
+    drawn afresh each time, so a rerun that reads every evaluation back still writes it."""
+    from PIL import Image
+    from dgpo.samples_io import image_grid
+    from dgpo.worlds import shapes
+    prompts = shapes.prompts("test")[:prompts_shown]
+    columns = []
+    for name, (build, _, _) in models.items():
+        model, sample = build()
+        with torch.no_grad():
+            columns.append(sample(model, prompts, 1, seed))
+    tiles = np.stack([col[i] for i in range(len(prompts)) for col in columns])
+    Image.fromarray(image_grid(tiles, columns=len(columns))).save(path)
+    print(f"columns of {path}: {list(models)}")
 
 
 def loop_seconds(teacher_build, student_build, boundaries: list[float], args) -> dict:
@@ -312,7 +328,6 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from dgpo.errors import UserError
     from dgpo.run_folder import reopen_run
-    from dgpo.samples_io import image_grid
     from tdm_r1.config import DistillConfig
     from tdm_r1.distill import resolve_teacher
     from tdm_r1.student import read_sampler_file
@@ -347,7 +362,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     models = models_of(rows, base, student, runs)
-    evals, firsts = evaluate_all(models, args, runs / "evals", print)
+    evals = evaluate_all(models, args, runs / "evals", print)
     starts = {name: start for name, (_, _, start) in models.items()}
     summary = summarise(evals, starts, heldout)
     loop_s = loop_seconds(models["teacher"][0], models["student"][0], student["boundaries"], args)
@@ -361,13 +376,7 @@ def main(argv=None) -> int:
     table = markdown(summary, loop_s, meta)
     (out / "bench_tdm_r1.md").write_text(table)
     plot_curves(runs, rows, out / "bench_tdm_r1.png")
-    made = {n: im for n, im in firsts.items() if im is not None}
-    if len(made) == len(models):  # the grid needs every model's images: made in the run that evaluated them all
-        from PIL import Image
-        first = np.arange(0, len(next(iter(made.values()))), args.final_per_prompt)[:8]
-        tiles = np.stack([made[n][i] for i in first for n in made])
-        Image.fromarray(image_grid(tiles, columns=len(made))).save(out / "bench_tdm_r1_grid.png")
-        print(f"columns of {out / 'bench_tdm_r1_grid.png'}: {list(made)}")
+    draw_grid(models, out / "bench_tdm_r1_grid.png")
     print(table)
     print(f"wrote {out / 'bench_tdm_r1.json'}, {out / 'bench_tdm_r1.md'}, {out / 'bench_tdm_r1.png'}")
     return 0

@@ -49,9 +49,11 @@ def test_bench_tdm_r1_rows_share_one_student_and_a_rerun_reads_them(tiny_base, t
     table = (out / "bench_tdm_r1.md").read_text()
     assert "held-out categories" in table and "DGPO on the student's weights" in table
 
-    # a rerun trains nothing and evaluates nothing: the same numbers, read back
+    # a rerun trains nothing and evaluates nothing: the same numbers, read back, and the grid drawn again
     capsys.readouterr()
+    (out / "bench_tdm_r1_grid.png").unlink()
     assert bench.main(args) == 0
+    assert (out / "bench_tdm_r1_grid.png").is_file()
     printed = capsys.readouterr().out
     assert printed.count("finished earlier") == 4 and ", seed set " not in printed
     assert json.loads((out / "bench_tdm_r1.json").read_text())["summary"] == summary
@@ -70,7 +72,7 @@ def test_bench_processes_share_evaluations_through_locks(tmp_path):
     def evaluate_sets(name, build, args, evals_dir, log):
         made.append(name)
         (evals_dir / f"{name}.json").write_text(json.dumps({"sets": [name]}))
-        return {"sets": [name]}, None
+        return {"sets": [name]}
 
     bench.evaluate_sets = evaluate_sets
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a live "other process"
@@ -86,7 +88,7 @@ def test_bench_processes_share_evaluations_through_locks(tmp_path):
             polls.append(line)
             (evals / "teacher.json").write_text(json.dumps({"sets": ["by the other process"]}))
 
-        got, _ = bench.evaluate_all({"teacher": (None,), "student": (None,), "r1": (None,)}, None, evals, log, poll_s=0)
+        got = bench.evaluate_all({"teacher": (None,), "student": (None,), "r1": (None,)}, None, evals, log, poll_s=0)
     finally:
         other.kill()
     assert made == ["student", "r1"]  # the dead process's lock taken over; the live one's model not redone
