@@ -74,12 +74,13 @@ def cmd_convert(args) -> None:
     from dgpo.output_dir import atomic_output_dir, check_output
     from tdm_r1.published import convert_published_student, read_ema_parameters, released_levels
     out = check_output(args.out, "tdm-r1 convert", args.overwrite)  # before the work, not after it
-    read_ema_parameters(args.checkpoint)  # a bad file fails before the pipeline loads
-    model = load_model(resolve_model(args.model))
+    tensors = read_ema_parameters(args.checkpoint)  # a bad file fails before the pipeline loads
+    base = resolve_model(args.model)
+    model = load_model(base)
     levels = released_levels(args.steps, args.flow_shift)
     with atomic_output_dir(out, "tdm-r1 convert", args.overwrite) as tmp:
-        convert_published_student(args.checkpoint, model, tmp, args.rank, args.alpha, levels=levels,
-                                  base=Path(resolve_model(args.model)).resolve(), shown_as=out.resolve())
+        convert_published_student(tensors, model, tmp, args.rank, args.alpha, levels=levels, base=base.resolve(),
+                                  shown_as=out.resolve(), source=repr(args.checkpoint))
     print(f"wrote {out}: a {args.steps}-step student at levels {[round(x, 4) for x in levels]}; start TDM-R1 from it "
           f"with --set r1.init_lora={out}, or sample it with tdm-r1 sample --model {args.model} --lora {out}")
 

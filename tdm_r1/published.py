@@ -52,32 +52,32 @@ def read_ema_parameters(path: str | Path) -> list[torch.Tensor]:
     return list(tensors)
 
 
-def convert_published_student(checkpoint: str | Path, model, out: str | Path, rank: int = RELEASED_RANK,
+def convert_published_student(tensors: list[torch.Tensor], model, out: str | Path, rank: int = RELEASED_RANK,
                               alpha: float = RELEASED_ALPHA, targets: tuple[str, ...] = RELEASED_TARGETS,
                               levels: list[float] | None = None, base: str | Path = "BASE",
-                              shown_as: str | Path | None = None) -> Path:
-    """Write the published student in ``checkpoint`` as a diffusers LoRA folder ``out`` for ``model`` (the
-    SD3.5 pipeline it was trained on) with its ``sampler.json``/``USAGE.md`` (whose call loads the LoRA from
-    ``shown_as``, default ``out``, and the pipeline from ``base``). Returns ``out``."""
+                              shown_as: str | Path | None = None, source: str = "the checkpoint") -> Path:
+    """Write the published student's ``tensors`` (:func:`read_ema_parameters` of the file named ``source`` in
+    errors) as a diffusers LoRA folder ``out`` for ``model`` (the SD3.5 pipeline it was trained on) with its
+    ``sampler.json``/``USAGE.md`` (whose call loads the LoRA from ``shown_as``, default ``out``, and the pipeline
+    from ``base``). The adapter added to ``model`` only names the tensors (PEFT's order) and is removed again.
+    Returns ``out``."""
     from dgpo.models.adapters import AdapterRoles
+    from dgpo.models.lora import write_diffusers_lora
     from tdm_r1.student import check_boundaries, write_sampler_files
-    tensors = read_ema_parameters(checkpoint)
     adapters = AdapterRoles(model.transformer)
     try:
         adapters.add(ROLE, rank, alpha, targets)
         named = adapters.named_parameters(ROLE)
         if len(tensors) != len(named):
-            raise UserError(f"{str(checkpoint)!r} holds {len(tensors)} tensors; a rank-{rank} LoRA on {len(targets)} "
+            raise UserError(f"{source} holds {len(tensors)} tensors; a rank-{rank} LoRA on {len(targets)} "
                             f"projections of this transformer has {len(named)}: is it the student of this model "
                             f"(SD3.5-Medium for the released one)?")
         for i, ((name, p), t) in enumerate(zip(named, tensors)):
             if t.shape != p.shape:
-                raise UserError(f"{str(checkpoint)!r}: tensor {i} has shape {tuple(t.shape)} where this model's "
+                raise UserError(f"{source}: tensor {i} has shape {tuple(t.shape)} where this model's "
                                 f"{name} has {tuple(p.shape)}: is it the student of this model, at rank {rank}?")
-        with torch.no_grad():
-            for (_, p), t in zip(named, tensors):
-                p.copy_(t.to(p.dtype))
-        adapters.save_diffusers(ROLE, out)
+        weights = {name: t.to(p.dtype) for (name, p), t in zip(named, tensors)}
+        write_diffusers_lora(weights, adapters.config(ROLE), out)
     finally:
         if ROLE in adapters.names:
             adapters.remove(ROLE)
