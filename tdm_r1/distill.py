@@ -384,29 +384,26 @@ class Distiller:
 
     def _iteration(self) -> tuple[dict, int]:
         """Rollout; fake-score update(s); with TDM-R1 the rollouts' rewards (labels only) and surrogate
-        update(s); the generator update."""
+        update(s); the generator update — under teacher.mixed_precision's autocast."""
+        prompts = self.sample_prompts(self.cfg.optim.batch_size)
+        stats: dict = {}
         with self.autocast():
-            return self._autocast_iteration()
+            r = self.rollout(prompts)
+            try:
+                for _ in range(self.cfg.fake.updates_per_generator):
+                    stats.update(self.fake_update(r))
+                if self.r1:
+                    stats.update(self.surrogate_update(r, prompts))
+                stats.update(self.generator_update(r))
+            except NonFiniteStep as fault:  # the updates before it stand (finite); the rest of the iteration is skipped
+                self.nonfinite.skip(f"iteration {self.counters.iteration + 1}", str(fault))
+                return {"skipped": 1.0}, self.nfe_per_iteration()
+        self.nonfinite.passed()
+        return {k: round(v, 6) for k, v in stats.items()}, self.nfe_per_iteration()
 
     def autocast(self):
         """teacher.mixed_precision: bf16 autocast on the device (a no-op at "no")."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.teacher.mixed_precision == "bf16")
-
-    def _autocast_iteration(self) -> tuple[dict, int]:
-        prompts = self.sample_prompts(self.cfg.optim.batch_size)
-        r = self.rollout(prompts)
-        stats: dict = {}
-        try:
-            for _ in range(self.cfg.fake.updates_per_generator):
-                stats.update(self.fake_update(r))
-            if self.r1:
-                stats.update(self.surrogate_update(r, prompts))
-            stats.update(self.generator_update(r))
-        except NonFiniteStep as fault:  # the updates before it stand (finite); the rest of the iteration is skipped
-            self.nonfinite.skip(f"iteration {self.counters.iteration + 1}", str(fault))
-            return {"skipped": 1.0}, self.nfe_per_iteration()
-        self.nonfinite.passed()
-        return {k: round(v, 6) for k, v in stats.items()}, self.nfe_per_iteration()
 
     def surrogate_update(self, r: Rollout, prompts: list[str]) -> dict:
         """Score the rollouts' final images (the reward is only ever a label), group advantages, and the
