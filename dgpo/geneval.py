@@ -173,12 +173,13 @@ class MMDetDetector:
         return objects
 
     def classify_colors(self, image: np.ndarray, found: list[Detection], name: str) -> list[str]:
+        from dgpo.clip_rewards import projected  # transformers 5 returns an output object, not the tensor
         torch = self.torch
         if name not in self.text_features:
             texts = [t.format(c=c, n=name) for c in COLORS for t in self.TEMPLATES]
             tokens = self.processor(text=texts, return_tensors="pt", padding=True).to(self.device)
             with torch.no_grad():
-                feats = torch.nn.functional.normalize(self.clip.get_text_features(**tokens), dim=-1)
+                feats = torch.nn.functional.normalize(projected(self.clip.get_text_features(**tokens)), dim=-1)
             self.text_features[name] = torch.nn.functional.normalize(
                 feats.view(len(COLORS), len(self.TEMPLATES), -1).mean(1), dim=-1)
         crops = []
@@ -189,7 +190,7 @@ class MMDetDetector:
             crops.append(pixels[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)])
         inputs = self.processor(images=crops, return_tensors="pt").to(self.device)
         with torch.no_grad():
-            feats = torch.nn.functional.normalize(self.clip.get_image_features(**inputs), dim=-1)
+            feats = torch.nn.functional.normalize(projected(self.clip.get_image_features(**inputs)), dim=-1)
         return [COLORS[int(i)] for i in (feats @ self.text_features[name].T).argmax(1)]
 
 
