@@ -63,16 +63,22 @@ def load_clip_folder(folder: str | Path, name: str):
     return model, tokenizer, settings
 
 
-def clip_pixels(pixels: torch.Tensor, size: int, crop: int, mean, std) -> torch.Tensor:
+def clip_pixels(pixels: torch.Tensor, size: int, crop: int, mean, std, round_crop: bool = False) -> torch.Tensor:
     """(B, 3, H, W) floats in [0, 1] → CLIP's input: shortest side to ``size`` (bicubic, antialiased), centre
-    ``crop``, normalised. Differentiable."""
+    ``crop``, normalised. Differentiable. The crop starts at ⌊(side − crop) / 2⌋ as CLIPImageProcessor crops,
+    or with ``round_crop`` at round((side − crop) / 2) as torchvision's CenterCrop does."""
     h, w = pixels.shape[-2:]
     short, long = min(h, w), max(h, w)
-    other = int(size * long / short)  # as CLIPImageProcessor rounds the long side
+    other = int(size * long / short)  # as CLIPImageProcessor (and torchvision's Resize) rounds the long side
     out = (size, other) if h <= w else (other, size)
     resized = torch.nn.functional.interpolate(pixels, size=out, mode="bicubic", align_corners=False, antialias=True)
-    top, left = (resized.shape[-2] - crop) // 2, (resized.shape[-1] - crop) // 2
-    x = resized[..., top:top + crop, left:left + crop]
+    margins = (resized.shape[-2] - crop, resized.shape[-1] - crop)
+    top, left = (int(round(m / 2.0)) for m in margins) if round_crop else (m // 2 for m in margins)
+    return normalise(resized[..., top:top + crop, left:left + crop], mean, std)
+
+
+def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] → (x − mean) / std per channel."""
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dgpo.clip_rewards import CLIP_MEAN, CLIP_STD, clip_pixels, normalise
 from dgpo.errors import UserError
 
 #: ImageReward's normalisation of the head's output: (r − mean) / std.
@@ -39,9 +40,6 @@ IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072
 #: The prompt's length in tokens: truncated and padded to it.
 PROMPT_TOKENS = 35
-#: CLIP's pixel statistics, which ImageReward normalises with.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: The attention heads' width in both encoders (ViT-L/16: 1024 wide, 16 heads; BERT-base: 768 wide, 12 heads).
 #: Head counts are not in a state dict; these are the published models'.
 HEAD_WIDTH = 64
@@ -230,13 +228,6 @@ def crop_origin(height: int, width: int, crop: int) -> tuple[int, int]:
     return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
 
 
-def normalised(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] → normalised with CLIP's mean and std."""
-    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def preprocess(images: np.ndarray, size: int) -> torch.Tensor:
     """uint8 (N, H, W, 3) → the vision encoder's input (N, 3, size, size), exactly as ImageReward preprocesses a PIL
     image: PIL bicubic resize of the shortest side, centre crop, /255, CLIP normalisation."""
@@ -248,18 +239,13 @@ def preprocess(images: np.ndarray, size: int) -> torch.Tensor:
         top, left = crop_origin(new_h, new_w, size)
         out.append(np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32))
     x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2) / 255.0
-    return normalised(x)
+    return normalise(x, CLIP_MEAN, CLIP_STD)
 
 
 def preprocess_pixels(pixels: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 3, H, W) floats in [0, 1] → the vision encoder's input: as :func:`preprocess`, with torch's antialiased
     bicubic resampling in place of PIL's. Differentiable."""
-    h, w = pixels.shape[-2:]
-    new_h, new_w = resized_size(h, w, size)
-    x = torch.nn.functional.interpolate(pixels, size=(new_h, new_w), mode="bicubic", align_corners=False,
-                                        antialias=True)
-    top, left = crop_origin(new_h, new_w, size)
-    return normalised(x[..., top:top + size, left:left + size])
+    return clip_pixels(pixels, size, size, CLIP_MEAN, CLIP_STD, round_crop=True)
 
 
 class ImageReward:
