@@ -49,14 +49,23 @@ def load_r1_config(path, overrides=()):
 def cmd_surrogate(args) -> None:
     import json
     from dgpo.output_dir import atomic_output_dir, check_output
+    from dgpo.plugins import load_plugins
     from tdm_r1.distill import Distiller
     from tdm_r1.surrogate_training import train_surrogate
     if args.updates < 1 or args.eval_every < 1:
         raise UserError(f"--updates and --eval-every must be at least 1, got {args.updates} and {args.eval_every}")
     out = check_output(args.out, "tdm-r1 surrogate", args.overwrite)  # before the work, not after it
+    load_plugins(args.plugin)
     cfg = load_r1_config(args.config or DEFAULT_R1_CONFIG, [*args.set, f"run.out_dir={out}"])
     distiller = Distiller(cfg)  # the student (from r1.init_run) stays frozen: only the surrogate trains
-    rows = train_surrogate(distiller, args.updates, args.eval_every, args.eval_prompts, args.per_prompt)
+    processes = distiller.processes  # on several processes (accelerate launch) each rolls out its rows
+    if processes.distributed and processes.is_main:
+        print(f"training the surrogate ({processes.world} processes)")
+    rows = train_surrogate(distiller, args.updates, args.eval_every, args.eval_prompts, args.per_prompt,
+                           progress=processes.is_main)
+    processes.close()
+    if not processes.is_main:  # one writer
+        return
     with atomic_output_dir(out, "tdm-r1 surrogate", args.overwrite) as tmp:
         distiller.surrogate.save(tmp / "surrogate_lora")
         (tmp / "ranking.json").write_text(json.dumps({"evaluations": rows, "config": args.config or
@@ -165,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-prompts", type=at_least(1), default=8, help="train prompts the ranking is measured on (default 8)")
     p.add_argument("--per-prompt", type=at_least(1), default=16, help="fresh rollouts per evaluation prompt (default 16)")
     _add_out_args(p, "output folder (surrogate_lora/, ranking.json); must be new or empty")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
+                   help="import a plug-in first: a file or module that registers a reward (dgpo.plugins)")
     p.set_defaults(func=cmd_surrogate)
 
     p = sub.add_parser("convert", help="convert a published TDM student (an EMA checkpoint) into a LoRA folder",

@@ -141,9 +141,8 @@ class Distiller:
         self.label = "TDM-R1" if self.r1 else "TDM"
         self.memory_levers = "lower optim.batch_size (student trajectories per iteration)"
         if self.r1:
-            if self.processes.distributed:
-                raise UserError("r1.enabled: TDM-R1 runs on one process for now; launch it without --num_processes")
-            self.surrogate = SurrogateReward(self.teacher, self.adapters, cfg.surrogate, seed=cfg.run.seed + 2)
+            self.surrogate = SurrogateReward(self.teacher, self.adapters, cfg.surrogate, seed=cfg.run.seed + 2,
+                                             processes=self.processes)
             if cfg.surrogate.init:
                 self.surrogate.load(cfg.surrogate.init)
             self.reward_name, self.reward = reward_of_run(cfg.reward, self.world)
@@ -326,14 +325,14 @@ class Distiller:
           (0 when teacher.guidance_scale ≤ 1);
         - distribution matching: TDM's direction ``dm``.
         """
-        c, b = self.cfg.r1, len(x0_student)
+        c = self.cfg.r1
         k = p["k"]
         trunc = c.trunc_steps or len(self.boundaries)
         early = (k < trunc).to(self.device)
-        groups = torch.arange(b) // c.group_size  # consecutive groups of the rollout
+        groups = torch.arange(r.total) // c.group_size  # consecutive groups of the global batch
         u, z = group_draws(groups, tuple(x0_student.shape[1:]), self.gen)
-        tau2 = level_above(p["s_next"], u.to(self.device), c.t_min)
-        x_tau2 = transition_sample(p["x_next"], p["s_next"], tau2, z.to(self.device))
+        tau2 = level_above(p["s_next"], u[r.rows].to(self.device), c.t_min)
+        x_tau2 = transition_sample(p["x_next"], p["s_next"], tau2, z[r.rows].to(self.device))
         x0_sur = self.surrogate.x0(x_tau2, tau2, r.embeds, c.rl_cfg)
         with self.as_teacher() as teacher:
             guided = c.reward_reference == "guided"
@@ -347,7 +346,7 @@ class Distiller:
         w = lambda early_w, late_w: torch.where(early, early_w, late_w).view(-1, 1, 1, 1).to(dm.dtype)  # noqa: E731
         direction = (w(c.reward_weight, 0.0) * reward + w(c.cfg_weight, c.late_cfg_weight) * cfg_dir
                      + w(c.dm_weight, c.late_dm_weight) * dm)
-        return direction, {"reward_gap": (x0_sur - x0_base).abs().mean().item()}
+        return direction, {"reward_gap": self.processes.sum((x0_sur - x0_base).abs().mean().item() * r.share())}
 
     def _step(self, opt, params, loss, who: str) -> float:
         """Backward of this process's share of the loss, gradients summed over processes, clip, step; a
@@ -405,17 +404,22 @@ class Distiller:
         """teacher.mixed_precision: bf16 autocast on the device (a no-op at "no")."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.teacher.mixed_precision == "bf16")
 
-    def surrogate_update(self, r: Rollout, prompts: list[str]) -> dict:
-        """Score the rollouts' final images (the reward is only ever a label), group advantages, and the
-        surrogate's DGPO update(s) on their trajectory points."""
+    def score(self, r: Rollout, prompts: list[str]):
+        """The rewards and group advantages of the global batch ``prompts`` (the reward is only ever a label):
+        each process scores its rows' final images, :func:`score_groups` gathers them."""
+        mine = [prompts[i] for i in r.rows.tolist()]
         with torch.no_grad():
             images = self.teacher.decode_latents(r.states[-1])
-        scored = score_groups(self.reward, images, prompts, self.cfg.r1.group_size, self.cfg.advantage,
-                              self.reward_name, metadata=metadata_of(self.world, prompts))
+        return score_groups(self.reward, images, mine, self.cfg.r1.group_size, self.cfg.advantage, self.reward_name,
+                            processes=self.processes, metadata=metadata_of(self.world, mine))
+
+    def surrogate_update(self, r: Rollout, prompts: list[str]) -> dict:
+        """Score the rollouts, then the surrogate's DGPO update(s) on their trajectory points."""
+        scored = self.score(r, prompts)
         stats = {"reward": scored.rewards.mean().item(), "reward_std": scored.rewards.std().item()}
         for _ in range(self.cfg.surrogate.updates_per_iteration):
             stats.update(self.surrogate.update(r.states, self.sigmas, scored.advantages, scored.group_ids, r.embeds,
-                                               self.gen, self.counters.iteration, self.cfg.optim.grad_clip))
+                                               self.gen, self.counters.iteration, self.cfg.optim.grad_clip, r.rows))
         return stats
 
     def postfix(self, row: dict) -> dict:

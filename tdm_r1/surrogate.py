@@ -25,6 +25,11 @@ The generator update reads the surrogate's CFG-guided x̂₀ (:meth:`SurrogateRe
 
 The paper leaves open where k/K enters and how k and τ are drawn; each is a config key
 (:class:`SurrogateConfig`) whose help says whose choice the default is.
+
+On several processes (:mod:`dgpo.processes`) each holds its rows of the global batch: k, τ and z are drawn for
+the global batch and each process keeps its rows, a group's sum in the DGPO loss runs over every process's
+samples of it (``dgpo_loss``'s ``reduce_fn``), and the gradients are summed — the step one process takes on
+the same batch.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from dgpo.nonfinite import NonFiniteStep
 from dgpo.models.adapters import AdapterRoles
 from dgpo.models.handle import FlowModel, PromptEmbeds
 from dgpo.objectives import dgpo_loss
+from dgpo.processes import SINGLE, Processes
 from tdm_r1.objectives import bridge_velocity, level_above, transition_sample, x0_from_velocity
 
 SURROGATE = "surrogate"
@@ -103,10 +109,12 @@ def draw_steps(n: int, group_ids: torch.Tensor, k_max: int, mode: str, gen: torc
 
 
 class SurrogateReward:
-    """The surrogate LoRA (role ``surrogate`` on ``adapters``' backbone), its optimiser and EMAs."""
+    """The surrogate LoRA (role ``surrogate`` on ``adapters``' backbone), its optimiser and EMAs; trained on the
+    ``processes`` a run was launched on."""
 
-    def __init__(self, model: FlowModel, adapters: AdapterRoles, cfg: SurrogateConfig, seed: int = 0):
-        self.model, self.adapters, self.cfg = model, adapters, cfg
+    def __init__(self, model: FlowModel, adapters: AdapterRoles, cfg: SurrogateConfig, seed: int = 0,
+                 processes: Processes = SINGLE):
+        self.model, self.adapters, self.cfg, self.processes = model, adapters, cfg, processes
         self.params = adapters.add(SURROGATE, cfg.lora_rank, cfg.lora_alpha, model.lora_targets(cfg.lora_targets),
                                    seed=seed)
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=(0.9, 0.999))
@@ -137,18 +145,24 @@ class SurrogateReward:
             return x0_from_velocity(x, sigma, self.model.guided_velocity(x, sigma, embeds, guidance_scale))
 
     # ------------------------------------------------------------------------------------------- points
-    def points(self, states: torch.Tensor, sigmas: torch.Tensor, group_ids: torch.Tensor, gen: torch.Generator):
-        """Per sample: k, t_k, x_{t_k}, τ and x_τ (τ and z shared by a group, see the module docstring).
-        ``states`` (K + 1, B, C, h, w) are the trajectory's states, ``sigmas`` (K + 1,) their levels."""
+    def points(self, states: torch.Tensor, sigmas: torch.Tensor, group_ids: torch.Tensor, gen: torch.Generator,
+               rows: torch.Tensor | None = None):
+        """Per sample: k, t_k, x_{t_k}, τ and x_τ (τ and z shared by a group, see the module docstring), drawn
+        for the global batch whose groups are ``group_ids`` (n,); ``states`` (K + 1, B, C, h, w) are the
+        trajectories of its ``rows`` (B,; default all), ``sigmas`` (K + 1,) their levels. ``k_all``: every
+        global row's step."""
         k_max, b = states.shape[0] - 1, states.shape[1]
-        k = draw_steps(b, group_ids, k_max, self.cfg.k_draw, gen)
-        t = sigmas[k].float()
+        rows = torch.arange(len(group_ids)) if rows is None else rows
+        k_all = draw_steps(len(group_ids), group_ids, k_max, self.cfg.k_draw, gen)
         u, z = group_draws(group_ids, tuple(states.shape[2:]), gen)
-        tau = level_above(t, u, self.cfg.t_min)
+        k = k_all[rows]
+        t = sigmas[k].float()
+        tau = level_above(t, u[rows], self.cfg.t_min)
         device = states.device
         x_t = states[k.to(device), torch.arange(b, device=device)]
-        x_tau = transition_sample(x_t, t.to(device), tau.to(device), z.to(device, states.dtype))
-        return {"k": k, "t": t.to(device), "x_t": x_t, "tau": tau.to(device), "x_tau": x_tau, "k_max": k_max}
+        x_tau = transition_sample(x_t, t.to(device), tau.to(device), z[rows].to(device, states.dtype))
+        return {"k": k, "t": t.to(device), "x_t": x_t, "tau": tau.to(device), "x_tau": x_tau, "k_max": k_max,
+                "k_all": k_all}
 
     def errors(self, p: dict, embeds: PromptEmbeds, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ℓ_φ (with grad), ℓ_ref and mean ‖v_φ − v_ref‖² per sample at the points ``p``."""
@@ -160,43 +174,58 @@ class SurrogateReward:
 
     # ------------------------------------------------------------------------------------------- training
     def loss(self, states: torch.Tensor, sigmas: torch.Tensor, advantages: torch.Tensor, group_ids: torch.Tensor,
-             embeds: PromptEmbeds, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """The surrogate's loss on one batch of trajectories (see the module docstring) and diagnostics."""
-        c = self.cfg
-        p = self.points(states, sigmas, group_ids.cpu(), gen)
+             embeds: PromptEmbeds, gen: torch.Generator, rows: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict]:
+        """This process's part of the surrogate's loss on one global batch of trajectories (see the module
+        docstring) and the batch's diagnostics. ``advantages`` and ``group_ids`` (n,) are the global batch's;
+        ``states`` and ``embeds`` those of its ``rows`` (default all). The DGPO term's value is the global one on
+        every process; its gradient, and the KL term, are this process's share."""
+        c, processes = self.cfg, self.processes
+        group_ids = group_ids.cpu()
+        n = len(group_ids)
+        rows = torch.arange(n) if rows is None else rows
+        p = self.points(states, sigmas, group_ids, gen, rows)
         loss_phi, loss_ref, kl = self.errors(p, embeds)
-        adv = advantages.to(loss_phi.device)
+        device = loss_phi.device
+        adv = advantages.cpu()[rows].to(device)
         if c.clip_range > 0:
             target = bridge_velocity(p["x_t"], p["t"], p["x_tau"], p["tau"])
             with torch.no_grad(), self.active(), self.emas["surrogate_old"].swapped_in():
                 loss_old = per_sample_mse(target, self.model.velocity(p["x_tau"], p["tau"], embeds))
             loss_phi = clip_to_old(loss_phi, loss_old, adv, c.clip_range)
-        weight = p["k"].to(adv.device, adv.dtype) / p["k_max"]
-        ids = group_ids.to(loss_phi.device)
+        weight_all = p["k_all"].double() / p["k_max"]  # k/K of every global row
+        groups, dense_all = torch.unique(group_ids, return_inverse=True)  # global groups 0 … G−1, alike everywhere
+        dense = dense_all[rows].to(device)
         if c.k_weight == "sample":
-            loss = dgpo_loss(loss_phi, loss_ref, adv * weight, ids, c.beta, normalization=c.normalization)
+            group_loss = dgpo_loss(loss_phi, loss_ref, adv * weight_all[rows].to(device, adv.dtype), dense, c.beta,
+                                   normalization=c.normalization, num_groups=len(groups),
+                                   reduce_fn=processes.sum_across)
         else:  # each group's DGPO loss times its k/K (one k per group with k_draw=group)
-            groups = torch.unique(ids)
-            loss = torch.stack([
-                dgpo_loss(loss_phi[ids == g], loss_ref[ids == g], adv[ids == g], ids[ids == g], c.beta,
-                          normalization=c.normalization) * weight[ids == g].mean()
-                for g in groups]).mean()
-        if c.kl_weight > 0:
-            loss = loss + c.kl_weight * kl.mean()
+            group_loss = torch.stack([
+                dgpo_loss(loss_phi[dense == g], loss_ref[dense == g], adv[dense == g], dense[dense == g] - g, c.beta,
+                          normalization=c.normalization, num_groups=1, reduce_fn=processes.sum_across)
+                * weight_all[dense_all == g].mean().item()
+                for g in range(len(groups))]).mean()
+        kl_share = kl.sum() / n  # this process's part of the batch mean
+        loss = group_loss + c.kl_weight * kl_share if c.kl_weight > 0 else group_loss
         gap = (loss_phi - loss_ref).detach()
-        return loss, {"loss_surrogate": loss.item(), "surrogate_margin": -(adv * gap).mean().item(),
-                      "surrogate_k": p["k"].float().mean().item()}
+        return loss, {"loss_surrogate": group_loss.item() + c.kl_weight * processes.sum(kl_share.item()),
+                      "surrogate_margin": -processes.sum((adv * gap).sum().item()) / n,
+                      "surrogate_k": p["k_all"].float().mean().item()}
 
-    def update(self, states, sigmas, advantages, group_ids, embeds, gen, step: int, grad_clip: float = 1.0) -> dict:
-        """One Adam step of the surrogate on a batch; its EMAs follow. A non-finite loss or gradient steps nothing
-        and raises :class:`dgpo.nonfinite.NonFiniteStep`."""
-        loss, stats = self.loss(states, sigmas, advantages, group_ids, embeds, gen)
+    def update(self, states, sigmas, advantages, group_ids, embeds, gen, step: int, grad_clip: float = 1.0,
+               rows: torch.Tensor | None = None) -> dict:
+        """One Adam step of the surrogate on a global batch (this process's ``rows`` of it, see :meth:`loss`),
+        gradients summed over the processes; its EMAs follow. A non-finite loss or gradient steps nothing and
+        raises :class:`dgpo.nonfinite.NonFiniteStep` (on every process alike)."""
+        loss, stats = self.loss(states, sigmas, advantages, group_ids, embeds, gen, rows)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.processes.sum_gradients(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip if grad_clip > 0 else float("inf"))
-        if not math.isfinite(loss.item()) or not torch.isfinite(norm):
+        if not math.isfinite(stats["loss_surrogate"]) or not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteStep(f"surrogate loss {loss.item()}, gradient norm {norm.item()}")
+            raise NonFiniteStep(f"surrogate loss {stats['loss_surrogate']}, gradient norm {norm.item()}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         for ema in self.emas.values():
@@ -205,15 +234,18 @@ class SurrogateReward:
 
     @torch.no_grad()
     def implicit_reward(self, states: torch.Tensor, sigmas: torch.Tensor, k: int, embeds: PromptEmbeds,
-                        gen: torch.Generator, draws: int = 4) -> torch.Tensor:
+                        gen: torch.Generator, draws: int = 4, rows: torch.Tensor | None = None,
+                        n: int | None = None) -> torch.Tensor:
         """r_φ(x_{t_k}) = −mean over ``draws`` of (ℓ_φ − ℓ_ref) at every sample's step-k point, (B,); each draw
-        puts every sample at the same τ, each with noise of its own."""
+        puts every sample at the same τ, each with noise of its own (drawn for a global batch of ``n`` of which
+        ``states`` are the ``rows``; default: these states are the whole batch)."""
         b = states.shape[1]
+        rows = torch.arange(b) if rows is None else rows
         total = torch.zeros(b, device=states.device)
         for _ in range(draws):
             t = sigmas[k].float().expand(b)
             tau = level_above(t, torch.rand(1, generator=gen), self.cfg.t_min)
-            z = torch.randn(states.shape[1:], generator=gen)  # (B, C, h, w)
+            z = torch.randn((n or b, *states.shape[2:]), generator=gen)[rows]  # (B, C, h, w)
             x_t = states[k]
             x_tau = transition_sample(x_t, t.to(x_t.device), tau.to(x_t.device), z.to(x_t.device, x_t.dtype))
             p = {"t": t.to(x_t.device), "x_t": x_t, "tau": tau.to(x_t.device), "x_tau": x_tau}
@@ -223,14 +255,17 @@ class SurrogateReward:
 
     @torch.no_grad()
     def ranking(self, states: torch.Tensor, sigmas: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor,
-                embeds: PromptEmbeds, gen: torch.Generator, draws: int = 4) -> dict[int, float]:
+                embeds: PromptEmbeds, gen: torch.Generator, draws: int = 4, rows: torch.Tensor | None = None
+                ) -> dict[int, float]:
         """How well the implicit reward orders trajectory points by their true final rewards: for each step
         k = 1 … K, the mean over groups (prompts) of Kendall's τ between r_φ(x_{t_k}) and the rewards of the
-        group's samples (groups whose rewards are all equal are skipped; 0 = chance, 1 = the true order)."""
+        group's samples (groups whose rewards are all equal are skipped; 0 = chance, 1 = the true order).
+        ``rewards`` and ``group_ids`` are the global batch's, ``states`` its ``rows``; the same on every process."""
         from scipy.stats import kendalltau
         out = {}
         for k in range(1, states.shape[0]):
-            implicit = self.implicit_reward(states, sigmas, k, embeds, gen, draws).cpu().numpy()
+            implicit = self.processes.gather_rows(
+                self.implicit_reward(states, sigmas, k, embeds, gen, draws, rows, len(rewards))).cpu().numpy()
             taus = []
             for g in torch.unique(group_ids):
                 idx = (group_ids == g).cpu().numpy()

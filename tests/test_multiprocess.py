@@ -1,7 +1,9 @@
 """Training on two processes (accelerate launch, gloo on CPU) takes the step one process takes on the same global
 batch — for DGPO (groups spread over both processes, group sums all-reduced inside the loss), Flow-GRPO (SDE
-rollouts, per-sample loss, random parts) and TDM (self-normalised importance weights over the global batch)
-— and a 2-process run resumed from its checkpoint ends exactly where the uninterrupted one does.
+rollouts, per-sample loss, random parts), TDM (self-normalised importance weights over the global batch) and
+TDM-R1 (the surrogate's groups spread over both processes, rewards gathered for the advantages), and the
+surrogate trained alone — and a 2-process run resumed from its checkpoint ends exactly where the uninterrupted
+one does.
 
 The reward is continuous (mean brightness, a plug-in file), so float differences between batch sizes cannot
 flip a 0/1 reward. Each run is its own process tree, as a user launches it.
@@ -37,6 +39,10 @@ TINY_TRAIN = ["run.epochs=2", "run.time_budget_min=0", "rollout.prompts_per_epoc
               "eval.fd=false", "eval.every=100", "eval.cache_initial=false", "run.checkpoint_every=1",
               "optim.micro_batch=2", "model.lora_rank=2", "model.lora_alpha=2", "optim.lr=1e-2",
               "reward.name=brightness", "objective.timesteps_per_sample=2", "run.threads=1"]
+TINY_R1 = ["run.iterations=2", "run.time_budget_min=0", "optim.batch_size=8", "r1.group_size=4", "eval.per_prompt=1",
+           "eval.fd=false", "eval.every=1000", "run.checkpoint_every=1", "student.lora_rank=2", "student.lora_alpha=2",
+           "fake.lora_rank=2", "fake.lora_alpha=2", "surrogate.lora_rank=2", "surrogate.lora_alpha=2",
+           "surrogate.lr=1e-2", "r1.init_run=", "reward.name=brightness", "run.threads=1"]
 TINY_DISTILL = ["run.iterations=2", "run.time_budget_min=0", "optim.batch_size=8", "eval.per_prompt=1",
                 "eval.fd=false", "eval.every=1000", "run.checkpoint_every=1", "student.lora_rank=2",
                 "student.lora_alpha=2", "fake.lora_rank=2", "fake.lora_alpha=2", "run.threads=1"]
@@ -146,3 +152,41 @@ def test_tdm_two_processes_distil_like_one(tiny_base, tmp_path):
     train1, train2 = [r for r in r1 if "loss_fake" in r], [r for r in r2 if "loss_fake" in r]
     assert [r["loss_fake"] for r in train1] == pytest.approx([r["loss_fake"] for r in train2], rel=1e-3)
     assert [r["ess"] for r in train1] == pytest.approx([r["ess"] for r in train2], rel=1e-3)
+
+
+@pytest.mark.parametrize("k_weight", ["group", "sample"])
+def test_tdm_r1_two_processes_train_like_one(k_weight, tiny_base, plugin, tmp_path):
+    """Groups of 4 over 2 processes (rows strided: each group has two samples on each process): the student, the
+    fake score and the surrogate end where one process puts them, and the logged rewards are the global batch's."""
+    repo = Path(__file__).resolve().parents[1]
+    for name, n in (("one", 1), ("two", 2)):
+        _run(["tdm_r1.cli", "train", "configs/tdm_r1/shapes.yaml", "--out", str(tmp_path / name), "--plugin",
+              str(plugin), *_sets([f"teacher.base={tiny_base}", *TINY_R1, f"surrogate.k_weight={k_weight}"])], n, repo)
+    one, two = (_tensors(tmp_path / r / "checkpoints" / "step-2" / "tensors.safetensors") for r in ("one", "two"))
+    trained = {k: v for k, v in one.items() if k.startswith(("student.", "fake.", "surrogate."))}
+    for role in ("student.", "fake.", "surrogate."):
+        moved = max(v.abs().max().item() for k, v in trained.items() if k.startswith(role) and "lora_B" in k)
+        assert moved > 1e-4, f"{role[:-1]} did not move: the comparison would be empty"
+    _assert_close(trained, {k: two[k] for k in trained}, atol=1e-5 + 1e-3 * max(v.abs().max().item()
+                                                                                for v in trained.values()))
+    rows1, rows2 = ([r for r in _rows(tmp_path / n) if "loss_surrogate" in r] for n in ("one", "two"))
+    assert len(rows1) == len(rows2) == 2
+    for key in ("reward", "reward_std", "loss_surrogate", "surrogate_margin", "reward_gap", "loss_gen"):
+        assert [r[key] for r in rows1] == pytest.approx([r[key] for r in rows2], rel=1e-3, abs=1e-6), key
+
+
+def test_surrogate_alone_on_two_processes_like_one(tiny_base, plugin, tmp_path):
+    """`tdm-r1 surrogate` on two processes: the same surrogate and the same ranking table as on one."""
+    repo = Path(__file__).resolve().parents[1]
+    for name, n in (("one", 1), ("two", 2)):
+        _run(["tdm_r1.cli", "surrogate", "configs/tdm_r1/shapes.yaml", "--out", str(tmp_path / name), "--plugin",
+              str(plugin), "--updates", "2", "--eval-every", "2", "--eval-prompts", "2", "--per-prompt", "4",
+              *_sets([f"teacher.base={tiny_base}", *TINY_R1])], n, repo)
+    one, two = (_tensors(tmp_path / r / "surrogate_lora" / "pytorch_lora_weights.safetensors") for r in ("one", "two"))
+    moved = max(v.abs().max().item() for k, v in one.items() if "lora_B" in k)
+    assert moved > 1e-4
+    _assert_close(one, two, atol=1e-5 + 1e-3 * moved)
+    rank1, rank2 = (json.loads((tmp_path / r / "ranking.json").read_text())["evaluations"] for r in ("one", "two"))
+    assert [row["mean"] for row in rank1] == pytest.approx([row["mean"] for row in rank2], abs=1e-6)
+    listing = [sorted(p.name for p in (tmp_path / r).iterdir()) for r in ("one", "two")]
+    assert listing[0] == listing[1] and "surrogate_lora" in listing[1]  # one writer, nothing else
