@@ -404,14 +404,15 @@ class Distiller:
         """teacher.mixed_precision: bf16 autocast on the device (a no-op at "no")."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.teacher.mixed_precision == "bf16")
 
-    def score(self, r: Rollout, prompts: list[str]):
-        """The rewards and group advantages of the global batch ``prompts`` (the reward is only ever a label):
-        each process scores its rows' final images, :func:`score_groups` gathers them."""
+    def score(self, r: Rollout, prompts: list[str], group_size: int = 0):
+        """The rewards and group advantages of the global batch ``prompts`` in consecutive groups of
+        ``group_size`` (default ``r1.group_size``; the reward is only ever a label): each process scores its rows'
+        final images, :func:`score_groups` gathers them."""
         mine = [prompts[i] for i in r.rows.tolist()]
         with torch.no_grad():
             images = self.teacher.decode_latents(r.states[-1])
-        return score_groups(self.reward, images, mine, self.cfg.r1.group_size, self.cfg.advantage, self.reward_name,
-                            processes=self.processes, metadata=metadata_of(self.world, mine))
+        return score_groups(self.reward, images, mine, group_size or self.cfg.r1.group_size, self.cfg.advantage,
+                            self.reward_name, processes=self.processes, metadata=metadata_of(self.world, mine))
 
     def surrogate_update(self, r: Rollout, prompts: list[str]) -> dict:
         """Score the rollouts, then the surrogate's DGPO update(s) on their trajectory points."""

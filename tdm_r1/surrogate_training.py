@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from dgpo.methods.batch import score_groups
-from dgpo.rewards import metadata_of
 from dgpo.nonfinite import NonFiniteStep
 
 
@@ -26,10 +24,7 @@ def ranking_on_fresh_rollouts(distiller, prompts: list[str], per_prompt: int, se
     try:
         flat = [p for p in prompts for _ in range(per_prompt)]
         r = d.rollout(flat)
-        mine = [flat[i] for i in r.rows.tolist()]  # this process's rows (dgpo.processes)
-        images = d.teacher.decode_latents(r.states[-1])
-        scored = score_groups(d.reward, images, mine, per_prompt, d.cfg.advantage, d.reward_name,
-                              processes=d.processes, metadata=metadata_of(d.world, mine))
+        scored = d.score(r, flat, per_prompt)
         return d.surrogate.ranking(r.states, d.sigmas, scored.rewards, scored.group_ids, r.embeds,
                                    torch.Generator().manual_seed(seed + 1), rows=r.rows)
     finally:
