@@ -15,6 +15,7 @@ With ``times`` the three pieces are timed (device synchronised around each) and 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -66,12 +67,16 @@ def generate_images(model: FlowModel, prompts: list[str], sample: SampleFn, per_
     all_embeds = piece("text_s", lambda: model.encode_prompts(unique))
     embeds_of = {p: all_embeds.index(slice(i, i + 1)) for i, p in enumerate(unique)}
     images = []
-    for i in tqdm(range(0, len(records), batch_size), desc="sampling", disable=not progress, leave=False):
+    most = math.ceil(len(everyone) / processes.world)  # the most images one process makes: all run as many batches
+    for i in tqdm(range(0, most, batch_size), desc="sampling", disable=not progress, leave=False):
         chunk = records[i:i + batch_size]
-        embeds = PromptEmbeds.cat([embeds_of[r["prompt"]] for r in chunk])
-        noise = initial_noise([r["seed"] for r in chunk], model.latent_shape).to(model.device)
+        # a process with no image left still samples one and drops it: a sharded model needs every process in
+        # each of its calls (dgpo.sharding)
+        embeds = PromptEmbeds.cat([embeds_of[r["prompt"]] for r in chunk or everyone[:1]])
+        noise = initial_noise([r["seed"] for r in chunk or everyone[:1]], model.latent_shape).to(model.device)
         latents = piece("loop_s", lambda: sample(embeds, noise))
-        images.append(piece("decode_s", lambda: model.decode_latents(latents)))
+        if chunk:
+            images.append(piece("decode_s", lambda: model.decode_latents(latents)))
     if not processes.distributed:
         return np.concatenate(images), records
     mine = list(np.concatenate(images)) if images else []

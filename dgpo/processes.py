@@ -46,16 +46,17 @@ class _SumAcross(torch.autograd.Function):
         return grad
 
 
-def refuse_sharding(env) -> None:
-    """One clear error when launched with an FSDP or DeepSpeed accelerate config (``accelerate launch`` sets
-    ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``): these trainers shard nothing — only LoRA adapters
-    train, every process holds the frozen model (SD3.5-Medium: 5 GiB in bf16) — so such a launch would run as
-    plain data parallel while its config promised sharding."""
-    for key, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if str(env.get(key, "")).lower() == "true":
-            raise UserError(f"launched with a {name} accelerate config, but training here is data parallel only (LoRA "
-                            f"adapters train, every process holds the frozen model): launch with "
-                            f"configs/accelerate/gpus_8.yaml or --multi_gpu")
+def check_launch(env) -> None:
+    """One clear error for a launch config the trainers cannot honour (``accelerate launch`` sets
+    ``ACCELERATE_USE_DEEPSPEED`` / ``ACCELERATE_USE_FSDP``). DeepSpeed: ZeRO stages 1–2 shard the optimiser states
+    and gradients, which for LoRA adapters are a few MB, and stage 3 shards the weights, which an FSDP2 config does
+    here for the frozen model (:mod:`dgpo.sharding`); FSDP1 is refused there."""
+    if str(env.get("ACCELERATE_USE_DEEPSPEED", "")).lower() == "true":
+        raise UserError("launched with a DeepSpeed accelerate config: only LoRA adapters train here, so ZeRO-1/2 "
+                        "would shard a few MB of optimiser state; to shard the frozen model (ZeRO-3's saving) launch "
+                        "with configs/accelerate/gpus_8_fsdp.yaml, or gpus_8.yaml for plain data parallel")
+    from dgpo.sharding import Sharding
+    Sharding.of_launch(env)
 
 
 class Processes:
@@ -73,7 +74,7 @@ class Processes:
         """The processes this program was launched on: one, or those of ``accelerate launch`` / ``torchrun``
         (their process group is set up here)."""
         import os
-        refuse_sharding(os.environ)
+        check_launch(os.environ)
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return SINGLE
         from accelerate import PartialState

@@ -42,6 +42,7 @@ from dgpo.prompt_encodings import PromptEncodings
 from dgpo.processes import Processes
 from dgpo.prompt_sampling import PromptSampler
 from dgpo.rewards import make_reward, metadata_of, reward_of_run
+from dgpo.sharding import Sharding, shard_frozen_model
 from dgpo.train_config import TrainConfig, train_config_class
 from dgpo.worlds import make_world
 
@@ -155,6 +156,9 @@ class Trainer:
                             "an epoch (rollout.prompts_per_epoch × rollout.group_size)")
         self._counting, self._calls = False, 0
         self._count_hook = backbone.register_forward_pre_hook(self._count_call, with_kwargs=True)
+        sharding = Sharding.of_launch(os.environ)  # an FSDP launch: the frozen model split over the processes
+        if sharding and self.processes.distributed:
+            shard_frozen_model(self.model, self.processes, sharding, log)
         self.embeds_of = PromptEncodings(self.model, self.train_prompts)  # each prompt encoded once
 
     @property
@@ -191,7 +195,7 @@ class Trainer:
         everyone = [p for p in prompts for _ in range(g)]
         rows = self.processes.rows(len(everyone))
         flat = [everyone[i] for i in rows.tolist()]
-        embeds = PromptEmbeds.cat([self.embeds_of[p] for p in flat])
+        embeds = self.embeds_of.batch(everyone, rows)
         noise = torch.randn((len(everyone), *self.model.latent_shape), generator=self.gen)[rows].to(self.model.device)
         with self.objective.rollout_context() or self.rollout_policy():
             latents, extras = self.objective.rollout(embeds, noise, self.gen, rows=rows, total=len(everyone))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from dgpo.processes import Processes
 from dgpo.rewards import metadata_of, reward_of_run
 from dgpo.run_folder import reopen_run, start_run
 from dgpo.run import Counters, Run, Schedule, plot_run
+from dgpo.sharding import Sharding, shard_frozen_model
 from dgpo.evaluation import evaluate_images
 from dgpo.models.handle import PromptEmbeds, load_model
 from dgpo.models.adapters import AdapterRoles
@@ -152,6 +154,9 @@ class Distiller:
                 self.load_student_from(Path(cfg.r1.init_run))
             elif cfg.r1.init_lora:
                 self.load_student_lora(Path(cfg.r1.init_lora))
+        sharding = Sharding.of_launch(os.environ)  # an FSDP launch: the frozen model split over the processes
+        if sharding and self.processes.distributed:
+            shard_frozen_model(self.teacher, self.processes, sharding, log)
         self.embeds_of = PromptEncodings(self.teacher, self.train_prompts)  # each prompt encoded once
         self.counters = Counters()
         run = cfg.run
@@ -242,7 +247,7 @@ class Distiller:
         """The no-grad K-step student rollout of this process's rows of the global batch ``prompts``, keeping
         every state and every step's x̂₀."""
         rows = self.processes.rows(len(prompts))
-        embeds = PromptEmbeds.cat([self.embeds_of[prompts[i]] for i in rows.tolist()])
+        embeds = self.embeds_of.batch(prompts, rows)
         x = torch.randn((len(prompts), *self.teacher.latent_shape), generator=self.gen)[rows].to(self.device)
         states, x0s = [x], []
         with self.as_student() as model:

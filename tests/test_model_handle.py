@@ -47,7 +47,7 @@ class ProtocolOnly:
     def __getattr__(self, name):
         protocol = {"lora_targets", "save_pretrained", "fuse_lora", "encode_prompts", "negative_embeds", "velocity",
                     "velocity_at_timestep", "guided_velocity", "guided_velocity_at_timestep", "encode_images",
-                    "decode_latents"}
+                    "decode_latents", "frozen_modules"}
         if name in protocol:
             return getattr(self._inner, name)
         raise AttributeError(f"{name!r} is not part of the model-handle protocol")

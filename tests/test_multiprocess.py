@@ -11,6 +11,7 @@ flip a 0/1 reward. Each run is its own process tree, as a user launches it.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -49,6 +50,7 @@ TINY_DISTILL = ["run.iterations=2", "run.time_budget_min=0", "optim.batch_size=8
 
 
 ACCELERATE_CPU = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu_2_processes.yaml"
+ACCELERATE_CPU_FSDP = ACCELERATE_CPU.with_name("cpu_2_processes_fsdp.yaml")
 
 
 def _free_port() -> int:
@@ -57,13 +59,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
+def _run(args: list[str], processes: int, cwd: Path, launch: Path = ACCELERATE_CPU) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if processes == 1:
         cmd = [sys.executable, "-m", *args]
     else:  # on a machine without GPUs, --multi_gpu launches CPU processes over gloo
         assert processes == 2, "configs/accelerate/cpu_2_processes.yaml launches two"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU),
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
                "--main_process_port", str(_free_port()), "-m", *args]
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -189,3 +191,35 @@ def test_surrogate_alone_on_two_processes_like_one(tiny_base, plugin, tmp_path):
     assert [row["mean"] for row in rank1] == pytest.approx([row["mean"] for row in rank2], abs=1e-6)
     listing = [sorted(p.name for p in (tmp_path / r).iterdir()) for r in ("one", "two")]
     assert listing[0] == listing[1] and "surrogate_lora" in listing[1]  # one writer, nothing else
+
+
+@pytest.mark.parametrize("recipe", ["dgpo", "flow_grpo", "nft", "tdm", "tdm_r1"])
+def test_sharded_two_processes_train_like_one(recipe, tiny_base, plugin, tmp_path):
+    """configs/accelerate/cpu_2_processes_fsdp.yaml: each process holds half of the frozen model (backbone and text
+    encoders, FSDP2) and gathers a block's weights for its calls; the adapters train to where one unsharded
+    process puts them, and the evaluation (an odd number of images: one process makes one more) is the same."""
+    repo = Path(__file__).resolve().parents[1]
+    if recipe in ("dgpo", "flow_grpo", "nft"):
+        extra = ["rollout.solver=euler", "rollout.policy=current"] if recipe == "flow_grpo" else []
+        args = ["dgpo.cli", "train", "configs/dgpo/shapes.yaml", "--plugin", str(plugin),
+                *_sets([f"model.base={tiny_base}", *TINY_TRAIN, f"objective.name={recipe}", *extra])]
+    elif recipe == "tdm":
+        args = ["tdm_r1.cli", "distill", "configs/tdm/shapes.yaml", *_sets([f"teacher.base={tiny_base}", *TINY_DISTILL])]
+    else:
+        args = ["tdm_r1.cli", "train", "configs/tdm_r1/shapes.yaml", "--plugin", str(plugin),
+                *_sets([f"teacher.base={tiny_base}", *TINY_R1])]
+    _run([*args, "--out", str(tmp_path / "one")], 1, repo)
+    done = _run([*args, "--out", str(tmp_path / "sharded")], 2, repo, launch=ACCELERATE_CPU_FSDP)
+    said = re.search(r"sharded over 2 processes \(FSDP2\): this one holds ([\d.]+) M of ([\d.]+) M", done.stdout)
+    assert said, done.stdout[-2000:]
+    held, total = float(said.group(1)), float(said.group(2))
+    assert total > 0.1 and 0.45 * total <= held <= 0.55 * total, (held, total)
+    one, two = (_tensors(tmp_path / r / "checkpoints" / "step-2" / "tensors.safetensors") for r in ("one", "sharded"))
+    trained = {k: v for k, v in one.items() if "lora_" in k}
+    moved = max(v.abs().max().item() for k, v in trained.items() if "lora_B" in k)
+    assert moved > 1e-4, "the adapters did not move: the comparison would be empty"
+    _assert_close(trained, {k: two[k] for k in trained}, atol=1e-5 + 1e-3 * max(v.abs().max().item()
+                                                                                for v in trained.values()))
+    evals = [[r for r in _rows(tmp_path / n) if any(k.startswith("eval_") for k in r)] for n in ("one", "sharded")]
+    assert evals[0] and [r.get("eval_geneval") for r in evals[0]] == pytest.approx(
+        [r.get("eval_geneval") for r in evals[1]], abs=1e-6)

@@ -40,3 +40,21 @@ def test_a_large_set_is_encoded_on_use_with_a_bounded_cache_the_same_in_any_orde
     for p in reversed(PROMPTS):
         assert rows_equal(backwards[p], first[p])  # the same bits whatever came first
     assert rows_equal(forwards[PROMPTS[0]], first[PROMPTS[0]])  # re-encoded after eviction: the same bits
+
+
+def test_a_global_batch_makes_the_same_encoder_calls_on_every_process(model):
+    """``batch(prompts, rows)`` gives this process's rows, and each process encodes exactly what the others do
+    (a sharded text encoder needs every process in each call), however the rows split the prompts."""
+    calls = {0: [], 1: []}
+    batch = [PROMPTS[i] for i in (0, 1, 0, 2, 3, 3)]  # process 0 owns rows 0, 2, 4; process 1 rows 1, 3, 5
+    for rank in (0, 1):
+        enc = PromptEncodings(model, PROMPTS, eager_limit=2, keep=2)
+        original = model.encode_prompts
+        model.encode_prompts = lambda prompts, rank=rank, original=original: calls[rank].append(prompts) or original(prompts)
+        try:
+            mine = enc.batch(batch, torch.arange(rank, 6, 2))
+        finally:
+            del model.encode_prompts
+        want = [batch[i] for i in range(rank, 6, 2)]
+        assert all(rows_equal(mine.index(slice(j, j + 1)), enc[p]) for j, p in enumerate(want))
+    assert calls[0] == calls[1] and len(calls[0]) >= 4  # the same encoder calls; each new prompt at least once

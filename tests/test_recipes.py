@@ -38,7 +38,9 @@ def test_the_sd35_medium_recipes_hold_the_released_settings(task, reward, beta, 
 
 @pytest.mark.parametrize("name, kind, processes, machines", [("cpu_2_processes", "MULTI_GPU", 2, 1),
                                                             ("gpus_8", "MULTI_GPU", 8, 1),
-                                                            ("two_nodes", "MULTI_GPU", 16, 2)])
+                                                            ("two_nodes", "MULTI_GPU", 16, 2),
+                                                            ("cpu_2_processes_fsdp", "FSDP", 2, 1),
+                                                            ("gpus_8_fsdp", "FSDP", 8, 1)])
 def test_accelerate_configs_load_in_accelerate(name, kind, processes, machines):
     """Each launch config parses with accelerate's own loader and launches what its name says (the CPU one is
     what tests/test_multiprocess.py launches; the GPU ones cannot run here)."""
@@ -47,15 +49,31 @@ def test_accelerate_configs_load_in_accelerate(name, kind, processes, machines):
     assert (str(cfg.distributed_type).split(".")[-1], cfg.num_processes, cfg.num_machines) == (kind, processes, machines)
 
 
-@pytest.mark.parametrize("key", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_a_sharded_launch_is_refused_in_one_line(key, monkeypatch):
-    """An FSDP or DeepSpeed launch config would shard nothing here (only LoRA adapters train): one clear error
-    instead of a run that silently does something else than its config says."""
+@pytest.mark.parametrize("env, says", [({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed accelerate config"),
+                                       ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "set fsdp_version: 2")])
+def test_a_launch_config_that_cannot_be_honoured_is_refused_in_one_line(env, says, monkeypatch):
+    """DeepSpeed (ZeRO-1/2 would shard a few MB of LoRA optimiser state) and FSDP1 (which wraps a model to train
+    all of it): one clear error instead of a run that does something else than its config says."""
     from dgpo.errors import UserError
     from dgpo.processes import Processes
-    monkeypatch.setenv(key, "true")
-    with pytest.raises(UserError, match="data parallel only"):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError, match=says):
         Processes.launched()
+
+
+def test_the_fsdp_launch_config_asks_for_what_the_sharding_reads():
+    """The FSDP configs set the FSDP_* variables (through accelerate's own launcher code) that
+    :class:`dgpo.sharding.Sharding` reads: version 2, gathered weights freed after each forward, no offload."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from dgpo.sharding import Sharding
+    for name in ("cpu_2_processes_fsdp", "gpus_8_fsdp"):
+        fsdp = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml")).fsdp_config
+        env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": str(fsdp["fsdp_version"]),
+               "FSDP_RESHARD_AFTER_FORWARD": str(fsdp["fsdp_reshard_after_forward"]).lower(),
+               "FSDP_OFFLOAD_PARAMS": str(fsdp["fsdp_offload_params"]).lower()}
+        assert Sharding.of_launch(env) == Sharding(reshard_after_forward=True, offload=False), name
+    assert Sharding.of_launch({}) is None
 
 
 DISTILL_RECIPES = sorted(str(p.relative_to(ROOT)) for d in ("tdm", "tdm_r1") for p in (ROOT / "configs" / d).glob("*.yaml"))

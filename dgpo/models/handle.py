@@ -12,7 +12,8 @@ No algorithm (DGPO and its baselines, TDM, samplers, evaluation) touches a pipel
 - ``transformer``: the backbone that adapters go on, and ``lora_targets(kind)``: its module names for a
   kind of adapter ("attention", "attention_ff");
 - ``with_transformer(backbone)`` (the same model with another backbone: a fully fine-tuned student),
-  ``save_pretrained(folder)`` and ``fuse_lora(folder)`` (a diffusers-format LoRA folded in, for sampling).
+  ``save_pretrained(folder)`` and ``fuse_lora(folder)`` (a diffusers-format LoRA folded in, for sampling);
+- ``frozen_modules()``: the backbone and the text encoders, which a sharded launch splits (:mod:`dgpo.sharding`).
 
 :class:`SD3Model` implements it for ``StableDiffusion3Pipeline`` (the shapes base, SD3-Medium, SD3.5-Medium
 and -Large; the transformer's timestep is ``t = 1000·σ``; latents ``z = (E(x) − shift)·scale``). Another
@@ -149,6 +150,7 @@ class FlowModel(Protocol):
     def with_transformer(self, transformer: torch.nn.Module) -> "FlowModel": ...
     def save_pretrained(self, folder: str | Path) -> None: ...
     def fuse_lora(self, lora_dir: str | Path) -> None: ...
+    def frozen_modules(self) -> dict[str, torch.nn.Module]: ...
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds: ...
     def negative_embeds(self, batch: int) -> PromptEmbeds: ...
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor: ...
@@ -243,6 +245,12 @@ class DiffusersModel:
         load_lora_into_pipeline(self.pipe, lora_dir)
         self.pipe.fuse_lora()
         self.pipe.unload_lora_weights()
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """The backbone and the text encoders by pipeline name: what a sharded launch splits over the processes
+        (:mod:`dgpo.sharding`; the VAE, small, stays whole)."""
+        return {name: part for name, part in self.pipe.components.items()
+                if isinstance(part, torch.nn.Module) and name != "vae"}
 
     def lora_targets(self, kind: str) -> tuple[str, ...]:
         """The backbone's module names for ``kind``: "attention" (the attention projections) or
