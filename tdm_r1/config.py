@@ -74,7 +74,8 @@ class OptimConfig:
 
 @dataclass
 class EvalSection:
-    every: int = option(100, "evaluate the student every N iterations (and at the start and end)", min=1)
+    every: int = option(100, "evaluate the student every N iterations (and at the start and end; 0 = by iterations "
+                        "never, only at the start, the end and every_minutes)", min=0)
     every_minutes: float = option(0.0, "also evaluate every M minutes of training (0 = by iterations only)", min=0.0)
     split: str = option("test", "prompts to evaluate on", choices=("train", "test", "all"))
     per_prompt: int = option(8, "images per prompt", min=1)

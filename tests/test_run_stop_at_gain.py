@@ -1,5 +1,6 @@
-"""``run.stop_at_gain``: a run ends once ``run.stop_after`` consecutive evaluations reach the base + the gain
-(what the RL benchmark's "time to target" needs), and not before; a dip in between restarts the count."""
+"""The run loop's schedule. ``run.stop_at_gain``: a run ends once ``run.stop_after`` consecutive evaluations
+reach the base + the gain (what the RL benchmark's "time to target" needs), and not before; a dip in between
+restarts the count. Evaluation by minutes of training alone, for DGPO and TDM alike."""
 
 from __future__ import annotations
 
@@ -88,3 +89,29 @@ def test_target_rule_ignores_the_base_evaluation():
     assert not s.target_reached([0.9])  # the base alone never counts
     assert s.target_reached([0.5, 0.6])
     assert not s.target_reached([0.5, 0.59])
+
+
+class MinuteSteps(ScriptedRecipe):
+    """Each step takes one minute of training (a fake clock)."""
+
+    def train_step(self):
+        row = super().train_step()
+        self.counters.train_seconds += 60.0
+        return row
+
+
+def test_evaluation_by_minutes_alone(tmp_path):
+    """eval.every=0 with eval.every_minutes=3 (DGPO's and TDM's configs both allow it): the run evaluates at the
+    start, each time 3 more minutes of training have passed, and at the end, never by step count."""
+    recipe = MinuteSteps([0.5] * 20)
+    recipe.runner = Run(recipe, tmp_path, Schedule(10, eval_every=0, eval_every_minutes=3, checkpoint_every=100),
+                        step_key="epoch", grid_prefix="epoch", log=lambda *a: None)
+    recipe.runner.loop()
+    evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_geneval" in l]
+    assert [r["epoch"] for r in evals] == [0, 3, 6, 9, 10]
+
+
+def test_tdm_configs_take_evaluation_by_minutes_alone():
+    from tdm_r1.config import load_distill_config
+    cfg = load_distill_config(None, ["eval.every=0", "eval.every_minutes=10"])
+    assert (cfg.eval.every, cfg.eval.every_minutes) == (0, 10.0)
