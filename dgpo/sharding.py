@@ -24,6 +24,7 @@ wrap-policy keys are not needed.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -76,6 +77,10 @@ def shard_frozen_model(model, processes, sharding: Sharding, log=print) -> tuple
 
     if not processes.distributed:
         return (0, 0)
+    # The backbones return views (diffusers reshapes its output): FSDP2 warns that an in-place op on one would skip
+    # the gather before its backward. No recipe writes into a velocity in place, and the sharded runs' gradients
+    # equal the unsharded ones (tests/test_multiprocess.py), so the warning is silenced rather than shown each run.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(model.device.type, (processes.world,))
     for module in model.frozen_modules().values():
         shard_frozen_module(module, mesh, sharding)
@@ -85,6 +90,6 @@ def shard_frozen_model(model, processes, sharding: Sharding, log=print) -> tuple
             if not p.requires_grad:
                 local = p.to_local() if hasattr(p, "to_local") else p
                 held, total = held + local.numel(), total + p.numel()
-    log(f"frozen model sharded over {processes.world} processes (FSDP2): this one holds {held / 1e6:.2f} M of "
+    log(f"frozen model sharded over {processes.world} processes (FSDP2): each holds about {held / 1e6:.2f} M of the "
         f"{total / 1e6:.2f} M frozen parameters")
     return held, total

@@ -210,7 +210,7 @@ def test_sharded_two_processes_train_like_one(recipe, tiny_base, plugin, tmp_pat
                 *_sets([f"teacher.base={tiny_base}", *TINY_R1])]
     _run([*args, "--out", str(tmp_path / "one")], 1, repo)
     done = _run([*args, "--out", str(tmp_path / "sharded")], 2, repo, launch=ACCELERATE_CPU_FSDP)
-    said = re.search(r"sharded over 2 processes \(FSDP2\): this one holds ([\d.]+) M of ([\d.]+) M", done.stdout)
+    said = re.search(r"sharded over 2 processes \(FSDP2\): each holds about ([\d.]+) M of the ([\d.]+) M", done.stdout)
     assert said, done.stdout[-2000:]
     held, total = float(said.group(1)), float(said.group(2))
     assert total > 0.1 and 0.45 * total <= held <= 0.55 * total, (held, total)
