@@ -55,8 +55,8 @@ def check_launch(env) -> None:
         raise UserError("launched with a DeepSpeed accelerate config: only LoRA adapters train here, so ZeRO-1/2 "
                         "would shard a few MB of optimiser state; to shard the frozen model (ZeRO-3's saving) launch "
                         "with configs/accelerate/gpus_8_fsdp.yaml, or gpus_8.yaml for plain data parallel")
-    from dgpo.sharding import Sharding
-    Sharding.of_launch(env)
+    from dgpo.sharding import sharded_launch
+    sharded_launch(env)
 
 
 class Processes:
@@ -64,6 +64,7 @@ class Processes:
 
     def __init__(self, rank: int = 0, world: int = 1):
         self.rank, self.world = rank, world
+        self.lockstep = False  # set under a sharded model (dgpo.sharding): every process makes the same model calls
 
     @classmethod
     def of(cls, accelerator) -> "Processes":
@@ -140,6 +141,14 @@ class Processes:
         t = torch.tensor([float(value)], dtype=torch.float64)
         torch.distributed.all_reduce(t)
         return t.item()
+
+    def calls(self, n: int) -> int:
+        """How many times a loop calls the model on this process when its own rows need ``n`` calls: ``n``, or
+        under a sharded model (:attr:`lockstep`) the most any process needs. A process with fewer makes the rest
+        on a stand-in row whose loss it weights by zero (:func:`dgpo.methods.batch.lockstep_chunks`)."""
+        if not (self.distributed and self.lockstep):
+            return n
+        return int(self.max(float(n)))
 
     def max(self, value: float) -> float:
         """The largest of a number over the processes (e.g. peak memory: every process then decides alike)."""

@@ -42,7 +42,7 @@ from dgpo.prompt_encodings import PromptEncodings
 from dgpo.processes import Processes
 from dgpo.prompt_sampling import PromptSampler
 from dgpo.rewards import make_reward, metadata_of, reward_of_run
-from dgpo.sharding import Sharding, shard_frozen_model
+from dgpo.sharding import shard_frozen_model, sharded_launch
 from dgpo.train_config import TrainConfig, train_config_class
 from dgpo.worlds import make_world
 
@@ -111,6 +111,9 @@ class Trainer:
         set_seed(cfg.run.seed)
         self.processes = Processes.of(self.accelerator)
         self.log = log = self.processes.voice(log)
+        sharded = self.processes.distributed and sharded_launch(os.environ)
+        if sharded and cfg.model.mixed_precision == "fp16":  # accelerate would unscale fp16 gradients twice
+            raise UserError("model.mixed_precision=fp16 under an FSDP launch: use bf16 (or a launch without FSDP)")
         if model is None:
             self.base_path, _ = self.processes.main_first(lambda: resolve_base(cfg, log))
             model = load_model(self.base_path, resolution=cfg.model.resolution)
@@ -156,9 +159,8 @@ class Trainer:
                             "an epoch (rollout.prompts_per_epoch × rollout.group_size)")
         self._counting, self._calls = False, 0
         self._count_hook = backbone.register_forward_pre_hook(self._count_call, with_kwargs=True)
-        sharding = Sharding.of_launch(os.environ)  # an FSDP launch: the frozen model split over the processes
-        if sharding and self.processes.distributed:
-            shard_frozen_model(self.model, self.processes, sharding, log)
+        if sharded:  # an FSDP launch: the frozen model split over the processes
+            shard_frozen_model(self.model, self.processes, log)
         self.embeds_of = PromptEncodings(self.model, self.train_prompts)  # each prompt encoded once
 
     @property

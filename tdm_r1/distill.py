@@ -41,7 +41,7 @@ from dgpo.processes import Processes
 from dgpo.rewards import metadata_of, reward_of_run
 from dgpo.run_folder import reopen_run, start_run
 from dgpo.run import Counters, Run, Schedule, plot_run
-from dgpo.sharding import Sharding, shard_frozen_model
+from dgpo.sharding import shard_frozen_model, sharded_launch
 from dgpo.evaluation import evaluate_images
 from dgpo.models.handle import PromptEmbeds, load_model
 from dgpo.models.adapters import AdapterRoles
@@ -98,6 +98,10 @@ class Distiller:
             from accelerate import PartialState
             device = PartialState().device
         self.processes.rows(cfg.optim.batch_size, "optim.batch_size")
+        sharded = self.processes.distributed and sharded_launch(os.environ)
+        if sharded and cfg.student.mode == "full":  # its export would save the shared, sharded text encoders
+            raise UserError("student.mode=full under an FSDP launch: the full student trains all its weights on "
+                            "every process; use student.mode=lora, or a launch without FSDP")
         self.base_path = self.processes.main_first(lambda: resolve_teacher(cfg, log))
         self.teacher = load_model(self.base_path, resolution=cfg.teacher.resolution).to(device)  # adapters off = the teacher
         backbone = self.teacher.transformer
@@ -154,9 +158,8 @@ class Distiller:
                 self.load_student_from(Path(cfg.r1.init_run))
             elif cfg.r1.init_lora:
                 self.load_student_lora(Path(cfg.r1.init_lora))
-        sharding = Sharding.of_launch(os.environ)  # an FSDP launch: the frozen model split over the processes
-        if sharding and self.processes.distributed:
-            shard_frozen_model(self.teacher, self.processes, sharding, log)
+        if sharded:  # an FSDP launch: the frozen model split over the processes
+            shard_frozen_model(self.teacher, self.processes, log)
         self.embeds_of = PromptEncodings(self.teacher, self.train_prompts)  # each prompt encoded once
         self.counters = Counters()
         run = cfg.run

@@ -64,12 +64,12 @@ def _run(args: list[str], processes: int, cwd: Path, launch: Path = ACCELERATE_C
     if processes == 1:
         cmd = [sys.executable, "-m", *args]
     else:  # on a machine without GPUs, --multi_gpu launches CPU processes over gloo
-        assert processes == 2, "configs/accelerate/cpu_2_processes.yaml launches two"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
-               "--main_process_port", str(_free_port()), "-m", *args]
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    assert ("(2 processes)" in done.stdout) == (processes == 2), done.stdout[-2000:]  # really two processes
+               "--num_processes", str(processes), "--main_process_port", str(_free_port()), "-m", *args]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert ("processes)" in done.stdout) == (processes > 1), done.stdout[-2000:]
+    assert processes == 1 or f"({processes} processes)" in done.stdout, done.stdout[-2000:]  # really N processes
     return done
 
 
@@ -193,33 +193,51 @@ def test_surrogate_alone_on_two_processes_like_one(tiny_base, plugin, tmp_path):
     assert listing[0] == listing[1] and "surrogate_lora" in listing[1]  # one writer, nothing else
 
 
-@pytest.mark.parametrize("recipe", ["dgpo", "flow_grpo", "nft", "tdm", "tdm_r1"])
-def test_sharded_two_processes_train_like_one(recipe, tiny_base, plugin, tmp_path):
-    """configs/accelerate/cpu_2_processes_fsdp.yaml: each process holds half of the frozen model (backbone and text
-    encoders, FSDP2) and gathers a block's weights for its calls; the adapters train to where one unsharded
-    process puts them, and the evaluation (an odd number of images: one process makes one more) is the same."""
+SHARDED = {  # recipe, processes, settings; the last three give processes unequal shares of a micro-batch loop
+    "dgpo": ("dgpo", 2, []),
+    "tdm": ("tdm", 2, []),
+    "tdm_r1": ("tdm_r1", 2, []),
+    "flow_grpo-random-parts": ("flow_grpo", 2, ["flow_grpo.updates_per_epoch=3", "optim.micro_batch=1"]),
+    "dgpo-part-without-rows": ("dgpo", 3, ["rollout.prompts_per_epoch=3", "rollout.group_size=2",
+                                           "optim.micro_batch=1"]),
+    "nft-uneven-groups": ("nft", 3, ["rollout.prompts_per_epoch=3", "rollout.group_size=4", "optim.micro_batch=2"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHARDED))
+def test_sharded_processes_train_like_one(case, tiny_base, plugin, tmp_path):
+    """configs/accelerate/cpu_2_processes_fsdp.yaml (2 or 3 processes): each process holds 1/N of the frozen
+    model (backbone and text encoders, FSDP2) and gathers a block's weights for each call; the adapters train to
+    where the same processes holding the whole model put them (the tests above compare those with one process),
+    and the evaluation (an odd number of images: one process makes one more) is the same. The last three cases give the processes unequal shares of a method's micro-batch loop
+    (Flow-GRPO's random parts, a DGPO part with no row of one process, DiffusionNFT's per-process groups): a
+    process with fewer makes the rest on a stand-in row; without it the run would hang in a gather."""
+    recipe, processes, settings = SHARDED[case]
     repo = Path(__file__).resolve().parents[1]
     if recipe in ("dgpo", "flow_grpo", "nft"):
         extra = ["rollout.solver=euler", "rollout.policy=current"] if recipe == "flow_grpo" else []
         args = ["dgpo.cli", "train", "configs/dgpo/shapes.yaml", "--plugin", str(plugin),
-                *_sets([f"model.base={tiny_base}", *TINY_TRAIN, f"objective.name={recipe}", *extra])]
+                *_sets([f"model.base={tiny_base}", *TINY_TRAIN, f"objective.name={recipe}", *extra, *settings])]
     elif recipe == "tdm":
         args = ["tdm_r1.cli", "distill", "configs/tdm/shapes.yaml", *_sets([f"teacher.base={tiny_base}", *TINY_DISTILL])]
     else:
         args = ["tdm_r1.cli", "train", "configs/tdm_r1/shapes.yaml", "--plugin", str(plugin),
                 *_sets([f"teacher.base={tiny_base}", *TINY_R1])]
-    _run([*args, "--out", str(tmp_path / "one")], 1, repo)
-    done = _run([*args, "--out", str(tmp_path / "sharded")], 2, repo, launch=ACCELERATE_CPU_FSDP)
-    said = re.search(r"sharded over 2 processes \(FSDP2\): each holds about ([\d.]+) M of the ([\d.]+) M", done.stdout)
+    _run([*args, "--out", str(tmp_path / "whole")], processes, repo)  # every process holds the whole model
+    done = _run([*args, "--out", str(tmp_path / "sharded")], processes, repo, launch=ACCELERATE_CPU_FSDP)
+    said = re.search(rf"sharded over {processes} processes \(FSDP2\): each holds about ([\d.,]+) M of the ([\d.,]+) M",
+                     done.stdout)
     assert said, done.stdout[-2000:]
-    held, total = float(said.group(1)), float(said.group(2))
-    assert total > 0.1 and 0.45 * total <= held <= 0.55 * total, (held, total)
-    one, two = (_tensors(tmp_path / r / "checkpoints" / "step-2" / "tensors.safetensors") for r in ("one", "sharded"))
-    trained = {k: v for k, v in one.items() if "lora_" in k}
+    held, total = (float(said.group(i).replace(",", "")) for i in (1, 2))
+    assert total > 0.1 and abs(held * processes - total) <= 0.05 * total, (held, total)
+    whole, sharded = (_tensors(tmp_path / r / "checkpoints" / "step-2" / "tensors.safetensors")
+                      for r in ("whole", "sharded"))
+    trained = {k: v for k, v in whole.items() if "lora_" in k}
     moved = max(v.abs().max().item() for k, v in trained.items() if "lora_B" in k)
     assert moved > 1e-4, "the adapters did not move: the comparison would be empty"
-    _assert_close(trained, {k: two[k] for k in trained}, atol=1e-5 + 1e-3 * max(v.abs().max().item()
-                                                                                for v in trained.values()))
-    evals = [[r for r in _rows(tmp_path / n) if any(k.startswith("eval_") for k in r)] for n in ("one", "sharded")]
-    assert evals[0] and [r.get("eval_geneval") for r in evals[0]] == pytest.approx(
-        [r.get("eval_geneval") for r in evals[1]], abs=1e-6)
+    _assert_close(trained, {k: sharded[k] for k in trained}, atol=1e-6 + 1e-4 * moved)  # gathers are exact
+    print(f"{case}: adapters moved up to {moved:.3g}; sharded vs whole differ by at most "
+          f"{max((trained[k] - sharded[k]).abs().max().item() for k in trained):.3g}")
+    evals = [[r for r in _rows(tmp_path / n) if "eval_geneval" in r] for n in ("whole", "sharded")]
+    assert evals[0] and [r["eval_geneval"] for r in evals[0]] == pytest.approx(
+        [r["eval_geneval"] for r in evals[1]], abs=1e-6)

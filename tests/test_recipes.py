@@ -50,10 +50,15 @@ def test_accelerate_configs_load_in_accelerate(name, kind, processes, machines):
 
 
 @pytest.mark.parametrize("env, says", [({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed accelerate config"),
-                                       ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "set fsdp_version: 2")])
+                                       ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "set fsdp_version: 2"),
+                                       ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+                                         "FSDP_RESHARD_AFTER_FORWARD": "false"}, "Set it to true"),
+                                       ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+                                         "FSDP_OFFLOAD_PARAMS": "true"}, "set it to false")])
 def test_a_launch_config_that_cannot_be_honoured_is_refused_in_one_line(env, says, monkeypatch):
-    """DeepSpeed (ZeRO-1/2 would shard a few MB of LoRA optimiser state) and FSDP1 (which wraps a model to train
-    all of it): one clear error instead of a run that does something else than its config says."""
+    """DeepSpeed (ZeRO-1/2 would shard a few MB of LoRA optimiser state), FSDP1 (which wraps a model to train all
+    of it), and FSDP2 settings that would undo the sharding or are not supported: one clear error instead of a
+    run that does something else than its config says."""
     from dgpo.errors import UserError
     from dgpo.processes import Processes
     for key, value in env.items():
@@ -62,18 +67,18 @@ def test_a_launch_config_that_cannot_be_honoured_is_refused_in_one_line(env, say
         Processes.launched()
 
 
-def test_the_fsdp_launch_config_asks_for_what_the_sharding_reads():
+def test_the_fsdp_launch_configs_ask_for_what_the_sharding_does():
     """The FSDP configs set the FSDP_* variables (through accelerate's own launcher code) that
-    :class:`dgpo.sharding.Sharding` reads: version 2, gathered weights freed after each forward, no offload."""
+    :func:`dgpo.sharding.sharded_launch` accepts: version 2, gathered weights freed after each forward, no offload."""
     from accelerate.commands.config.config_args import load_config_from_file
-    from dgpo.sharding import Sharding
+    from dgpo.sharding import sharded_launch
     for name in ("cpu_2_processes_fsdp", "gpus_8_fsdp"):
         fsdp = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml")).fsdp_config
         env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": str(fsdp["fsdp_version"]),
                "FSDP_RESHARD_AFTER_FORWARD": str(fsdp["fsdp_reshard_after_forward"]).lower(),
                "FSDP_OFFLOAD_PARAMS": str(fsdp["fsdp_offload_params"]).lower()}
-        assert Sharding.of_launch(env) == Sharding(reshard_after_forward=True, offload=False), name
-    assert Sharding.of_launch({}) is None
+        assert sharded_launch(env), name
+    assert not sharded_launch({})
 
 
 DISTILL_RECIPES = sorted(str(p.relative_to(ROOT)) for d in ("tdm", "tdm_r1") for p in (ROOT / "configs" / d).glob("*.yaml"))

@@ -40,6 +40,7 @@ class RolloutBatch:
     epoch_group_ids: torch.Tensor | None = None
     total: int | None = None
     processes: Processes = SINGLE
+    stand_in: bool = False  # a row that only keeps this process in a sharded model's calls: its loss counts 0
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -59,8 +60,8 @@ class RolloutBatch:
 
     def share(self) -> float:
         """This process's share of the global batch: a mean over its rows times this is its part of the
-        global mean (gradients are then summed over processes)."""
-        return len(self) / self.global_size
+        global mean (gradients are then summed over processes); 0 for a stand-in."""
+        return 0.0 if self.stand_in else len(self) / self.global_size
 
     def rand(self, gen: torch.Generator) -> torch.Tensor:
         """U[0, 1) per row, drawn for the epoch's global batch: (n,)."""
@@ -70,13 +71,13 @@ class RolloutBatch:
         """N(0, I) of ``shape`` per row, drawn for the epoch's global batch: (n, *shape)."""
         return torch.randn((len(self.all_group_ids), *shape), generator=gen)[self.global_rows]
 
-    def select(self, idx: torch.Tensor, total: int | None = None) -> "RolloutBatch":
+    def select(self, idx: torch.Tensor, total: int | None = None, stand_in: bool = False) -> "RolloutBatch":
         """The rows ``idx`` (local positions); ``total`` is the global size of the part they are a share of
-        (default: the same as this batch's)."""
+        (default: the same as this batch's); ``stand_in``: rows whose loss counts zero (:meth:`share`)."""
         cpu_idx = idx.cpu()
         return RolloutBatch(self.latents[idx], self.embeds.index(idx), self.advantages[idx], self.group_ids[idx],
                             {k: v[idx.to(v.device)] for k, v in self.extras.items()}, self.global_rows[cpu_idx],
-                            self.all_group_ids, total if total is not None else self.total, self.processes)
+                            self.all_group_ids, total if total is not None else self.total, self.processes, stand_in)
 
 
 def _group_of_rows(batch: RolloutBatch) -> tuple[int, torch.Tensor]:
@@ -132,14 +133,28 @@ def local_micro_batches(batch: RolloutBatch, max_size: int) -> list[tuple[torch.
 
 def random_parts(batch: RolloutBatch, k: int, gen: torch.Generator) -> list[RolloutBatch]:
     """A random split of the global batch into ``k`` parts (one optimiser step each); each process keeps its
-    rows of each part, which knows its global size (the size its loss is a share of)."""
+    rows of each part, which knows its global size (the size its loss is a share of). Under a sharded model a
+    process with no row in a part gets its first row as a stand-in (its loss counts zero), so that it still
+    makes the part's model calls."""
     perm = torch.randperm(batch.global_size, generator=gen)
     position = {r: i for i, r in enumerate(batch.global_rows.tolist())}
     parts = []
     for chunk in perm.chunk(min(k, batch.global_size)):
         local = torch.tensor([position[r] for r in chunk.tolist() if r in position], dtype=torch.long)
-        parts.append(batch.select(local.to(batch.latents.device), total=len(chunk)))
+        stand_in = len(local) == 0 and batch.processes.lockstep
+        if stand_in:
+            local = torch.zeros(1, dtype=torch.long)
+        parts.append(batch.select(local.to(batch.latents.device), total=len(chunk), stand_in=stand_in))
     return parts
+
+
+def lockstep_chunks(parts: list[torch.Tensor], processes: Processes) -> list[tuple[torch.Tensor, float]]:
+    """``(local positions, weight)`` for each of this process's micro-batches ``parts`` (weight 1). Under a sharded
+    model (``processes.lockstep``) every process makes as many micro-batches as the busiest one: the extra ones
+    are row 0 again with weight 0, so every process calls each sharded block the same number of times."""
+    chunks = [(idx, 1.0) for idx in parts]
+    stand_in = torch.zeros(1, dtype=torch.long)
+    return chunks + [(stand_in, 0.0)] * (processes.calls(len(chunks)) - len(chunks))
 
 
 @dataclass

@@ -68,9 +68,13 @@ def dgpo_backward(model: FlowModel, batch: RolloutBatch, cfg: ObjectiveConfig, s
             k = len(part_groups)
             dense_ids = torch.searchsorted(part_groups, batch.group_ids[idx].cpu()).to(device)
             if len(idx) == 0:  # none of this process's rows: it still joins the part's group sums
+                # under a sharded model it makes the part's calls too, in the same order, on a stand-in row
+                stand_in = (stand_in_calls(model, batch, sigma_all, noise_all, cfg, ref_ema, old_ema)
+                            if batch.processes.lockstep else 0.0)
                 loss = dgpo_loss(torch.zeros(0, device=device, requires_grad=True), torch.zeros(0, device=device),
                                  torch.zeros(0, device=device), dense_ids, cfg.beta, normalization=cfg.normalization,
                                  num_groups=k, reduce_fn=batch.processes.sum_across) * (k / total_groups)
+                loss = loss + 0.0 * stand_in  # weight 0: only its backward's gathers count
                 backward(loss / cfg.timesteps_per_sample)
                 stats["loss"] += loss.item() / cfg.timesteps_per_sample
                 continue
@@ -103,6 +107,21 @@ def dgpo_backward(model: FlowModel, batch: RolloutBatch, cfg: ObjectiveConfig, s
                 stats["margin"] += -(mb.advantages * gap).sum().item() / max(n, 1) / cfg.timesteps_per_sample
                 stats["kl"] += kl.item() / share / cfg.timesteps_per_sample
     return stats
+
+
+def stand_in_calls(model, batch: RolloutBatch, sigma_all, noise_all, cfg, ref_ema, old_ema) -> torch.Tensor:
+    """The model calls of one part of :func:`dgpo_backward` on row 0 (reference, policy, old policy): under a
+    sharded model a process with no row in the part makes them anyway. Returns a policy output to add with
+    weight 0 to the loss, so the backward runs through the model too."""
+    mb = batch.select(torch.zeros(1, dtype=torch.long, device=batch.latents.device))
+    sigma, noise = sigma_all[:1], noise_all[:1]
+    x_sigma = flow_interpolate(mb.latents, noise, sigma)
+    reference_velocity(model, x_sigma, sigma, mb.embeds, cfg, ref_ema)
+    policy = model.velocity(x_sigma, sigma, mb.embeds).sum()
+    if cfg.clip_range > 0 and old_ema is not None:
+        with torch.no_grad(), old_ema.swapped_in():
+            model.velocity(x_sigma, sigma, mb.embeds)
+    return policy
 
 
 @register_objective

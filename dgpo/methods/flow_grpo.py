@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from dgpo.config import ConfigError, option
-from dgpo.methods.batch import RolloutBatch, random_parts
+from dgpo.methods.batch import RolloutBatch, lockstep_chunks, random_parts
 from dgpo.methods import Objective, register_objective
 from dgpo.models.lora import adapters_disabled
 from dgpo.objectives import flow_grpo_loss
@@ -93,8 +93,8 @@ class FlowGRPO(Objective):
         stats = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "ratio": 0.0, "ratio_dev": 0.0, "clip_frac": 0.0,
                  "approx_kl_old": 0.0}
         mb_size = self.cfg.optim.micro_batch
-        for start in range(0, n, mb_size):
-            idx = torch.arange(start, min(start + mb_size, n))
+        parts = [torch.arange(start, min(start + mb_size, n)) for start in range(0, n, mb_size)]
+        for idx, kept in lockstep_chunks(parts, batch.processes):  # kept 0: a stand-in (sharded model)
             dev_idx = idx.to(states.device)
             embeds = batch.embeds.index(dev_idx)
             for j in range(k):
@@ -108,8 +108,10 @@ class FlowGRPO(Objective):
                     kl = gaussian_kl(mean, mean_ref, std)
                 loss, s = flow_grpo_loss(lp, old_lp[dev_idx, step], batch.advantages[dev_idx], f.clip_range, kl,
                                          f.kl_weight)
-                w = len(idx) / n / k
+                w = len(idx) / n / k * kept
                 backward(loss * w * batch.share())  # this process's share of the part's mean
+                if not w or batch.stand_in:
+                    continue
                 s.update(loss=loss.item(), kl=kl.mean().item() if kl is not None else 0.0)
                 s["policy_loss"] = s["loss"] - f.kl_weight * s["kl"]
                 for key in stats:

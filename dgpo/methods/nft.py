@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from dgpo.config import option
-from dgpo.methods.batch import RolloutBatch, micro_batches
+from dgpo.methods.batch import RolloutBatch, lockstep_chunks, micro_batches
 from dgpo.ema import EMA
 from dgpo.methods import Objective, register_objective
 from dgpo.models.handle import flow_interpolate
@@ -70,7 +70,7 @@ class NFT(Objective):
             u = c.t_min + (1.0 - c.t_min) * batch.rand(gen)
             sigma_all = shift_sigmas(u, self.shift).to(device)
             noise_all = batch.randn(tuple(batch.latents.shape[1:]), gen).to(device)
-            for idx in parts:
+            for idx, kept in lockstep_chunks(parts, batch.processes):  # kept 0: a stand-in (sharded model)
                 idx = idx.to(device)
                 x0, sigma, noise = batch.latents[idx], sigma_all[idx], noise_all[idx]
                 embeds = batch.embeds.index(idx)
@@ -85,8 +85,10 @@ class NFT(Objective):
                         x0_hat = x_t - sigma.view(-1, *([1] * (x0.ndim - 1))) * v_theta
                         weight = 1.0 / (x0_hat - x0).abs().flatten(1).mean(1).clamp_min(1e-5)
                 loss = nft_loss(v_theta, v_old, target, r_all[idx], c.beta, weight)
-                scale = len(idx) / n / c.timesteps_per_sample
+                scale = len(idx) / n / c.timesteps_per_sample * kept
                 backward(loss * scale * batch.share())  # this process's share of the global mean
+                if not kept:
+                    continue
                 stats["loss"] += loss.item() * scale
                 if weight is not None:
                     stats["weight"] += weight.sum().item() / n / c.timesteps_per_sample
