@@ -241,3 +241,23 @@ def test_sharded_processes_train_like_one(case, tiny_base, plugin, tmp_path):
     evals = [[r for r in _rows(tmp_path / n) if "eval_geneval" in r] for n in ("whole", "sharded")]
     assert evals[0] and [r["eval_geneval"] for r in evals[0]] == pytest.approx(
         [r["eval_geneval"] for r in evals[1]], abs=1e-6)
+
+
+@pytest.mark.parametrize("tool, setting, says", [
+    ("dgpo", "model.mixed_precision=fp16", "model.mixed_precision=fp16 under an FSDP launch"),
+    ("tdm", "student.mode=full", "student.mode=full under an FSDP launch")])
+def test_a_sharded_launch_refuses_what_it_cannot_shard_in_one_line(tool, setting, says, tiny_base, plugin, tmp_path):
+    """fp16 (accelerate would unscale the gradients twice) and a fully trained student: one line, a failed exit
+    and no run folder left behind."""
+    repo = Path(__file__).resolve().parents[1]
+    args = (["dgpo.cli", "train", "configs/dgpo/shapes.yaml", "--plugin", str(plugin),
+             *_sets([f"model.base={tiny_base}", *TINY_TRAIN])] if tool == "dgpo" else
+            ["tdm_r1.cli", "distill", "configs/tdm/shapes.yaml", *_sets([f"teacher.base={tiny_base}", *TINY_DISTILL])])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU_FSDP),
+           "--main_process_port", str(_free_port()), "-m", *args, "--out", str(tmp_path / "run"), "--set", setting]
+    done = subprocess.run(cmd, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert says in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
+    assert "UserError" not in done.stdout + done.stderr  # said as one line, not raised through (accelerate's
+    assert not (tmp_path / "run").exists()              # launcher still prints its own trace of a failed child)
