@@ -4,7 +4,8 @@ Only LoRA adapters train, so what fills a GPU is the frozen model: SD3.5-Medium'
 parameters, 5 GiB in bf16), FLUX.1's (12 B, 24 GiB) and its T5 encoder (4.7 B, 9.5 GiB). Launched with an FSDP
 accelerate config (``fsdp_version: 2``, e.g. ``configs/accelerate/gpus_8_fsdp.yaml``), each of the N processes
 keeps 1/N of every frozen weight of the backbone and of the text encoders, and gathers one block's weights only
-for that block's forward and backward (ZeRO-3 for the frozen weights; the VAE, small, stays whole). Each process
+for that block's forward and backward (ZeRO-3 for the frozen weights; a text encoder's token embedding and the VAE
+stay whole). Each process
 loads the whole model onto its device first and shards it then, so the model must fit one device at the start
 (FLUX.1 with its text encoders in bf16: 32 GiB, then 4 GiB on each of 8 GPUs); what sharding frees is room for
 the activations.
@@ -60,9 +61,9 @@ def sharded_launch(env: Mapping[str, str]) -> bool:
     return True
 
 
-def shard_frozen_module(module: torch.nn.Module, mesh) -> None:
-    """``fully_shard`` each block of ``module`` (its ``_no_split_modules`` classes), then the module itself for
-    the rest; parameters that train (``requires_grad``: the adapters) are left whole on every process."""
+def shard_frozen_module(module: torch.nn.Module, mesh, root: bool = True) -> None:
+    """``fully_shard`` each block of ``module`` (its ``_no_split_modules`` classes), then, with ``root``, the module
+    itself for the rest; parameters that train (``requires_grad``: the adapters) are left whole on every process."""
     from torch.distributed.fsdp import fully_shard
 
     trainable = {p for name, p in module.named_parameters() if p.requires_grad or "lora_" in name}
@@ -71,13 +72,14 @@ def shard_frozen_module(module: torch.nn.Module, mesh) -> None:
     for block in reversed(blocks):  # inner blocks first, should a family's block classes nest
         fully_shard(block, mesh=mesh, reshard_after_forward=True,
                     ignored_params={p for p in block.parameters() if p in trainable})
-    fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=trainable)
+    if root:
+        fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=trainable)
 
 
 def shard_frozen_model(model, processes, log=print) -> tuple[int, int]:
     """Shard every frozen module of ``model`` (a handle's :meth:`frozen_modules`: the backbone and the text
     encoders) over ``processes``; returns (frozen parameters this process holds, frozen parameters in all),
-    and says both. Call it once every adapter is on the backbone."""
+    and says both and how many stay whole. Call it once every adapter is on the backbone."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if not processes.distributed:
@@ -89,15 +91,19 @@ def shard_frozen_model(model, processes, log=print) -> tuple[int, int]:
     mesh = init_device_mesh(model.device.type, (processes.world,))
     processes.lockstep = True  # from now on every process makes the same calls (Processes.calls)
     for module in model.frozen_modules().values():
-        shard_frozen_module(module, mesh)
+        # A text encoder's own weights outside its layers (the token embedding) stay whole: sharding the
+        # encoder itself renames its class, and transformers looks up which outputs a model records by class
+        # name (Z-Image's Qwen3 would then return no hidden_states for the pipeline to read).
+        shard_frozen_module(module, mesh, root=module is model.transformer)
     if model.device.type == "cuda":
         torch.cuda.empty_cache()  # the whole weights each process loaded are freed: give their memory back
-    held = total = 0
+    held = total = whole = 0
     for module in model.frozen_modules().values():
         for p in module.parameters():
             if not p.requires_grad:
                 local = p.to_local() if hasattr(p, "to_local") else p
                 held, total = held + local.numel(), total + p.numel()
+                whole += 0 if hasattr(p, "to_local") else p.numel()
     log(f"frozen model sharded over {processes.world} processes (FSDP2): each holds about {held / 1e6:,.3f} M of the "
-        f"{total / 1e6:,.3f} M frozen parameters")
+        f"{total / 1e6:,.3f} M frozen parameters ({whole / 1e6:,.3f} M, the text encoders' embeddings, whole)")
     return held, total
