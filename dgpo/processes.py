@@ -32,14 +32,31 @@ import torch
 from dgpo.errors import UserError
 
 
+def wire_device(tensor: torch.Tensor) -> torch.device:
+    """Where the process group can carry ``tensor``: NCCL (what accelerate starts on GPUs) carries CUDA tensors
+    only, so a CPU tensor (a reward, a count) goes to this process's GPU; gloo (CPU processes) carries any."""
+    if tensor.device.type != "cuda" and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
+
+
+def on_the_wire(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(wire_device(tensor))
+
+
+def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce (sum, or ``op``) of ``tensor``, returned on its own device."""
+    wire = on_the_wire(tensor)
+    torch.distributed.all_reduce(wire, **({"op": op} if op is not None else {}))
+    return wire.to(tensor.device)
+
+
 class _SumAcross(torch.autograd.Function):
     """All-reduce sum in the forward pass, identity in the backward pass (see rule 4 above)."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.detach().clone()
-        torch.distributed.all_reduce(out)
-        return out
+        return _all_reduce(tensor.detach().clone())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -65,6 +82,7 @@ class Processes:
     def __init__(self, rank: int = 0, world: int = 1):
         self.rank, self.world = rank, world
         self.lockstep = False  # set under a sharded model (dgpo.sharding): every process makes the same model calls
+        self.standing_in = False  # set while calls run only to keep the processes in step (not counted as NFE)
 
     @classmethod
     def of(cls, accelerator) -> "Processes":
@@ -108,10 +126,11 @@ class Processes:
         """The global tensor (n, ...) from every process's rows (n_local, ...), in global row order."""
         if not self.distributed:
             return local
-        parts = [torch.empty_like(local) for _ in range(self.world)]
-        torch.distributed.all_gather(parts, local.contiguous())
+        wire = on_the_wire(local.contiguous())
+        parts = [torch.empty_like(wire) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, wire)
         stacked = torch.stack(parts, dim=1)  # (n_local, world, ...): row i·world + r is process r's row i
-        return stacked.reshape(-1, *local.shape[1:])
+        return stacked.reshape(-1, *local.shape[1:]).to(local.device)
 
     def gather_objects(self, local: list) -> list:
         """A global list from every process's items of :meth:`share`, in global order."""
@@ -132,15 +151,13 @@ class Processes:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
+            p.grad.copy_(_all_reduce(p.grad))
 
     def sum(self, value: float) -> float:
         """Σ of a number over the processes (e.g. transformer calls)."""
         if not self.distributed:
             return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return t.item()
+        return _all_reduce(torch.tensor([float(value)], dtype=torch.float64)).item()
 
     def calls(self, n: int) -> int:
         """How many times a loop calls the model on this process when its own rows need ``n`` calls: ``n``, or
@@ -154,16 +171,13 @@ class Processes:
         """The largest of a number over the processes (e.g. peak memory: every process then decides alike)."""
         if not self.distributed:
             return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return t.item()
+        return _all_reduce(torch.tensor([float(value)], dtype=torch.float64), torch.distributed.ReduceOp.MAX).item()
 
     def mean_stats(self, stats: dict[str, float]) -> dict[str, float]:
         """Diagnostics averaged over the processes (each computed on its own rows)."""
         if not self.distributed:
             return stats
-        values = torch.tensor([float(v) for v in stats.values()], dtype=torch.float64)
-        torch.distributed.all_reduce(values)
+        values = _all_reduce(torch.tensor([float(v) for v in stats.values()], dtype=torch.float64))
         return {k: v / self.world for k, v in zip(stats, values.tolist())}
 
     def broadcast(self, obj):

@@ -1,18 +1,19 @@
 """Sharding the frozen model over the training processes: FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 Only LoRA adapters train, so what fills a GPU is the frozen model: SD3.5-Medium's transformer (2.5 B
-parameters, 5 GiB in bf16), FLUX.1's (12 B, 24 GiB) and its T5 encoder (4.7 B, 9.5 GiB). Launched with an FSDP
+parameters), FLUX.1's (12 B) and its T5 encoder (4.7 B), 4 bytes each as the trainers load them. Launched with an FSDP
 accelerate config (``fsdp_version: 2``, e.g. ``configs/accelerate/gpus_8_fsdp.yaml``), each of the N processes
-keeps 1/N of every frozen weight of the backbone and of the text encoders, and gathers one block's weights only
-for that block's forward and backward (ZeRO-3 for the frozen weights; a text encoder's token embedding and the VAE
-stay whole). Each process
-loads the whole model onto its device first and shards it then, so the model must fit one device at the start
-(FLUX.1 with its text encoders in bf16: 32 GiB, then 4 GiB on each of 8 GPUs); what sharding frees is room for
-the activations.
+keeps 1/N of every frozen weight of the backbone and of the text encoders' layers, and gathers one block's
+weights only for that block's forward and backward (ZeRO-3 for the frozen weights; a text encoder's weights
+outside its layers, e.g. T5's and Qwen3's token embeddings, and the VAE stay whole). Each process loads the whole
+model into host memory and onto its device first and shards it then, so the model must fit one device at the start
+(FLUX.1 with its text encoders as the trainers load them, in fp32: about 64 GiB, then about 8 GiB on each of 8
+GPUs); what sharding frees is room for the activations.
 
 The adapters' parameters are left out of the sharding (``ignored_params``): every process keeps a full copy of
 them and their gradients are summed by :meth:`dgpo.processes.Processes.sum_gradients` exactly as in plain data
-parallel, so no recipe changes — a test checks that a sharded two-process run trains like one process.
+parallel, so no recipe changes — a test checks that sharded processes train bitwise as the same processes
+holding the whole model do.
 
 What sharding asks of the recipes: every process calls each sharded module the same number of times (a block's
 forward gathers its weights from all processes; a process that skips a call leaves the others waiting). Global
@@ -91,7 +92,7 @@ def shard_frozen_model(model, processes, log=print) -> tuple[int, int]:
     mesh = init_device_mesh(model.device.type, (processes.world,))
     processes.lockstep = True  # from now on every process makes the same calls (Processes.calls)
     for module in model.frozen_modules().values():
-        # A text encoder's own weights outside its layers (the token embedding) stay whole: sharding the
+        # A text encoder's own weights outside its layers (e.g. a token embedding) stay whole: sharding the
         # encoder itself renames its class, and transformers looks up which outputs a model records by class
         # name (Z-Image's Qwen3 would then return no hidden_states for the pipeline to read).
         shard_frozen_module(module, mesh, root=module is model.transformer)
@@ -105,5 +106,5 @@ def shard_frozen_model(model, processes, log=print) -> tuple[int, int]:
                 held, total = held + local.numel(), total + p.numel()
                 whole += 0 if hasattr(p, "to_local") else p.numel()
     log(f"frozen model sharded over {processes.world} processes (FSDP2): each holds about {held / 1e6:,.3f} M of the "
-        f"{total / 1e6:,.3f} M frozen parameters ({whole / 1e6:,.3f} M, the text encoders' embeddings, whole)")
+        f"{total / 1e6:,.3f} M frozen parameters ({whole / 1e6:,.3f} M, outside the text encoders' layers, whole)")
     return held, total

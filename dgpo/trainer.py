@@ -172,7 +172,7 @@ class Trainer:
                      "model.gradient_checkpointing=true")
 
     def _count_call(self, module, args, kwargs) -> None:
-        if self._counting:
+        if self._counting and not self.processes.standing_in:  # a sharded run's stand-ins are not the method's
             x = kwargs.get("hidden_states", args[0] if args else None)
             self._calls += len(x) if isinstance(x, (list, tuple)) else int(x.shape[0])  # Z-Image: a list of frames
 

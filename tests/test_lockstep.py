@@ -21,10 +21,16 @@ class OneOfTwo(Processes):
 
 def test_fewer_micro_batches_are_padded_with_zero_weight_stand_ins_only_in_lockstep():
     mine = [torch.tensor([0, 1]), torch.tensor([2])]
-    padded = lockstep_chunks(mine, OneOfTwo(1, most=4))
-    assert [w for _, w in padded] == [1.0, 1.0, 0.0, 0.0]
+    processes = OneOfTwo(1, most=4)
+    padded, standing_in = [], []
+    for chunk in lockstep_chunks(mine, processes):
+        padded.append(chunk)
+        standing_in.append(processes.standing_in)  # while its calls run: not counted as NFE
+    assert [w for _, w in padded] == [1.0, 1.0, 0.0, 0.0] and standing_in == [False, False, True, True]
+    assert not processes.standing_in
     assert all(idx.tolist() == [0] for idx, _ in padded[2:])  # row 0 stands in
     assert [w for _, w in lockstep_chunks(mine, OneOfTwo(1, most=4, lockstep=False))] == [1.0, 1.0]
+    assert all(processes.standing_in for _ in lockstep_chunks(mine, processes, stand_in=True))  # a stand-in part
     assert [w for _, w in lockstep_chunks(mine, OneOfTwo(1, most=1))] == [1.0, 1.0]  # the busiest: nothing added
 
 
@@ -50,3 +56,14 @@ def test_a_random_part_without_this_process_s_rows_gets_a_stand_in_whose_loss_co
             assert not with_stand_in.stand_in and torch.equal(with_stand_in.global_rows, without.global_rows)
         else:
             assert with_stand_in.stand_in and len(with_stand_in) == 1 and with_stand_in.share() == 0.0
+
+
+def test_collectives_carry_cpu_values_on_the_gpu_under_nccl(monkeypatch):
+    """NCCL (accelerate's backend on GPUs) carries CUDA tensors only: the rewards, counts and statistics the
+    processes exchange as CPU tensors travel on this process's GPU there, and stay where they are under gloo."""
+    from dgpo.processes import wire_device
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    assert wire_device(torch.zeros(2)) == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    assert wire_device(torch.zeros(2)) == torch.device("cpu")

@@ -236,12 +236,14 @@ def test_sharded_processes_train_like_one(case, tiny_base, plugin, tmp_path):
     trained = {k: v for k, v in whole.items() if "lora_" in k}
     moved = max(v.abs().max().item() for k, v in trained.items() if "lora_B" in k)
     assert moved > 1e-4, "the adapters did not move: the comparison would be empty"
-    _assert_close(trained, {k: sharded[k] for k in trained}, atol=1e-6 + 1e-4 * moved)  # gathers are exact
-    print(f"{case}: adapters moved up to {moved:.3g}; sharded vs whole differ by at most "
-          f"{max((trained[k] - sharded[k]).abs().max().item() for k in trained):.3g}")
-    evals = [[r for r in _rows(tmp_path / n) if "eval_geneval" in r] for n in ("whole", "sharded")]
-    assert evals[0] and [r["eval_geneval"] for r in evals[0]] == pytest.approx(
-        [r["eval_geneval"] for r in evals[1]], abs=1e-6)
+    differ = [k for k in trained if not torch.equal(trained[k], sharded[k])]  # gathers are exact, stand-ins add 0
+    assert not differ, f"{len(differ)} adapter weights differ, e.g. {differ[0]}"
+    rows = [_rows(tmp_path / n) for n in ("whole", "sharded")]
+    evals = [[r["eval_geneval"] for r in run if "eval_geneval" in r] for run in rows]
+    assert evals[0] and evals[0] == evals[1]
+    nfe = [[r["nfe"] for r in run if "nfe" in r] for run in rows]
+    assert nfe[0] == nfe[1], nfe  # a stand-in's calls are not counted
+    print(f"{case}: adapters moved up to {moved:.3g}; sharded and whole bitwise equal; NFE {nfe[0][-1]}")
 
 
 @pytest.mark.parametrize("tool, setting, says", [

@@ -148,13 +148,20 @@ def random_parts(batch: RolloutBatch, k: int, gen: torch.Generator) -> list[Roll
     return parts
 
 
-def lockstep_chunks(parts: list[torch.Tensor], processes: Processes) -> list[tuple[torch.Tensor, float]]:
-    """``(local positions, weight)`` for each of this process's micro-batches ``parts`` (weight 1). Under a sharded
-    model (``processes.lockstep``) every process makes as many micro-batches as the busiest one: the extra ones
-    are row 0 again with weight 0, so every process calls each sharded block the same number of times."""
-    chunks = [(idx, 1.0) for idx in parts]
-    stand_in = torch.zeros(1, dtype=torch.long)
-    return chunks + [(stand_in, 0.0)] * (processes.calls(len(chunks)) - len(chunks))
+def lockstep_chunks(parts: list[torch.Tensor], processes: Processes, stand_in: bool = False):
+    """Yield ``(local positions, weight)`` for each of this process's micro-batches ``parts`` (weight 1). Under a
+    sharded model (``processes.lockstep``) every process makes as many micro-batches as the busiest one: the extra
+    ones are row 0 again with weight 0, so every process calls each sharded block the same number of times. While
+    a stand-in's calls run (the extra ones, or all of a ``stand_in`` part's) ``processes.standing_in`` is set:
+    they are not counted as the method's transformer evaluations."""
+    count = processes.calls(len(parts))
+    try:
+        for i in range(count):
+            real = i < len(parts)
+            processes.standing_in = stand_in or not real
+            yield (parts[i], 1.0) if real else (torch.zeros(1, dtype=torch.long), 0.0)
+    finally:
+        processes.standing_in = False
 
 
 @dataclass

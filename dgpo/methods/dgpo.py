@@ -116,11 +116,15 @@ def stand_in_calls(model, batch: RolloutBatch, sigma_all, noise_all, cfg, ref_em
     mb = batch.select(torch.zeros(1, dtype=torch.long, device=batch.latents.device))
     sigma, noise = sigma_all[:1], noise_all[:1]
     x_sigma = flow_interpolate(mb.latents, noise, sigma)
-    reference_velocity(model, x_sigma, sigma, mb.embeds, cfg, ref_ema)
-    policy = model.velocity(x_sigma, sigma, mb.embeds).sum()
-    if cfg.clip_range > 0 and old_ema is not None:
-        with torch.no_grad(), old_ema.swapped_in():
-            model.velocity(x_sigma, sigma, mb.embeds)
+    batch.processes.standing_in = True  # not the method's transformer evaluations
+    try:
+        reference_velocity(model, x_sigma, sigma, mb.embeds, cfg, ref_ema)
+        policy = model.velocity(x_sigma, sigma, mb.embeds).sum()
+        if cfg.clip_range > 0 and old_ema is not None:
+            with torch.no_grad(), old_ema.swapped_in():
+                model.velocity(x_sigma, sigma, mb.embeds)
+    finally:
+        batch.processes.standing_in = False
     return policy
 
 

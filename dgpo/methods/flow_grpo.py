@@ -94,7 +94,7 @@ class FlowGRPO(Objective):
                  "approx_kl_old": 0.0}
         mb_size = self.cfg.optim.micro_batch
         parts = [torch.arange(start, min(start + mb_size, n)) for start in range(0, n, mb_size)]
-        for idx, kept in lockstep_chunks(parts, batch.processes):  # kept 0: a stand-in (sharded model)
+        for idx, kept in lockstep_chunks(parts, batch.processes, batch.stand_in):  # kept 0: a stand-in
             dev_idx = idx.to(states.device)
             embeds = batch.embeds.index(dev_idx)
             for j in range(k):
