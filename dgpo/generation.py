@@ -72,8 +72,9 @@ def generate_images(model: FlowModel, prompts: list[str], sample: SampleFn, per_
         chunk = records[i:i + batch_size]
         # a process with no image left still samples one and drops it: a sharded model needs every process in
         # each of its calls (dgpo.sharding)
-        embeds = PromptEmbeds.cat([embeds_of[r["prompt"]] for r in chunk or everyone[:1]])
-        noise = initial_noise([r["seed"] for r in chunk or everyone[:1]], model.latent_shape).to(model.device)
+        sampled = chunk or everyone[:1]
+        embeds = PromptEmbeds.cat([embeds_of[r["prompt"]] for r in sampled])
+        noise = initial_noise([r["seed"] for r in sampled], model.latent_shape).to(model.device)
         latents = piece("loop_s", lambda: sample(embeds, noise))
         if chunk:
             images.append(piece("decode_s", lambda: model.decode_latents(latents)))

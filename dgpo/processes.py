@@ -44,10 +44,10 @@ def on_the_wire(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(wire_device(tensor))
 
 
-def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
-    """All-reduce (sum, or ``op``) of ``tensor``, returned on its own device."""
+def _all_reduce(tensor: torch.Tensor, op=torch.distributed.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce (a sum, or ``op``) of ``tensor``, returned on its own device."""
     wire = on_the_wire(tensor)
-    torch.distributed.all_reduce(wire, **({"op": op} if op is not None else {}))
+    torch.distributed.all_reduce(wire, op=op)
     return wire.to(tensor.device)
 
 

@@ -110,7 +110,7 @@ class FlowGRPO(Objective):
                                          f.kl_weight)
                 w = len(idx) / n / k * kept
                 backward(loss * w * batch.share())  # this process's share of the part's mean
-                if not w or batch.stand_in:
+                if not kept or batch.stand_in:
                     continue
                 s.update(loss=loss.item(), kl=kl.mean().item() if kl is not None else 0.0)
                 s["policy_loss"] = s["loss"] - f.kl_weight * s["kl"]
