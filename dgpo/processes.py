@@ -108,6 +108,14 @@ class Processes:
     def distributed(self) -> bool:
         return self.world > 1
 
+    @property
+    def sharded(self) -> bool:
+        """Launched with an FSDP config on several processes: the frozen model is to be split over them
+        (:func:`dgpo.sharding.shard_frozen_model`)."""
+        import os
+        from dgpo.sharding import sharded_launch
+        return self.distributed and sharded_launch(os.environ)
+
     # ------------------------------------------------------------------------------------------- rows
     def rows(self, n: int, what: str = "the global batch") -> torch.Tensor:
         """The global rows this process owns: rank, rank + world, … (``n`` must be a multiple of world)."""

@@ -42,7 +42,7 @@ from dgpo.prompt_encodings import PromptEncodings
 from dgpo.processes import Processes
 from dgpo.prompt_sampling import PromptSampler
 from dgpo.rewards import make_reward, metadata_of, reward_of_run
-from dgpo.sharding import shard_frozen_model, sharded_launch
+from dgpo.sharding import shard_frozen_model
 from dgpo.train_config import TrainConfig, train_config_class
 from dgpo.worlds import make_world
 
@@ -111,7 +111,7 @@ class Trainer:
         set_seed(cfg.run.seed)
         self.processes = Processes.of(self.accelerator)
         self.log = log = self.processes.voice(log)
-        sharded = self.processes.distributed and sharded_launch(os.environ)
+        sharded = self.processes.sharded
         if sharded and cfg.model.mixed_precision == "fp16":  # accelerate would unscale fp16 gradients twice
             raise UserError("model.mixed_precision=fp16 under an FSDP launch: use bf16 (or a launch without FSDP)")
         if model is None:

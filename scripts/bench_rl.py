@@ -13,7 +13,10 @@ target or for ``--cap-minutes`` (60); every other method then runs until it reac
 stops short reports "> its budget"). Each seed of ``--seeds`` is a full set of runs; ratios are per seed.
 Each finished run's final LoRA is evaluated again at ``--final-per-prompt`` (64) images per test prompt, the
 base once likewise. The benchmark resumes: a finished run is read, an interrupted one continues from its last
-checkpoint, so it can be run in pieces (stop it, run the same command again).
+checkpoint, so it can be run in pieces (stop it, run the same command again). ``--runs`` trains only the
+named runs, so one benchmark can be split over processes or machines that share ``--out`` (each run in one of
+them; a method other than DGPO starts only once DGPO's run on its seed has finished, since that sets its
+budget).
 
 ``--budget-minutes M`` instead gives every method a fixed M minutes of training with no early end (the
 target is then ``--target`` or ``--target-frac`` × the best final score), as the first benchmark ran.
@@ -34,6 +37,9 @@ Examples::
     # A learning-rate sweep: labels name variants of a method, LABEL:key=value sets one run's config.
     python scripts/bench_rl.py --methods fg1=flow_grpo,fg3=flow_grpo --budget-minutes 4 \\
         --set fg1:optim.lr=1e-4 --set fg3:optim.lr=3e-4
+    # Split over two processes (same --seeds and --out: the folder names depend on them).
+    python scripts/bench_rl.py --seeds 0,1 --runs dgpo-seed1,diffusion_dpo-seed1 &
+    python scripts/bench_rl.py --seeds 0,1 --runs nft-seed0,flow_grpo-seed1
     python scripts/bench_rl.py --report-only                     # rebuild table and plot from the run folders
 """
 
@@ -100,6 +106,29 @@ def shared_settings(args, base: Path, seed: int, budget_minutes: float) -> list[
 def run_name(label: str, seed: int, seeds: list[int]) -> str:
     """A run's folder name: the method's label, with the seed when there are several."""
     return label if len(seeds) == 1 else f"{label}-seed{seed}"
+
+
+def select_runs(runs: dict[str, tuple], names: str, out: Path, dgpo_label: str | None, seeds: list[int]) -> list[str]:
+    """The run names ``--runs`` asks to train (all of them for ``""``), in the benchmark's order.
+
+    A name must be one of this benchmark's runs. A run of another method needs DGPO's run on its seed finished
+    (``final/``) or trained before it here: DGPO's time to target sets its budget, and an unfinished DGPO run
+    would give it the cap.
+    """
+    if not names:
+        return list(runs)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in runs]
+    if unknown:
+        raise SystemExit(f"--runs: {', '.join(unknown)} is not a run of this benchmark (its runs: {', '.join(runs)})")
+    for name in wanted:
+        label, method, seed = runs[name]
+        dgpo_name = run_name(dgpo_label, seed, seeds) if dgpo_label else None
+        if method != "dgpo" and dgpo_name and dgpo_name not in wanted \
+                and not (out / "bench_rl" / dgpo_name / "final").is_dir():
+            raise SystemExit(f"--runs: {name} needs {dgpo_name} finished first (DGPO's time to target sets its "
+                             f"budget); run {dgpo_name} before it, or in the same --runs")
+    return [n for n in runs if n in wanted]
 
 
 def run_method(label: str, method: str, overrides: list[str], run_dir: Path, log) -> None:
@@ -333,6 +362,9 @@ def main(argv=None) -> int:
                         "e.g. --set flow_grpo:optim.lr=1e-3")
     p.add_argument("--out", default=str(REPO / "docs" / "experiments" / "results"),
                    help="output folder (default docs/experiments/results)")
+    p.add_argument("--runs", default="",
+                   help="train only these runs (comma-separated folder names, e.g. nft-seed0,dgpo-seed1), to split "
+                        "the benchmark over processes sharing --out; the report reads every run's folder")
     p.add_argument("--report-only", action="store_true", help="only rebuild JSON/markdown/PNG from the run folders")
     args = p.parse_args(argv)
     fixed = args.budget_minutes is not None
@@ -351,6 +383,7 @@ def main(argv=None) -> int:
             sorted(methods.items(), key=lambda item: item[1] != "dgpo")}  # DGPO first: it sets the others' budget
     dgpo_label = "dgpo" if methods.get("dgpo") == "dgpo" else next((k for k, m in methods.items() if m == "dgpo"), None)
     final_name = f"final_eval_{args.final_per_prompt}.json"
+    to_train = select_runs(runs, args.runs, out, dgpo_label, seeds)
     if not args.report_only:
         from dgpo.errors import UserError
         from dgpo.trainer import load_train_config, resolve_base
@@ -358,7 +391,8 @@ def main(argv=None) -> int:
             for label, method in methods.items():  # validate every run's config before the first one starts
                 load_train_config(REPO / "configs" / method / "shapes.yaml", [*shared, *per[label]])
             base = Path(args.base) if args.base else resolve_base(load_train_config(REPO / "configs/dgpo/shapes.yaml"))[0]
-            for name, (label, method, seed) in runs.items():
+            for name in to_train:
+                label, method, seed = runs[name]
                 run_dir = out / "bench_rl" / name
                 dgpo_dir = out / "bench_rl" / run_name(dgpo_label, seed, seeds) if dgpo_label else None
                 minutes = budget_minutes(args, method, dgpo_dir)

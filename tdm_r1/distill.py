@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from dgpo.processes import Processes
 from dgpo.rewards import metadata_of, reward_of_run
 from dgpo.run_folder import reopen_run, start_run
 from dgpo.run import Counters, Run, Schedule, plot_run
-from dgpo.sharding import shard_frozen_model, sharded_launch
+from dgpo.sharding import shard_frozen_model
 from dgpo.evaluation import evaluate_images
 from dgpo.models.handle import PromptEmbeds, load_model
 from dgpo.models.adapters import AdapterRoles
@@ -98,7 +97,7 @@ class Distiller:
             from accelerate import PartialState
             device = PartialState().device
         self.processes.rows(cfg.optim.batch_size, "optim.batch_size")
-        sharded = self.processes.distributed and sharded_launch(os.environ)
+        sharded = self.processes.sharded
         if sharded and cfg.student.mode == "full":  # its export would save the shared, sharded text encoders
             raise UserError("student.mode=full under an FSDP launch: the full student trains all its weights on "
                             "every process; use student.mode=lora, or a launch without FSDP")

@@ -255,6 +255,23 @@ def test_bench_time_to_target_protocol_per_seed(tmp_path):
     assert bench.budget_minutes(args, "nft", dgpo_dir) == 7.0                 # a fixed budget wins
 
 
+def test_bench_split_runs_wait_for_dgpo_on_their_seed(tmp_path):
+    """``--runs`` trains the named runs in the benchmark's order; an unknown name, or a run whose seed's DGPO
+    run has not finished and is not trained before it, is refused with one line."""
+    bench = load_script("scripts/bench_rl.py")
+    seeds = [0, 1]
+    runs = {bench.run_name(label, seed, seeds): (label, label, seed) for seed in seeds for label in bench.METHODS}
+    select = lambda names: bench.select_runs(runs, names, tmp_path, "dgpo", seeds)
+    assert select("") == list(runs)
+    assert select("nft-seed1,dgpo-seed1") == ["dgpo-seed1", "nft-seed1"]     # DGPO first, whatever the order
+    with pytest.raises(SystemExit, match="needs dgpo-seed0 finished first"):
+        select("nft-seed0")
+    (tmp_path / "bench_rl" / "dgpo-seed0" / "final").mkdir(parents=True)
+    assert select("nft-seed0,flow_grpo-seed0") == ["flow_grpo-seed0", "nft-seed0"]
+    with pytest.raises(SystemExit, match="nft-seed2 is not a run of this benchmark"):
+        select("nft-seed2")
+
+
 def test_bench_runs_resume_where_they_stopped_and_finished_ones_are_kept(tiny_base, tmp_path):
     """The benchmark in pieces: a run stopped after a checkpoint continues to the same final LoRA as a run
     straight through; a finished run is read, not trained again; a run stopped before its first checkpoint
