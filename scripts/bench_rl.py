@@ -360,8 +360,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="[LABEL:]KEY=VALUE",
                    help="config override for every run, or for one run with LABEL: (repeatable), "
                         "e.g. --set flow_grpo:optim.lr=1e-3")
-    p.add_argument("--out", default=str(REPO / "docs" / "experiments" / "results"),
-                   help="output folder (default docs/experiments/results)")
+    p.add_argument("--out", default="runs/bench_rl",
+                   help="output folder (default runs/bench_rl; a later run with the same folder continues it)")
     p.add_argument("--runs", default="",
                    help="train only these runs (comma-separated folder names, e.g. nft-seed0,dgpo-seed1), to split "
                         "the benchmark over processes sharing --out; the report reads every run's folder")

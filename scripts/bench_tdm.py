@@ -18,7 +18,6 @@ one row per test prompt, same seed) into ``--out-dir``:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -51,9 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--speed-repeats", type=int, default=5, choices=range(1, 101), metavar="N", help="timed batches per row, interleaved; images/s is "
                    "batch size / their median (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, for comparable timings)")
-    p.add_argument("--out-dir", default=str(ROOT / "docs" / "experiments" / "results"),
-                   help="output folder (default docs/experiments/results)")
+    p.add_argument("--out-dir", default="runs/bench_tdm", help="output folder (default runs/bench_tdm)")
     p.add_argument("--name", default="tdm_shapes_bench", help="output file stem (default tdm_shapes_bench)")
+    p.add_argument("--overwrite", action="store_true", help="replace NAME.* written by an earlier run")
     return p.parse_args(argv)
 
 
@@ -69,7 +68,14 @@ def main(argv=None) -> int:
     from dgpo.worlds import shapes
     from tdm_r1.student import (default_boundaries, generate_student, read_sampler_file, sample_student,
                                 subset_boundaries)
+    from dgpo.output_dir import check_output, write_json_output
     try:
+        out = Path(args.out_dir)
+        paths = {kind: out / f"{args.name}{kind}" for kind in (".json", ".md", "_grid.png")}
+        check_output(paths[".json"], "bench_tdm", args.overwrite)  # only a JSON this script wrote is replaced
+        for path in (paths[".md"], paths["_grid.png"]):
+            if path.exists() and not args.overwrite:
+                raise UserError(f"{path} exists: pick another --name or --out-dir, or --overwrite")
         base = resolve_model(args.model)
         teacher = load_model(base)
         if args.student:  # a fully fine-tuned student: its own pipeline folder
@@ -149,12 +155,10 @@ def main(argv=None) -> int:
         r["speedup_vs_teacher"] = round(r["images_per_second"] / ref["images_per_second"], 2)
         r["loop_speedup_vs_teacher"] = round(ref["breakdown_seconds"]["loop_s"] / r["breakdown_seconds"]["loop_s"], 2)
 
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"base": str(base), "lora": str(args.lora) if args.lora else None, "student": args.student, "boundaries": trained, "split": args.split,
             "per_prompt": args.per_prompt, "seed": args.seed, "batch_size": args.batch_size, "speed_repeats": args.speed_repeats, "threads": args.threads,
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    (out / f"{args.name}.json").write_text(json.dumps({"settings": meta, "results": results}, indent=2))
+    write_json_output(paths[".json"], {"settings": meta, "results": results}, "bench_tdm", args.overwrite)
     speed = ["", f"Speed: one batch of {args.batch_size} images, median of {args.speed_repeats} (seconds: text "
              "encoding, sampling loop, VAE decode).", "",
              "| model | NFE | images/s | speed-up | text s | loop s | decode s | loop speed-up |",
@@ -164,14 +168,14 @@ def main(argv=None) -> int:
               f"{r['breakdown_seconds']['decode_s']:.3f} | {r['loop_speedup_vs_teacher']:.1f}× |"
               for n, r in results.items()]
     table = format_table(results) + "\n" + "\n".join(speed) + "\n"
-    (out / f"{args.name}.md").write_text(table)
+    paths[".md"].write_text(table)
     # Side by side: one row per prompt (first image of each), one column per model.
     first = np.arange(0, len(flat), args.per_prompt)[:16]
     tiles = np.stack([images_of[n][i] for i in first for n in results])
     from PIL import Image
-    Image.fromarray(image_grid(tiles, columns=len(results))).save(out / f"{args.name}_grid.png")
+    Image.fromarray(image_grid(tiles, columns=len(results))).save(paths["_grid.png"])
     print(table)
-    print(f"columns of {out / (args.name + '_grid.png')}: {list(results)}")
+    print(f"columns of {paths['_grid.png']}: {list(results)}")
     return 0
 
 

@@ -38,8 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1000, help="first seed of set 0 (default 1000)")
     p.add_argument("--fd", action="store_true", help="also compute the quality FD of every set")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out-dir", default=str(ROOT / "docs" / "experiments" / "results"),
-                   help="output folder (default docs/experiments/results)")
+    p.add_argument("--out-dir", default="runs/eval_noise", help="output folder (default runs/eval_noise)")
     p.add_argument("--name", default="eval_noise", help="output file stem (default eval_noise)")
     p.add_argument("--overwrite", action="store_true", help="replace NAME.* written by an earlier run")
     return p.parse_args(argv)

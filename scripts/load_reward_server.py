@@ -43,7 +43,7 @@ def parse_args(argv=None):
                    help="answer every N-th request with HTTP 503 before scoring it (default 25; 0 = never)")
     p.add_argument("--max-seconds", type=float, default=300.0,
                    help="fail if the load takes longer than this (default 300)")
-    p.add_argument("--out-dir", default=str(ROOT / "docs" / "experiments" / "results"))
+    p.add_argument("--out-dir", default="runs/reward_server_load", help="output folder (default runs/reward_server_load)")
     p.add_argument("--name", default="reward_server_load")
     args = p.parse_args(argv)
     if args.fault_every == 1:

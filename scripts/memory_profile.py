@@ -101,7 +101,7 @@ def write_report(results: list[dict], out_dir: Path, name: str, command: str) ->
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=at_least(1), default=3, help="training steps per recipe (default 3)")
-    p.add_argument("--out-dir", default=str(ROOT / "docs" / "experiments" / "results"))
+    p.add_argument("--out-dir", default="runs/memory_profile", help="output folder (default runs/memory_profile)")
     p.add_argument("--name", default="memory_profile")
     args = p.parse_args(argv)
     command = f"python scripts/memory_profile.py --steps {args.steps}"  # where it writes changes nothing measured

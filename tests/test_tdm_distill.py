@@ -191,3 +191,23 @@ def test_bench_tdm_rejects_a_student_folder_that_is_not_a_pipeline(tiny_base, tm
     assert bench.main(["--model", str(tiny_base), "--student", str(tmp_path), "--out-dir", str(tmp_path / "out")]) == 2
     assert "not a saved pipeline" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_tdm_leaves_files_it_did_not_write_alone(tiny_base, tmp_path, capsys):
+    """An output name that is taken is refused before any work, whatever --overwrite says for a file the
+    benchmark did not write; the user's file is unchanged."""
+    from conftest import load_script
+    bench = load_script("scripts/bench_tdm.py")
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "tdm_shapes_bench.json"
+    mine.write_text('{"my": "results"}')
+    for extra, said in (([], "already exists"), (["--overwrite"], "was not written by bench_tdm")):
+        assert bench.main(["--model", str(tiny_base), "--out-dir", str(out), *extra]) == 2
+        assert said in capsys.readouterr().err
+    assert mine.read_text() == '{"my": "results"}'
+    mine.unlink()
+    (out / "tdm_shapes_bench.md").write_text("my table")
+    assert bench.main(["--model", str(tiny_base), "--out-dir", str(out)]) == 2
+    assert "tdm_shapes_bench.md exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["tdm_shapes_bench.md"]
