@@ -54,6 +54,13 @@ def load_model(model_dir: str | Path, lora: str | None = None, resolution: int =
     return model
 
 
+def train_config_keys() -> list[str]:
+    """Every key of a training run's config, the registered methods' sections included (``dgpo train --help``)."""
+    from dgpo.config import describe
+    from dgpo.train_config import train_config_class
+    return describe(train_config_class())
+
+
 def _prompts_from_args(args) -> list[str]:
     """--prompts FILE, else the prompts of --split of --world."""
     from dgpo.samples_io import read_prompt_file
@@ -387,9 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "LoRA adapters. With no arguments it runs the embedded demo: pretrain the shapes base if it "
                        "is not cached, train, evaluate on test prompts along the way, and print base vs trained. "
                        "The run folder holds config.yaml, metrics.jsonl, samples/, checkpoints/, final/lora and "
-                       "reward_curve.png. Every config key: see dgpo/train_config.py. The baselines run in the same "
-                       "loop: configs/flow_grpo/shapes.yaml, configs/diffusion_dpo/shapes.yaml, configs/nft/shapes.yaml "
-                       "(objective.name: dgpo, flow_grpo, diffusion_dpo or nft).")
+                       "reward_curve.png. The baselines run in the same loop: configs/flow_grpo/shapes.yaml, "
+                       "configs/diffusion_dpo/shapes.yaml, configs/nft/shapes.yaml (objective.name: dgpo, flow_grpo, "
+                       "diffusion_dpo or nft; each method's own keys are in its section below).",
+                       config_keys=train_config_keys)
     add_run_args(p, DEFAULT_TRAIN_CONFIG, "optim.lr=1e-4 or run.time_budget_min=10")
     p.set_defaults(func=cmd_train)
 

@@ -10,7 +10,21 @@ import sys
 
 class OneLineParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line, ``PROG: error: MESSAGE (see PROG --help)``, exit 2
-    (argparse's own prints the usage first). Sub-commands inherit it."""
+    (argparse's own prints the usage first). Sub-commands inherit it.
+
+    ``config_keys``: a function giving the lines of ``--help``'s "config keys" list (:func:`dgpo.config.describe`),
+    called only when the help is shown, so that a command line without ``--help`` does not import the configs
+    (and torch) to build its parser."""
+
+    def __init__(self, *args, config_keys=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config_keys = config_keys
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if self.config_keys is None:
+            return text
+        return text + "\nconfig keys (--set KEY=VALUE):\n  " + "\n  ".join(self.config_keys()) + "\n"
 
     def error(self, message: str):
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)

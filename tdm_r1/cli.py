@@ -140,23 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("distill", help="distil a K-NFE student from the base with TDM",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="TDM: a LoRA student (K Euler steps at fixed noise levels, no CFG) is trained so "
                        "that its diffused trajectory points match the teacher's marginals, using a fake score (a second "
                        "LoRA on the teacher's backbone). The run folder holds config.yaml, metrics.jsonl, samples/, "
                        "checkpoints/, final/lora with sampler.json + USAGE.md (the stock diffusers call), curves.png "
-                       "and summary.md.\n\nconfig keys:\n  " + "\n  ".join(describe(DistillConfig)))
+                       "and summary.md.", config_keys=lambda: describe(DistillConfig))
     add_run_args(p, DEFAULT_DISTILL_CONFIG, "optim.generator_lr=1e-4 or run.time_budget_min=5")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("train", help="reinforce a TDM student with a non-differentiable reward (TDM-R1)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="TDM-R1: the TDM loop plus a stepwise surrogate reward (a third LoRA on the "
                        "backbone, trained with DGPO's group loss on the student's own deterministic trajectories, "
                        "every point labelled with its final image's reward) whose guided x̂₀ gives the student a "
                        "reward direction. The student is only ever regressed onto x̂₀ targets: no denoising loss "
                        "touches it. Starts from the student of a `tdm-r1 distill` run (r1.init_run). Same run "
-                       "folder as `tdm-r1 distill`.\n\nconfig keys:\n  " + "\n  ".join(describe(DistillConfig)))
+                       "folder as `tdm-r1 distill`.", config_keys=lambda: describe(DistillConfig))
     add_run_args(p, DEFAULT_R1_CONFIG, "r1.init_run=runs/tdm-shapes or surrogate.lr=3e-4")
     p.set_defaults(func=cmd_train)
 

@@ -90,6 +90,22 @@ def test_help_explains_every_command(capsys):
     assert "--resume" in capsys.readouterr().out
 
 
+def test_train_help_lists_every_config_key_and_each_methods_section(capsys):
+    """`dgpo train --help` and `tdm-r1 train --help` end with every key (the README sends users there)."""
+    from dgpo.config import describe
+    from dgpo.train_config import train_config_class
+    from tdm_r1.cli import main as tdm_main
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    keys = [line.split(" = ")[0] for line in describe(train_config_class())]
+    assert "config keys" in out and all(f"  {k} = " in out for k in keys)
+    assert {"objective.beta", "flow_grpo.kl_weight", "nft.beta", "diffusion_dpo.beta"} <= set(keys)
+    with pytest.raises(SystemExit):
+        tdm_main(["train", "--help"])
+    assert "  r1.init_lora = " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["dgpo", "sample", "--split", "test", "--per-prompt", "0", "--out", "s"], "argument --per-prompt: must be at least 1, got 0"),
     (["dgpo", "eval", "--per-prompt", "-5"], "argument --per-prompt: must be at least 1, got -5"),
