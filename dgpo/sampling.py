@@ -77,7 +77,7 @@ def sample_ode(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, step
         raise ValueError(f"steps must be >= 1, got {steps}")
     else:
         scheduler.set_timesteps(steps, device=noise.device)
-    latents = noise.to(model.dtype)
+    latents = noise.float()  # the state in fp32 whatever the weights' dtype (the handle casts at the transformer)
     states = [latents]
     for t in scheduler.timesteps:
         v = model.guided_velocity_at_timestep(latents, t, embeds, guidance_scale)

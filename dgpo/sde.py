@@ -93,7 +93,7 @@ def sample_sde(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, step
     scheduler.set_timesteps(steps, device=noise.device)
     sigmas = scheduler.sigmas.float().to(noise.device)
     sigma_1 = float(sigmas[1]) if len(sigmas) > 2 else 0.0
-    x = noise.to(model.dtype)
+    x = noise.float()  # the state in fp32 whatever the weights' dtype (the handle casts at the transformer)
     states, log_probs = [x], []
     n = x.shape[0]
     for i, t in enumerate(scheduler.timesteps):

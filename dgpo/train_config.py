@@ -26,6 +26,9 @@ class ModelConfig:
                                "and the feed-forward layers of both streams", choices=("attention", "attention_ff"))
     gradient_checkpointing: bool = option(False, "recompute activations in backward (saves memory, costs time)")
     mixed_precision: str = option("no", "accelerate mixed precision", choices=("no", "bf16", "fp16"))
+    weights_dtype: str = option("fp32", "dtype the frozen weights load in (transformer, text encoders, VAE): bf16 "
+                                "halves their memory on a GPU and needs mixed_precision=bf16; the LoRA adapters and "
+                                "their optimiser state stay fp32", choices=("fp32", "bf16"))
 
 
 @dataclass

@@ -36,7 +36,7 @@ from dgpo.errors import UserError
 from dgpo.run_folder import reopen_run, start_run
 from dgpo.run import Counters, Run, Schedule, plot_run
 from dgpo.evaluation import EvalConfig, evaluate_model
-from dgpo.models.handle import FlowModel, PromptEmbeds, load_model, t5_tokens_of
+from dgpo.models.handle import WEIGHTS_DTYPES, FlowModel, PromptEmbeds, load_model, t5_tokens_of
 from dgpo.models.adapters import AdapterRoles
 from dgpo.prompt_encodings import PromptEncodings
 from dgpo.processes import Processes
@@ -116,7 +116,7 @@ class Trainer:
             raise UserError("model.mixed_precision=fp16 under an FSDP launch: use bf16 (or a launch without FSDP)")
         if model is None:
             self.base_path, _ = self.processes.main_first(lambda: resolve_base(cfg, log))
-            model = load_model(self.base_path, resolution=cfg.model.resolution)
+            model = load_model(self.base_path, WEIGHTS_DTYPES[cfg.model.weights_dtype], cfg.model.resolution)
             if cfg.model.merge_lora:
                 model.fuse_lora(cfg.model.merge_lora)
         else:
@@ -126,8 +126,6 @@ class Trainer:
         self.adapters = AdapterRoles(backbone)  # the reference = the backbone with the policy off
         self.params = self.adapters.add(POLICY, cfg.model.lora_rank, cfg.model.lora_alpha,
                                         self.model.lora_targets(cfg.model.lora_targets), seed=cfg.run.seed)
-        for p in self.params:
-            p.data = p.data.float()  # LoRA weights and optimiser state in fp32 whatever the backbone's dtype
         if cfg.model.gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
         self.optimizer = self.accelerator.prepare(build_optimizer(self.params, cfg.optim))  # fp16: its loss scaler
@@ -321,6 +319,7 @@ class Trainer:
                     "precision": self.cfg.model.mixed_precision, "device": self.accelerator.device.type,
                     "record": 2,  # 2: rows carry eval_geneval_se (older entries are evaluated again)
                     **({"rewards": list(e.rewards)} if e.rewards else {}),
+                    **({"weights_dtype": self.cfg.model.weights_dtype} if self.cfg.model.weights_dtype != "fp32" else {}),
                     **({"resolution": self.model.image_size} if self.cfg.model.resolution else {})}
         if self.cfg.model.merge_lora:  # the epoch-0 model is the base with that LoRA fused
             merged = Path(self.cfg.model.merge_lora)
@@ -463,6 +462,9 @@ def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
     from dgpo.methods import objective_class
     cfg = load_config(train_config_class(), path, overrides)
     objective_class(cfg.objective.name).validate(cfg)  # an unknown method or bad settings fail before any model loads
+    if cfg.model.weights_dtype == "bf16" and cfg.model.mixed_precision != "bf16":
+        raise ConfigError(f"model.weights_dtype=bf16 needs model.mixed_precision=bf16 (it is "
+                          f"{cfg.model.mixed_precision}): the training step autocasts to the weights' dtype")
     check_sigmas(cfg.rollout.sigmas, cfg.rollout.solver, "rollout")
     check_sigmas(cfg.eval.sampler.sigmas, cfg.eval.sampler.solver, "eval.sampler")
     if cfg.model.merge_lora:

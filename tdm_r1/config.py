@@ -18,8 +18,12 @@ class TeacherConfig:
     resolution: int = option(0, "image side in pixels the teacher and student sample at (0 = the pipeline's own)", min=0)
     guidance_scale: float = option(1.5, "CFG scale of the teacher's score in the generator target (<= 1: off)", min=0.0)
     mixed_precision: str = option("no", "autocast of the training iteration's transformer calls (rollout, fake "
-                                  "score, surrogate, generator); weights, optimisers and evaluation stay fp32",
+                                  "score, surrogate, generator); optimisers stay fp32, evaluation runs in the weights' dtype",
                                   choices=("no", "bf16"))
+    weights_dtype: str = option("fp32", "dtype the frozen teacher's weights load in (transformer, text encoders, "
+                                "VAE): bf16 halves their memory on a GPU and needs mixed_precision=bf16 and "
+                                "student.mode=lora; the adapters and their optimiser states stay fp32",
+                                choices=("fp32", "bf16"))
 
 
 @dataclass
@@ -142,6 +146,10 @@ def load_distill_config(path: str | Path | None, overrides=()) -> DistillConfig:
         from dgpo.config import ConfigError
         raise ConfigError(f"student.boundaries has {len(cfg.student.boundaries)} levels but student.nfe is "
                           f"{cfg.student.nfe}: give one level per step (starting at 1.0) or leave it empty")
+    if cfg.teacher.weights_dtype == "bf16" and (cfg.teacher.mixed_precision != "bf16" or cfg.student.mode != "lora"):
+        from dgpo.config import ConfigError
+        raise ConfigError("teacher.weights_dtype=bf16 needs teacher.mixed_precision=bf16 and student.mode=lora (a "
+                          "full student would train bf16 weights)")
     if len(cfg.optim.betas) != 2:
         from dgpo.config import ConfigError
         raise ConfigError(f"optim.betas: expected two numbers [β₁, β₂], got {cfg.optim.betas}")

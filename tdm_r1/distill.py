@@ -42,7 +42,7 @@ from dgpo.run_folder import reopen_run, start_run
 from dgpo.run import Counters, Run, Schedule, plot_run
 from dgpo.sharding import shard_frozen_model
 from dgpo.evaluation import evaluate_images
-from dgpo.models.handle import PromptEmbeds, load_model
+from dgpo.models.handle import WEIGHTS_DTYPES, PromptEmbeds, load_model
 from dgpo.models.adapters import AdapterRoles
 from dgpo.models.lora_io import read_lora_folder
 from dgpo.worlds import make_world
@@ -102,7 +102,8 @@ class Distiller:
             raise UserError("student.mode=full under an FSDP launch: the full student trains all its weights on "
                             "every process; use student.mode=lora, or a launch without FSDP")
         self.base_path = self.processes.main_first(lambda: resolve_teacher(cfg, log))
-        self.teacher = load_model(self.base_path, resolution=cfg.teacher.resolution).to(device)  # adapters off = the teacher
+        self.teacher = load_model(self.base_path, WEIGHTS_DTYPES[cfg.teacher.weights_dtype],  # adapters off = the teacher
+                                  cfg.teacher.resolution).to(device)
         backbone = self.teacher.transformer
         self.boundaries = check_boundaries(cfg.student.boundaries or self.saved_boundaries()
                                            or default_boundaries(self.teacher, cfg.student.nfe))

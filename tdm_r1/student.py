@@ -96,7 +96,7 @@ def sample_student(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, 
     Returns the final latents, or a :class:`dgpo.sampling.Trajectory` (K + 1 states) when asked.
     """
     scheduler = student_scheduler(model, boundaries, device=noise.device)
-    latents = noise.to(model.dtype)
+    latents = noise.float()  # the state in fp32 whatever the weights' dtype (the handle casts at the transformer)
     states = [latents]
     for t in scheduler.timesteps:
         v = model.velocity_at_timestep(latents, t, embeds)

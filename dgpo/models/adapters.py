@@ -32,13 +32,17 @@ class AdapterRoles:
 
     def add(self, role: str, rank: int, alpha: float | None = None,
             targets: tuple[str, ...] = ATTENTION_PROJECTIONS, seed: int = 0) -> list[torch.nn.Parameter]:
-        """A new LoRA role (B = 0: it starts as the reference); returns its trainable parameters."""
+        """A new LoRA role (B = 0: it starts as the reference); returns its trainable parameters, in fp32
+        whatever the backbone's dtype (a bf16 base keeps fp32 adapters and optimiser states)."""
         if role in self.names:
             raise ValueError(f"adapter role {role!r} exists already")
         add_lora(self.transformer, rank, alpha, targets, adapter_name=role, seed=seed)
         self.names.append(role)
         self._keep_trainable()
-        return self.parameters(role)
+        params = self.parameters(role)
+        for p in params:
+            p.data = p.data.float()
+        return params
 
     def remove(self, role: str) -> None:
         """Delete ``role``'s adapter from the backbone (the backbone can then serve another recipe)."""

@@ -127,17 +127,16 @@ class FluxModel(DiffusersModel):
         """The transformer at the scheduler's timestep t = 1000·σ (it reads σ = t / 1000), latents packed
         around the call (FLUX.1-dev: with ``guidance`` embedded, the default ``self.guidance``)."""
         b, c, h, w = latents.shape
-        sigma = (timestep.to(latents.dtype).reshape(-1) / 1000.0).expand(b)
+        sigma = (timestep.float().reshape(-1) / 1000.0).expand(b)
         g = None
         if self.distilled_guidance:
-            g = torch.full((b,), self.guidance if guidance is None else guidance, device=latents.device,
-                           dtype=latents.dtype)
-        text_ids = torch.zeros(embeds.tokens.shape[1], 3, device=latents.device, dtype=latents.dtype)
-        out = self.transformer(hidden_states=pack_latents(latents), timestep=sigma, guidance=g,
+            g = torch.full((b,), self.guidance if guidance is None else guidance, device=latents.device)
+        text_ids = torch.zeros(embeds.tokens.shape[1], 3, device=latents.device)
+        out = self.transformer(hidden_states=pack_latents(latents.to(self.dtype)), timestep=sigma, guidance=g,
                                pooled_projections=embeds.pooled, encoder_hidden_states=embeds.tokens,
-                               txt_ids=text_ids, img_ids=image_positions(h, w, latents.device, latents.dtype),
+                               txt_ids=text_ids, img_ids=image_positions(h, w, latents.device, torch.float32),
                                return_dict=False)[0]
-        return unpack_latents(out, c, h, w)
+        return unpack_latents(out, c, h, w).to(latents.dtype)  # the state keeps its precision (fp32)
 
     def guided_velocity_at_timestep(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
                                     guidance_scale: float) -> torch.Tensor:

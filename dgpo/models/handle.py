@@ -186,6 +186,9 @@ def register_model_family(pipeline_class: str, handle_cls: type) -> type:
     return handle_cls
 
 
+WEIGHTS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # model.weights_dtype, teacher.weights_dtype
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, resolution: int = 0) -> FlowModel:
     """The handle of a local pipeline folder, by the pipeline class its ``model_index.json`` names; at
     ``resolution`` pixels when given (a family that cannot change it says so), else the pipeline's own."""
@@ -320,13 +323,14 @@ class DiffusersModel:
         dist = self.vae.encode(x).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
         cfg = self.vae.config
-        return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+        return (z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor, output: str = "uint8") -> np.ndarray | torch.Tensor:
         """Scaled latents → images: uint8 (B, S, S, 3) numpy, float in [0, 1] numpy ("np"), or the raw
         decoder output in [-1, 1] as a tensor ("pt-raw", differentiable)."""
         cfg = self.vae.config
-        raw = self.vae.decode(latents / cfg.scaling_factor + (cfg.shift_factor or 0.0), return_dict=False)[0]
+        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        raw = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].float()
         if output == "pt-raw":
             return raw
         images = self.pipe.image_processor.postprocess(raw.detach(), output_type="np")
@@ -401,9 +405,10 @@ class SD3Model(DiffusersModel):
     def velocity_at_timestep(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
         """The transformer call with the scheduler's timestep t = 1000·σ as is (samplers use this so that
         they feed the transformer exactly what the stock pipeline feeds it)."""
-        timestep = timestep.to(latents.dtype).reshape(-1).expand(latents.shape[0])
-        return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds.tokens,
-                                pooled_projections=embeds.pooled, return_dict=False)[0]
+        timestep = timestep.float().reshape(-1).expand(latents.shape[0])
+        v = self.transformer(hidden_states=latents.to(self.dtype), timestep=timestep,
+                             encoder_hidden_states=embeds.tokens, pooled_projections=embeds.pooled, return_dict=False)[0]
+        return v.to(latents.dtype)  # the state keeps its precision (fp32) whatever the weights' and autocast's
 
 
 def static_shift_schedule(scheduler_config, image_tokens: int):

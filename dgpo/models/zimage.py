@@ -96,8 +96,8 @@ class ZImageModel(DiffusersModel):
     def velocity_at_timestep(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
         """v = ε − x₀ from the transformer at the scheduler's timestep t (it reads 1 − t/1000 and predicts −v)."""
         b = latents.shape[0]
-        t = (1000.0 - timestep.to(latents.dtype).reshape(-1).expand(b)) / 1000.0
-        frames = list(latents.unsqueeze(2).unbind(0))
+        t = (1000.0 - timestep.float().reshape(-1).expand(b)) / 1000.0
+        frames = list(latents.to(self.dtype).unsqueeze(2).unbind(0))
         captions = [embeds.tokens[i, :int(n)] for i, n in enumerate(embeds.pooled)]
         out = self.transformer(frames, t, captions, return_dict=False)[0]
         return -torch.stack(out).squeeze(2).to(latents.dtype)

@@ -1,0 +1,104 @@
+"""Frozen weights in bf16 (`model.weights_dtype`, `teacher.weights_dtype`): the frozen model takes half the
+memory, the adapters and their optimiser state stay fp32, the sampler's state stays fp32 whatever the weights'
+and autocast's dtype, and a step matches the step of fp32 weights under the same bf16 autocast (autocast rounds
+the fp32 weights of every matrix product to bf16 anyway)."""
+
+import pytest
+import torch
+
+from dgpo.config import ConfigError
+from dgpo.trainer import Trainer, prepare_run_dir
+from tdm_r1.config import load_distill_config
+from tdm_r1.distill import Distiller
+from test_methods import make_trainer
+
+
+def frozen_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if "lora_" not in n)
+
+
+def lora_update(trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainer.params]
+
+
+@pytest.mark.parametrize("method", ["dgpo", "flow_grpo"])
+def test_bf16_weights_step_as_fp32_weights_under_the_same_autocast(method, tiny_base, tmp_path):
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        tr = make_trainer(tiny_base, tmp_path / dtype, method, "model.mixed_precision=bf16",
+                          f"model.weights_dtype={dtype}")
+        states = []
+        real_rollout = tr.rollout
+        tr.rollout = lambda prompts, real=real_rollout: (lambda out: (states.append(out[0]), out)[1])(real(prompts))
+        before = lora_update(tr)
+        tr.epoch()
+        runs[dtype] = dict(trainer=tr, before=before, after=lora_update(tr), latents=states[0])
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    model = bf16["trainer"].model
+    for part in (model.transformer, model.pipe.text_encoder, model.pipe.vae):
+        assert {p.dtype for n, p in part.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert frozen_bytes(model.transformer) * 2 == frozen_bytes(fp32["trainer"].model.transformer)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in bf16["trainer"].params)
+    state = bf16["trainer"].optimizer.state_dict()["state"]
+    assert state and all(v.dtype == torch.float32 for s in state.values() for v in s.values() if v.dim())
+    for run in (fp32, bf16):  # the rollout's final state in fp32: bf16 autocast does not round the sampler's state
+        assert run["latents"].dtype == torch.float32
+    # the same rollouts (to bf16 rounding) and about the same step: LoRA deltas agree in direction and size
+    assert torch.allclose(fp32["latents"], bf16["latents"], atol=0.1)
+    d32 = torch.cat([(a - b).flatten() for a, b in zip(fp32["after"], fp32["before"])])
+    d16 = torch.cat([(a - b).flatten() for a, b in zip(bf16["after"], bf16["before"])])
+    assert d32.norm() > 0 and torch.nn.functional.cosine_similarity(d32, d16, dim=0) > 0.9
+    assert 0.8 < float(d16.norm() / d32.norm()) < 1.25
+    row = bf16["trainer"].evaluate()  # evaluation runs on the bf16 weights without autocast
+    assert 0.0 <= row["eval_geneval"] <= 1.0
+
+
+def test_bf16_weights_need_bf16_autocast(tiny_base, tmp_path):
+    with pytest.raises(ConfigError, match="model.weights_dtype=bf16 needs model.mixed_precision=bf16"):
+        make_trainer(tiny_base, tmp_path / "r", "dgpo", "model.weights_dtype=bf16")
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="teacher.weights_dtype=bf16 needs teacher.mixed_precision=bf16"):
+        load_distill_config("configs/tdm/shapes.yaml", ["teacher.weights_dtype=bf16"])
+    with pytest.raises(ConfigError, match="student.mode=lora"):
+        load_distill_config("configs/tdm/shapes.yaml", ["teacher.weights_dtype=bf16", "teacher.mixed_precision=bf16",
+                                                         "student.mode=full"])
+
+
+def test_tdm_on_a_bf16_teacher_keeps_fp32_adapters_and_finite_steps(tiny_base, tmp_path):
+    from test_tdm_distill import tiny_cfg
+    cfg = tiny_cfg(tiny_base, tmp_path / "run", "teacher.mixed_precision=bf16", "teacher.weights_dtype=bf16",
+                   "run.iterations=2")
+    d = Distiller(cfg, log=lambda *a: None)
+    assert {p.dtype for n, p in d.teacher.transformer.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    before = [p.detach().clone() for p in d.student_params]
+    assert all(p.dtype == torch.float32 for p in d.student_params + d.fake_params)
+    for _ in range(2):
+        row = d.train_step()
+        assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if isinstance(v, float))
+    assert any(not torch.equal(a, b) for a, b in zip(before, d.student_params))
+    assert all(torch.isfinite(p).all() for p in d.student_params + d.fake_params)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux-dev", "zimage"])
+def test_every_family_on_bf16_weights_keeps_fp32_latents(family, tiny_base, tmp_path):
+    """Each handle loaded in bf16 takes fp32 latents with or without autocast, returns an fp32 velocity close
+    to the fp32 weights' one, decodes fp32 latents and samples with an fp32 state."""
+    from dgpo.models.handle import load_model
+    from dgpo.models.tiny_pipelines import build_tiny_flux, build_tiny_zimage
+    from dgpo.sampling import sample_ode
+    folder, resolution = (tiny_base, 0) if family == "sd3" else (
+        (build_tiny_zimage if family == "zimage" else build_tiny_flux)(tmp_path / "pipe"), 32)
+    models = {dt: load_model(folder, dt, resolution) for dt in (torch.float32, torch.bfloat16)}
+    x = torch.randn(2, *models[torch.float32].latent_shape, generator=torch.Generator().manual_seed(1))
+    v = {}
+    for dt, model in models.items():
+        embeds = model.encode_prompts(["a photo of a red circle", "a photo of two blue squares"])
+        with torch.no_grad():
+            v[dt] = model.guided_velocity(x, torch.tensor([0.7, 0.3]), embeds, 3.0)
+            with torch.autocast("cpu", torch.bfloat16):
+                assert model.guided_velocity(x, torch.tensor([0.7, 0.3]), embeds, 3.0).dtype == torch.float32
+            final = sample_ode(model, embeds, x, steps=2, guidance_scale=1.0)
+            images = model.decode_latents(final)
+        assert v[dt].dtype == final.dtype == torch.float32 and images.dtype == "uint8"
+    scale = v[torch.float32].abs().mean()
+    assert (v[torch.bfloat16] - v[torch.float32]).abs().mean() < 0.05 * scale
