@@ -204,12 +204,15 @@ def time_to_target(evals: list[dict], target: float, confirm: int = 1) -> dict |
 def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_frac: float,
               target: float | None = None, rewards: dict[str, list[float]] | None = None,
               target_gain: float | None = None, confirm: int = 1, seeds: dict[str, int] | None = None,
-              budgets: dict[str, float] | None = None, finals: dict[str, dict] | None = None) -> dict:
+              budgets: dict[str, float] | None = None, finals: dict[str, dict] | None = None,
+              running: set[str] | frozenset = frozenset()) -> dict:
     """Per run: final and peak score, time and NFE to the target, the time-to-target ratio to DGPO's on the same
     seed, and (given the per-epoch training rewards) the training reward's first and last tenth
     (:func:`reward_trend`). The target: the base's score + ``target_gain`` if given, else ``target``, else
     ``target_frac`` of the best final score; reached as :func:`time_to_target` with ``confirm``. ``budgets``
-    (minutes each run was allowed) and ``finals`` (each run's final evaluation at more images) are reported."""
+    (minutes each run was allowed) and ``finals`` (each run's final evaluation at more images) are reported. A
+    run that used its budget without reaching the target gets a lower bound on its ratio (budget / DGPO's time);
+    a run in ``running`` (not finished yet) gets neither "> budget" nor a bound."""
     last_scores = {k: v[-1]["eval_geneval"] for k, v in curves.items() if v}
     bases = [v[0]["eval_geneval"] for v in curves.values() if v]
     how = "gain"
@@ -232,7 +235,7 @@ def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_fra
                        "per_category": last["eval_per_category"], "fd": last.get("eval_fd"),
                        "epochs": last["epoch"], "train_seconds": last["train_seconds"], "nfe": last["nfe"],
                        "base": evals[0]["eval_geneval"], "budget_minutes": budgets.get(label),
-                       "final_eval": finals.get(label),
+                       "final_eval": finals.get(label), "running": label in running,
                        "seconds_to_target": hit["train_seconds"] if hit else None,
                        "nfe_to_target": hit["nfe"] if hit else None,
                        "train_reward": reward_trend((rewards or {}).get(label, []))}
@@ -244,6 +247,8 @@ def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_fra
         ref = ref_rows[0]["seconds_to_target"] if len(ref_rows) == 1 else None
         s = r["seconds_to_target"]
         r["time_ratio_to_dgpo"] = (s / ref) if (s is not None and ref) else None
+        spent = s is None and not r["running"] and r["budget_minutes"]
+        r["time_ratio_above"] = (r["budget_minutes"] * 60 / ref) if (spent and ref) else None
     return {"target": target, "target_how": how, "target_gain": target_gain,
             "target_frac": target_frac if how == "frac" else None, "confirm": confirm, "methods": rows}
 
@@ -268,6 +273,8 @@ def markdown(summary: dict) -> str:
         finals = [fmt(fe.get("geneval"), ".3f"), fmt(fe.get("fd"), ".2f")] if with_finals else []
         if r["seconds_to_target"] is not None:
             to_target = f"{r['seconds_to_target'] / 60:.1f}"
+        elif r.get("running"):
+            to_target = "running"
         elif r.get("budget_minutes"):
             to_target = f"> {r['budget_minutes']:.0f}"
         else:
@@ -279,7 +286,8 @@ def markdown(summary: dict) -> str:
             "-" if not r.get("train_reward") else "{:.3f} → {:.3f}".format(*r["train_reward"]), str(r["epochs"]),
             f"{r['train_seconds'] / 60:.1f}", f"{r['nfe']:.3g}", to_target,
             "-" if r["nfe_to_target"] is None else f"{r['nfe_to_target']:.3g}",
-            fmt(r["time_ratio_to_dgpo"], ".2f")]) + " |")
+            f"> {r['time_ratio_above']:.2f}" if r.get("time_ratio_above") else fmt(r["time_ratio_to_dgpo"], ".2f")])
+            + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -413,7 +421,8 @@ def main(argv=None) -> int:
     summary = summarise(curves, {name: r[1] for name, r in runs.items()}, args.target_frac, args.target, rewards,
                         target_gain=None if fixed else args.target_gain, confirm=1 if fixed else 2,
                         seeds={name: r[2] for name, r in runs.items()},
-                        budgets={name: read_budget(d) for name, d in folders.items()}, finals=finals)
+                        budgets={name: read_budget(d) for name, d in folders.items()}, finals=finals,
+                        running={name for name, d in folders.items() if d.is_dir() and not (d / "final").is_dir()})
     base_final = out / "bench_rl" / f"base_eval_{args.final_per_prompt}.json"
     summary["base_final_eval"] = json.loads(base_final.read_text()) if base_final.is_file() else None
     summary["settings"] = {"budget_minutes": args.budget_minutes, "eval_minutes": args.eval_minutes,

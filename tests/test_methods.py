@@ -231,6 +231,11 @@ def test_bench_time_to_target_protocol_per_seed(tmp_path):
     seeds = {k: int(k[-1]) for k in curves}
     s = bench.summarise(curves, methods, 0.9, target_gain=0.15, confirm=2, seeds=seeds,
                         budgets={"flow_grpo-seed1": 8.0})
+    assert s["methods"]["flow_grpo-seed1"]["time_ratio_above"] == pytest.approx(4.0)   # 8 min / DGPO's 2
+    running = bench.summarise(curves, methods, 0.9, target_gain=0.15, confirm=2, seeds=seeds,
+                              budgets={"flow_grpo-seed1": 8.0}, running={"flow_grpo-seed1"})
+    assert running["methods"]["flow_grpo-seed1"]["time_ratio_above"] is None
+    assert "| running |" in bench.markdown(running) and "> 8 |" not in bench.markdown(running)
     assert s["target"] == pytest.approx(0.75)
     m = s["methods"]
     assert m["dgpo-seed0"]["seconds_to_target"] == 180      # 0.76 at 60 s alone does not count: 0.70 follows
@@ -238,7 +243,7 @@ def test_bench_time_to_target_protocol_per_seed(tmp_path):
     assert m["flow_grpo-seed0"]["time_ratio_to_dgpo"] == pytest.approx(3.0)   # 540 / 180, seed 0's DGPO
     assert m["flow_grpo-seed1"]["seconds_to_target"] is None                 # one evaluation at the target
     table = bench.markdown(s)
-    assert "> 8 |" in table and "the base + 0.15" in table and "two consecutive" in table
+    assert "> 8 | - | > 4.00 |" in table and "the base + 0.15" in table and "two consecutive" in table
 
     # the others' budget: 4 × DGPO's time to target on the seed, capped; the cap when DGPO missed it
     dgpo_dir = tmp_path / "dgpo"
