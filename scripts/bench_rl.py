@@ -201,6 +201,22 @@ def time_to_target(evals: list[dict], target: float, confirm: int = 1) -> dict |
     return None
 
 
+def straight_line_minutes(evals: list[dict], target: float) -> float | None:
+    """Training minutes at which the least-squares line through a run's evaluations (score against training
+    time) reaches ``target``; None for a flat or falling line. An extrapolation, for runs stopped short of the
+    target: it says how far off they were, not when they would have got there."""
+    if len(evals) < 3:
+        return None
+    t = [r["train_seconds"] / 60 for r in evals]
+    y = [r["eval_geneval"] for r in evals]
+    tm, ym = sum(t) / len(t), sum(y) / len(y)
+    var = sum((a - tm) ** 2 for a in t)
+    slope = sum((a - tm) * (b - ym) for a, b in zip(t, y)) / var if var else 0.0
+    if slope <= 0:
+        return None
+    return tm + (target - ym) / slope
+
+
 def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_frac: float,
               target: float | None = None, rewards: dict[str, list[float]] | None = None,
               target_gain: float | None = None, confirm: int = 1, seeds: dict[str, int] | None = None,
@@ -249,6 +265,9 @@ def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_fra
         r["time_ratio_to_dgpo"] = (s / ref) if (s is not None and ref) else None
         spent = s is None and not r["running"] and r["budget_minutes"]
         r["time_ratio_above"] = (r["budget_minutes"] * 60 / ref) if (spent and ref) else None
+        line = straight_line_minutes(curves[label], target) if spent else None
+        r["straight_line_minutes"] = line
+        r["straight_line_ratio"] = (line * 60 / ref) if (line and ref) else None
     return {"target": target, "target_how": how, "target_gain": target_gain,
             "target_frac": target_frac if how == "frac" else None, "confirm": confirm, "methods": rows}
 
@@ -288,6 +307,13 @@ def markdown(summary: dict) -> str:
             "-" if r["nfe_to_target"] is None else f"{r['nfe_to_target']:.3g}",
             f"> {r['time_ratio_above']:.2f}" if r.get("time_ratio_above") else fmt(r["time_ratio_to_dgpo"], ".2f")])
             + " |")
+    short = [(label, r) for label, r in rows.items() if r.get("straight_line_minutes")]
+    if short:
+        lines += ["", "Runs that spent their budget short of the target: where a straight line through their evaluations "
+                  "(score against training minutes) would reach it, an extrapolation:"]
+        lines += [f"- {label}: {r['straight_line_minutes']:.0f} min"
+                  + (f" ({r['straight_line_ratio']:.1f}× DGPO's time on its seed)" if r.get("straight_line_ratio") else "")
+                  for label, r in short]
     return "\n".join(lines) + "\n"
 
 

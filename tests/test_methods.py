@@ -232,6 +232,11 @@ def test_bench_time_to_target_protocol_per_seed(tmp_path):
     s = bench.summarise(curves, methods, 0.9, target_gain=0.15, confirm=2, seeds=seeds,
                         budgets={"flow_grpo-seed1": 8.0})
     assert s["methods"]["flow_grpo-seed1"]["time_ratio_above"] == pytest.approx(4.0)   # 8 min / DGPO's 2
+    line = [row(0.6, 0), row(0.65, 60), row(0.7, 120)]                                 # +0.05 a minute
+    assert bench.straight_line_minutes(line, 0.75) == pytest.approx(3.0)
+    assert bench.straight_line_minutes([row(0.7, 0), row(0.65, 60), row(0.6, 120)], 0.75) is None  # falling
+    assert s["methods"]["flow_grpo-seed1"]["straight_line_minutes"] == pytest.approx(
+        bench.straight_line_minutes(curves["flow_grpo-seed1"], 0.75))
     running = bench.summarise(curves, methods, 0.9, target_gain=0.15, confirm=2, seeds=seeds,
                               budgets={"flow_grpo-seed1": 8.0}, running={"flow_grpo-seed1"})
     assert running["methods"]["flow_grpo-seed1"]["time_ratio_above"] is None
@@ -244,6 +249,7 @@ def test_bench_time_to_target_protocol_per_seed(tmp_path):
     assert m["flow_grpo-seed1"]["seconds_to_target"] is None                 # one evaluation at the target
     table = bench.markdown(s)
     assert "> 8 | - | > 4.00 |" in table and "the base + 0.15" in table and "two consecutive" in table
+    assert "- flow_grpo-seed1: " in table and "an extrapolation" in table
 
     # the others' budget: 4 × DGPO's time to target on the seed, capped; the cap when DGPO missed it
     dgpo_dir = tmp_path / "dgpo"
