@@ -26,7 +26,8 @@ def test_bf16_weights_step_as_fp32_weights_under_the_same_autocast(method, tiny_
     runs = {}
     for dtype in ("fp32", "bf16"):
         tr = make_trainer(tiny_base, tmp_path / dtype, method, "model.mixed_precision=bf16",
-                          f"model.weights_dtype={dtype}")
+                          f"model.weights_dtype={dtype}", "optim.name=sgd",
+                          "optim.lr=1.0")  # first SGD step ∝ the gradient (Adam's is its sign)
         states = []
         real_rollout = tr.rollout
         tr.rollout = lambda prompts, real=real_rollout: (lambda out: (states.append(out[0]), out)[1])(real(prompts))
