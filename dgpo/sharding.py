@@ -1,14 +1,15 @@
 """Sharding the frozen model over the training processes: FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 Only LoRA adapters train, so what fills a GPU is the frozen model: SD3.5-Medium's transformer (2.5 B
-parameters), FLUX.1's (12 B) and its T5 encoder (4.7 B), 4 bytes each as the trainers load them. Launched with an FSDP
+parameters), FLUX.1's (12 B) and its T5 encoder (4.7 B), 2 bytes each in bf16 (``model.weights_dtype``), 4 in
+fp32. Launched with an FSDP
 accelerate config (``fsdp_version: 2``, e.g. ``configs/accelerate/gpus_8_fsdp.yaml``), each of the N processes
 keeps 1/N of every frozen weight of the backbone and of the text encoders' layers, and gathers one block's
 weights only for that block's forward and backward (ZeRO-3 for the frozen weights; a text encoder's weights
 outside its layers, e.g. T5's and Qwen3's token embeddings, and the VAE stay whole). Each process loads the whole
 model into host memory and onto its device first and shards it then, so the model must fit one device at the start
-(FLUX.1 with its text encoders as the trainers load them, in fp32: about 64 GiB, then about 8 GiB on each of 8
-GPUs); what sharding frees is room for the activations.
+(FLUX.1 with its text encoders in bf16: about 32 GiB, then about 4 GiB on each of 8 GPUs); what sharding frees is
+room for the activations.
 
 The adapters' parameters are left out of the sharding (``ignored_params``): every process keeps a full copy of
 them and their gradients are summed by :meth:`dgpo.processes.Processes.sum_gradients` exactly as in plain data

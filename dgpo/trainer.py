@@ -116,12 +116,17 @@ class Trainer:
             raise UserError("model.mixed_precision=fp16 under an FSDP launch: use bf16 (or a launch without FSDP)")
         if model is None:
             self.base_path, _ = self.processes.main_first(lambda: resolve_base(cfg, log))
-            model = load_model(self.base_path, WEIGHTS_DTYPES[cfg.model.weights_dtype], cfg.model.resolution)
-            if cfg.model.merge_lora:
+            dtype = WEIGHTS_DTYPES[cfg.model.weights_dtype]
+            model = load_model(self.base_path, torch.float32 if cfg.model.merge_lora else dtype, cfg.model.resolution)
+            if cfg.model.merge_lora:  # fused in fp32, then rounded once (a LoRA's deltas are below bf16's step)
                 model.fuse_lora(cfg.model.merge_lora)
+                model.to(dtype)
         else:
             self.base_path = Path(cfg.model.base or "in-memory-model")
         self.model = model.to(self.accelerator.device)
+        if self.model.dtype != torch.float32 and cfg.model.mixed_precision != "bf16":
+            raise UserError(f"the model's frozen weights are {self.model.dtype}: train it with "
+                            f"model.mixed_precision=bf16 (the training step autocasts to the weights' dtype)")
         backbone = self.model.transformer
         self.adapters = AdapterRoles(backbone)  # the reference = the backbone with the policy off
         self.params = self.adapters.add(POLICY, cfg.model.lora_rank, cfg.model.lora_alpha,
@@ -319,7 +324,7 @@ class Trainer:
                     "precision": self.cfg.model.mixed_precision, "device": self.accelerator.device.type,
                     "record": 2,  # 2: rows carry eval_geneval_se (older entries are evaluated again)
                     **({"rewards": list(e.rewards)} if e.rewards else {}),
-                    **({"weights_dtype": self.cfg.model.weights_dtype} if self.cfg.model.weights_dtype != "fp32" else {}),
+                    **({"weights_dtype": str(self.model.dtype)} if self.model.dtype != torch.float32 else {}),
                     **({"resolution": self.model.image_size} if self.cfg.model.resolution else {})}
         if self.cfg.model.merge_lora:  # the epoch-0 model is the base with that LoRA fused
             merged = Path(self.cfg.model.merge_lora)

@@ -104,8 +104,9 @@ class PixelFlowHandle:
         return self.encode_prompts([""]).repeat_interleave(batch)
 
     def velocity_at_timestep(self, latents, timestep, embeds: PromptEmbeds):
-        timestep = timestep.to(latents.dtype).reshape(-1).expand(latents.shape[0])
-        return self._transformer(hidden_states=latents, timestep=timestep, pooled_projections=embeds.pooled)
+        timestep = timestep.float().reshape(-1).expand(latents.shape[0])
+        v = self._transformer(hidden_states=latents.to(self.dtype), timestep=timestep, pooled_projections=embeds.pooled)
+        return v.to(latents.dtype)  # the state keeps the samplers' dtype (fp32) whatever the weights are in
 
     def velocity(self, latents, sigma, embeds):
         return self.velocity_at_timestep(latents, sigma * 1000.0, embeds)

@@ -112,7 +112,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         with torch.no_grad(), torch.autocast(DEVICE, dtype):
             embeds = model.encode_prompts(flat)
-            noise = torch.randn((len(flat), *model.latent_shape), generator=gen).to(DEVICE, dtype)
+            noise = torch.randn((len(flat), *model.latent_shape), generator=gen).to(DEVICE)
             latents, t_roll = timed(lambda: sample_ode(model, embeds, noise, args.rollout_steps, 4.5, "euler"))
             images, t_dec = timed(lambda: model.decode_latents(latents))
         rewards = torch.rand(len(flat), generator=gen)

@@ -236,7 +236,8 @@ class Distiller:
     def fake_embeds(self, embeds: PromptEmbeds, k: torch.Tensor) -> PromptEmbeds:
         if self.step_embed is None:
             return embeds
-        return PromptEmbeds(embeds.tokens, embeds.pooled + self.step_embed[k.to(self.device)])
+        pooled = embeds.pooled + self.step_embed[k.to(self.device)]  # fp32 + the encoders' dtype
+        return PromptEmbeds(embeds.tokens, pooled.to(embeds.pooled.dtype))
 
     # --------------------------------------------------------------------------------------- iteration parts
     def sample_prompts(self, n: int) -> list[str]:

@@ -36,7 +36,7 @@ def test_bf16_weights_step_as_fp32_weights_under_the_same_autocast(method, tiny_
         runs[dtype] = dict(trainer=tr, before=before, after=lora_update(tr), latents=states[0])
     fp32, bf16 = runs["fp32"], runs["bf16"]
     model = bf16["trainer"].model
-    for part in (model.transformer, model.pipe.text_encoder, model.pipe.vae):
+    for part in [*model.frozen_modules().values(), model.pipe.vae]:  # the backbone, every text encoder, the VAE
         assert {p.dtype for n, p in part.named_parameters() if "lora_" not in n} == {torch.bfloat16}
     assert frozen_bytes(model.transformer) * 2 == frozen_bytes(fp32["trainer"].model.transformer)
     assert all(p.dtype == torch.float32 and p.requires_grad for p in bf16["trainer"].params)
@@ -55,6 +55,12 @@ def test_bf16_weights_step_as_fp32_weights_under_the_same_autocast(method, tiny_
 
 
 def test_bf16_weights_need_bf16_autocast(tiny_base, tmp_path):
+    from dgpo.errors import UserError
+    from dgpo.models.handle import load_model
+    from test_train import tiny_cfg
+    cfg = prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "mem"), False)
+    with pytest.raises(UserError, match="frozen weights are torch.bfloat16: train it with model.mixed_precision=bf16"):
+        Trainer(cfg, model=load_model(tiny_base, torch.bfloat16), log=lambda *a: None)  # an in-memory model too
     with pytest.raises(ConfigError, match="model.weights_dtype=bf16 needs model.mixed_precision=bf16"):
         make_trainer(tiny_base, tmp_path / "r", "dgpo", "model.weights_dtype=bf16")
     assert not (tmp_path / "r").exists()
@@ -78,6 +84,7 @@ def test_tdm_on_a_bf16_teacher_keeps_fp32_adapters_and_finite_steps(tiny_base, t
         assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if isinstance(v, float))
     assert any(not torch.equal(a, b) for a, b in zip(before, d.student_params))
     assert all(torch.isfinite(p).all() for p in d.student_params + d.fake_params)
+    assert 0.0 <= d.evaluate()["eval_geneval"] <= 1.0  # the student evaluated on the bf16 teacher, no autocast
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux-dev", "zimage"])
@@ -100,6 +107,30 @@ def test_every_family_on_bf16_weights_keeps_fp32_latents(family, tiny_base, tmp_
                 assert model.guided_velocity(x, torch.tensor([0.7, 0.3]), embeds, 3.0).dtype == torch.float32
             final = sample_ode(model, embeds, x, steps=2, guidance_scale=1.0)
             images = model.decode_latents(final)
-        assert v[dt].dtype == final.dtype == torch.float32 and images.dtype == "uint8"
+            encoded = model.encode_images(images)
+        assert v[dt].dtype == final.dtype == encoded.dtype == torch.float32 and images.dtype == "uint8"
     scale = v[torch.float32].abs().mean()
     assert (v[torch.bfloat16] - v[torch.float32]).abs().mean() < 0.05 * scale
+
+
+def test_a_merged_lora_on_bf16_weights_is_fused_in_fp32_and_rounded_once(tiny_base, tmp_path):
+    """model.merge_lora with model.weights_dtype=bf16: the trained model's backbone is the fp32 fusion rounded
+    once to bf16 (fusing into weights already rounded to bf16 would round twice)."""
+    from dgpo.models.adapters import AdapterRoles
+    from dgpo.models.handle import load_model
+    from dgpo.models.lora import save_lora_diffusers
+    model = load_model(tiny_base)
+    for p in AdapterRoles(model.transformer).add("default", 2, 2, model.lora_targets("attention"), seed=0):
+        p.data.normal_(0.0, 0.02)
+    lora = save_lora_diffusers(model.transformer, tmp_path / "lora")
+    reference = load_model(tiny_base)
+    reference.fuse_lora(lora)
+    expected = {n: p.to(torch.bfloat16) for n, p in reference.transformer.named_parameters()}
+    tr = make_trainer(tiny_base, tmp_path / "run", "dgpo", "model.mixed_precision=bf16", "model.weights_dtype=bf16",
+                      f"model.merge_lora={lora}")
+    got = {n.replace(".base_layer", ""): p for n, p in tr.model.transformer.named_parameters() if "lora_" not in n}
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[n], expected[n]) for n in got)
+    rounded_twice = load_model(tiny_base, torch.bfloat16)
+    rounded_twice.fuse_lora(lora)
+    assert any(not torch.equal(p, expected[n]) for n, p in rounded_twice.transformer.named_parameters())

@@ -7,7 +7,9 @@ No algorithm (DGPO and its baselines, TDM, samplers, evaluation) touches a pipel
   backbone; :func:`load_model` picks the family from the folder's ``model_index.json``;
 - prompt encoding (CFG's empty prompt as the pipeline encodes it);
 - velocity prediction ``v_θ(x_σ, σ, c)`` (and the CFG combination) in the rectified-flow convention
-  ``x_σ = (1 − σ)·x₀ + σ·ε``, target ``v = ε − x₀``; ``scheduler_config``: the flow schedule (its shift);
+  ``x_σ = (1 − σ)·x₀ + σ·ε``, target ``v = ε − x₀``; ``scheduler_config``: the flow schedule (its shift). The
+  samplers pass fp32 latents whatever the weights' dtype: a handle casts them to its transformer's dtype at the
+  call and returns the velocity in the latents' dtype (so bf16 weights or autocast never round the state);
 - latent encode/decode; ``latent_shape``, ``image_size``;
 - ``transformer``: the backbone that adapters go on, and ``lora_targets(kind)``: its module names for a
   kind of adapter ("attention", "attention_ff");
@@ -319,7 +321,7 @@ class DiffusersModel:
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 images (B, S, S, 3) → scaled latents z = (E(x) − shift)·scale, (B, C, h, w)."""
         x = torch.as_tensor(np.asarray(images)).to(self.device)
-        x = x.permute(0, 3, 1, 2).to(self.vae.dtype) / 127.5 - 1.0
+        x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(self.vae.dtype)
         dist = self.vae.encode(x).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
         cfg = self.vae.config
