@@ -257,7 +257,7 @@ def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_fra
                        "train_reward": reward_trend((rewards or {}).get(label, []))}
     # DGPO's row on the same seed: the run of method dgpo labelled "dgpo" (or the only one) with that seed. No
     # ratio when DGPO never reached the target or reached it at once.
-    for r in rows.values():
+    for label, r in rows.items():
         same_seed = {k: d for k, d in rows.items() if d["method"] == "dgpo" and d["seed"] == r["seed"]}
         ref_rows = [d for k, d in same_seed.items() if k.split("-seed")[0] == "dgpo"] or list(same_seed.values())
         ref = ref_rows[0]["seconds_to_target"] if len(ref_rows) == 1 else None

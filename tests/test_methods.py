@@ -235,8 +235,11 @@ def test_bench_time_to_target_protocol_per_seed(tmp_path):
     line = [row(0.6, 0), row(0.65, 60), row(0.7, 120)]                                 # +0.05 a minute
     assert bench.straight_line_minutes(line, 0.75) == pytest.approx(3.0)
     assert bench.straight_line_minutes([row(0.7, 0), row(0.65, 60), row(0.6, 120)], 0.75) is None  # falling
-    assert s["methods"]["flow_grpo-seed1"]["straight_line_minutes"] == pytest.approx(
-        bench.straight_line_minutes(curves["flow_grpo-seed1"], 0.75))
+    backwards = bench.summarise({k: curves[k] for k in reversed(list(curves))}, methods, 0.9, target_gain=0.15,
+                                confirm=2, seeds=seeds, budgets={"flow_grpo-seed1": 8.0})
+    for summary in (s, backwards):  # the run's own curve, wherever it stands among the runs
+        assert summary["methods"]["flow_grpo-seed1"]["straight_line_minutes"] == pytest.approx(
+            bench.straight_line_minutes(curves["flow_grpo-seed1"], 0.75))
     running = bench.summarise(curves, methods, 0.9, target_gain=0.15, confirm=2, seeds=seeds,
                               budgets={"flow_grpo-seed1": 8.0}, running={"flow_grpo-seed1"})
     assert running["methods"]["flow_grpo-seed1"]["time_ratio_above"] is None
