@@ -39,7 +39,7 @@ Examples::
         --set fg1:optim.lr=1e-4 --set fg3:optim.lr=3e-4
     # Split over two processes (same --seeds and --out: the folder names depend on them). DGPO first: its time
     # to target sets the others' budgets; then the rest, one list per process.
-    python scripts/bench_rl.py --seeds 0,1 --runs dgpo-seed0 & python scripts/bench_rl.py --seeds 0,1 --runs dgpo-seed1
+    python scripts/bench_rl.py --seeds 0,1 --runs dgpo-seed0 & python scripts/bench_rl.py --seeds 0,1 --runs dgpo-seed1; wait
     python scripts/bench_rl.py --seeds 0,1 --runs flow_grpo-seed0,diffusion_dpo-seed0,nft-seed0 &
     python scripts/bench_rl.py --seeds 0,1 --runs flow_grpo-seed1,diffusion_dpo-seed1,nft-seed1
     python scripts/bench_rl.py --report-only                     # rebuild table and plot from the run folders
