@@ -195,6 +195,7 @@ def test_surrogate_alone_on_two_processes_like_one(tiny_base, plugin, tmp_path):
 
 SHARDED = {  # recipe, processes, settings; the last three give processes unequal shares of a micro-batch loop
     "dgpo": ("dgpo", 2, []),
+    "dgpo-bf16-weights": ("dgpo", 2, ["model.mixed_precision=bf16", "model.weights_dtype=bf16"]),
     "tdm": ("tdm", 2, []),
     "tdm_r1": ("tdm_r1", 2, []),
     "flow_grpo-random-parts": ("flow_grpo", 2, ["flow_grpo.updates_per_epoch=3", "optim.micro_batch=1"]),
