@@ -1,5 +1,7 @@
 """The reward server under concurrent clients with injected 503s: nothing lost, mis-ordered or scored twice."""
 
+import itertools
+
 import pytest
 
 from conftest import load_script
@@ -26,12 +28,12 @@ def test_the_load_check_sees_a_mis_ordered_answer(monkeypatch):
     """The check can fail: a client whose answers come back reversed once is counted."""
     load = load_script("scripts/load_reward_server.py")
     from dgpo import reward_client
-    real, calls = reward_client.RemoteReward.__call__, []
+    real, calls = reward_client.RemoteReward.__call__, itertools.count(1)
 
     def once_reversed(self, images, prompts):
-        calls.append(1)
+        k = next(calls)  # the call's number, taken before the request: the clients' threads overlap
         scores = real(self, images, prompts)
-        return scores[::-1] if len(calls) == 3 else scores
+        return scores[::-1] if k == 3 else scores
 
     monkeypatch.setattr(reward_client.RemoteReward, "__call__", once_reversed)
     result = load.run_load(clients=2, batches=5, batch=4, size=16, fault_every=0, max_seconds=60)
