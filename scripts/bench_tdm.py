@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     try:
         out = Path(args.out_dir)
         paths = {kind: out / f"{args.name}{kind}" for kind in (".json", ".md", "_grid.png")}
-        check_output(paths[".json"], "bench_tdm", args.overwrite)  # only a JSON this script wrote is replaced
+        check_output(paths[".json"], "bench_tdm", args.overwrite, "--out-dir/--name")  # only a JSON this script wrote is replaced
         for path in (paths[".md"], paths["_grid.png"]):
             if path.exists() and not args.overwrite:
                 raise UserError(f"{path} exists: pick another --name or --out-dir, or --overwrite")
@@ -158,7 +158,8 @@ def main(argv=None) -> int:
     meta = {"base": str(base), "lora": str(args.lora) if args.lora else None, "student": args.student, "boundaries": trained, "split": args.split,
             "per_prompt": args.per_prompt, "seed": args.seed, "batch_size": args.batch_size, "speed_repeats": args.speed_repeats, "threads": args.threads,
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    write_json_output(paths[".json"], {"settings": meta, "results": results}, "bench_tdm", args.overwrite)
+    write_json_output(paths[".json"], {"settings": meta, "results": results}, "bench_tdm", args.overwrite,
+                      "--out-dir/--name")
     speed = ["", f"Speed: one batch of {args.batch_size} images, median of {args.speed_repeats} (seconds: text "
              "encoding, sampling loop, VAE decode).", "",
              "| model | NFE | images/s | speed-up | text s | loop s | decode s | loop speed-up |",

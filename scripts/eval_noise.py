@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             raise UserError("--seed-sets must be at least 2 (a spread needs two sets)")
         out = Path(args.out_dir)
         paths = {ext: out / f"{args.name}.{ext}" for ext in ("json", "md", "png")}
-        check_output(paths["json"], "eval_noise", args.overwrite)  # only a JSON this script wrote is replaced
+        check_output(paths["json"], "eval_noise", args.overwrite, "--out-dir/--name")  # only a JSON this script wrote is replaced
         for p in (paths["md"], paths["png"]):
             if p.exists() and not args.overwrite:
                 raise UserError(f"{p} exists: pick another --name, or --overwrite")
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_json_output(paths["json"], result, "eval_noise", args.overwrite)
+    write_json_output(paths["json"], result, "eval_noise", args.overwrite, "--out-dir/--name")
     paths["md"].write_text(table(result))
     plot(result, paths["png"])
     print(table(result))
