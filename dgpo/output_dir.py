@@ -173,6 +173,16 @@ def atomic_output_dir(path: str | Path, tool: str, overwrite: bool = False, flag
             shutil.rmtree(tmp)
 
 
+def check_report_outputs(json_path: Path, companions: list[Path], tool: str, overwrite: bool,
+                         flag: str = "--out-dir/--name") -> None:
+    """A report's files may be written: its JSON under :func:`check_output`'s rules (only a JSON ``tool`` wrote
+    is replaced), its companions (markdown, plots) only with ``overwrite``. Nothing is changed on disk."""
+    check_output(json_path, tool, overwrite, flag)
+    for path in companions:
+        if path.exists() and not overwrite:
+            raise UserError(f"{path} exists: pick another {flag.replace('/', ' or ')}, or --overwrite")
+
+
 def write_json_output(path: str | Path, data: dict, tool: str, overwrite: bool = False, flag: str = "--out") -> Path:
     """Write ``data`` (with a ``"written_by": tool`` mark) to a JSON file atomically, under the rules above."""
     out = check_output(path, tool, overwrite, flag)

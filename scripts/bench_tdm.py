@@ -68,14 +68,11 @@ def main(argv=None) -> int:
     from dgpo.worlds import shapes
     from tdm_r1.student import (default_boundaries, generate_student, read_sampler_file, sample_student,
                                 subset_boundaries)
-    from dgpo.output_dir import check_output, write_json_output
+    from dgpo.output_dir import check_report_outputs, write_json_output
     try:
         out = Path(args.out_dir)
         paths = {kind: out / f"{args.name}{kind}" for kind in (".json", ".md", "_grid.png")}
-        check_output(paths[".json"], "bench_tdm", args.overwrite, "--out-dir/--name")  # only a JSON this script wrote is replaced
-        for path in (paths[".md"], paths["_grid.png"]):
-            if path.exists() and not args.overwrite:
-                raise UserError(f"{path} exists: pick another --name or --out-dir, or --overwrite")
+        check_report_outputs(paths[".json"], [paths[".md"], paths["_grid.png"]], "bench_tdm", args.overwrite)
         base = resolve_model(args.model)
         teacher = load_model(base)
         if args.student:  # a fully fine-tuned student: its own pipeline folder

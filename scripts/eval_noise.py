@@ -26,8 +26,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from dgpo.run_metrics import SEED_SET_STRIDE, paired, seed_set_start, spread  # noqa: E402  (seed sets)
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,16 +81,13 @@ def main(argv=None) -> int:
     from dgpo.cli import load_model, resolve_model
     from dgpo.errors import UserError
     from dgpo.evaluation import EvalConfig, SamplerConfig, evaluate_model
-    from dgpo.output_dir import check_output, write_json_output
+    from dgpo.output_dir import check_report_outputs, write_json_output
     try:
         if args.seed_sets < 2:
             raise UserError("--seed-sets must be at least 2 (a spread needs two sets)")
         out = Path(args.out_dir)
         paths = {ext: out / f"{args.name}.{ext}" for ext in ("json", "md", "png")}
-        check_output(paths["json"], "eval_noise", args.overwrite, "--out-dir/--name")  # only a JSON this script wrote is replaced
-        for p in (paths["md"], paths["png"]):
-            if p.exists() and not args.overwrite:
-                raise UserError(f"{p} exists: pick another --name, or --overwrite")
+        check_report_outputs(paths["json"], [paths["md"], paths["png"]], "eval_noise", args.overwrite)
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)

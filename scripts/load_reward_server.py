@@ -30,8 +30,6 @@ import numpy as np
 
 from dgpo.cli_args import at_least
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
