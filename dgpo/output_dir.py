@@ -173,24 +173,41 @@ def atomic_output_dir(path: str | Path, tool: str, overwrite: bool = False, flag
             shutil.rmtree(tmp)
 
 
+def report_files(out_dir: str | Path, name: str, ends: tuple[str, ...] = (".json", ".md", ".png")) -> list[Path]:
+    """A report's files in ``out_dir``: ``NAME.json`` (the one with the ``written_by`` mark) first, then its
+    companions, e.g. ``NAME.md`` and ``NAME.png``."""
+    return [Path(out_dir) / f"{name}{end}" for end in ends]
+
+
 def check_report_outputs(json_path: Path, companions: list[Path], tool: str, overwrite: bool,
                          flag: str = "--out-dir/--name") -> None:
     """A report's files may be written: its JSON under :func:`check_output`'s rules (only a JSON ``tool`` wrote
-    is replaced), its companions (markdown, plots) only with ``overwrite``. Nothing is changed on disk."""
+    is replaced, and only with ``overwrite``); its companions (markdown, plots) that exist only with ``overwrite``
+    and only beside that JSON, so a file of the same name that some other hand put there is never replaced.
+    Nothing is changed on disk. A resumable benchmark, whose rerun rewrites its own report, passes
+    ``overwrite=True``."""
     check_output(json_path, tool, overwrite, flag)
+    pick = f"pick another {flag.replace('/', ' or ')}"
     for path in companions:
-        if path.exists() and not overwrite:
-            raise UserError(f"{path} exists: pick another {flag.replace('/', ' or ')}, or --overwrite")
+        if not path.exists():
+            continue
+        if not overwrite:
+            raise UserError(f"{path} exists: {pick}, or --overwrite")
+        if _file_mark(Path(json_path)) != tool:
+            raise UserError(f"{path} exists and is not part of a report {tool} wrote (no {Path(json_path).name} "
+                            f"of {tool}'s beside it): it is left as it is; {pick}")
 
 
-def write_json_output(path: str | Path, data: dict, tool: str, overwrite: bool = False, flag: str = "--out") -> Path:
-    """Write ``data`` (with a ``"written_by": tool`` mark) to a JSON file atomically, under the rules above."""
+def write_json_output(path: str | Path, data: dict, tool: str, overwrite: bool = False, flag: str = "--out",
+                      default=None) -> Path:
+    """Write ``data`` (with a ``"written_by": tool`` mark) to a JSON file atomically, under the rules above
+    (``default``: :func:`json.dump`'s, for values JSON has no type for)."""
     out = check_output(path, tool, overwrite, flag)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump({**data, "written_by": tool}, f, indent=2)
+            json.dump({**data, "written_by": tool}, f, indent=2, default=default)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

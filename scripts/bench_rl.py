@@ -21,7 +21,8 @@ budget).
 ``--budget-minutes M`` instead gives every method a fixed M minutes of training with no early end (the
 target is then ``--target`` or ``--target-frac`` × the best final score), as the first benchmark ran.
 
-Outputs, under ``--out``:
+Outputs, under ``--out`` (each call rewrites its own; a file of those names that it did not write is refused, and
+left as it is):
 
 * ``bench_rl.json`` — every evaluation of every run, and the summary below;
 * ``bench_rl.md`` — per run: final test shapes-geneval (curve protocol and ``--final-per-prompt``), per
@@ -340,7 +341,8 @@ def plot(curves: dict[str, list[dict]], methods: dict[str, str], target: float, 
         ax.set(xlabel=xl, ylabel="test shapes-geneval")
         ax.grid(alpha=0.3)
     axes[1].set_xscale("log")
-    axes[0].legend()
+    if any(curves.values()):  # a report before any run has evaluated draws empty axes
+        axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -414,6 +416,14 @@ def main(argv=None) -> int:
     methods = parse_methods(args.methods)
     shared, per = split_overrides(args.set, list(methods))
     out = Path(args.out)
+    from dgpo.errors import UserError
+    from dgpo.output_dir import check_report_outputs, report_files, write_json_output
+    report = report_files(out, "bench_rl")
+    try:  # its own report is rewritten on every call (the benchmark resumes); a file it did not write, never
+        check_report_outputs(report[0], report[1:], "bench_rl", overwrite=True, flag="--out")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     runs = {run_name(label, seed, seeds): (label, method, seed) for seed in seeds for label, method in
             sorted(methods.items(), key=lambda item: item[1] != "dgpo")}  # DGPO first: it sets the others' budget
@@ -421,7 +431,6 @@ def main(argv=None) -> int:
     final_name = f"final_eval_{args.final_per_prompt}.json"
     to_train = select_runs(runs, args.runs, out, dgpo_label, seeds)
     if not args.report_only:
-        from dgpo.errors import UserError
         from dgpo.trainer import load_train_config, resolve_base
         try:
             for label, method in methods.items():  # validate every run's config before the first one starts
@@ -458,14 +467,18 @@ def main(argv=None) -> int:
                            "P": args.prompts, "G": args.group_size, "lora_rank": args.lora_rank, "seeds": seeds,
                            "set": args.set, "target": args.target, "target_gain": args.target_gain,
                            "budget_factor": args.budget_factor, "cap_minutes": args.cap_minutes, "methods": methods}
-    (out / "bench_rl.json").write_text(json.dumps({"summary": summary, "curves": curves}, indent=2))
+    try:
+        write_json_output(report[0], {"summary": summary, "curves": curves}, "bench_rl", overwrite=True, flag="--out")
+    except UserError as e:  # the folder changed while it trained
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     table = markdown(summary)
     if summary["base_final_eval"]:
         b = summary["base_final_eval"]
         table += (f"\nThe base at {args.final_per_prompt} images per test prompt: {b['geneval']:.3f}"
                   f" (FD {b.get('fd', float('nan')):.2f}).\n")
-    (out / "bench_rl.md").write_text(table)
-    plot(curves, {name: r[1] for name, r in runs.items()}, summary["target"], out / "bench_rl.png")
+    report[1].write_text(table)
+    plot(curves, {name: r[1] for name, r in runs.items()}, summary["target"], report[2])
     print(table)
     print(f"wrote {out / 'bench_rl.json'}, {out / 'bench_rl.md'}, {out / 'bench_rl.png'}")
     return 0

@@ -21,7 +21,8 @@ times, interleaved, median kept (``dgpo.sampling_speed``).
 Resumable: a finished run is read, an interrupted one continues from its newest checkpoint, and every model's
 evaluation is stored under ``OUT/bench_tdm_r1/evals/``; run the same command again to continue.
 Writes ``bench_tdm_r1.json``, ``bench_tdm_r1.md`` (the table), ``bench_tdm_r1.png`` (curves) and
-``bench_tdm_r1_grid.png`` (the same prompts and seeds, a column per model) into ``--out``:
+``bench_tdm_r1_grid.png`` (the same prompts and seeds, a column per model) into ``--out`` (each call rewrites
+its own; a file of those names that it did not write is refused, and left as it is):
 
     tdm-r1 distill --out runs/tdm-shapes                        # the shared student, once
     python scripts/bench_tdm_r1.py --student runs/tdm-shapes --out OUT
@@ -327,6 +328,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from dgpo.errors import UserError
+    from dgpo.output_dir import check_report_outputs, report_files, write_json_output
     from dgpo.run_folder import reopen_run
     from tdm_r1.config import DistillConfig
     from tdm_r1.distill import resolve_teacher
@@ -345,8 +347,11 @@ def main(argv=None) -> int:
         per_row[row].append(rest)
     out = Path(args.out)
     runs = out / "bench_tdm_r1"
+    report = report_files(out, "bench_tdm_r1", (".json", ".md", ".png", "_grid.png"))
     heldout = [c for c in args.heldout.split(",") if c] if "r1_heldout" in rows else []
     try:
+        # its own report is rewritten on every call (the benchmark resumes); a file it did not write, never
+        check_report_outputs(report[0], report[1:], "bench_tdm_r1", overwrite=True, flag="--out")
         lora = Path(args.student) / "final" / "lora"
         saved = read_sampler_file(lora) if lora.is_dir() else None
         if saved is None:
@@ -370,13 +375,16 @@ def main(argv=None) -> int:
             "seed_sets": args.seed_sets, "final_per_prompt": args.final_per_prompt, "per_prompt": args.per_prompt,
             "eval_minutes": args.eval_minutes, "seed": args.seed, "set": args.set,
             "nfe": {name: nfe for name, (_, nfe, _) in models.items()}, "threads": args.threads}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_tdm_r1.json").write_text(json.dumps({"settings": meta, "summary": summary, "loop_seconds": loop_s,
-                                                       "evaluations": evals}, indent=2))
+    try:
+        write_json_output(report[0], {"settings": meta, "summary": summary, "loop_seconds": loop_s,
+                                      "evaluations": evals}, "bench_tdm_r1", overwrite=True, flag="--out")
+    except UserError as e:  # the folder changed while it trained
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     table = markdown(summary, loop_s, meta)
-    (out / "bench_tdm_r1.md").write_text(table)
-    plot_curves(runs, rows, out / "bench_tdm_r1.png")
-    draw_grid(models, out / "bench_tdm_r1_grid.png")
+    report[1].write_text(table)
+    plot_curves(runs, rows, report[2])
+    draw_grid(models, report[3])
     print(table)
     print(f"wrote {out / 'bench_tdm_r1.json'}, {out / 'bench_tdm_r1.md'}, {out / 'bench_tdm_r1.png'}")
     return 0

@@ -19,16 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+from dgpo.errors import UserError
 from dgpo.methods.batch import RolloutBatch
 from dgpo.methods.dgpo import dgpo_backward
 from dgpo.models.handle import SD3Model
 from dgpo.models.lora import add_lora
+from dgpo.output_dir import check_output, write_json_output
 from dgpo.worlds.shapes_base.pretrain import world_vocabulary
 from dgpo.worlds.shapes_base.tokenizer import build_clip_tokenizer
 from dgpo.objectives import group_advantages
@@ -89,6 +92,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--gradient-checkpointing", action="store_true")
     args = ap.parse_args()
+    path = Path(args.out) / "gpu_scale_check.json"
+    try:  # a rerun replaces its own report; a file of that name it did not write is refused, and left alone
+        check_output(path, "gpu_scale_check", overwrite=True, flag="--out")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     torch.manual_seed(0)
     dtype = torch.bfloat16
     pipe, t_build = timed(lambda: build_sd35m_like(args.resolution, args.layers, dtype))
@@ -139,8 +148,7 @@ def main() -> None:
         "policy_moves_from_reference": report["epochs"][-1]["loss_gap"] > 0,
     }
     print(json.dumps(report["checks"]))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_scale_check.json").write_text(json.dumps(report, indent=2))
+    write_json_output(path, report, "gpu_scale_check", overwrite=True, flag="--out")
 
 
 if __name__ == "__main__":

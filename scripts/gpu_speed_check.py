@@ -52,7 +52,6 @@ a run cut short keeps what it measured) and prints a short summary. Exit status 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -67,16 +66,19 @@ import torch
 
 from gpu_scale_check import DEVICE, build_sd35m_like, timed
 
+from dgpo.errors import UserError
 from dgpo.evaluation import SamplerConfig, generate
 from dgpo.models.flux import FluxModel
 from dgpo.models.handle import FlowModel, SD3Model
 from dgpo.models.lora import add_lora
+from dgpo.output_dir import check_output, write_json_output
 from dgpo.sampling import sample_ode
 from dgpo.sampling_speed import timed_generation
 from dgpo.trainer import Trainer, load_train_config
 from dgpo.worlds import shapes
 from tdm_r1.student import default_boundaries, generate_student, sample_student
 
+TOOL = "gpu_speed_check"
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("dgpo", "flow_grpo", "diffusion_dpo", "nft")
 LABELS = {"dgpo": "DGPO", "flow_grpo": "Flow-GRPO", "diffusion_dpo": "Diffusion-DPO", "nft": "DiffusionNFT"}
@@ -377,15 +379,18 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "gpu_speed_check.json"
+    path = Path(args.out) / "gpu_speed_check.json"
+    try:  # a rerun replaces its own report; a file of that name it did not write is refused, and left alone
+        check_output(path, TOOL, overwrite=True, flag="--out")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu ({platform.machine()})",
               "torch": torch.__version__, "dtype": args.dtype, "args": vars(args)}
 
     def save():
         report["total_s"] = time.perf_counter() - t_start
-        path.write_text(json.dumps(report, indent=2, default=str))
+        write_json_output(path, report, TOOL, overwrite=True, flag="--out", default=str)
 
     if args.family == "flux":
         pipe, report["build_s"] = timed(lambda: build_flux_like(args, dtype))

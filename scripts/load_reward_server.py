@@ -19,7 +19,7 @@ Writes ``NAME.json``, ``NAME.md`` and ``NAME.png`` (the latency distribution) in
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import threading
 import time
 from collections import Counter
@@ -29,6 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from dgpo.cli_args import at_least
+from dgpo.errors import UserError
+from dgpo.output_dir import check_report_outputs, report_files, write_json_output
+
+TOOL = "load_reward_server"
 
 
 def parse_args(argv=None):
@@ -43,6 +47,7 @@ def parse_args(argv=None):
                    help="fail if the load takes longer than this (default 300)")
     p.add_argument("--out-dir", default="runs/reward_server_load", help="output folder (default runs/reward_server_load)")
     p.add_argument("--name", default="reward_server_load")
+    p.add_argument("--overwrite", action="store_true", help="replace NAME.* written by an earlier run")
     args = p.parse_args(argv)
     if args.fault_every == 1:
         p.error("--fault-every must be 0 (no faults) or at least 2 (every request failing never succeeds)")
@@ -149,18 +154,20 @@ def run_load(clients: int, batches: int, batch: int, size: int, fault_every: int
     }
 
 
-def write_report(result: dict, out_dir: Path, name: str) -> list[Path]:
+def write_report(result: dict, out_dir: Path, name: str, overwrite: bool = False) -> list[Path]:
+    """Write the report (a JSON this script wrote before is replaced with ``overwrite``; nothing else is)."""
     import platform
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = report_files(out_dir, name)
+    check_report_outputs(json_path, [md_path, png_path], TOOL, overwrite)
     record = {**result, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
               f"{__import__('os').cpu_count()} CPUs", "command": "python scripts/load_reward_server.py "
               f"--clients {result['clients']} --batches {result['batches_per_client']} --batch "
               f"{result['images_per_batch']} --size {result['image_size']} --fault-every {result['fault_every']}"}
-    (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_json_output(json_path, record, TOOL, overwrite, "--out-dir/--name")
     rows = [("clients × batches × images", f"{result['clients']} × {result['batches_per_client']} × "
              f"{result['images_per_batch']} ({result['image_size']} px)"),
             ("wrong or mis-ordered batches", result["wrong_batches"]),
@@ -173,7 +180,7 @@ def write_report(result: dict, out_dir: Path, name: str) -> list[Path]:
             ("wall-clock", f"{result['wall_s']} s")]
     md = [f"`{record['command']}` ({record['machine']}, {record['date']})", "", "| measure | value |", "|---|---|",
           *[f"| {k} | {v} |" for k, v in rows]]
-    (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
+    md_path.write_text("\n".join(md) + "\n")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(result["latencies_ms"], bins=60, color="tab:blue")
     for q, style in (("latency_p50_ms", "--"), ("latency_p99_ms", ":")):
@@ -182,17 +189,27 @@ def write_report(result: dict, out_dir: Path, name: str) -> list[Path]:
            title=f"{result['clients']} clients on loopback, every {result['fault_every']}th request 503")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / f"{name}.png", dpi=110)
+    fig.savefig(png_path, dpi=110)
     plt.close(fig)
-    return [out_dir / f"{name}.{ext}" for ext in ("json", "md", "png")]
+    return [json_path, md_path, png_path]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    json_path, *companions = report_files(Path(args.out_dir), args.name)
+    try:  # before the work: a report it may not write is refused first
+        check_report_outputs(json_path, companions, TOOL, args.overwrite)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result = run_load(args.clients, args.batches, args.batch, args.size, args.fault_every, args.max_seconds)
-    for path in write_report(result, Path(args.out_dir), args.name):
-        print(path)
-    print(Path(args.out_dir, f"{args.name}.md").read_text())
+    try:  # checked again: the folder may have changed during the work
+        paths = write_report(result, Path(args.out_dir), args.name, args.overwrite)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(map(str, paths)))
+    print(paths[1].read_text())
     ok = (result["wrong_batches"] == 0 and result["images_never_scored"] == 0
           and result["images_scored_more_than_once"] == 0)
     return 0 if ok else 1

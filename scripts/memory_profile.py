@@ -15,7 +15,6 @@ Writes ``NAME.json``, ``NAME.md`` and ``NAME.png`` into ``--out-dir``:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -25,8 +24,11 @@ import time
 from pathlib import Path
 
 from dgpo.cli_args import at_least
+from dgpo.errors import UserError
+from dgpo.output_dir import check_report_outputs, report_files, write_json_output
 
 ROOT = Path(__file__).resolve().parents[1]
+TOOL = "memory_profile"
 #: A short run of a recipe: a few steps, evaluations with a full first sampler batch (128 images), no cache.
 SHORT = ["run.time_budget_min=0", "eval.every=1000000", "eval.every_minutes=0", "eval.per_prompt=4",
          "run.checkpoint_every=1000000"]
@@ -77,25 +79,27 @@ def peak_rss_of(argv: list[str], log: Path) -> tuple[float, int, float]:
     return int(kib) / 2 ** 20, int(status), time.perf_counter() - start
 
 
-def write_report(results: list[dict], out_dir: Path, name: str, command: str) -> list[Path]:
+def write_report(results: list[dict], out_dir: Path, name: str, command: str, overwrite: bool = False) -> list[Path]:
+    """Write the report (a JSON this script wrote before is replaced with ``overwrite``; nothing else is)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = report_files(out_dir, name)
+    check_report_outputs(json_path, [md_path, png_path], TOOL, overwrite)
     record = {"command": command, "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, CPU only", "rows": results}
-    (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_json_output(json_path, record, TOOL, overwrite, "--out-dir/--name")
     lines = [f"`{command}` ({record['machine']}, {record['date']})", "",
              "| process | peak resident memory (GiB) | seconds |", "|---|---|---|",
              *[f"| {r['label']} | {r['peak_rss_gb']:.2f} | {r['seconds']:.0f} |" for r in results]]
-    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    md_path.write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(results) + 1))
     ax.barh([r["label"] for r in results][::-1], [r["peak_rss_gb"] for r in results][::-1], color="tab:blue")
     ax.set(xlabel="peak resident memory (GiB)", title="peak memory per process, shapes world, CPU")
     fig.tight_layout()
-    fig.savefig(out_dir / f"{name}.png", dpi=110)
+    fig.savefig(png_path, dpi=110)
     plt.close(fig)
-    return [out_dir / f"{name}.{ext}" for ext in ("json", "md", "png")]
+    return [json_path, md_path, png_path]
 
 
 def main(argv=None) -> int:
@@ -103,7 +107,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=at_least(1), default=3, help="training steps per recipe (default 3)")
     p.add_argument("--out-dir", default="runs/memory_profile", help="output folder (default runs/memory_profile)")
     p.add_argument("--name", default="memory_profile")
+    p.add_argument("--overwrite", action="store_true", help="replace NAME.* written by an earlier run")
     args = p.parse_args(argv)
+    json_path, *companions = report_files(Path(args.out_dir), args.name)
+    try:  # before the work: a report it may not write is refused first
+        check_report_outputs(json_path, companions, TOOL, args.overwrite)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     command = f"python scripts/memory_profile.py --steps {args.steps}"  # where it writes changes nothing measured
     results = []
     with tempfile.TemporaryDirectory(prefix="memory-profile-") as tmp:
@@ -117,8 +128,12 @@ def main(argv=None) -> int:
             results.append({"label": label, "peak_rss_gb": round(peak, 3), "seconds": round(seconds, 1),
                             "argv": [str(a).replace(str(work), "WORK") for a in cmd[1 if cmd[0] == sys.executable else 0:]]})
             print(f"{label}: {peak:.2f} GiB in {seconds:.0f} s", flush=True)
-    for path in write_report(results, Path(args.out_dir), args.name, command.strip()):
-        print(path)
+    try:  # checked again: the folder may have changed during the work
+        paths = write_report(results, Path(args.out_dir), args.name, command.strip(), args.overwrite)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(map(str, paths)))
     return 0
 
 

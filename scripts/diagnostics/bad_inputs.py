@@ -11,7 +11,6 @@ from the files the case itself prepared).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+TOOL = "bad_inputs"
 sys.path.insert(0, str(ROOT))
 
 TINY = ["--set", "run.epochs=1", "--set", "run.time_budget_min=0"]
@@ -88,6 +88,11 @@ CASES = [
     ("non-finite flag", {}, ["dgpo", "sample", "--split", "test", "--cfg", "nan", "--out", "s"]),
     ("negative seed", {}, ["tdm-r1", "sample", "--lora", "lora", "--seed", "-1", "--split", "test", "--out", "s"]),
     *lora_cases(),
+    # the benchmark scripts' reports: a file of a report's name that the script did not write
+    ("benchmark --out holding a user's file named like its report", {"out/bench_rl.md": b"mine"},
+     ["scripts/bench_rl.py", "--out", "out", "--report-only"]),
+    ("--overwrite beside a user's file named like the report, no report of the script's own",
+     {"out/memory_profile.md": b"mine"}, ["scripts/memory_profile.py", "--out-dir", "out", "--overwrite"]),
 ]
 
 
@@ -102,11 +107,12 @@ def run_case(what: str, files: dict, argv: list[str]) -> dict:
                 source, left_out = data
                 shutil.copytree(source, folder / name, ignore=lambda d, names: [n for n in names if n in left_out])
         before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-        tool = {"dgpo": "dgpo.cli", "tdm-r1": "tdm_r1.cli"}[argv[0]]
+        command = ([sys.executable, str(ROOT / argv[0])] if argv[0].endswith(".py")  # a script of this project
+                   else [sys.executable, "-m", {"dgpo": "dgpo.cli", "tdm-r1": "tdm_r1.cli"}[argv[0]]])
         env = {**os.environ, "DGPO_CACHE": cache, "PYTHONPATH": str(ROOT)}
         try:
-            done = subprocess.run([sys.executable, "-m", tool, *argv[1:]], cwd=folder, env=env, capture_output=True,
-                                  text=True, timeout=90)
+            done = subprocess.run([*command, *argv[1:]], cwd=folder, env=env, capture_output=True, text=True,
+                                  timeout=90)
             status, stderr = done.returncode, done.stderr
         except subprocess.TimeoutExpired:  # the command accepted the input and started working
             status, stderr = None, "(accepted: the command was still working after 90 s)"
@@ -119,15 +125,26 @@ def run_case(what: str, files: dict, argv: list[str]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for bad_inputs.json and bad_inputs.md (created)")
+    p.add_argument("--out", required=True, help="folder for bad_inputs.json and bad_inputs.md")
+    p.add_argument("--overwrite", action="store_true", help="replace bad_inputs.* written by an earlier run")
     args = p.parse_args(argv)
+    from dgpo.errors import UserError
+    from dgpo.output_dir import check_report_outputs, write_json_output
+    out = Path(args.out)
+    try:  # before the work: a report it may not write is refused first
+        check_report_outputs(out / "bad_inputs.json", [out / "bad_inputs.md"], TOOL, args.overwrite, "--out")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rows = []
     for what, files, command in CASES:
         rows.append(run_case(what, files, command))
         print(f"{'ok ' if rows[-1]['ok'] else 'BAD'} {what}: {rows[-1]['message'][:120]}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bad_inputs.json").write_text(json.dumps(rows, indent=2))
+    try:  # checked again: the folder may have changed during the work
+        write_json_output(out / "bad_inputs.json", {"cases": rows}, TOOL, args.overwrite, "--out")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     table = ["| input | command | exit | message |", "|---|---|---|---|"]
     for r in rows:
         message = r["message"].replace("|", "\\|")

@@ -16,14 +16,13 @@ Reports train and test prompts separately, as JSON with ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
 
 CATEGORIES = ("position", "color_attr")
+TOOL = "diag_relations"
 
 
 def relation_report(images: np.ndarray, prompt: str) -> dict:
@@ -85,6 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=1.5, help="CFG scale (default 1.5, as evaluation)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default="", help="write the per-prompt reports and summaries as JSON here")
+    ap.add_argument("--overwrite", action="store_true", help="replace an --out file this script wrote before")
     args = ap.parse_args(argv)
 
     import torch
@@ -92,10 +92,13 @@ def main(argv=None) -> int:
     from dgpo.cli import load_model, resolve_model
     from dgpo.errors import UserError
     from dgpo.evaluation import SamplerConfig, generate
+    from dgpo.output_dir import check_output, write_json_output
     from dgpo.worlds import shapes
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.out:  # before the work: a file it may not write is refused first
+            check_output(args.out, TOOL, args.overwrite)
         base = resolve_model(args.model or None)
         models = {"base": load_model(base)} | {lora: load_model(base, lora) for lora in args.lora}
     except UserError as e:
@@ -120,8 +123,8 @@ def main(argv=None) -> int:
                 print(f"{name}: {category} ({split}, {s['prompts']} prompts): both present {s['both_present']:.3f}, "
                       f"relation given both {rel}, strict {s['strict']:.3f}", flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"chance": chance, "summaries": summaries, "reports": reports}, indent=1))
+        write_json_output(args.out, {"chance": chance, "summaries": summaries, "reports": reports}, TOOL,
+                          args.overwrite)
     return 0
 
 

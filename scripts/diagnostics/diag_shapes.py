@@ -14,15 +14,14 @@ change the sampler (does a failure come from the sampler or from the model?).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
 
 SINGLE_OBJECT = ["a photo of a square", "a photo of a circle", "a photo of a triangle"]
+TOOL = "diag_shapes"
 
 
 def shape_report(images: np.ndarray, prompt: str) -> dict:
@@ -50,14 +49,18 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=1.5, help="CFG scale (default 1.5, as evaluation)")
     ap.add_argument("--solver", default="euler", choices=("euler", "dpmpp"), help="ODE solver (default euler, as evaluation)")
     ap.add_argument("--out", default="", help="write the reports as JSON here")
+    ap.add_argument("--overwrite", action="store_true", help="replace an --out file this script wrote before")
     args = ap.parse_args(argv)
 
     from dgpo.cli import load_model, resolve_model
     from dgpo.errors import UserError
     from dgpo.evaluation import SamplerConfig, generate
+    from dgpo.output_dir import check_output, write_json_output
     from dgpo.worlds import shapes
     prompts = args.prompt or SINGLE_OBJECT
     try:
+        if args.out:  # before the work: a file it may not write is refused first
+            check_output(args.out, TOOL, args.overwrite)
         sampler = SamplerConfig(steps=args.steps, guidance_scale=args.cfg, solver=args.solver)
         for p in prompts:
             shapes.parse(p)
@@ -75,8 +78,7 @@ def main(argv=None) -> int:
             print(f"{name}: {prompt!r}: success {r['success']:.3f}, detected {r['detected']}, "
                   f"empty {r['empty_images']}, fill quartiles {r['fill_quartiles']}", flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(reports, indent=2))
+        write_json_output(args.out, {"reports": reports}, TOOL, args.overwrite)
     return 0
 
 

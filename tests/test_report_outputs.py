@@ -1,0 +1,131 @@
+"""Every script that writes a report (JSON + markdown + plots under fixed names) leaves a file of those names alone
+unless the script wrote it: refused with one line and exit status 2, before any work, the file unchanged."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import load_script
+from dgpo.errors import UserError
+from dgpo.output_dir import check_report_outputs, write_json_output
+
+MINE = "my own notes\n"
+
+
+def test_a_companion_is_replaced_only_beside_the_tools_own_json(tmp_path):
+    """--overwrite replaces a report's markdown only when the JSON beside it is the tool's: a user's file that
+    merely has the report's name is refused even with --overwrite (the rule bench_tdm and eval_noise promise)."""
+    report, table = tmp_path / "r.json", tmp_path / "r.md"
+    table.write_text(MINE)
+    for overwrite, said in ((False, "r.md exists: pick another"),
+                            (True, "not part of a report bench wrote \\(no r.json of bench's beside it\\)")):
+        with pytest.raises(UserError, match=said):
+            check_report_outputs(report, [table], "bench", overwrite)
+    write_json_output(report, {"x": 1}, "other tool")
+    with pytest.raises(UserError, match="not written by bench"):
+        check_report_outputs(report, [table], "bench", True)
+    report.unlink()
+    write_json_output(report, {"x": 1}, "bench")
+    check_report_outputs(report, [table], "bench", True)  # the tool's own report: replaced with --overwrite
+    with pytest.raises(UserError, match="already exists"):
+        check_report_outputs(report, [table], "bench", False)
+    assert table.read_text() == MINE
+
+
+def refused(capsys, run, path: Path) -> str:
+    """``run()`` exits 2 with one line on stderr and ``path`` (a user's file) unchanged; the line."""
+    assert run() == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and path.read_text() == MINE
+    return lines[0]
+
+
+def users_file(folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(MINE)
+    return folder / name
+
+
+@pytest.mark.parametrize("script, name", [("scripts/memory_profile.py", "memory_profile"),
+                                          ("scripts/load_reward_server.py", "reward_server_load")])
+@pytest.mark.parametrize("ext", ["json", "md", "png"])
+def test_the_profilers_refuse_a_users_file_before_any_work(script, name, ext, tmp_path, capsys, monkeypatch):
+    module = load_script(script)
+    work = "peak_rss_of" if "memory" in script else "run_load"
+    monkeypatch.setattr(module, work, lambda *a, **k: pytest.fail("the work started"))
+    mine = users_file(tmp_path, f"{name}.{ext}")
+    for extra in ([], ["--overwrite"]):
+        refused(capsys, lambda: module.main(["--out-dir", str(tmp_path), *extra]), mine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name]
+
+
+def test_a_profiler_replaces_its_own_report_with_overwrite(tmp_path):
+    load = load_script("scripts/load_reward_server.py")
+    result = load.run_load(clients=1, batches=2, batch=2, size=8, fault_every=0, max_seconds=60)
+    first = load.write_report(result, tmp_path, "load")
+    assert json.loads(first[0].read_text())["written_by"] == "load_reward_server"
+    with pytest.raises(UserError, match="already exists"):
+        load.write_report(result, tmp_path, "load")
+    assert load.write_report(result, tmp_path, "load", overwrite=True) == first
+
+
+def test_bench_rl_rewrites_its_own_report_and_refuses_a_users_file(tmp_path, capsys):
+    bench = load_script("scripts/bench_rl.py")
+    out = tmp_path / "bench"
+    for _ in range(2):  # a rerun (the benchmark resumes) rewrites its own report without asking
+        assert bench.main(["--out", str(out), "--report-only", "--methods", "dgpo"]) == 0
+    assert json.loads((out / "bench_rl.json").read_text())["written_by"] == "bench_rl"
+    capsys.readouterr()
+    for name in ("bench_rl.json", "bench_rl.md", "bench_rl.png"):
+        other = tmp_path / name
+        mine = users_file(other, name)
+        line = refused(capsys, lambda: bench.main(["--out", str(other), "--report-only", "--methods", "dgpo"]), mine)
+        assert "bench_rl" in line and "left as it is" in line
+        assert [p.name for p in other.iterdir()] == [name]
+
+
+def test_bench_tdm_r1_refuses_a_users_file_before_reading_its_student(tmp_path, capsys):
+    bench = load_script("scripts/bench_tdm_r1.py")
+    mine = users_file(tmp_path, "bench_tdm_r1_grid.png")
+    line = refused(capsys, lambda: bench.main(["--student", str(tmp_path / "no-student"), "--out", str(tmp_path)]),
+                   mine)
+    assert "not part of a report bench_tdm_r1 wrote" in line and not (tmp_path / "bench_tdm_r1").exists()
+
+
+def test_the_gpu_checks_refuse_a_users_file_of_their_reports_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))  # speed imports scale
+    speed = load_script("scripts/gpu_speed_check.py")
+    for build in ("build_sd35m_like", "build_flux_like"):
+        monkeypatch.setattr(speed, build, lambda *a: pytest.fail("the work started"))
+    mine = users_file(tmp_path, "gpu_speed_check.json")
+    refused(capsys, lambda: speed.main(["--out", str(tmp_path)]), mine)
+    scale = load_script("scripts/gpu_scale_check.py")
+    mine = users_file(tmp_path, "gpu_scale_check.json")
+    monkeypatch.setattr(sys, "argv", ["gpu_scale_check.py", "--out", str(tmp_path)])
+    monkeypatch.setattr(scale, "build_sd35m_like", lambda *a: pytest.fail("the work started"))
+
+    def run():
+        with pytest.raises(SystemExit) as stop:
+            scale.main()
+        return stop.value.code
+    refused(capsys, run, mine)
+
+
+@pytest.mark.parametrize("script", ["scripts/diagnostics/diag_shapes.py", "scripts/diagnostics/diag_relations.py"])
+def test_the_diagnostics_refuse_a_users_out_file(script, tmp_path, capsys, monkeypatch):
+    diag = load_script(script)
+    import dgpo.cli
+    monkeypatch.setattr(dgpo.cli, "load_model", lambda *a: pytest.fail("the work started"))
+    mine = users_file(tmp_path, "report.json")
+    for extra, said in (([], "already exists"), (["--overwrite"], "was not written by")):
+        assert said in refused(capsys, lambda: diag.main(["--out", str(mine), *extra]), mine)
+
+
+def test_bad_inputs_refuses_a_users_file_before_running_its_cases(tmp_path, capsys, monkeypatch):
+    diag = load_script("scripts/diagnostics/bad_inputs.py")
+    monkeypatch.setattr(diag, "run_case", lambda *a: pytest.fail("the work started"))
+    mine = users_file(tmp_path, "bad_inputs.md")
+    for extra in ([], ["--overwrite"]):
+        refused(capsys, lambda: diag.main(["--out", str(tmp_path), *extra]), mine)
