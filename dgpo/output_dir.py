@@ -77,8 +77,8 @@ def check_output(path: str | Path, tool: str, overwrite: bool, flag: str = "--ou
             raise UserError(f"{flag} {str(path)!r} already exists; pass a new path, or --overwrite to replace a "
                             f"file {tool} wrote")
         if _file_mark(out) != tool:
-            raise UserError(f"{flag} {str(path)!r} exists and was not written by {tool}: it is left as it is; "
-                            f"pass a new path")
+            raise UserError(f"{flag} {str(path)!r} exists and was not written by {tool} (it has no mark of "
+                            f"{tool}'s): it is left as it is; move it aside, or pass a new path")
         return out
     if not out.is_dir():
         raise UserError(f"{flag} {str(path)!r} exists and is not a folder")
@@ -179,30 +179,44 @@ def report_files(out_dir: str | Path, name: str, ends: tuple[str, ...] = (".json
     return [Path(out_dir) / f"{name}{end}" for end in ends]
 
 
+def check_json_output(path: str | Path, tool: str, overwrite: bool, flag: str = "--out") -> Path:
+    """:func:`check_output` for a single JSON file: a folder at ``path`` is refused too (even an empty one)."""
+    if Path(path).is_dir():
+        raise UserError(f"{flag} {str(path)!r} is a folder: pass the path of a JSON file")
+    return check_output(path, tool, overwrite, flag)
+
+
 def check_report_outputs(json_path: Path, companions: list[Path], tool: str, overwrite: bool,
                          flag: str = "--out-dir/--name") -> None:
     """A report's files may be written: its JSON under :func:`check_output`'s rules (only a JSON ``tool`` wrote
-    is replaced, and only with ``overwrite``); its companions (markdown, plots) that exist only with ``overwrite``
-    and only beside that JSON, so a file of the same name that some other hand put there is never replaced.
+    is replaced, and only with ``overwrite``); its companions (markdown, plots) that exist only beside that JSON
+    and only with ``overwrite``, so a file of the same name that some other hand put there is never replaced.
     Nothing is changed on disk. A resumable benchmark, whose rerun rewrites its own report, passes
     ``overwrite=True``."""
-    check_output(json_path, tool, overwrite, flag)
+    check_json_output(json_path, tool, overwrite, flag)
     pick = f"pick another {flag.replace('/', ' or ')}"
     for path in companions:
         if not path.exists():
             continue
-        if not overwrite:
-            raise UserError(f"{path} exists: {pick}, or --overwrite")
-        if _file_mark(Path(json_path)) != tool:
+        if _file_mark(Path(json_path)) != tool:  # (beside the tool's own JSON, check_output needed --overwrite)
             raise UserError(f"{path} exists and is not part of a report {tool} wrote (no {Path(json_path).name} "
                             f"of {tool}'s beside it): it is left as it is; {pick}")
+
+
+def write_report_json(files: list[Path], data: dict, tool: str, overwrite: bool = False,
+                      flag: str = "--out-dir/--name", default=None) -> Path:
+    """Write a report's JSON (``files[0]``, as :func:`write_json_output`) once :func:`check_report_outputs`
+    has accepted all its ``files`` again (the folder may have changed during the work); write the companions
+    after it."""
+    check_report_outputs(files[0], files[1:], tool, overwrite, flag)
+    return write_json_output(files[0], data, tool, overwrite, flag, default)
 
 
 def write_json_output(path: str | Path, data: dict, tool: str, overwrite: bool = False, flag: str = "--out",
                       default=None) -> Path:
     """Write ``data`` (with a ``"written_by": tool`` mark) to a JSON file atomically, under the rules above
     (``default``: :func:`json.dump`'s, for values JSON has no type for)."""
-    out = check_output(path, tool, overwrite, flag)
+    out = check_json_output(path, tool, overwrite, flag)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:

@@ -417,7 +417,7 @@ def main(argv=None) -> int:
     shared, per = split_overrides(args.set, list(methods))
     out = Path(args.out)
     from dgpo.errors import UserError
-    from dgpo.output_dir import check_report_outputs, report_files, write_json_output
+    from dgpo.output_dir import check_report_outputs, report_files, write_report_json
     report = report_files(out, "bench_rl")
     try:  # its own report is rewritten on every call (the benchmark resumes); a file it did not write, never
         check_report_outputs(report[0], report[1:], "bench_rl", overwrite=True, flag="--out")
@@ -468,7 +468,7 @@ def main(argv=None) -> int:
                            "set": args.set, "target": args.target, "target_gain": args.target_gain,
                            "budget_factor": args.budget_factor, "cap_minutes": args.cap_minutes, "methods": methods}
     try:
-        write_json_output(report[0], {"summary": summary, "curves": curves}, "bench_rl", overwrite=True, flag="--out")
+        write_report_json(report, {"summary": summary, "curves": curves}, "bench_rl", overwrite=True, flag="--out")
     except UserError as e:  # the folder changed while it trained
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     from dgpo.worlds import shapes
     from tdm_r1.student import (default_boundaries, generate_student, read_sampler_file, sample_student,
                                 subset_boundaries)
-    from dgpo.output_dir import check_report_outputs, write_json_output
+    from dgpo.output_dir import check_report_outputs, write_report_json
     try:
         out = Path(args.out_dir)
         paths = {kind: out / f"{args.name}{kind}" for kind in (".json", ".md", "_grid.png")}
@@ -155,8 +155,11 @@ def main(argv=None) -> int:
     meta = {"base": str(base), "lora": str(args.lora) if args.lora else None, "student": args.student, "boundaries": trained, "split": args.split,
             "per_prompt": args.per_prompt, "seed": args.seed, "batch_size": args.batch_size, "speed_repeats": args.speed_repeats, "threads": args.threads,
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    write_json_output(paths[".json"], {"settings": meta, "results": results}, "bench_tdm", args.overwrite,
-                      "--out-dir/--name")
+    try:
+        write_report_json(list(paths.values()), {"settings": meta, "results": results}, "bench_tdm", args.overwrite)
+    except UserError as e:  # the folder changed during the work
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     speed = ["", f"Speed: one batch of {args.batch_size} images, median of {args.speed_repeats} (seconds: text "
              "encoding, sampling loop, VAE decode).", "",
              "| model | NFE | images/s | speed-up | text s | loop s | decode s | loop speed-up |",

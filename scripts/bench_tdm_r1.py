@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from dgpo.errors import UserError
-    from dgpo.output_dir import check_report_outputs, report_files, write_json_output
+    from dgpo.output_dir import check_report_outputs, report_files, write_report_json
     from dgpo.run_folder import reopen_run
     from tdm_r1.config import DistillConfig
     from tdm_r1.distill import resolve_teacher
@@ -376,8 +376,8 @@ def main(argv=None) -> int:
             "eval_minutes": args.eval_minutes, "seed": args.seed, "set": args.set,
             "nfe": {name: nfe for name, (_, nfe, _) in models.items()}, "threads": args.threads}
     try:
-        write_json_output(report[0], {"settings": meta, "summary": summary, "loop_seconds": loop_s,
-                                      "evaluations": evals}, "bench_tdm_r1", overwrite=True, flag="--out")
+        write_report_json(report, {"settings": meta, "summary": summary, "loop_seconds": loop_s,
+                                   "evaluations": evals}, "bench_tdm_r1", overwrite=True, flag="--out")
     except UserError as e:  # the folder changed while it trained
         print(f"error: {e}", file=sys.stderr)
         return 2

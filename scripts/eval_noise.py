@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     from dgpo.cli import load_model, resolve_model
     from dgpo.errors import UserError
     from dgpo.evaluation import EvalConfig, SamplerConfig, evaluate_model
-    from dgpo.output_dir import check_report_outputs, write_json_output
+    from dgpo.output_dir import check_report_outputs, write_report_json
     try:
         if args.seed_sets < 2:
             raise UserError("--seed-sets must be at least 2 (a spread needs two sets)")
@@ -112,7 +112,11 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_json_output(paths["json"], result, "eval_noise", args.overwrite, "--out-dir/--name")
+    try:
+        write_report_json(list(paths.values()), result, "eval_noise", args.overwrite)
+    except UserError as e:  # the folder changed during the work
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     paths["md"].write_text(table(result))
     plot(result, paths["png"])
     print(table(result))

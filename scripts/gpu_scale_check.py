@@ -31,7 +31,7 @@ from dgpo.methods.batch import RolloutBatch
 from dgpo.methods.dgpo import dgpo_backward
 from dgpo.models.handle import SD3Model
 from dgpo.models.lora import add_lora
-from dgpo.output_dir import check_output, write_json_output
+from dgpo.output_dir import check_json_output, write_json_output
 from dgpo.worlds.shapes_base.pretrain import world_vocabulary
 from dgpo.worlds.shapes_base.tokenizer import build_clip_tokenizer
 from dgpo.objectives import group_advantages
@@ -94,7 +94,7 @@ def main() -> None:
     args = ap.parse_args()
     path = Path(args.out) / "gpu_scale_check.json"
     try:  # a rerun replaces its own report; a file of that name it did not write is refused, and left alone
-        check_output(path, "gpu_scale_check", overwrite=True, flag="--out")
+        check_json_output(path, "gpu_scale_check", overwrite=True, flag="--out")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
@@ -148,7 +148,11 @@ def main() -> None:
         "policy_moves_from_reference": report["epochs"][-1]["loss_gap"] > 0,
     }
     print(json.dumps(report["checks"]))
-    write_json_output(path, report, "gpu_scale_check", overwrite=True, flag="--out")
+    try:
+        write_json_output(path, report, "gpu_scale_check", overwrite=True, flag="--out")
+    except UserError as e:  # the folder changed during the work
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

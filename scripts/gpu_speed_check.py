@@ -71,7 +71,7 @@ from dgpo.evaluation import SamplerConfig, generate
 from dgpo.models.flux import FluxModel
 from dgpo.models.handle import FlowModel, SD3Model
 from dgpo.models.lora import add_lora
-from dgpo.output_dir import check_output, write_json_output
+from dgpo.output_dir import check_json_output, write_json_output
 from dgpo.sampling import sample_ode
 from dgpo.sampling_speed import timed_generation
 from dgpo.trainer import Trainer, load_train_config
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     path = Path(args.out) / "gpu_speed_check.json"
     try:  # a rerun replaces its own report; a file of that name it did not write is refused, and left alone
-        check_output(path, TOOL, overwrite=True, flag="--out")
+        check_json_output(path, TOOL, overwrite=True, flag="--out")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -390,7 +390,11 @@ def main(argv=None) -> int:
 
     def save():
         report["total_s"] = time.perf_counter() - t_start
-        write_json_output(path, report, TOOL, overwrite=True, flag="--out", default=str)
+        try:
+            write_json_output(path, report, TOOL, overwrite=True, flag="--out", default=str)
+        except UserError as e:  # the file was replaced during the work: stop (SystemExit passes `except Exception`)
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
 
     if args.family == "flux":
         pipe, report["build_s"] = timed(lambda: build_flux_like(args, dtype))

@@ -30,7 +30,7 @@ import numpy as np
 
 from dgpo.cli_args import at_least
 from dgpo.errors import UserError
-from dgpo.output_dir import check_report_outputs, report_files, write_json_output
+from dgpo.output_dir import check_report_outputs, report_files, write_report_json
 
 TOOL = "load_reward_server"
 
@@ -162,12 +162,11 @@ def write_report(result: dict, out_dir: Path, name: str, overwrite: bool = False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     json_path, md_path, png_path = report_files(out_dir, name)
-    check_report_outputs(json_path, [md_path, png_path], TOOL, overwrite)
     record = {**result, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
               f"{__import__('os').cpu_count()} CPUs", "command": "python scripts/load_reward_server.py "
               f"--clients {result['clients']} --batches {result['batches_per_client']} --batch "
               f"{result['images_per_batch']} --size {result['image_size']} --fault-every {result['fault_every']}"}
-    write_json_output(json_path, record, TOOL, overwrite, "--out-dir/--name")
+    write_report_json([json_path, md_path, png_path], record, TOOL, overwrite)
     rows = [("clients × batches × images", f"{result['clients']} × {result['batches_per_client']} × "
              f"{result['images_per_batch']} ({result['image_size']} px)"),
             ("wrong or mis-ordered batches", result["wrong_batches"]),

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from dgpo.cli_args import at_least
 from dgpo.errors import UserError
-from dgpo.output_dir import check_report_outputs, report_files, write_json_output
+from dgpo.output_dir import check_report_outputs, report_files, write_report_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = "memory_profile"
@@ -85,10 +85,9 @@ def write_report(results: list[dict], out_dir: Path, name: str, command: str, ov
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     json_path, md_path, png_path = report_files(out_dir, name)
-    check_report_outputs(json_path, [md_path, png_path], TOOL, overwrite)
     record = {"command": command, "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, CPU only", "rows": results}
-    write_json_output(json_path, record, TOOL, overwrite, "--out-dir/--name")
+    write_report_json([json_path, md_path, png_path], record, TOOL, overwrite)
     lines = [f"`{command}` ({record['machine']}, {record['date']})", "",
              "| process | peak resident memory (GiB) | seconds |", "|---|---|---|",
              *[f"| {r['label']} | {r['peak_rss_gb']:.2f} | {r['seconds']:.0f} |" for r in results]]

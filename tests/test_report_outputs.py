@@ -9,7 +9,7 @@ import pytest
 
 from conftest import load_script
 from dgpo.errors import UserError
-from dgpo.output_dir import check_report_outputs, write_json_output
+from dgpo.output_dir import check_report_outputs, write_json_output, write_report_json
 
 MINE = "my own notes\n"
 
@@ -19,19 +19,36 @@ def test_a_companion_is_replaced_only_beside_the_tools_own_json(tmp_path):
     merely has the report's name is refused even with --overwrite (the rule bench_tdm and eval_noise promise)."""
     report, table = tmp_path / "r.json", tmp_path / "r.md"
     table.write_text(MINE)
-    for overwrite, said in ((False, "r.md exists: pick another"),
-                            (True, "not part of a report bench wrote \\(no r.json of bench's beside it\\)")):
-        with pytest.raises(UserError, match=said):
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="r.md exists and is not part of a report bench wrote "
+                                            "\\(no r.json of bench's beside it\\): it is left as it is"):
             check_report_outputs(report, [table], "bench", overwrite)
     write_json_output(report, {"x": 1}, "other tool")
-    with pytest.raises(UserError, match="not written by bench"):
+    with pytest.raises(UserError, match="was not written by bench .*move it aside"):
         check_report_outputs(report, [table], "bench", True)
     report.unlink()
     write_json_output(report, {"x": 1}, "bench")
-    check_report_outputs(report, [table], "bench", True)  # the tool's own report: replaced with --overwrite
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="r.json' already exists; pass a new path, or --overwrite"):
         check_report_outputs(report, [table], "bench", False)
+    check_report_outputs(report, [table], "bench", True)  # the tool's own report: replaced with --overwrite
     assert table.read_text() == MINE
+
+
+def test_the_report_is_checked_again_when_it_is_written(tmp_path):
+    """A file that appears under a report's name during the work (checked at the start, written at the end) is
+    refused at the end too, and nothing is written; a folder is never taken for a JSON file, even an empty one."""
+    files = [tmp_path / "r.json", tmp_path / "r.md"]
+    check_report_outputs(files[0], files[1:], "bench", overwrite=True)
+    files[1].write_text(MINE)  # the user saves a note of that name while the benchmark trains
+    with pytest.raises(UserError, match="not part of a report bench wrote"):
+        write_report_json(files, {"x": 1}, "bench", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.md"] and files[1].read_text() == MINE
+    (tmp_path / "empty").mkdir()
+    for check in (lambda: write_json_output(tmp_path / "empty", {"x": 1}, "bench"),
+                  lambda: check_report_outputs(tmp_path / "empty", [], "bench", True)):
+        with pytest.raises(UserError, match="is a folder: pass the path of a JSON file"):
+            check()
+    assert not any((tmp_path / "empty").iterdir())
 
 
 def refused(capsys, run, path: Path) -> str:

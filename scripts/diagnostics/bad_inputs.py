@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace bad_inputs.* written by an earlier run")
     args = p.parse_args(argv)
     from dgpo.errors import UserError
-    from dgpo.output_dir import check_report_outputs, write_json_output
+    from dgpo.output_dir import check_report_outputs, write_report_json
     out = Path(args.out)
     try:  # before the work: a report it may not write is refused first
         check_report_outputs(out / "bad_inputs.json", [out / "bad_inputs.md"], TOOL, args.overwrite, "--out")
@@ -141,7 +141,8 @@ def main(argv=None) -> int:
         rows.append(run_case(what, files, command))
         print(f"{'ok ' if rows[-1]['ok'] else 'BAD'} {what}: {rows[-1]['message'][:120]}", flush=True)
     try:  # checked again: the folder may have changed during the work
-        write_json_output(out / "bad_inputs.json", {"cases": rows}, TOOL, args.overwrite, "--out")
+        write_report_json([out / "bad_inputs.json", out / "bad_inputs.md"], {"cases": rows}, TOOL, args.overwrite,
+                          "--out")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -92,13 +92,13 @@ def main(argv=None) -> int:
     from dgpo.cli import load_model, resolve_model
     from dgpo.errors import UserError
     from dgpo.evaluation import SamplerConfig, generate
-    from dgpo.output_dir import check_output, write_json_output
+    from dgpo.output_dir import check_json_output, write_json_output
     from dgpo.worlds import shapes
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         if args.out:  # before the work: a file it may not write is refused first
-            check_output(args.out, TOOL, args.overwrite)
+            check_json_output(args.out, TOOL, args.overwrite)
         base = resolve_model(args.model or None)
         models = {"base": load_model(base)} | {lora: load_model(base, lora) for lora in args.lora}
     except UserError as e:
@@ -123,8 +123,12 @@ def main(argv=None) -> int:
                 print(f"{name}: {category} ({split}, {s['prompts']} prompts): both present {s['both_present']:.3f}, "
                       f"relation given both {rel}, strict {s['strict']:.3f}", flush=True)
     if args.out:
-        write_json_output(args.out, {"chance": chance, "summaries": summaries, "reports": reports}, TOOL,
-                          args.overwrite)
+        try:
+            write_json_output(args.out, {"chance": chance, "summaries": summaries, "reports": reports}, TOOL,
+                              args.overwrite)
+        except UserError as e:  # the folder changed during the work
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

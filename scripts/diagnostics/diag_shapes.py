@@ -55,12 +55,12 @@ def main(argv=None) -> int:
     from dgpo.cli import load_model, resolve_model
     from dgpo.errors import UserError
     from dgpo.evaluation import SamplerConfig, generate
-    from dgpo.output_dir import check_output, write_json_output
+    from dgpo.output_dir import check_json_output, write_json_output
     from dgpo.worlds import shapes
     prompts = args.prompt or SINGLE_OBJECT
     try:
         if args.out:  # before the work: a file it may not write is refused first
-            check_output(args.out, TOOL, args.overwrite)
+            check_json_output(args.out, TOOL, args.overwrite)
         sampler = SamplerConfig(steps=args.steps, guidance_scale=args.cfg, solver=args.solver)
         for p in prompts:
             shapes.parse(p)
@@ -78,7 +78,11 @@ def main(argv=None) -> int:
             print(f"{name}: {prompt!r}: success {r['success']:.3f}, detected {r['detected']}, "
                   f"empty {r['empty_images']}, fill quartiles {r['fill_quartiles']}", flush=True)
     if args.out:
-        write_json_output(args.out, {"reports": reports}, TOOL, args.overwrite)
+        try:
+            write_json_output(args.out, {"reports": reports}, TOOL, args.overwrite)
+        except UserError as e:  # the folder changed during the work
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 
