@@ -27,7 +27,8 @@ left as it is):
 * ``bench_rl.json`` — every evaluation of every run, and the summary below;
 * ``bench_rl.md`` — per run: final test shapes-geneval (curve protocol and ``--final-per-prompt``), per
   category, quality FD, the peak and when it came, the training reward (mean of the first → last tenth of the
-  epochs), wall-clock and NFE to the target, and time-to-target as a ratio to DGPO's on the same seed;
+  epochs), wall-clock and NFE to the target, and each as a ratio to DGPO's on the same seed (NFE's is the same on
+  any machine, so runs split over machines compare by it);
 * ``bench_rl.png`` — test shapes-geneval against training wall-clock and against NFE, one curve per run;
 * ``bench_rl/<label>[-seed<k>]/`` — the run folders (config, metrics.jsonl, sample grids, final LoRA).
 
@@ -264,10 +265,13 @@ def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_fra
         same_seed = {k: d for k, d in rows.items() if d["method"] == "dgpo" and d["seed"] == r["seed"]}
         ref_rows = [d for k, d in same_seed.items() if k.split("-seed")[0] == "dgpo"] or list(same_seed.values())
         ref = ref_rows[0]["seconds_to_target"] if len(ref_rows) == 1 else None
-        s = r["seconds_to_target"]
+        ref_nfe = ref_rows[0]["nfe_to_target"] if len(ref_rows) == 1 else None
+        s, n = r["seconds_to_target"], r["nfe_to_target"]
         r["time_ratio_to_dgpo"] = (s / ref) if (s is not None and ref) else None
+        r["nfe_ratio_to_dgpo"] = (n / ref_nfe) if (n is not None and ref_nfe) else None  # the same on any machine
         spent = s is None and not r["running"] and r["budget_minutes"]
         r["time_ratio_above"] = (r["budget_minutes"] * 60 / ref) if (spent and ref) else None
+        r["nfe_ratio_above"] = (r["nfe"] / ref_nfe) if (spent and ref_nfe) else None
         line = straight_line_minutes(curves[label], target) if spent else None
         r["straight_line_minutes"] = line
         r["straight_line_ratio"] = (line * 60 / ref) if (line and ref) else None
@@ -281,7 +285,8 @@ def markdown(summary: dict) -> str:
     rows = summary["methods"]
     with_finals = any(r.get("final_eval") for r in rows.values())
     head = ["run", "base", "final", *(["final (64)", "FD (64)"] if with_finals else []), *cats, "FD",
-            "peak (min)", "train reward", "epochs", "min", "NFE", "min to target", "NFE to target", "time / DGPO's"]
+            "peak (min)", "train reward", "epochs", "min", "NFE", "min to target", "NFE to target", "time / DGPO's",
+            "NFE / DGPO's"]
     how = {"gain": f"= the base + {summary.get('target_gain')}", "absolute": "set with --target",
            "frac": f"= {summary.get('target_frac') or 0:.0%} of the best final score"}[summary.get("target_how", "frac")]
     reached = ("reached when two consecutive evaluations are at or above it; the time is the first of them"
@@ -308,7 +313,8 @@ def markdown(summary: dict) -> str:
             "-" if not r.get("train_reward") else "{:.3f} → {:.3f}".format(*r["train_reward"]), str(r["epochs"]),
             f"{r['train_seconds'] / 60:.1f}", f"{r['nfe']:.3g}", to_target,
             "-" if r["nfe_to_target"] is None else f"{r['nfe_to_target']:.3g}",
-            f"> {r['time_ratio_above']:.2f}" if r.get("time_ratio_above") else fmt(r["time_ratio_to_dgpo"], ".2f")])
+            f"> {r['time_ratio_above']:.2f}" if r.get("time_ratio_above") else fmt(r["time_ratio_to_dgpo"], ".2f"),
+            f"> {r['nfe_ratio_above']:.2f}" if r.get("nfe_ratio_above") else fmt(r.get("nfe_ratio_to_dgpo"), ".2f")])
             + " |")
     short = [(label, r) for label, r in rows.items() if r.get("straight_line_minutes")]
     if short:

@@ -249,9 +249,11 @@ def test_bench_time_to_target_protocol_per_seed(tmp_path):
     assert m["dgpo-seed0"]["seconds_to_target"] == 180      # 0.76 at 60 s alone does not count: 0.70 follows
     assert m["dgpo-seed1"]["seconds_to_target"] == 120 and m["dgpo-seed1"]["nfe_to_target"] == 1200
     assert m["flow_grpo-seed0"]["time_ratio_to_dgpo"] == pytest.approx(3.0)   # 540 / 180, seed 0's DGPO
+    assert m["flow_grpo-seed0"]["nfe_ratio_to_dgpo"] == pytest.approx(3.0)    # 5400 / 1800 transformer evaluations
+    assert m["flow_grpo-seed1"]["nfe_ratio_above"] == pytest.approx(4.0)      # its 4800 at the end / DGPO's 1200
     assert m["flow_grpo-seed1"]["seconds_to_target"] is None                 # one evaluation at the target
     table = bench.markdown(s)
-    assert "> 8 | - | > 4.00 |" in table and "the base + 0.15" in table and "two consecutive" in table
+    assert "> 8 | - | > 4.00 | > 4.00 |" in table and "| 3.00 | 3.00 |" in table and "the base + 0.15" in table and "two consecutive" in table
     assert "- flow_grpo-seed1: " in table and "an extrapolation" in table
 
     # the others' budget: 4 × DGPO's time to target on the seed, capped; the cap when DGPO missed it
