@@ -195,12 +195,10 @@ def check_report_outputs(json_path: Path, companions: list[Path], tool: str, ove
     ``overwrite=True``."""
     check_json_output(json_path, tool, overwrite, flag)
     pick = f"pick another {flag.replace('/', ' or ')}"
-    for path in companions:
-        if not path.exists():
-            continue
-        if _file_mark(Path(json_path)) != tool:  # (beside the tool's own JSON, check_output needed --overwrite)
-            raise UserError(f"{path} exists and is not part of a report {tool} wrote (no {Path(json_path).name} "
-                            f"of {tool}'s beside it): it is left as it is; {pick}")
+    taken = [path for path in companions if path.exists()]
+    if taken and _file_mark(Path(json_path)) != tool:  # (beside the tool's own JSON, check_output needed --overwrite)
+        raise UserError(f"{taken[0]} exists and is not part of a report {tool} wrote (no {Path(json_path).name} "
+                        f"of {tool}'s beside it): it is left as it is; {pick}")
 
 
 def write_report_json(files: list[Path], data: dict, tool: str, overwrite: bool = False,

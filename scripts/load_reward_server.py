@@ -196,13 +196,9 @@ def write_report(result: dict, out_dir: Path, name: str, overwrite: bool = False
 def main(argv=None) -> int:
     args = parse_args(argv)
     json_path, *companions = report_files(Path(args.out_dir), args.name)
-    try:  # before the work: a report it may not write is refused first
+    try:  # refused before the work, and checked again when written (the folder may change meanwhile)
         check_report_outputs(json_path, companions, TOOL, args.overwrite)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = run_load(args.clients, args.batches, args.batch, args.size, args.fault_every, args.max_seconds)
-    try:  # checked again: the folder may have changed during the work
+        result = run_load(args.clients, args.batches, args.batch, args.size, args.fault_every, args.max_seconds)
         paths = write_report(result, Path(args.out_dir), args.name, args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -101,6 +101,23 @@ def write_report(results: list[dict], out_dir: Path, name: str, command: str, ov
     return [json_path, md_path, png_path]
 
 
+def measure(steps: int) -> list[dict] | None:
+    """Every row's peak memory, seconds and command; None (its log's end printed) when a row's process fails."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="memory-profile-") as tmp:
+        work = Path(tmp)
+        for label, cmd in rows(steps, work):
+            peak, rc, seconds = peak_rss_of(cmd, work / f"{len(results)}.log")
+            if rc != 0:
+                print((work / f"{len(results)}.log").read_text()[-3000:], file=sys.stderr)
+                print(f"{label}: exit status {rc}", file=sys.stderr)
+                return None
+            results.append({"label": label, "peak_rss_gb": round(peak, 3), "seconds": round(seconds, 1),
+                            "argv": [str(a).replace(str(work), "WORK") for a in cmd[1 if cmd[0] == sys.executable else 0:]]})
+            print(f"{label}: {peak:.2f} GiB in {seconds:.0f} s", flush=True)
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=at_least(1), default=3, help="training steps per recipe (default 3)")
@@ -108,27 +125,14 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="memory_profile")
     p.add_argument("--overwrite", action="store_true", help="replace NAME.* written by an earlier run")
     args = p.parse_args(argv)
-    json_path, *companions = report_files(Path(args.out_dir), args.name)
-    try:  # before the work: a report it may not write is refused first
-        check_report_outputs(json_path, companions, TOOL, args.overwrite)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     command = f"python scripts/memory_profile.py --steps {args.steps}"  # where it writes changes nothing measured
-    results = []
-    with tempfile.TemporaryDirectory(prefix="memory-profile-") as tmp:
-        work = Path(tmp)
-        for label, cmd in rows(args.steps, work):
-            peak, rc, seconds = peak_rss_of(cmd, work / f"{len(results)}.log")
-            if rc != 0:
-                print((work / f"{len(results)}.log").read_text()[-3000:], file=sys.stderr)
-                print(f"{label}: exit status {rc}", file=sys.stderr)
-                return 1
-            results.append({"label": label, "peak_rss_gb": round(peak, 3), "seconds": round(seconds, 1),
-                            "argv": [str(a).replace(str(work), "WORK") for a in cmd[1 if cmd[0] == sys.executable else 0:]]})
-            print(f"{label}: {peak:.2f} GiB in {seconds:.0f} s", flush=True)
-    try:  # checked again: the folder may have changed during the work
-        paths = write_report(results, Path(args.out_dir), args.name, command.strip(), args.overwrite)
+    json_path, *companions = report_files(Path(args.out_dir), args.name)
+    try:  # refused before the work, and checked again when written (the folder may change meanwhile)
+        check_report_outputs(json_path, companions, TOOL, args.overwrite)
+        results = measure(args.steps)
+        if results is None:
+            return 1
+        paths = write_report(results, Path(args.out_dir), args.name, command, args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

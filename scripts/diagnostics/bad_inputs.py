@@ -129,10 +129,10 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace bad_inputs.* written by an earlier run")
     args = p.parse_args(argv)
     from dgpo.errors import UserError
-    from dgpo.output_dir import check_report_outputs, write_report_json
-    out = Path(args.out)
+    from dgpo.output_dir import check_report_outputs, report_files, write_report_json
+    report = report_files(args.out, "bad_inputs", (".json", ".md"))
     try:  # before the work: a report it may not write is refused first
-        check_report_outputs(out / "bad_inputs.json", [out / "bad_inputs.md"], TOOL, args.overwrite, "--out")
+        check_report_outputs(report[0], report[1:], TOOL, args.overwrite, "--out")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -141,8 +141,7 @@ def main(argv=None) -> int:
         rows.append(run_case(what, files, command))
         print(f"{'ok ' if rows[-1]['ok'] else 'BAD'} {what}: {rows[-1]['message'][:120]}", flush=True)
     try:  # checked again: the folder may have changed during the work
-        write_report_json([out / "bad_inputs.json", out / "bad_inputs.md"], {"cases": rows}, TOOL, args.overwrite,
-                          "--out")
+        write_report_json(report, {"cases": rows}, TOOL, args.overwrite, "--out")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -151,7 +150,7 @@ def main(argv=None) -> int:
         message = r["message"].replace("|", "\\|")
         flag = "" if r["ok"] else " **(not yet one line / status 2 / untouched)**"
         table.append(f"| {r['input']} | `{r['command']}` | {r['status']} | {message}{flag} |")
-    (out / "bad_inputs.md").write_text("\n".join(table) + "\n")
+    report[1].write_text("\n".join(table) + "\n")
     print(f"{sum(r['ok'] for r in rows)} of {len(rows)} cases give one line, exit status 2 and touch nothing")
     return 0
 
