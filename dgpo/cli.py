@@ -61,6 +61,13 @@ def train_config_keys() -> list[str]:
     return describe(train_config_class())
 
 
+def pretrain_config_keys() -> list[str]:
+    """Every key of the shapes base's pretraining config (``dgpo pretrain --help``)."""
+    from dgpo.config import describe
+    from dgpo.worlds.shapes_base.pretrain import PretrainConfig
+    return describe(PretrainConfig)
+
+
 def _prompts_from_args(args) -> list[str]:
     """--prompts FILE, else the prompts of --split of --world."""
     from dgpo.samples_io import read_prompt_file
@@ -348,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the tiny SD3 base for the shapes world on the CPU (autoencoder, then flow "
                        "matching), save it with save_pretrained into the cache (keyed by its config) and print its "
                        "shapes-geneval table. A second call with the same config only prints the cached result. The default "
-                       "config's base is shipped with the package, so for it this command only prints.")
+                       "config's base is shipped with the package, so for it this command only prints.",
+                       config_keys=pretrain_config_keys)
     p.add_argument("config", nargs="?", help=f"YAML config (default {DEFAULT_BASE_CONFIG.relative_to(CONFIG_DIR.parent)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. flow.steps=100")
     p.add_argument("--force", action="store_true", help="retrain from scratch into the cache even if a cached "

@@ -191,6 +191,8 @@ def load_config(cls, path: str | Path | None = None, overrides: Sequence[str] = 
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a folder; pass a YAML file, e.g. one under configs/")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file under configs/")
         try:

@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "image's reward) without touching the student, and report how well its implicit reward "
                        "orders fresh trajectory points by their true rewards: Kendall's τ per step, averaged over "
                        "prompts (0 = chance). Writes OUT/surrogate_lora (tdm-r1 train can start from it: --set "
-                       "surrogate.init=OUT/surrogate_lora) and OUT/ranking.json.")
+                       "surrogate.init=OUT/surrogate_lora) and OUT/ranking.json.",
+                       config_keys=lambda: describe(DistillConfig))
     add_config_args(p, DEFAULT_R1_CONFIG, "surrogate.lr=3e-4 or r1.init_run=runs/tdm-shapes",
                     "; r1.init_run names the student")
     p.add_argument("--updates", type=at_least(1), default=200, help="surrogate updates (default 200)")

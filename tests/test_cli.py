@@ -106,6 +106,18 @@ def test_train_help_lists_every_config_key_and_each_methods_section(capsys):
     assert "  r1.init_lora = " in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command, key", [(("dgpo", "pretrain"), "  data.fidelity = "),
+                                          (("dgpo", "pretrain"), "  threads = "),
+                                          (("tdm-r1", "surrogate"), "  surrogate.lr = ")])
+def test_every_config_command_help_lists_its_keys(capsys, command, key):
+    """Every command that takes `--set` lists its config keys in `--help` (the README sends users there)."""
+    from tdm_r1.cli import main as tdm_main
+    with pytest.raises(SystemExit):
+        (main if command[0] == "dgpo" else tdm_main)([command[1], "--help"])
+    out = capsys.readouterr().out
+    assert "config keys (--set KEY=VALUE)" in out and key in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["dgpo", "sample", "--split", "test", "--per-prompt", "0", "--out", "s"], "argument --per-prompt: must be at least 1, got 0"),
     (["dgpo", "eval", "--per-prompt", "-5"], "argument --per-prompt: must be at least 1, got -5"),

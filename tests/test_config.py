@@ -55,6 +55,9 @@ def test_unknown_key_lists_allowed_keys(tmp_path):
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(PretrainConfig, tmp_path / "nope.yaml")
+    (tmp_path / "configs").mkdir()
+    with pytest.raises(ConfigError, match="'.*configs' is a folder; pass a YAML file"):
+        load_config(PretrainConfig, tmp_path / "configs")
     bad = tmp_path / "bad.yaml"
     bad.write_text("flow: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
