@@ -132,6 +132,10 @@ def cmd_sample(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from tdm_r1.config import DistillConfig
     from dgpo.config import describe
+
+    def config_keys() -> list[str]:  # every command here reads a DistillConfig (``--help``'s key list)
+        return describe(DistillConfig)
+
     parser = OneLineParser(
         prog="tdm-r1", description="Few-step students for flow-matching text-to-image models: TDM distillation "
         "(arXiv 2503.06674), TDM-R1 reinforcement with a non-differentiable reward (arXiv 2603.07700), K-step "
@@ -144,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "that its diffused trajectory points match the teacher's marginals, using a fake score (a second "
                        "LoRA on the teacher's backbone). The run folder holds config.yaml, metrics.jsonl, samples/, "
                        "checkpoints/, final/lora with sampler.json + USAGE.md (the stock diffusers call), curves.png "
-                       "and summary.md.", config_keys=lambda: describe(DistillConfig))
+                       "and summary.md.", config_keys=config_keys)
     add_run_args(p, DEFAULT_DISTILL_CONFIG, "optim.generator_lr=1e-4 or run.time_budget_min=5")
     p.set_defaults(func=cmd_distill)
 
@@ -154,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "every point labelled with its final image's reward) whose guided x̂₀ gives the student a "
                        "reward direction. The student is only ever regressed onto x̂₀ targets: no denoising loss "
                        "touches it. Starts from the student of a `tdm-r1 distill` run (r1.init_run). Same run "
-                       "folder as `tdm-r1 distill`.", config_keys=lambda: describe(DistillConfig))
+                       "folder as `tdm-r1 distill`.", config_keys=config_keys)
     add_run_args(p, DEFAULT_R1_CONFIG, "r1.init_run=runs/tdm-shapes or surrogate.lr=3e-4")
     p.set_defaults(func=cmd_train)
 
@@ -165,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "orders fresh trajectory points by their true rewards: Kendall's τ per step, averaged over "
                        "prompts (0 = chance). Writes OUT/surrogate_lora (tdm-r1 train can start from it: --set "
                        "surrogate.init=OUT/surrogate_lora) and OUT/ranking.json.",
-                       config_keys=lambda: describe(DistillConfig))
+                       config_keys=config_keys)
     add_config_args(p, DEFAULT_R1_CONFIG, "surrogate.lr=3e-4 or r1.init_run=runs/tdm-shapes",
                     "; r1.init_run names the student")
     p.add_argument("--updates", type=at_least(1), default=200, help="surrogate updates (default 200)")

@@ -1,6 +1,7 @@
 """Every relative link in the README and docs/ points at a file that exists, and every #anchor at a heading of it."""
 
 import re
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,6 +14,7 @@ def github_slug(heading: str) -> str:
     return text.replace(" ", "-")
 
 
+@cache  # a page linked many times is read once
 def anchors(markdown: Path) -> set[str]:
     lines = markdown.read_text().splitlines()
     in_code = False
