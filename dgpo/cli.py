@@ -22,9 +22,10 @@ from dgpo.cli_args import OneLineParser, at_least, finite  # noqa: E402
 from dgpo.errors import UserError  # noqa: E402
 from dgpo.models.lora_io import check_lora_folder  # noqa: E402  (light: no torch)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_BASE_CONFIG = CONFIG_DIR / "base" / "shapes_grammar_fidelity0.5.yaml"  # shipped pretrained
-DEFAULT_TRAIN_CONFIG = CONFIG_DIR / "dgpo" / "shapes.yaml"
+from dgpo.recipes import recipe, recipe_name, recipes_dir  # noqa: E402
+
+DEFAULT_BASE_CONFIG = recipe("base/shapes_grammar_fidelity0.5.yaml")  # its base is shipped pretrained
+DEFAULT_TRAIN_CONFIG = recipe("dgpo/shapes.yaml")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -325,7 +326,8 @@ def _add_out_args(p, what: str, required: bool = True) -> None:
 def add_config_args(p, default_config: Path, set_example: str, note: str = "") -> None:
     """CONFIG (optional, ``default_config`` when left out) and --set KEY=VALUE overrides."""
     p.add_argument("config", nargs="?",
-                   help=f"YAML config (default {default_config.relative_to(CONFIG_DIR.parent)}{note})")
+                   help=f"YAML config (default {recipe_name(default_config)}{note}; the shipped recipes are in "
+                        f"{recipes_dir()}, a relative configs/... path not found here is taken from there)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config key, e.g. {set_example}")
 
@@ -357,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "shapes-geneval table. A second call with the same config only prints the cached result. The default "
                        "config's base is shipped with the package, so for it this command only prints.",
                        config_keys=pretrain_config_keys)
-    p.add_argument("config", nargs="?", help=f"YAML config (default {DEFAULT_BASE_CONFIG.relative_to(CONFIG_DIR.parent)})")
+    p.add_argument("config", nargs="?", help=f"YAML config (default {recipe_name(DEFAULT_BASE_CONFIG)}; the shipped "
+                   f"recipes are in {recipes_dir()}, a relative configs/... path not found here is taken from there)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. flow.steps=100")
     p.add_argument("--force", action="store_true", help="retrain from scratch into the cache even if a cached "
                    "or shipped base (or an unfinished pretraining of this config) exists")

@@ -190,7 +190,8 @@ def load_config(cls, path: str | Path | None = None, overrides: Sequence[str] = 
     """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
+        from dgpo.recipes import resolve_config_path
+        path = resolve_config_path(path)
         if path.is_dir():
             raise ConfigError(f"config file {str(path)!r} is a folder; pass a YAML file, e.g. one under configs/")
         if not path.is_file():

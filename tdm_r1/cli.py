@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,10 +21,10 @@ from dgpo.cli import (_add_model_args, _add_out_args, _add_prompt_args, _prompts
                       add_run_args, load_model, resolve_model, run_command, train_command)
 from dgpo.cli_args import OneLineParser, at_least  # noqa: E402
 from dgpo.errors import UserError  # noqa: E402
+from dgpo.recipes import recipe  # noqa: E402
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_DISTILL_CONFIG = CONFIG_DIR / "tdm" / "shapes.yaml"
-DEFAULT_R1_CONFIG = CONFIG_DIR / "tdm_r1" / "shapes.yaml"
+DEFAULT_DISTILL_CONFIG = recipe("tdm/shapes.yaml")
+DEFAULT_R1_CONFIG = recipe("tdm_r1/shapes.yaml")
 
 
 def cmd_distill(args) -> None:

@@ -4,6 +4,8 @@ import os
 import tempfile
 from contextlib import contextmanager
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two worker processes share the cores: one torch thread each, unless
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the caller set a count (also for the commands tests start)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tests never touch the user's cache: everything cached goes to a fresh folder for this session.
@@ -20,6 +22,45 @@ TINY_BASE = [
     "model.transformer.num_layers=2", "model.transformer.num_heads=2", "model.transformer.head_dim=16",
     "model.text.num_layers=2", "model.text.hidden_size=32", "model.text.projection_dim=32",
 ]
+
+
+# ----------------------------------------------------------------------------------------- outcome margins
+# A test whose verdict depends on a training or sampling outcome (a reward rises, a loss falls, a verifier
+# scores a sample) takes the ``outcome_seed`` fixture and ends with :func:`assert_margin`. The default run
+# uses seed 0; ``DGPO_OUTCOME_SEEDS=0,1,2`` runs each such test once per seed, and ``DGPO_OUTCOME_LOG=FILE``
+# appends every measured margin to FILE (JSON lines): ``python scripts/diagnostics/outcome_margins.py`` runs
+# them under 1 thread and the default thread count and writes the table that the docstrings quote.
+OUTCOME_SEEDS = [int(s) for s in os.environ.get("DGPO_OUTCOME_SEEDS", "0").split(",") if s.strip()]
+
+
+def pytest_generate_tests(metafunc):
+    if "outcome_seed" in metafunc.fixturenames:
+        metafunc.parametrize("outcome_seed", OUTCOME_SEEDS, ids=[f"seed{s}" for s in OUTCOME_SEEDS])
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that takes ``outcome_seed`` is marked ``outcome`` (``pytest -m outcome`` selects them all)."""
+    for item in items:
+        if "outcome_seed" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.outcome)
+
+
+def assert_margin(effect: float, required: float, what: str, **detail):
+    """Assert that a measured ``effect`` reaches ``required`` (both > 0 when it passes: e.g. a reward's rise
+    and the smallest rise the test accepts), and log the margin ``effect / required`` when
+    ``$DGPO_OUTCOME_LOG`` names a file. ``what`` names the quantity; ``detail`` (the raw values) goes into
+    the log and the failure message."""
+    import json
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    log = os.environ.get("DGPO_OUTCOME_LOG")
+    if log:
+        row = {"test": test, "what": what, "effect": float(effect), "required": float(required),
+               "margin": float(effect) / float(required) if required > 0 else float("inf"),
+               "threads": torch.get_num_threads(),
+               **{k: float(v) if isinstance(v, (int, float)) else v for k, v in detail.items()}}
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    assert effect >= required, f"{what}: {effect:.4g} < {required:.4g}; {detail}"
 
 
 def load_script(relative: str):

@@ -4,14 +4,16 @@ import json
 
 import numpy as np
 import torch
-from conftest import load_script
+from conftest import assert_margin, load_script
 
 
 def load_oracle_script():
     return load_script("scripts/diagnostics/diag_oracle_sft.py")
 
 
-def test_training_on_renders_lowers_the_flow_matching_loss_on_held_out_renders(tiny_base):
+def test_training_on_renders_lowers_the_flow_matching_loss_on_held_out_renders(tiny_base, outcome_seed):
+    """25 supervised steps on renders lower the flow-matching loss on other renders by at least 6% (it falls by
+    about 21%). Measured margin, (1 − after/before) / 0.06 over seeds 0-2 at 1 and 2 threads: 3.4-3.5×."""
     from dgpo.cli import load_model
     from dgpo.models.lora import add_lora
     from dgpo.worlds import shapes
@@ -24,11 +26,13 @@ def test_training_on_renders_lowers_the_flow_matching_loss_on_held_out_renders(t
         with torch.no_grad():
             return oracle.flow_matching_loss(model, images, chosen, torch.Generator().manual_seed(7)).item()
 
-    params = add_lora(model.transformer, rank=4)
+    params = add_lora(model.transformer, rank=4, seed=outcome_seed)
     before = held_out_loss()
-    curve = oracle.train_on_renders(model, params, prompts, lr=1e-2, batch=16, seconds=600, max_steps=25, seed=0)
+    curve = oracle.train_on_renders(model, params, prompts, lr=1e-2, batch=16, seconds=600, max_steps=25,
+                                    seed=outcome_seed)
     assert len(curve) == 25
-    assert held_out_loss() < 0.9 * before
+    after = held_out_loss()
+    assert_margin(1 - after / before, 0.06, "held-out flow-matching loss: relative fall", before=before, after=after)
 
 
 def test_cli_writes_a_loadable_lora_and_refuses_bad_input(tiny_base, tmp_path, capsys):

@@ -105,3 +105,44 @@ def test_the_sd35_medium_r1_recipes_hold_the_released_per_task_settings(task, re
                                                                        surrogate_t_min, 1e-3)
     assert (cfg.reward.name, cfg.optim.generator_lr, cfg.student.ema_decay) == (reward, 7.5e-5, 0.9)
     assert "GPUs:" in path.read_text() and "tdm-r1 convert" in path.read_text()
+
+
+# ------------------------------------------------------------------------------- the recipes in the package
+
+def test_the_package_reaches_the_repositorys_recipes_and_the_wheel_carries_every_one():
+    """One copy of every recipe: the package's recipe folder (dgpo/configs, found with importlib.resources) is
+    the repository's configs/, and the wheel's package-data pattern (configs/*/*.yaml) matches every file in it,
+    so an installed package has them all."""
+    import tomllib
+    from dgpo.recipes import recipes_dir
+    assert recipes_dir().resolve() == (ROOT / "configs").resolve()
+    assert (ROOT / "dgpo" / "configs").is_symlink() and not (ROOT / "configs").is_symlink()
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["dgpo"]
+    assert patterns == ["configs/*/*.yaml"]
+    every_file = sorted(p for p in (ROOT / "configs").rglob("*") if p.is_file())
+    assert every_file == sorted((ROOT / "configs").glob("*/*.yaml")) and len(every_file) > 15
+
+
+def test_a_recipe_named_as_the_readme_names_it_is_found_from_any_directory(tmp_path, monkeypatch):
+    from dgpo.config import ConfigError
+    from dgpo.recipes import recipe, resolve_config_path
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_path("configs/dgpo/shapes.yaml") == recipe("dgpo/shapes.yaml")
+    assert load_train_config("configs/flow_grpo/shapes.yaml").objective.name == "flow_grpo"
+    # a user's own file of that name, where they are, comes first
+    own = tmp_path / "configs" / "dgpo" / "shapes.yaml"
+    own.parent.mkdir(parents=True)
+    own.write_text("objective:\n  name: nft\n")
+    assert resolve_config_path("configs/dgpo/shapes.yaml") == Path("configs/dgpo/shapes.yaml")
+    assert load_train_config("configs/dgpo/shapes.yaml").objective.name == "nft"
+    with pytest.raises(ConfigError, match="configs/dgpo/missing.yaml' does not exist"):
+        load_train_config("configs/dgpo/missing.yaml")
+
+
+def test_help_names_the_default_recipe_and_where_the_recipes_live(capsys):
+    from dgpo.cli import main
+    from dgpo.recipes import recipes_dir
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    squeezed = "".join(capsys.readouterr().out.split())   # argparse wraps lines, at hyphens too
+    assert "defaultconfigs/dgpo/shapes.yaml" in squeezed and "".join(str(recipes_dir()).split()) in squeezed

@@ -146,3 +146,23 @@ def test_bad_inputs_refuses_a_users_file_before_running_its_cases(tmp_path, caps
     mine = users_file(tmp_path, "bad_inputs.md")
     for extra in ([], ["--overwrite"]):
         refused(capsys, lambda: diag.main(["--out", str(tmp_path), *extra]), mine)
+
+
+def test_outcome_margins_summarises_logs_and_flags_a_margin_below_3(tmp_path, capsys):
+    """scripts/diagnostics/outcome_margins.py --from-logs: per test and quantity (seeds folded), the smallest and
+    largest margin; exit status 1 when one is below 3×; a user's file of a report's name is left alone."""
+    script = load_script("scripts/diagnostics/outcome_margins.py")
+    log = tmp_path / "a.jsonl"
+    rows = [{"test": f"tests/t.py::test_x[seed{s}-m]", "what": "rise", "effect": e, "required": 0.01,
+             "margin": e / 0.01, "threads": t} for s, e, t in ((0, 0.05, 1), (1, 0.02, 1), (0, 0.06, 2))]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert script.main(["--from-logs", str(log), "--out-dir", str(tmp_path / "out")]) == 1   # 2.0× at seed 1
+    (entry,) = json.loads((tmp_path / "out" / "outcome_margins.json").read_text())["tests"]
+    assert entry["test"] == "tests/t.py::test_x[m]" and entry["runs"] == 3
+    assert (entry["min_margin"], entry["max_margin"]) == pytest.approx((2.0, 6.0))
+    assert "**below 3×**" in (tmp_path / "out" / "outcome_margins.md").read_text()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "outcome_margins.md").write_text("my notes")
+    assert script.main(["--from-logs", str(log), "--out-dir", str(mine)]) == 2
+    assert (mine / "outcome_margins.md").read_text() == "my notes" and "left as it is" in capsys.readouterr().err

@@ -96,12 +96,16 @@ def test_a_server_that_is_down_is_skipped_for_the_next(renders):
 # ------------------------------------------------------------------------------------------- client errors
 
 def test_remote_not_reachable():
+    """A refused connection is retried after each backoff and then reported, without waiting for the answer
+    timeout (10 s, so that a slow or loaded machine stays far below it: 0.25 s measured, 20x under the
+    bound of half a timeout)."""
     url = f"http://127.0.0.1:{_free_port()}/score"
     start = time.monotonic()
     with pytest.raises(UserError, match=r"not reachable.*reward.url.*after 3 attempts") as info:
-        RemoteReward(url, timeout=1.0, retries=2, backoff=0.05)(np.zeros((1, 8, 8, 3), np.uint8), ["x"])
+        RemoteReward(url, timeout=10.0, retries=2, backoff=0.05)(np.zeros((1, 8, 8, 3), np.uint8), ["x"])
     assert url in str(info.value)
-    assert 0.15 <= time.monotonic() - start < 2.0  # two backoffs: 0.05 + 0.1 s
+    elapsed = time.monotonic() - start
+    assert 0.15 <= elapsed < 5.0, elapsed  # two backoffs: 0.05 + 0.1 s; not one timeout
 
 
 GARBAGE = {
@@ -223,11 +227,13 @@ def test_bodies_and_images_are_bounded(renders):
             assert answer.status_code == 413 and "4096 x 4096" in answer.json()["error"]
         # a client that stalls mid-body is cut off after body_timeout
         host, port = server.url.split("//")[1].split("/")[0].split(":")
-        with socket.create_connection((host, int(port)), timeout=5) as sock:
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
             sock.sendall(b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{\"prompts\"")
             start = time.monotonic()
             reply = sock.recv(4096)
-            assert b"408" in reply.split(b"\r\n")[0] and time.monotonic() - start < 3
+            elapsed = time.monotonic() - start
+            # about 0.5 s measured; the bound leaves a slow or loaded machine 20 × body_timeout
+            assert b"408" in reply.split(b"\r\n")[0] and elapsed < 10, (reply[:80], elapsed)
 
 
 # ------------------------------------------------------------------------------------------- the command

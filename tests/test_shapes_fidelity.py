@@ -7,6 +7,7 @@ import math
 from collections import Counter
 
 import numpy as np
+from conftest import assert_margin
 
 from dgpo.worlds import shapes_captions as C
 from dgpo.worlds import shapes_fidelity as F
@@ -31,7 +32,11 @@ def corruption_kind(src: str, dst: str) -> str | None:
     return None
 
 
-def test_corrupted_fraction_and_each_corruption_is_one_allowed_change():
+def test_corrupted_fraction_and_each_corruption_is_one_allowed_change(outcome_seed):
+    """Margin framing (the corrupted fraction): tolerance 8σ vs |observed − expected|, σ the binomial
+    standard error of 57 600 captions (8σ = 0.015; it was 4σ of 11 520 captions, 0.017), the observed
+    deviation at least one caption (1/n).
+    Measured margin (seeds 0-2, 1 and 2 threads): 14-109x."""
     pool = C.pretraining_captions()
     allowed = set(pool)
     # applicable = some allowed caption is one corruption away; none for uncoloured single / two-object
@@ -44,12 +49,14 @@ def test_corrupted_fraction_and_each_corruption_is_one_allowed_change():
     expected = (1 - p) * len(applicable) / len(pool)  # 0.3 * 565 / 576 = 0.2943
     assert math.isclose(F.expected_corrupted_fraction(pool, p, allowed), expected)
 
-    entries = pool * 20
-    out = F.with_fidelity(entries, p, np.random.default_rng(0), allowed)
+    entries = pool * 100
+    out = F.with_fidelity(entries, p, np.random.default_rng(outcome_seed), allowed)
     corrupted = [(s, d) for s, d in zip(entries, out) if s != d]
     n = len(entries)
     sigma = math.sqrt(expected * (1 - expected) / n)
-    assert abs(len(corrupted) / n - expected) < 4 * sigma, (len(corrupted) / n, expected)
+    assert_margin(8 * sigma, max(abs(len(corrupted) / n - expected), 1 / n),
+                  "corrupted fraction: 8 standard errors vs |observed - expected|", rate=len(corrupted) / n,
+                  expected=expected)
     kinds = Counter()
     for src, dst in corrupted:
         kind = corruption_kind(src, dst)
@@ -59,15 +66,20 @@ def test_corrupted_fraction_and_each_corruption_is_one_allowed_change():
     assert set(kinds) == set(F.KINDS)
 
 
-def test_kind_first_then_result_uniformly():
+def test_kind_first_then_result_uniformly(outcome_seed):
+    """Margin framing: tolerance 8σ vs |observed count_off share − 1/2|, σ = √(¼ / 20 000) (8σ = 0.028;
+    it was 4σ of 4000 draws, 0.032; 2/5, the share if results were uniform, is 28σ away), the observed
+    deviation at least one draw (1/n).
+    Measured margin (seeds 0-2, 1 and 2 threads): 5.6-141x."""
     caption = "a photo of three red circles"  # count_off: 2 results; wrong_colour: 3 results
     assert caption in C.pretraining_captions()
     options = F.corruptions(caption)
     assert {k: len(v) for k, v in options.items()} == {"wrong_colour": 3, "count_off": 2}
-    rng = np.random.default_rng(1)
-    draws = Counter(F.corrupt(caption, rng) for _ in range(4000))
-    count_off = sum(v for k, v in draws.items() if corruption_kind(caption, k) == "count_off") / 4000
-    assert abs(count_off - 0.5) < 4 * math.sqrt(0.25 / 4000)  # kinds uniform: 1/2, not 2/5
+    rng, n = np.random.default_rng(1 + outcome_seed), 20_000
+    draws = Counter(F.corrupt(caption, rng) for _ in range(n))
+    count_off = sum(v for k, v in draws.items() if corruption_kind(caption, k) == "count_off") / n
+    assert_margin(8 * math.sqrt(0.25 / n), max(abs(count_off - 0.5), 1 / n),  # kinds uniform: 1/2, not 2/5
+                  "count_off share: 8 standard errors vs |observed - 1/2|", share=count_off)
     assert set(draws) == set(options["wrong_colour"]) | set(options["count_off"])
 
 

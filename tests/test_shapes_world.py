@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from PIL import Image
+from conftest import assert_margin
 
 from dgpo.worlds import shapes as W
 
@@ -389,17 +390,28 @@ def test_geneval():
         W.geneval({"a photo of a dog": [1.0]})
 
 
-def test_geneval_standard_error_is_the_spread_over_fresh_images():
+def test_geneval_standard_error_is_the_spread_over_fresh_images(outcome_seed):
     """The analytic seed noise equals the standard deviation of shapes-geneval over many simulated
-    re-evaluations (each prompt passes with its own probability; images drawn afresh each time)."""
-    rng = np.random.default_rng(0)
+    re-evaluations (each prompt passes with its own probability; images drawn afresh each time).
+
+    shapes-geneval is a weighted mean of the prompts' mean scores: its weights are read off the metric (one
+    prompt scoring 1, the others 0) and checked on real draws, so the spread is taken over 20 000 draws
+    (relative standard error 0.5 %; it was 1.6 % over 2000 calls of the metric, a third of the tolerance).
+    Margin framing: relative tolerance 0.05 vs |mean estimate (200 draws) / spread − 1|.
+    Measured margin (seeds 0-2, 1 and 2 threads): 7.9-31x."""
+    rng = np.random.default_rng(outcome_seed)
     prompts = W.prompts("test")
-    pass_rate = dict(zip(prompts, rng.uniform(0, 1, len(prompts))))
+    pass_rate = rng.uniform(0, 1, len(prompts))
     n = 16
-    draws = [{p: rng.random(n) < q for p, q in pass_rate.items()} for _ in range(2000)]
-    spread = np.std([W.geneval(d)["overall"] for d in draws])
-    estimates = [W.geneval_standard_error(d) for d in draws[:200]]
-    assert np.mean(estimates) == pytest.approx(spread, rel=0.05)
+    weight = np.array([W.geneval({q: [float(q == p)] for q in prompts})["overall"] for p in prompts])
+    passes = rng.random((20_000, len(prompts), n)) < pass_rate[:, None]  # draw, prompt, image
+    overall = passes.mean(axis=2) @ weight
+    draws = [dict(zip(prompts, passes[i])) for i in range(200)]
+    assert all(W.geneval(d)["overall"] == pytest.approx(overall[i], abs=1e-12) for i, d in enumerate(draws[:20]))
+    spread = overall.std()
+    estimate = np.mean([W.geneval_standard_error(d) for d in draws])
+    assert_margin(0.05, abs(estimate / spread - 1), "analytic SE vs empirical spread: tolerance vs |relative "
+                  "deviation|", estimate=estimate, spread=spread)
     # by hand on two categories: w = 1/(2·P_c); Var = Σ w²·s²/n
     scores = {"a photo of a circle": [1, 0], "a photo of a square": [1, 1, 1, 1], "a photo of a red square": [0, 1]}
     by_hand = (0.25 ** 2 * 0.5 / 2) + 0 + (0.5 ** 2 * 0.5 / 2)
@@ -414,14 +426,19 @@ def test_geneval_of_renders_is_one():
 
 
 def test_score_is_fast():
+    """Scoring an image takes well under 5 ms: the best of 5 batches of 40 (the best batch is the one that a
+    loaded machine slowed least), measured at 0.26 ms on an idle 2-core box (19x under the bound)."""
     import time
 
     prompt = "a photo of four triangles"
     im = W.render(prompt, 32, 0)
-    t0 = time.perf_counter()
-    for _ in range(200):
-        W.score(im, prompt)
-    assert (time.perf_counter() - t0) / 200 < 5e-3  # ~0.25 ms measured; generous for a loaded CI box
+    per_score = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(40):
+            W.score(im, prompt)
+        per_score.append((time.perf_counter() - t0) / 40)
+    assert min(per_score) < 5e-3, per_score
 
 
 def test_shape_diagnostic_reads_renders_as_their_shapes():

@@ -14,9 +14,12 @@ import yaml
 
 from dgpo.cli import DEFAULT_BASE_CONFIG, load_base_config, main
 from dgpo.config import to_dict
+from dgpo.recipes import recipe_name
 from dgpo.worlds import shapes
 from dgpo.worlds.shapes_base.pretrain import base_key, ensure_base
 from dgpo.worlds.shapes_base.shipped import SHIPPED_ROOT, shipped_base, shipped_bases, shipped_record
+
+from conftest import assert_margin
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +54,7 @@ def test_every_shipped_base_records_the_config_file_it_names(shipped):
         assert recorded == named
         assert base_key(load_base_config(config_file)) == key
         assert record["command"].startswith(f"dgpo pretrain {record['config']} --ignore-shipped")
-    assert shipped_record(shipped)["config"] == str(DEFAULT_BASE_CONFIG.relative_to(REPO))
+    assert shipped_record(shipped)["config"] == recipe_name(DEFAULT_BASE_CONFIG)
 
 
 def test_shipped_bases_fit_the_package_budget():
@@ -59,18 +62,21 @@ def test_shipped_bases_fit_the_package_budget():
     assert total <= 30 * 2**20, f"{total / 2**20:.1f} MB shipped"
 
 
-def test_stock_diffusers_loads_and_samples_the_shipped_base(shipped):
+def test_stock_diffusers_loads_and_samples_the_shipped_base(shipped, outcome_seed):
+    """It draws what it is asked for: the verifier passes at least a quarter of 9 images of the single-object
+    prompts (the base scores 1.00 on them at 64 images each; a broken base gets ~0; a coloured object, e.g. a
+    red circle, it draws only 25-75% of the time). Measured margin (the fraction passed over 0.25), seeds 0-2 at
+    1 and 2 threads: 4.0× (9 of 9 passed at every seed)."""
     from diffusers import StableDiffusion3Pipeline
     pipe = StableDiffusion3Pipeline.from_pretrained(str(shipped), text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
-    prompts = ["a photo of a red circle"] * 4
+    prompts = [p for p in shapes.prompts("all") if shapes.category(p) == "single_object"] * 3
     out = pipe(prompts, num_inference_steps=20, guidance_scale=1.5, max_sequence_length=0, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images
-    assert out.shape == (4, 32, 32, 3)
+               generator=torch.Generator().manual_seed(outcome_seed)).images
+    assert out.shape == (9, 32, 32, 3)
     images = (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
-    # it draws what it is asked for: the verifier finds one red circle in most images (the base scores 1.00 on
-    # single-object prompts at 64 images each; 3 of 4 leaves room for sampling noise, a broken base gets ~0)
-    assert sum(shapes.score_batch(images, prompts)) >= 3
+    found = float(np.mean(shapes.score_batch(images, prompts)))
+    assert_margin(found, 0.25, "fraction of images the verifier passes")
 
 
 def test_dgpo_pretrain_prints_the_shipped_base_and_writes_nothing_into_it(shipped, capsys):

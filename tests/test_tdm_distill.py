@@ -16,6 +16,8 @@ from tdm_r1.cli import main
 from tdm_r1.config import load_distill_config
 from tdm_r1.distill import Distiller, prepare_run_dir
 
+from conftest import assert_margin
+
 TINY_RUN = ["run.time_budget_min=0", "optim.batch_size=8", "eval.per_prompt=1", "eval.fd=false",
             "eval.every=1000", "student.lora_rank=4", "student.lora_alpha=4", "fake.lora_rank=4", "fake.lora_alpha=4",
             "run.checkpoint_every=1000"]
@@ -26,8 +28,12 @@ def tiny_cfg(tiny_base, out, *extra):
                                [f"teacher.base={tiny_base}", f"run.out_dir={out}", *TINY_RUN, *extra])
 
 
-def test_fake_score_update_lowers_its_loss_on_a_fixed_batch(tiny_base, tmp_path):
-    d = Distiller(tiny_cfg(tiny_base, tmp_path / "run", "optim.fake_lr=1e-2"), log=lambda *a: None)
+def test_fake_score_update_lowers_its_loss_on_a_fixed_batch(tiny_base, tmp_path, outcome_seed):
+    """30 fake-score updates on one batch lower the fake loss on it by at least 1.5% (and move nothing else;
+    much of the loss is the irreducible denoising error, so it falls by 6-7%). Measured margin,
+    (1 − after/before) / 0.015 over seeds 0-2 at 1 and 2 threads: 3.8-4.5× (falls of 5.8-6.7%)."""
+    d = Distiller(tiny_cfg(tiny_base, tmp_path / "run", "optim.fake_lr=1e-2", f"run.seed={outcome_seed}"),
+                  log=lambda *a: None)
     rollout = d.rollout(d.sample_prompts(8))
     points = d.trajectory_points(rollout)
     with torch.no_grad():
@@ -38,7 +44,8 @@ def test_fake_score_update_lowers_its_loss_on_a_fixed_batch(tiny_base, tmp_path)
         d.fake_update(rollout, points)
     with torch.no_grad():
         after, _ = d.fake_loss(rollout, points)
-    assert after.item() < 0.95 * before.item(), (before.item(), after.item())
+    assert_margin(1 - after.item() / before.item(), 0.015, "fake loss: relative fall", before=before.item(),
+                  after=after.item())
     # Only the fake score moved.
     assert all(torch.equal(a, b) for a, b in zip(student_before, d.student_params))
 
@@ -55,14 +62,15 @@ def _distance_to_teacher(d, prompts, seeds):
     return ((ours - target) ** 2).mean().item()
 
 
-def test_distillation_moves_the_student_towards_the_teacher(tiny_base, tmp_path):
+def test_distillation_moves_the_student_towards_the_teacher(tiny_base, tmp_path, outcome_seed):
     """A few TDM iterations bring the student's 4-step samples closer to the teacher's 20-step CFG samples
     on a fixed seed set. The tiny test base is barely trained, so its 4-step and 20-step samples already
     almost agree; the student therefore starts from perturbed LoRA weights (B ≠ 0), i.e. away from the
-    teacher, as a real student's few-step samples are."""
+    teacher, as a real student's few-step samples are. The distance must fall by at least 12% (it falls by
+    44-68%); measured margin, (1 − after/before) / 0.12 over seeds 0-2 at 1 and 2 threads: 3.7-5.6×."""
     d = Distiller(tiny_cfg(tiny_base, tmp_path / "run", "optim.generator_lr=1e-3", "optim.fake_lr=4e-3",
-                           "optim.batch_size=16"), log=lambda *a: None)
-    g = torch.Generator().manual_seed(0)
+                           "optim.batch_size=16", f"run.seed={outcome_seed}"), log=lambda *a: None)
+    g = torch.Generator().manual_seed(outcome_seed)
     with torch.no_grad():
         for name, p in d.teacher.transformer.named_parameters():
             if ".student." in name and "lora_B" in name:
@@ -73,7 +81,7 @@ def test_distillation_moves_the_student_towards_the_teacher(tiny_base, tmp_path)
     for _ in range(30):
         d.iteration()
     after = _distance_to_teacher(d, prompts, seeds)
-    assert after < 0.75 * before, (before, after)
+    assert_margin(1 - after / before, 0.12, "student-teacher distance: relative fall", before=before, after=after)
 
 
 @pytest.mark.parametrize("targets", ["attention", "attention_ff"])

@@ -15,6 +15,8 @@ from tdm_r1.config import load_distill_config
 from tdm_r1.distill import Distiller
 from tdm_r1.objectives import bridge_velocity, transition_sample
 
+from conftest import assert_margin
+
 
 class Brightness:
     """Mean pixel value in [0, 1]: dense, so every group has a preference."""
@@ -177,6 +179,10 @@ def test_r1_runs_resumes_exactly_and_starts_from_a_tdm_run(tiny_base, tmp_path, 
     assert "trained another student (student.lora_rank: 4 there, 8 here" in capsys.readouterr().err
 
 
+REQUIRED_TAU = 0.05
+REQUIRED_R1_EXCESS = 0.005
+
+
 @pytest.fixture(scope="module")
 def briefly_pretrained_base():
     """A tiny base with 300 flow steps: its images differ enough between noises for a reward to order them
@@ -191,11 +197,12 @@ def briefly_pretrained_base():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-def test_trained_surrogate_ranks_fresh_trajectory_points(briefly_pretrained_base, tmp_path, seed):
+def test_trained_surrogate_ranks_fresh_trajectory_points(briefly_pretrained_base, tmp_path, outcome_seed):
     """100 surrogate updates on rollouts of two prompts (4 per group); then on *fresh* rollouts of those prompts
     (16 per prompt), the implicit reward at the last two steps orders the points like their true rewards:
-    mean Kendall τ ≥ 0.1 over three evaluation seeds (chance 0; measured 0.19–0.33 on seeds 0–2)."""
+    mean Kendall τ over three evaluation seeds at least REQUIRED_TAU (chance 0). Measured margin, seeds 0-2 at
+    1 and 2 threads: 4.3-5.1× (mean τ 0.22-0.26)."""
+    seed = outcome_seed
     d = Distiller(tiny_cfg(briefly_pretrained_base, tmp_path / "run", "optim.batch_size=8", "r1.group_size=4",
                            "surrogate.lr=3e-3", f"run.seed={seed}"), log=lambda *a: None)
     d.train_prompts = d.train_prompts[:2]
@@ -216,16 +223,18 @@ def test_trained_surrogate_ranks_fresh_trajectory_points(briefly_pretrained_base
         ranking = d.surrogate.ranking(r.states, d.sigmas, scored.rewards, scored.group_ids, r.embeds,
                                       torch.Generator().manual_seed(eval_seed))
         taus += [ranking[k_max - 1], ranking[k_max]]
-    assert np.mean(taus) >= 0.1, taus
+    assert_margin(float(np.mean(taus)), REQUIRED_TAU, "mean Kendall τ of the surrogate on fresh points",
+                  taus=str(np.round(taus, 3).tolist()))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-def test_r1_raises_the_training_reward_more_than_tdm_alone(briefly_pretrained_base, tmp_path, seed):
+def test_r1_raises_the_training_reward_more_than_tdm_alone(briefly_pretrained_base, tmp_path, outcome_seed):
     """60 iterations from the same student on the same seeds: TDM-R1 with the brightness reward raises the mean
-    brightness of 32 fixed rollouts more than TDM alone (measured: 0.025–0.030 against 0.0065–0.008 on seeds
-    0–2 with the reward direction weighted 3; at the default 0.7 the tiny model's gain is within TDM's on one
-    seed of three)."""
+    brightness of 32 fixed rollouts by at least REQUIRED_R1_EXCESS more than TDM alone does (the reward
+    direction weighted 3; at the default 0.7 the tiny model's gain is within TDM's on one seed of three).
+    Measured margin, seeds 0-2 at 1 and 2 threads: 3.9-4.4× (R1 gains 0.027-0.030, TDM
+    0.006-0.008)."""
+    seed = outcome_seed
     def brightness_after(r1: bool) -> tuple[float, float]:
         d = Distiller(tiny_cfg(briefly_pretrained_base, tmp_path / f"r1-{r1}", "optim.batch_size=8",
                                "r1.group_size=4", "optim.generator_lr=1e-3", "surrogate.lr=3e-3",
@@ -250,7 +259,8 @@ def test_r1_raises_the_training_reward_more_than_tdm_alone(briefly_pretrained_ba
     tdm_before, tdm_after = brightness_after(False)
     r1_before, r1_after = brightness_after(True)
     assert tdm_before == pytest.approx(r1_before, abs=1e-6)  # the same starting student
-    assert r1_after - r1_before > 1.5 * (tdm_after - tdm_before) > 0, (tdm_before, tdm_after, r1_after)
+    assert_margin((r1_after - r1_before) - (tdm_after - tdm_before), REQUIRED_R1_EXCESS,
+                  "R1's brightness gain minus TDM's", tdm_gain=tdm_after - tdm_before, r1_gain=r1_after - r1_before)
 
 
 def test_surrogate_command_trains_alone_and_train_starts_from_it(tiny_base, tmp_path, capsys):

@@ -3,14 +3,17 @@ memory, the adapters and their optimiser state stay fp32, the sampler's state st
 and autocast's dtype, and a step matches the step of fp32 weights under the same bf16 autocast (autocast rounds
 the fp32 weights of every matrix product to bf16 anyway)."""
 
+import math
+
 import pytest
 import torch
+from conftest import assert_margin
 
 from dgpo.config import ConfigError
 from dgpo.trainer import Trainer, prepare_run_dir
 from tdm_r1.config import load_distill_config
 from tdm_r1.distill import Distiller
-from test_methods import make_trainer
+from test_methods import learnable_base, make_trainer  # noqa: F401 (a fixture)
 
 
 def frozen_bytes(module: torch.nn.Module) -> int:
@@ -22,11 +25,20 @@ def lora_update(trainer) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", ["dgpo", "flow_grpo"])
-def test_bf16_weights_step_as_fp32_weights_under_the_same_autocast(method, tiny_base, tmp_path):
+def test_bf16_weights_step_as_fp32_weights_under_the_same_autocast(method, learnable_base, tmp_path, outcome_seed):
+    """One SGD epoch on bf16 frozen weights steps as on fp32 weights under the same bf16 autocast: the same
+    rollouts (to bf16 rounding) and LoRA steps of about the same direction and size. On the base whose
+    decoder responds to the latents (``learnable_base``): the 4-step VAE of ``tiny_base`` decodes every
+    rollout of a group to nearly the same brightness, so bf16 rounding reorders the group's rewards and the
+    two steps differ by their advantages, not by their arithmetic (cosine down to 0.96 there).
+
+    Margin framing, each band against the measured deviation: latents atol 0.1 / max |Δlatent|; cosine
+    (1 − 0.9) / (1 − cos); norm ratio log 1.25 / |log(|d16| / |d32|)| (the band 0.8-1.25 is symmetric in log).
+    Measured margin (seeds 0-2, 1 and 2 threads): latents 3.2-3.7x, cosine 225-989x, norm ratio 33x and up."""
     runs = {}
     for dtype in ("fp32", "bf16"):
-        tr = make_trainer(tiny_base, tmp_path / dtype, method, "model.mixed_precision=bf16",
-                          f"model.weights_dtype={dtype}", "optim.name=sgd",
+        tr = make_trainer(learnable_base, tmp_path / dtype, method, f"run.seed={outcome_seed}",
+                          "model.mixed_precision=bf16", f"model.weights_dtype={dtype}", "optim.name=sgd",
                           "optim.lr=1.0")  # first SGD step ∝ the gradient (Adam's is its sign)
         states = []
         real_rollout = tr.rollout
@@ -45,11 +57,16 @@ def test_bf16_weights_step_as_fp32_weights_under_the_same_autocast(method, tiny_
     for run in (fp32, bf16):  # the rollout's final state in fp32: bf16 autocast does not round the sampler's state
         assert run["latents"].dtype == torch.float32
     # the same rollouts (to bf16 rounding) and about the same step: LoRA deltas agree in direction and size
-    assert torch.allclose(fp32["latents"], bf16["latents"], atol=0.1)
+    latent_dev = float((fp32["latents"] - bf16["latents"]).abs().max())
+    assert_margin(0.1, latent_dev, f"{method} rollout latents: atol 0.1 vs max |fp32 - bf16|", deviation=latent_dev)
     d32 = torch.cat([(a - b).flatten() for a, b in zip(fp32["after"], fp32["before"])])
     d16 = torch.cat([(a - b).flatten() for a, b in zip(bf16["after"], bf16["before"])])
-    assert d32.norm() > 0 and torch.nn.functional.cosine_similarity(d32, d16, dim=0) > 0.9
-    assert 0.8 < float(d16.norm() / d32.norm()) < 1.25
+    assert d32.norm() > 0
+    cos = float(torch.nn.functional.cosine_similarity(d32, d16, dim=0))
+    assert_margin(1 - 0.9, max(1 - cos, 1e-7), f"{method} LoRA step direction: 1 - 0.9 vs 1 - cosine", cosine=cos)
+    ratio = float(d16.norm() / d32.norm())
+    assert_margin(math.log(1.25), max(abs(math.log(ratio)), 1e-7),
+                  f"{method} LoRA step size: log 1.25 vs |log norm ratio|", ratio=ratio)
     row = bf16["trainer"].evaluate()  # evaluation runs on the bf16 weights without autocast
     assert 0.0 <= row["eval_geneval"] <= 1.0
 
@@ -72,6 +89,8 @@ def test_bf16_weights_need_bf16_autocast(tiny_base, tmp_path):
 
 
 def test_tdm_on_a_bf16_teacher_keeps_fp32_adapters_and_finite_steps(tiny_base, tmp_path):
+    """Distilling from a bf16 teacher keeps the student's and fake score's adapters fp32 and every step finite,
+    and the student moves (measured on seed 0: by up to 2.4e-4 on weights of size ≤ 1, ~2000 float32 ulps)."""
     from test_tdm_distill import tiny_cfg
     cfg = tiny_cfg(tiny_base, tmp_path / "run", "teacher.mixed_precision=bf16", "teacher.weights_dtype=bf16",
                    "run.iterations=2")

@@ -11,9 +11,6 @@ import numpy as np
 from dgpo.errors import UserError
 from dgpo.worlds import quality, register_world, shapes
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
 class ShapesWorld:
     name = "shapes"
     metric = "shapes-geneval"
@@ -21,11 +18,10 @@ class ShapesWorld:
 
     def embedded_base(self, base_config: str, log=print) -> Path:
         """The tiny SD3 base pretrained on the world's renders (:mod:`dgpo.worlds.shapes_base`) by the recipe
-        ``base_config`` (relative to the repository, or absolute), pretrained now if it is not cached."""
+        ``base_config`` (a path, or a shipped recipe as ``configs/base/…``: :func:`dgpo.recipes.resolve_config_path`),
+        pretrained now if it is not cached."""
         from dgpo.worlds.shapes_base.pretrain import ensure_base, load_pretrain_config
-        path = Path(base_config)
-        path = path if path.is_absolute() else REPO_ROOT / path
-        return ensure_base(load_pretrain_config(path), log=log)
+        return ensure_base(load_pretrain_config(base_config), log=log)
 
     def prompts(self, split: str) -> list[str]:
         return shapes.prompts(split)

@@ -1,11 +1,13 @@
 """What does a user see for bad input? Runs each bad input below through the real command line and records the
 exit status and the message, as a markdown table (``docs/bad-input.md`` holds the last one) and JSON.
 
-    python scripts/diagnostics/bad_inputs.py --out OUT      # a few minutes on a CPU
+    python scripts/diagnostics/bad_inputs.py --out OUT      # about a minute on a CPU
 
-Each case runs in a fresh temporary folder as its working directory, with an empty ``DGPO_CACHE``; a case
-passes when the command exits with status 2, prints one line, and leaves the folder as it found it (apart
-from the files the case itself prepared).
+Each case runs in a fresh temporary folder as its working directory, with an empty ``DGPO_CACHE``, as a process
+of its own that does what the console script does (:func:`dgpo.forked_commands.run_command`: forked from a
+server that imported the commands once, so the cases do not each pay the interpreter's start); a case passes
+when the command exits with status 2, prints one line, and leaves the folder as it found it (apart from the
+files the case itself prepared).
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from dgpo.forked_commands import run_command
+
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = "bad_inputs"
-sys.path.insert(0, str(ROOT))
 
 TINY = ["--set", "run.epochs=1", "--set", "run.time_budget_min=0"]
 #: The shipped base: cases copy it (whole, or but some components) to damage the copy.
@@ -107,15 +109,10 @@ def run_case(what: str, files: dict, argv: list[str]) -> dict:
                 source, left_out = data
                 shutil.copytree(source, folder / name, ignore=lambda d, names: [n for n in names if n in left_out])
         before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-        command = ([sys.executable, str(ROOT / argv[0])] if argv[0].endswith(".py")  # a script of this project
-                   else [sys.executable, "-m", {"dgpo": "dgpo.cli", "tdm-r1": "tdm_r1.cli"}[argv[0]]])
-        env = {**os.environ, "DGPO_CACHE": cache, "PYTHONPATH": str(ROOT)}
-        try:
-            done = subprocess.run([*command, *argv[1:]], cwd=folder, env=env, capture_output=True, text=True,
-                                  timeout=90)
-            status, stderr = done.returncode, done.stderr
-        except subprocess.TimeoutExpired:  # the command accepted the input and started working
-            status, stderr = None, "(accepted: the command was still working after 90 s)"
+        command = [str(ROOT / argv[0]) if argv[0].endswith(".py") else argv[0], *argv[1:]]  # a script, or a command
+        status, _, stderr = run_command(command, folder, {**os.environ, "DGPO_CACHE": cache}, timeout=90)
+        if status is None:  # the command accepted the input and started working
+            stderr = "(accepted: the command was still working after 90 s)"
         after = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
     lines = [l for l in stderr.splitlines() if l.strip() and "%|" not in l]
     return {"input": what, "command": " ".join(argv), "status": status, "message": lines[-1] if lines else "",
