@@ -82,6 +82,4 @@ def test_the_installed_wheel_runs_every_default_recipe_from_an_empty_directory(i
     assert "configs/tdm/shapes.yaml" in run("tdm-r1", "distill", "--help")
     run("tdm-r1", "distill", *_sets(TINY_DISTILL))
     assert (user / "runs/tdm-shapes/final/lora/sampler.json").is_file()
-    # a recipe named as the README names it is found inside the package from any directory
-    run("dgpo", "train", "configs/nft/shapes.yaml", "--out", "runs/nft", *_sets(TINY_TRAIN))
-    assert sorted(p.name for p in user.iterdir()) == ["runs", "samples"]
+    assert sorted(p.name for p in user.iterdir()) == ["runs", "samples"]   # nothing else written where the user is
