@@ -23,7 +23,13 @@ def test_without_refinement_the_key_is_the_stage12_key(tiny_base_cfg):
     assert base_key(_refined(tiny_base_cfg, 30)) != base_key(_refined(tiny_base_cfg, 31))
 
 
-def test_refinement_reuses_the_cached_base_and_changes_only_the_decoder(tiny_base, tiny_base_cfg, tmp_path):
+def test_refinement_reuses_the_cached_base_and_changes_only_the_decoder(tiny_base_cfg, tmp_path, monkeypatch):
+    """The stage-1–2 base is pretrained here, in a cache of this test's own: the session's tiny base may have been
+    cached by a command another test started under another thread count, whose floats the one-go pretraining
+    below (this process) would not reproduce to 1e-6."""
+    monkeypatch.setenv("DGPO_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    tiny_base = ensure_base(tiny_base_cfg, log=lambda *a: None)
     cfg = _refined(tiny_base_cfg)
     logs = []
     refined_dir = ensure_base(cfg, log=logs.append)
