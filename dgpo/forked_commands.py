@@ -49,13 +49,12 @@ def _child(argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:
         handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(handle, fd)
         os.close(handle)
+    sys.argv = list(argv)
     try:
         if argv[0].endswith(".py"):
-            sys.argv = list(argv)
             runpy.run_path(argv[0], run_name="__main__")
             status = 0
         else:
-            sys.argv = list(argv)
             status = console_scripts()[argv[0]].load()(list(argv[1:]))
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
