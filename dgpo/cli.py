@@ -48,7 +48,7 @@ def load_model(model_dir: str | Path, lora: str | None = None, resolution: int =
     """A :class:`FlowModel` over a saved pipeline for inference (at ``resolution`` pixels, 0: the pipeline's
     own), with optional LoRA weights fused into the backbone (diffusers ``fuse_lora`` + ``unload_lora_weights``:
     the same function, without the adapters' extra matrix products at every step)."""
-    from dgpo.models.handle import load_model as load_handle
+    from dgpo.models.families import load_model as load_handle
     model = load_handle(model_dir, resolution=resolution)
     if lora:
         model.fuse_lora(lora)
@@ -71,8 +71,8 @@ def pretrain_config_keys() -> list[str]:
 
 def _prompts_from_args(args) -> list[str]:
     """--prompts FILE, else the prompts of --split of --world."""
-    from dgpo.samples_io import read_prompt_file
-    from dgpo.worlds import make_world
+    from dgpo.sampling.samples_io import read_prompt_file
+    from dgpo.worlds.registry import make_world
     if args.prompts:
         return read_prompt_file(args.prompts)
     return make_world(args.world).prompts(args.split)
@@ -82,11 +82,11 @@ def _prompts_from_args(args) -> list[str]:
 
 def cmd_pretrain(args) -> int | None:
     from dgpo.config import to_dict
-    from dgpo.evaluation import EvalConfig, SamplerConfig, evaluate_model, format_table
+    from dgpo.evaluation.evaluate import EvalConfig, SamplerConfig, evaluate_model, format_table
     from dgpo.worlds.shapes_base.pretrain import FlowPaused, base_dir, ensure_base, forget_base, snapshot_base
     cfg = load_base_config(args.config, args.set)
     if args.snapshot:
-        from dgpo.output_dir import atomic_output_dir
+        from dgpo.runtime.output_dir import atomic_output_dir
         with atomic_output_dir(args.snapshot, "dgpo pretrain --snapshot", args.overwrite, "--snapshot") as tmp:
             step = snapshot_base(cfg, tmp)
         print(f"wrote {args.snapshot}: the unfinished base at flow step {step} of {cfg.flow.steps} "
@@ -127,9 +127,9 @@ def cmd_pretrain(args) -> int | None:
 
 
 def cmd_sample(args) -> None:
-    from dgpo.evaluation import SamplerConfig, generate
-    from dgpo.output_dir import check_output
-    from dgpo.samples_io import write_samples
+    from dgpo.evaluation.evaluate import SamplerConfig, generate
+    from dgpo.runtime.output_dir import check_output
+    from dgpo.sampling.samples_io import write_samples
     check_output(args.out, "dgpo sample", args.overwrite)  # before the work, not after it
     prompts = _prompts_from_args(args)  # any prompt can be sampled; `dgpo eval` checks that the world can score it
     check_lora_folder(args.lora)
@@ -142,10 +142,10 @@ def cmd_sample(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from dgpo.evaluation import EvalConfig, SamplerConfig, evaluate_images, evaluate_model, format_table
-    from dgpo.output_dir import check_output, write_json_output
-    from dgpo.samples_io import read_samples
-    from dgpo.worlds import make_world
+    from dgpo.evaluation.evaluate import EvalConfig, SamplerConfig, evaluate_images, evaluate_model, format_table
+    from dgpo.runtime.output_dir import check_output, write_json_output
+    from dgpo.sampling.samples_io import read_samples
+    from dgpo.worlds.registry import make_world
     world = make_world(args.world)
     if args.out:
         check_output(args.out, "dgpo eval", args.overwrite)  # before the work, not after it
@@ -172,8 +172,8 @@ def cmd_eval(args) -> None:
 
 def run_config_from_args(args, config_cls, load_config, default_config: Path, tool: str):
     """The config of the run a training command starts (``CONFIG``, ``--set``, ``--out``, ``--overwrite``)
-    or continues (``--resume RUN``), with its run folder claimed or reopened (:mod:`dgpo.run_folder`)."""
-    from dgpo.run_folder import reopen_run, start_run
+    or continues (``--resume RUN``), with its run folder claimed or reopened (:mod:`dgpo.runtime.run_folder`)."""
+    from dgpo.runtime.run_folder import reopen_run, start_run
     if args.resume:
         if args.out or args.overwrite or args.config:
             raise UserError(f"--resume {args.resume!r} continues that run with its own config and folder; "
@@ -190,7 +190,7 @@ def train_command(args, recipe_cls, config_class, load_config, default_config: P
     where the weights are. ``config_class()`` gives the config type once the plug-ins are in."""
     from dgpo.config import from_dict, to_dict
     from dgpo.plugins import load_plugins, record_plugins, recorded_plugins
-    from dgpo.processes import Processes
+    from dgpo.runtime.processes import Processes
     processes = Processes.launched()
     loaded = load_plugins([*(recorded_plugins(args.resume) if args.resume else []), *args.plugin])
     cfg, data = None, None
@@ -213,8 +213,8 @@ def train_command(args, recipe_cls, config_class, load_config, default_config: P
         result = recipe.run(resume=bool(args.resume))
     except BaseException as e:  # an error or Ctrl-C: a new run with no checkpoint yet leaves no folder behind
         if processes.is_main and not args.resume:
-            from dgpo.checkpoint import list_checkpoints
-            from dgpo.output_dir import release_run_dir
+            from dgpo.runtime.checkpoint import list_checkpoints
+            from dgpo.runtime.output_dir import release_run_dir
             out = Path(cfg.run.out_dir)
             if not list_checkpoints(out) and release_run_dir(out) and not isinstance(e, UserError):
                 print(f"the run stopped before its first checkpoint: {out} removed", file=sys.stderr)
@@ -239,7 +239,7 @@ def cmd_train(args) -> None:
 
 def cmd_export(args) -> None:
     """A checkpoint's LoRA (its raw weights, or with --ema the policy EMA) as a diffusers-format folder."""
-    from dgpo.checkpoint import STEP_DIR, list_checkpoints
+    from dgpo.runtime.checkpoint import STEP_DIR, list_checkpoints
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{str(run)!r} is not a run folder (no config.yaml): pass a folder `dgpo train` wrote")
@@ -251,9 +251,9 @@ def cmd_export(args) -> None:
     if step not in steps:
         raise UserError(f"{str(run)!r} keeps no checkpoint of step {step}; it keeps steps {sorted(steps)} "
                         f"(run.keep_checkpoints sets how many)")
-    from dgpo.checkpoint import load_checkpoint
+    from dgpo.runtime.checkpoint import load_checkpoint
     from dgpo.models.lora import write_diffusers_lora
-    from dgpo.output_dir import atomic_output_dir, check_output
+    from dgpo.runtime.output_dir import atomic_output_dir, check_output
     out = check_output(args.out, "dgpo export", args.overwrite)
     tensors, state = load_checkpoint(steps[step])  # the checkpoint alone: no model is built
     if "lora_keys" not in state:
@@ -276,7 +276,7 @@ def cmd_serve_reward(args) -> None:
     """Serve a registered reward over HTTP in the foreground until Ctrl-C."""
     import uvicorn
     from dgpo.plugins import load_plugins
-    from dgpo.reward_server import LOOPBACK_HOSTS, ServerLimits, check_binding, create_app, is_loopback, uvicorn_config
+    from dgpo.rewards.server import LOOPBACK_HOSTS, ServerLimits, check_binding, create_app, is_loopback, uvicorn_config
     from dgpo.rewards import make_reward
     load_plugins(args.plugin)
     token = args.token or os.environ.get("DGPO_REWARD_TOKEN") or None
@@ -333,7 +333,7 @@ def add_config_args(p, default_config: Path, set_example: str, note: str = "") -
 
 
 def add_run_args(p, default_config: Path, set_example: str) -> None:
-    """CONFIG, --set, --out, --overwrite, --resume and --plugin of a training command (see dgpo.run_folder)."""
+    """CONFIG, --set, --out, --overwrite, --resume and --plugin of a training command (see dgpo.runtime.run_folder)."""
     add_config_args(p, default_config, set_example)
     p.add_argument("--out", help="run folder (overrides run.out_dir); must be new or empty. Without it a taken "
                                  "default folder is not reused: the run goes to NAME-2, NAME-3, ...")

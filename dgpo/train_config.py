@@ -6,9 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from dgpo.config import option, section
-from dgpo.run import RunSettings
-from dgpo.evaluation import SamplerConfig
-from dgpo.sampling import SOLVERS
+from dgpo.runtime.loop import RunSettings
+from dgpo.evaluation.evaluate import SamplerConfig
+from dgpo.sampling.ode import SOLVERS
 
 
 @dataclass
@@ -43,7 +43,7 @@ class RolloutConfig:
     policy: str = option("current", "who samples: the current weights or their EMA", choices=("current", "ema"))
     ema_after: int = option(0, "with policy=ema: use the current weights for the first N epochs", min=0)
     prompt_weighting: str = option("uniform", "uniform over train prompts, or 'failure': weight each prompt by "
-                                   "max(1 − r̄, floor)^power, r̄ its EMA training reward (dgpo.prompt_sampling)",
+                                   "max(1 − r̄, floor)^power, r̄ its EMA training reward (dgpo.methods.prompt_sampling)",
                                    choices=("uniform", "failure"))
     failure_power: float = option(2.0, "prompt_weighting=failure: how sharply failing prompts are preferred", min=0.0)
     failure_floor: float = option(0.05, "prompt_weighting=failure: least weight base (solved prompts stay in)",
@@ -137,7 +137,7 @@ class EvalSection:
     seed: int = option(1000, "seed of the first evaluation image", min=0)
     fd: bool = option(True, "compute the quality FD")
     cache_initial: bool = option(True, "reuse the epoch-0 evaluation of a run with the same base and protocol "
-                                 "(at epoch 0 every method's policy is the base; dgpo.eval_cache)")
+                                 "(at epoch 0 every method's policy is the base; dgpo.evaluation.cache)")
     sampler: SamplerConfig = section(SamplerConfig, "the evaluation sampler")
 
 
@@ -146,8 +146,6 @@ class RunConfig(RunSettings):
     out_dir: str = option("runs/dgpo-shapes", "run folder (config, metrics, grids, checkpoints, final LoRA)")
     epochs: int = option(1000, "maximum epochs (one rollout batch each)", min=0)
     checkpoint_every: int = option(50, "save a full checkpoint every N epochs", min=1)
-    tracker: str = option("none", "accelerate tracker (metrics.jsonl is always written)",
-                          choices=("none", "wandb", "tensorboard"))
 
 
 @dataclass

@@ -6,7 +6,7 @@ sampler: ODE for DGPO, Diffusion-DPO and DiffusionNFT, SDE with log-probs for Fl
 takes ``optim.steps_per_epoch`` passes of the objective's optimiser steps on that batch (gradients of
 micro-batches accumulate; DGPO takes one step per pass on the whole batch). The run around the epochs —
 the folder, evaluation every ``eval.every`` epochs (and every ``eval.every_minutes`` of training),
-checkpoints and exact resume, metrics, the final export and summary — is :class:`dgpo.run.Run`'s. Counted:
+checkpoints and exact resume, metrics, the final export and summary — is :class:`dgpo.runtime.loop.Run`'s. Counted:
 training wall-clock (evaluation excluded) and transformer evaluations (NFE: single-sample transformer
 calls, counted at the transformer, rollouts and updates alike; evaluation excluded).
 """
@@ -15,36 +15,34 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 
-from dgpo.checkpoint import optimizer_from_flat, optimizer_to_flat
+from dgpo.runtime.checkpoint import flatten_state, load_flat_state
 from dgpo.config import flat_dict, to_dict
-from dgpo import eval_cache
+from dgpo.evaluation import cache as eval_cache
 from dgpo.methods.batch import RolloutBatch, checked_rewards, score_groups
-from dgpo.nonfinite import NonFiniteRewards, SkipGuard
-from dgpo.ema import EMA
-from dgpo.generation import timed
+from dgpo.runtime.nonfinite import NonFiniteRewards, NonFiniteStep, SkipGuard
+from dgpo.runtime.ema import EMA
+from dgpo.sampling.generation import timed
 from dgpo.methods import make_objective
 from dgpo.errors import UserError
-from dgpo.run_folder import reopen_run, start_run
-from dgpo.run import Counters, Run, Schedule, plot_run
-from dgpo.evaluation import EvalConfig, evaluate_model
-from dgpo.models.handle import WEIGHTS_DTYPES, FlowModel, PromptEmbeds, load_model, t5_tokens_of
+from dgpo.runtime.run_folder import reopen_run, start_run
+from dgpo.runtime.loop import Counters, Run, Schedule, plot_run
+from dgpo.evaluation.evaluate import EvalConfig, evaluate_model
+from dgpo.models.handle import FlowModel, PromptEmbeds, t5_tokens_of
+from dgpo.models.families import WEIGHTS_DTYPES, load_model
 from dgpo.models.adapters import AdapterRoles
-from dgpo.prompt_encodings import PromptEncodings
-from dgpo.processes import Processes
-from dgpo.prompt_sampling import PromptSampler
+from dgpo.models.prompt_encodings import PromptEncodings
+from dgpo.runtime.runtime import Runtime
+from dgpo.methods.prompt_sampling import PromptSampler
 from dgpo.rewards import make_reward, metadata_of, reward_of_run
-from dgpo.sharding import shard_frozen_model
+from dgpo.runtime.sharding import shard_frozen_model
 from dgpo.train_config import TrainConfig, train_config_class
-from dgpo.worlds import make_world
+from dgpo.worlds.registry import make_world
 
 POLICY = "policy"  # the adapter role DGPO and its baselines train
 
@@ -101,16 +99,11 @@ class Trainer:
         """Build the run's components from ``cfg``; ``model`` (a :class:`FlowModel`, e.g. one built in memory)
         and ``reward`` (a callable ``(images, prompts) -> scores``) replace the configured ones when given, so
         tools compose a trainer instead of copying its epoch."""
-        self.cfg, self.log = cfg, log
+        self.cfg = cfg
         self.out = Path(cfg.run.out_dir)
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
-        self.accelerator = accelerator_at(cfg.model.mixed_precision, cpu=not torch.cuda.is_available(),
-                                          log_with=None if cfg.run.tracker == "none" else cfg.run.tracker,
-                                          project_dir=str(self.out))
-        set_seed(cfg.run.seed)
-        self.processes = Processes.of(self.accelerator)
-        self.log = log = self.processes.voice(log)
+        self.runtime = Runtime(cfg.run.seed, cfg.model.mixed_precision, cfg.run.threads, cfg.run.tracker, self.out, log)
+        self.processes, self.log = self.runtime.processes, self.runtime.log
+        log = self.log
         sharded = self.processes.sharded
         if sharded and cfg.model.mixed_precision == "fp16":  # accelerate would unscale fp16 gradients twice
             raise UserError("model.mixed_precision=fp16 under an FSDP launch: use bf16 (or a launch without FSDP)")
@@ -123,7 +116,7 @@ class Trainer:
                 model.to(dtype)
         else:
             self.base_path = Path(cfg.model.base or "in-memory-model")
-        self.model = model.to(self.accelerator.device)
+        self.model = model.to(self.runtime.device)
         if self.model.dtype != torch.float32 and cfg.model.mixed_precision != "bf16":
             raise UserError(f"the model's frozen weights are {self.model.dtype}: train it with "
                             f"model.mixed_precision=bf16 (the training step autocasts to the weights' dtype)")
@@ -133,7 +126,7 @@ class Trainer:
                                         self.model.lora_targets(cfg.model.lora_targets), seed=cfg.run.seed)
         if cfg.model.gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
-        self.optimizer = self.accelerator.prepare(build_optimizer(self.params, cfg.optim))  # fp16: its loss scaler
+        self.optimizer = self.runtime.prepare(build_optimizer(self.params, cfg.optim))  # fp16: its loss scaler
         self.policy_ema = EMA(self.params, cfg.optim.ema_decay)
         self.nonfinite = SkipGuard(cfg.optim.max_skipped_steps, log, "lower optim.lr or the objective's beta, set "
                                    "optim.grad_clip, or check the reward")
@@ -150,9 +143,8 @@ class Trainer:
                                             r.failure_power, r.failure_floor, r.failure_decay)
         self.counters = Counters()
         run = cfg.run
-        tracker = None if run.tracker == "none" else (lambda row, step: self.accelerator.log(row, step=step))
         self.runner = Run(self, self.out, Schedule.of(run, run.epochs, cfg.eval.every, cfg.eval.every_minutes),
-                          step_key="epoch", grid_prefix="epoch", tracker=tracker, log=log, processes=self.processes)
+                          step_key="epoch", grid_prefix="epoch", log=log, processes=self.processes)
         self.shift = cfg.objective.shift if cfg.objective.shift > 0 else self.model.scheduler_config.shift
         self.objective = make_objective(cfg, self.model, self.params, self.shift)
         if self.processes.distributed and not self.objective.multi_process:
@@ -160,8 +152,7 @@ class Trainer:
                             f"({self.objective.multi_process_note}); launch it without accelerate's --num_processes")
         self.processes.rows(cfg.rollout.prompts_per_epoch * cfg.rollout.group_size,
                             "an epoch (rollout.prompts_per_epoch × rollout.group_size)")
-        self._counting, self._calls = False, 0
-        self._count_hook = backbone.register_forward_pre_hook(self._count_call, with_kwargs=True)
+        self.calls = self.runtime.count_calls(backbone)  # NFE, counted at the transformer
         if sharded:  # an FSDP launch: the frozen model split over the processes
             shard_frozen_model(self.model, self.processes, log)
         self.embeds_of = PromptEncodings(self.model, self.train_prompts)  # each prompt encoded once
@@ -170,14 +161,9 @@ class Trainer:
     def label(self) -> str:
         return self.objective.label
 
-    #: What lowers a step's memory, for the memory messages of :class:`dgpo.run.Run`.
+    #: What lowers a step's memory, for the memory messages of :class:`dgpo.runtime.loop.Run`.
     memory_levers = ("lower optim.micro_batch (samples per forward/backward) or set "
                      "model.gradient_checkpointing=true")
-
-    def _count_call(self, module, args, kwargs) -> None:
-        if self._counting and not self.processes.standing_in:  # a sharded run's stand-ins are not the method's
-            x = kwargs.get("hidden_states", args[0] if args else None)
-            self._calls += len(x) if isinstance(x, (list, tuple)) else int(x.shape[0])  # Z-Image: a list of frames
 
     def emas(self) -> dict[str, EMA]:
         """Every EMA that is checkpointed: the policy's and the objective's (e.g. DGPO's "ref"/"old")."""
@@ -195,7 +181,7 @@ class Trainer:
     def rollout(self, prompts: list[str]) -> tuple[torch.Tensor, np.ndarray, PromptEmbeds, list[str], dict]:
         """G samples per prompt from the objective's sampler, for this process's rows of the epoch's global
         batch (all of it on one process): latents (n, C, h, w), uint8 images, embeddings, prompts and the
-        sampler's per-sample extras. The initial noise is drawn for the whole global batch (:mod:`dgpo.processes`)."""
+        sampler's per-sample extras. The initial noise is drawn for the whole global batch (:mod:`dgpo.runtime.processes`)."""
         g = self.cfg.rollout.group_size
         everyone = [p for p in prompts for _ in range(g)]
         rows = self.processes.rows(len(everyone))
@@ -226,17 +212,14 @@ class Trainer:
         steps: list[dict] = []
         for _ in range(self.cfg.optim.steps_per_epoch):
             for part in self.objective.minibatches(batch, self.gen):
-                stats = self.processes.mean_stats(self.objective.backward(part, self.gen, self.accelerator.backward))
-                self.processes.sum_gradients(self.params)  # each process's gradient is its share of the global one
-                grad_norm = self.accelerator.clip_grad_norm_(  # fp16: unscaled first
-                    self.params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
-                if not math.isfinite(stats["loss"]) or not torch.isfinite(grad_norm):
-                    self.skip_nonfinite_step(f"loss {stats['loss']}, gradient norm {grad_norm.item()}")
+                stats = self.processes.mean_stats(self.objective.backward(part, self.gen, self.runtime.backward))
+                try:
+                    stats["grad_norm"] = self.runtime.optimizer_step(self.optimizer, self.params, stats["loss"],
+                                                                     self.cfg.optim.grad_clip, "policy")
+                except NonFiniteStep as fault:  # nothing stepped
+                    self.nonfinite.skip(f"epoch {self.counters.epoch + 1}", str(fault))
                     continue
                 self.nonfinite.passed()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                stats["grad_norm"] = grad_norm.item()
                 steps.append(stats)
         step = self.counters.epoch
         self.policy_ema.update(step)
@@ -247,7 +230,7 @@ class Trainer:
 
     def skip_nonfinite_step(self, fault: str) -> None:
         """A non-finite loss, gradient or reward: no optimiser step, a warning; after ``optim.max_skipped_steps``
-        in a row, a UserError (:mod:`dgpo.nonfinite`)."""
+        in a row, a UserError (:mod:`dgpo.runtime.nonfinite`)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite.skip(f"epoch {self.counters.epoch + 1}", fault)
 
@@ -262,12 +245,12 @@ class Trainer:
         """Rollout, reward and update, each timed (device synchronised) into the row as ``rollout_s``,
         ``reward_s`` and ``update_s``; transformer calls counted (``rollout_nfe``: the rollout's share)."""
         prompts = self.sample_prompts()
-        self._counting, self._calls = True, 0
+        self.calls.start()
         device = self.model.device
         try:
-            with self.accelerator.autocast():  # model.mixed_precision (a no-op at "no")
+            with self.runtime.autocast():  # model.mixed_precision (a no-op at "no")
                 (latents, images, embeds, flat, extras), rollout_s = timed(lambda: self.rollout(prompts), device)
-                rollout_calls = self._calls
+                rollout_calls = self.calls.calls
                 try:
                     scored, reward_s = timed(lambda: score_groups(
                         self.reward, images, flat, self.cfg.rollout.group_size, self.cfg.advantage,
@@ -276,8 +259,8 @@ class Trainer:
                 except NonFiniteRewards as fault:  # no update learns from it; the epoch is counted
                     self.skip_nonfinite_step(str(fault))
                     return {"reward": float("nan"), "loss": float("nan"), "skipped": 1.0,
-                            "rollout_s": round(rollout_s, 3), "rollout_nfe": int(self.processes.sum(rollout_calls))
-                            }, int(self.processes.sum(self._calls))
+                            "rollout_s": round(rollout_s, 3), "rollout_nfe": self.calls.total(rollout_calls)
+                            }, self.calls.total()
                 rewards = scored.rewards
                 self.prompt_sampler.observe(prompts, rewards.view(len(prompts), -1).double().mean(1))
                 rows = self.processes.rows(len(rewards))
@@ -286,17 +269,17 @@ class Trainer:
                                      epoch_group_ids=scored.group_ids, total=len(rewards), processes=self.processes)
                 stats, update_s = timed(lambda: self.update(batch), device)
         finally:
-            self._counting = False
-        calls = int(self.processes.sum(self._calls))
+            self.calls.stop()
+        calls = self.calls.total()
         return {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
                 **{k: v if k == "lr" else round(v, 6) for k, v in stats.items()},
                 "rollout_s": round(rollout_s, 3), "reward_s": round(reward_s, 3), "update_s": round(update_s, 3),
-                "rollout_nfe": int(self.processes.sum(rollout_calls))}, calls
+                "rollout_nfe": self.calls.total(rollout_calls)}, calls
 
     def close(self) -> None:
         """Take the policy adapter and the NFE counter off the model, so that the same in-memory model can
         serve another trainer (the GPU speed check runs every method on one model)."""
-        self._count_hook.remove()
+        self.calls.close()
         self.adapters.remove(POLICY)
 
     def postfix(self, row: dict) -> dict:
@@ -314,14 +297,14 @@ class Trainer:
         return self.runner.evaluation_row(result, images, e.per_prompt)
 
     def initial_evaluation(self) -> dict:
-        """The epoch-0 evaluation (the base itself), read from :mod:`dgpo.eval_cache` when a run on the same
+        """The epoch-0 evaluation (the base itself), read from :mod:`dgpo.evaluation.cache` when a run on the same
         base with the same protocol stored it; otherwise evaluated and stored."""
         e = self.cfg.eval
         if not e.cache_initial or self.counters.epoch != 0:
             return self.evaluate()
         protocol = {"world": self.world.name, "split": e.split, "per_prompt": e.per_prompt, "seed": e.seed, "fd": e.fd,
                     "sampler": to_dict(e.sampler), "t5_tokens": self.model.max_sequence_length,
-                    "precision": self.cfg.model.mixed_precision, "device": self.accelerator.device.type,
+                    "precision": self.cfg.model.mixed_precision, "device": self.runtime.device.type,
                     "record": 2,  # 2: rows carry eval_geneval_se (older entries are evaluated again)
                     **({"rewards": list(e.rewards)} if e.rewards else {}),
                     **({"weights_dtype": str(self.model.dtype)} if self.model.dtype != torch.float32 else {}),
@@ -355,22 +338,21 @@ class Trainer:
     def state_tensors(self) -> tuple[dict, dict]:
         """The LoRA (by peft name), optimiser, prompt sampler and EMAs (the run adds counters and generators)."""
         tensors = {f"lora.{k}": p.detach() for k, p in self.adapters.named_parameters(POLICY)}
-        opt_t, opt_s = optimizer_to_flat(self._optimizer())
-        tensors.update(opt_t)
+        flat, scalars = flatten_state({"": self._optimizer()}, self._flat_emas())
+        tensors.update(flat)
         tensors.update(self.prompt_sampler.state_tensors())
-        for name, ema in self.emas().items():
-            tensors.update({f"{name}.{k}": v for k, v in ema.state_dict().items()})
         # the LoRA's names (the EMAs are in the same order) and config: `dgpo export` needs no model
-        return tensors, {"optimizer": opt_s, "lora_keys": [k for k, _ in self.adapters.named_parameters(POLICY)],
+        return tensors, {"optimizer": scalars[""], "lora_keys": [k for k, _ in self.adapters.named_parameters(POLICY)],
                          "lora_config": self.adapters.config(POLICY)}
+
+    def _flat_emas(self) -> dict[str, EMA]:
+        return {f"{name}.": ema for name, ema in self.emas().items()}
 
     @torch.no_grad()
     def load_state(self, tensors: dict, state: dict) -> None:
         for k, p in self.adapters.named_parameters(POLICY):
             p.copy_(tensors[f"lora.{k}"])
-        optimizer_from_flat(self._optimizer(), tensors, state["optimizer"])
-        for name, ema in self.emas().items():
-            ema.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        load_flat_state(tensors, {"": state["optimizer"]}, {"": self._optimizer()}, self._flat_emas())
         self.prompt_sampler.load_state_tensors(tensors)
 
     def save(self) -> Path:
@@ -381,12 +363,9 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- loop
     def run(self, resume: bool = False) -> dict:
-        if self.cfg.run.tracker != "none" and self.processes.is_main:
-            os.environ.setdefault("WANDB_DIR", str(self.out))
-            self.accelerator.init_trackers("dgpo", config=flat_dict(to_dict(self.cfg)))
+        self.runner.tracker = self.runtime.start_tracking("dgpo", flat_dict(to_dict(self.cfg)), self.out)
         result = self.runner.loop(resume)
-        for tracker in self.accelerator.trackers:  # not end_training(): the command ends every process together
-            tracker.finish()
+        self.runtime.finish_tracking()
         return result
 
     def export(self, folder: Path) -> None:
@@ -448,17 +427,6 @@ def check_sigmas(sigmas: list[float], solver: str, section: str) -> None:
         raise ConfigError(f"{section}.sigmas must decrease strictly inside (0, 1], got {list(sigmas)}")
 
 
-def accelerator_at(mixed_precision: str, **kwargs) -> Accelerator:
-    """An ``Accelerator`` at this mixed precision. accelerate keeps one precision per process and refuses
-    another; a process that trains again at a different one (a notebook, a script running several recipes)
-    gets that process-wide precision reset first — the distributed set-up itself is kept."""
-    from accelerate.state import AcceleratorState
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, **kwargs)
-
-
 def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
     """Load and validate a training config; a reward name that is not registered fails here, before any
     model is loaded (rewards added with ``dgpo.rewards.register_reward`` count)."""
@@ -490,7 +458,7 @@ def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
 def prepare_run_dir(cfg: TrainConfig, resume: bool, overrides=(), overwrite: bool = False, named: bool = True,
                     log=print) -> TrainConfig:
     """A new run's folder (claimed and holding the resolved ``config.yaml``), or with ``resume`` the run in
-    ``cfg.run.out_dir`` reopened; see :mod:`dgpo.run_folder`."""
+    ``cfg.run.out_dir`` reopened; see :mod:`dgpo.runtime.run_folder`."""
     if resume:
         return reopen_run(train_config_class(), cfg.run.out_dir, overrides)
     return start_run(cfg, "dgpo train", overwrite=overwrite, named=named, log=log)

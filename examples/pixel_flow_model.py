@@ -22,7 +22,8 @@ from diffusers import ConfigMixin, FlowMatchEulerDiscreteScheduler, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.loaders.peft import PeftAdapterMixin
 
-from dgpo.models.handle import PromptEmbeds, register_model_family
+from dgpo.models.handle import PromptEmbeds
+from dgpo.models.families import register_model_family
 from dgpo.worlds import shapes
 
 VOCABULARY = sorted({w for p in shapes.prompts("all") for w in p.split()})

@@ -136,9 +136,9 @@ def select_runs(runs: dict[str, tuple], names: str, out: Path, dgpo_label: str |
 
 
 def run_method(label: str, method: str, overrides: list[str], run_dir: Path, log) -> None:
-    """Train one run to its end (:func:`dgpo.run_folder.finish_run`: finished runs are read, interrupted ones
+    """Train one run to its end (:func:`dgpo.runtime.run_folder.finish_run`: finished runs are read, interrupted ones
     continue, one without a checkpoint starts again)."""
-    from dgpo.run_folder import finish_run, reopen_run
+    from dgpo.runtime.run_folder import finish_run, reopen_run
     from dgpo.train_config import train_config_class
     from dgpo.trainer import Trainer, load_train_config, prepare_run_dir
 
@@ -156,7 +156,7 @@ def evaluate_final(base: Path, lora: Path | None, per_prompt: int, path: Path, l
     if path.is_file():
         return json.loads(path.read_text())
     from dgpo.cli import load_model
-    from dgpo.evaluation import EvalConfig, SamplerConfig, evaluate_model
+    from dgpo.evaluation.evaluate import EvalConfig, SamplerConfig, evaluate_model
     log(f"evaluating {lora or 'the base'} at {per_prompt} images per test prompt")
     result, _, _ = evaluate_model(load_model(base, str(lora) if lora else None), EvalConfig(per_prompt=per_prompt),
                                   SamplerConfig())
@@ -423,7 +423,7 @@ def main(argv=None) -> int:
     shared, per = split_overrides(args.set, list(methods))
     out = Path(args.out)
     from dgpo.errors import UserError
-    from dgpo.output_dir import check_report_outputs, report_files, write_report_json
+    from dgpo.runtime.output_dir import check_report_outputs, report_files, write_report_json
     report = report_files(out, "bench_rl")
     try:  # its own report is rewritten on every call (the benchmark resumes); a file it did not write, never
         check_report_outputs(report[0], report[1:], "bench_rl", overwrite=True, flag="--out")

@@ -7,7 +7,7 @@ quality FD, and images per second end to end (text encoding + sampling + decodin
 ``--batch-size`` images, timed ``--speed-repeats`` times with the rows interleaved; the median is kept, so
 the load of a shared machine hits every row alike), with the three pieces timed separately: the sampling
 loop's speed-up is what distillation changes, text encoding and decoding cost every row the same
-(``dgpo.sampling_speed``).
+(``dgpo.sampling.speed``).
 
 Writes ``NAME.json``, ``NAME.md`` (a markdown table) and ``NAME_grid.png`` (one column per row above,
 one row per test prompt, same seed) into ``--out-dir``:
@@ -61,14 +61,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from dgpo.cli import load_model, resolve_model
     from dgpo.errors import UserError
-    from dgpo.evaluation import SamplerConfig, evaluate_images, format_table, generate
-    from dgpo.samples_io import image_grid
-    from dgpo.sampling import sample_ode
-    from dgpo.sampling_speed import median_breakdown, timed_generation
+    from dgpo.evaluation.evaluate import SamplerConfig, evaluate_images, format_table, generate
+    from dgpo.sampling.samples_io import image_grid
+    from dgpo.sampling.ode import sample_ode
+    from dgpo.sampling.speed import median_breakdown, timed_generation
     from dgpo.worlds import shapes
     from tdm_r1.student import (default_boundaries, generate_student, read_sampler_file, sample_student,
                                 subset_boundaries)
-    from dgpo.output_dir import check_report_outputs, write_report_json
+    from dgpo.runtime.output_dir import check_report_outputs, write_report_json
     try:
         out = Path(args.out_dir)
         paths = {kind: out / f"{args.name}{kind}" for kind in (".json", ".md", "_grid.png")}
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         results[name], images_of[name] = r, images
         print(f"{name}: shapes-geneval {r['geneval']:.3f}, FD {r['fd']:.2f}")
     # Speed: one batch of batch_size images (test prompts cycled), timed piece by piece (text encoding,
-    # sampling loop, VAE decode; dgpo.sampling_speed) --speed-repeats times with the rows interleaved, median
+    # sampling loop, VAE decode; dgpo.sampling.speed) --speed-repeats times with the rows interleaved, median
     # per row — a shared machine's load then hits every row alike.
     speed_prompts = (prompts * (args.batch_size // len(prompts) + 1))[:args.batch_size]
     runs = {name: [] for name in rows}

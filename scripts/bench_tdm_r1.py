@@ -16,7 +16,7 @@ Every model — the student, the teacher and each row's result — is evaluated 
 1000 + j·10,000,000 + k; the same sets for every model), and each row's gain is its *paired* difference against
 its start (student or teacher) set by set: mean ± standard deviation over the sets. The sampling loop's time
 per image is measured for the teacher (20 steps, CFG) and the student (4 NFE), one batch timed ``--speed-repeats``
-times, interleaved, median kept (``dgpo.sampling_speed``).
+times, interleaved, median kept (``dgpo.sampling.speed``).
 
 Resumable: a finished run is read, an interrupted one continues from its newest checkpoint, and every model's
 evaluation is stored under ``OUT/bench_tdm_r1/evals/``; run the same command again to continue.
@@ -74,7 +74,7 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------- the runs
 
 def run_row(row: str, args, base: Path, student: dict, run_dir: Path, overrides: list[str], log) -> None:
-    from dgpo.run_folder import finish_run, reopen_run, start_run
+    from dgpo.runtime.run_folder import finish_run, reopen_run, start_run
     shared = [f"run.out_dir={run_dir}", f"run.time_budget_min={args.minutes}", f"run.seed={args.seed}",
               f"run.threads={args.threads}", "eval.every=1000000", f"eval.every_minutes={args.eval_minutes}",
               f"eval.per_prompt={args.per_prompt}"]
@@ -116,7 +116,7 @@ def models_of(rows: list[str], base: Path, student: dict, runs: Path) -> dict:
     """name → (how to build it, NFE per image, its start's name). A model is built by
     ``build() -> (FlowModel, sample(model, prompts, per_prompt, seed) -> images)``."""
     from dgpo.cli import load_model
-    from dgpo.evaluation import SamplerConfig, generate
+    from dgpo.evaluation.evaluate import SamplerConfig, generate
     from tdm_r1.student import generate_student
 
     def teacher(lora=None):
@@ -150,8 +150,8 @@ def models_of(rows: list[str], base: Path, student: dict, runs: Path) -> dict:
 
 def evaluate_sets(name: str, build, args, evals_dir: Path, log) -> dict:
     """Every seed set's evaluation of one model (stored, so a rerun reads it)."""
-    from dgpo.evaluation import evaluate_images
-    from dgpo.run_metrics import seed_set_start
+    from dgpo.evaluation.evaluate import evaluate_images
+    from dgpo.runtime.metrics import seed_set_start
     from dgpo.worlds import shapes
     path = evals_dir / f"{name}.json"
     if path.is_file():
@@ -228,7 +228,7 @@ def draw_grid(models: dict, path: Path, prompts_shown: int = 8, seed: int = 1000
     """A column per model, a row per test prompt (its first ``prompts_shown``), the same seeds for every model:
     drawn afresh each time, so a rerun that reads every evaluation back still writes it."""
     from PIL import Image
-    from dgpo.samples_io import image_grid
+    from dgpo.sampling.samples_io import image_grid
     from dgpo.worlds import shapes
     prompts = shapes.prompts("test")[:prompts_shown]
     columns = []
@@ -244,8 +244,8 @@ def draw_grid(models: dict, path: Path, prompts_shown: int = 8, seed: int = 1000
 def loop_seconds(teacher_build, student_build, boundaries: list[float], args) -> dict:
     """Median seconds of the sampling loop per image of the teacher (20 Euler steps, CFG 1.5) and the student
     (its K steps, no CFG): one batch each, the two interleaved ``--speed-repeats`` times."""
-    from dgpo.sampling import sample_ode
-    from dgpo.sampling_speed import median_breakdown, timed_generation
+    from dgpo.sampling.ode import sample_ode
+    from dgpo.sampling.speed import median_breakdown, timed_generation
     from dgpo.worlds import shapes
     from tdm_r1.student import sample_student
     prompts = (shapes.prompts("test") * args.speed_batch)[:args.speed_batch]
@@ -267,7 +267,7 @@ def loop_seconds(teacher_build, student_build, boundaries: list[float], args) ->
 def summarise(evals: dict[str, dict], starts: dict[str, str | None], heldout: list[str]) -> dict:
     """Per model: mean ± std over seed sets of shapes-geneval and FD; per trained model the paired gain against
     its start (and, for r1_heldout, the paired gain on the held-out categories alone)."""
-    from dgpo.run_metrics import paired, spread
+    from dgpo.runtime.metrics import paired, spread
     out = {}
     for name, e in evals.items():
         g = [s["geneval"] for s in e["sets"]]
@@ -308,7 +308,7 @@ def plot_curves(runs: Path, rows: list[str], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from dgpo.run_metrics import read_metrics
+    from dgpo.runtime.metrics import read_metrics
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for row in rows:
         evals = [r for r in read_metrics(runs / row / "metrics.jsonl") if "eval_geneval" in r]
@@ -328,8 +328,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from dgpo.errors import UserError
-    from dgpo.output_dir import check_report_outputs, report_files, write_report_json
-    from dgpo.run_folder import reopen_run
+    from dgpo.runtime.output_dir import check_report_outputs, report_files, write_report_json
+    from dgpo.runtime.run_folder import reopen_run
     from tdm_r1.config import DistillConfig
     from tdm_r1.distill import resolve_teacher
     from tdm_r1.student import read_sampler_file

@@ -146,7 +146,7 @@ def finished(run_dir: Path) -> bool:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    from dgpo.checkpoint import list_checkpoints  # what --resume itself will look for
+    from dgpo.runtime.checkpoint import list_checkpoints  # what --resume itself will look for
     return bool(list_checkpoints(run_dir))
 
 

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from dgpo.run_metrics import SEED_SET_STRIDE, paired, seed_set_start, spread  # noqa: E402  (seed sets)
+from dgpo.runtime.metrics import SEED_SET_STRIDE, paired, seed_set_start, spread  # noqa: E402  (seed sets)
 
 
 def parse_args(argv=None):
@@ -80,8 +80,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from dgpo.cli import load_model, resolve_model
     from dgpo.errors import UserError
-    from dgpo.evaluation import EvalConfig, SamplerConfig, evaluate_model
-    from dgpo.output_dir import check_report_outputs, write_report_json
+    from dgpo.evaluation.evaluate import EvalConfig, SamplerConfig, evaluate_model
+    from dgpo.runtime.output_dir import check_report_outputs, write_report_json
     try:
         if args.seed_sets < 2:
             raise UserError("--seed-sets must be at least 2 (a spread needs two sets)")

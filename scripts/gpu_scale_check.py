@@ -31,12 +31,12 @@ from dgpo.methods.batch import RolloutBatch
 from dgpo.methods.dgpo import dgpo_backward
 from dgpo.models.handle import SD3Model
 from dgpo.models.lora import add_lora
-from dgpo.output_dir import check_json_output, write_json_output
+from dgpo.runtime.output_dir import check_json_output, write_json_output
 from dgpo.worlds.shapes_base.pretrain import world_vocabulary
 from dgpo.worlds.shapes_base.tokenizer import build_clip_tokenizer
-from dgpo.objectives import group_advantages
-from dgpo import generation
-from dgpo.sampling import sample_ode
+from dgpo.methods.losses import group_advantages
+from dgpo.sampling import generation
+from dgpo.sampling.ode import sample_ode
 from dgpo.train_config import ObjectiveConfig
 from dgpo.worlds import shapes
 
@@ -75,7 +75,7 @@ def _build(resolution: int, layers: int) -> StableDiffusion3Pipeline:
 
 
 def timed(fn):
-    """``(fn(), seconds)``, the GPU synchronised before and after (``dgpo.generation.timed``)."""
+    """``(fn(), seconds)``, the GPU synchronised before and after (``dgpo.sampling.generation.timed``)."""
     return generation.timed(fn, DEVICE)
 
 

@@ -17,10 +17,10 @@ Random weights make every image fail the shapes verifier, so nothing here measur
    * the same student with the LoRA fused into the backbone (what a deployed student costs).
 
    Each row runs once to warm up, then ``--reps`` times; the median is reported. Every run is composed of
-   the generation helpers' own pieces (``FlowModel.encode_prompts``, ``dgpo.sampling.initial_noise``,
-   ``dgpo.sampling.sample_ode`` / ``tdm_r1.student.sample_student``, ``FlowModel.decode_latents``) with a
+   the generation helpers' own pieces (``FlowModel.encode_prompts``, ``dgpo.sampling.ode.initial_noise``,
+   ``dgpo.sampling.ode.sample_ode`` / ``tdm_r1.student.sample_student``, ``FlowModel.decode_latents``) with a
    device synchronisation between them, giving the breakdown text / loop / decode; the end-to-end helper
-   (``dgpo.evaluation.generate`` / ``tdm_r1.student.generate_student``) is timed as well, as a cross-check.
+   (``dgpo.evaluation.evaluate.generate`` / ``tdm_r1.student.generate_student``) is timed as well, as a cross-check.
    The CFG branch's empty-prompt embedding is cached by ``FlowModel`` after the warm-up, as in ``generate``.
    Speed-ups are images/s relative to the 20-step CFG 1.5 teacher.
 
@@ -67,13 +67,13 @@ import torch
 from gpu_scale_check import DEVICE, build_sd35m_like, timed
 
 from dgpo.errors import UserError
-from dgpo.evaluation import SamplerConfig, generate
+from dgpo.evaluation.evaluate import SamplerConfig, generate
 from dgpo.models.flux import FluxModel
 from dgpo.models.handle import FlowModel, SD3Model
 from dgpo.models.lora import add_lora
-from dgpo.output_dir import check_json_output, write_json_output
-from dgpo.sampling import sample_ode
-from dgpo.sampling_speed import timed_generation
+from dgpo.runtime.output_dir import check_json_output, write_json_output
+from dgpo.sampling.ode import sample_ode
+from dgpo.sampling.speed import timed_generation
 from dgpo.trainer import Trainer, load_train_config
 from dgpo.worlds import shapes
 from tdm_r1.student import default_boundaries, generate_student, sample_student
@@ -179,7 +179,7 @@ def _r(x, n=4):
 def composed_generation(model: FlowModel, prompts: list[str], seed: int, sample) -> tuple[np.ndarray, dict]:
     """``generate`` / ``generate_student`` for one batch, piece by piece with a sync between pieces:
     encode the unique prompts, initial noise per seed (on the model's device), the sampling loop, decode
-    (``dgpo.sampling_speed.timed_generation``)."""
+    (``dgpo.sampling.speed.timed_generation``)."""
     return timed_generation(model, prompts, seed, sample)
 
 

@@ -2,7 +2,7 @@
 
 Serves a reward whose score is the identity of the image (each image carries a unique id in its first pixel,
 the score is that id), so every answer can be checked exactly: ``--clients`` threads, each with its own
-:class:`dgpo.reward_client.RemoteReward`, send ``--batches`` batches of ``--batch`` images each. Every
+:class:`dgpo.rewards.client.RemoteReward`, send ``--batches`` batches of ``--batch`` images each. Every
 ``--fault-every``-th request is answered HTTP 503 before it reaches the reward (an overloaded server), so the
 clients retry. Reports:
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from dgpo.cli_args import at_least
 from dgpo.errors import UserError
-from dgpo.output_dir import check_report_outputs, report_files, write_report_json
+from dgpo.runtime.output_dir import check_report_outputs, report_files, write_report_json
 
 TOOL = "load_reward_server"
 
@@ -100,8 +100,8 @@ class OverloadedEvery:
 
 def run_load(clients: int, batches: int, batch: int, size: int, fault_every: int, max_seconds: float) -> dict:
     """Serve, load, check; the measurements as a dict."""
-    from dgpo.reward_client import RemoteReward
-    from dgpo.reward_server import serve_reward
+    from dgpo.rewards.client import RemoteReward
+    from dgpo.rewards.server import serve_reward
 
     reward = IdentityReward()
     wrapper: dict = {}

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from dgpo.cli_args import at_least
 from dgpo.errors import UserError
-from dgpo.output_dir import check_report_outputs, report_files, write_report_json
+from dgpo.runtime.output_dir import check_report_outputs, report_files, write_report_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = "memory_profile"

@@ -41,7 +41,7 @@ def parse_args(argv=None):
 
 def first_image_per_prompt(folder: str, columns: int) -> tuple[np.ndarray, list[dict]]:
     """The first image of each of the first ``columns`` prompts of a samples folder, with their records."""
-    from dgpo.samples_io import read_samples
+    from dgpo.sampling.samples_io import read_samples
     images, records = read_samples(folder)
     seen, keep = set(), []
     for i, rec in enumerate(records):
@@ -78,7 +78,7 @@ def compose(rows: list[tuple[str, np.ndarray]], prompts: list[str], scale: int):
 
 
 def main(argv=None) -> int:
-    from dgpo.output_dir import atomic_output_dir
+    from dgpo.runtime.output_dir import atomic_output_dir
     args = parse_args(argv)
     try:
         if args.columns < 1 or args.scale < 1:

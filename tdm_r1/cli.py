@@ -47,7 +47,7 @@ def load_r1_config(path, overrides=()):
 
 def cmd_surrogate(args) -> None:
     import json
-    from dgpo.output_dir import atomic_output_dir, check_output
+    from dgpo.runtime.output_dir import atomic_output_dir, check_output
     from dgpo.plugins import load_plugins
     from tdm_r1.distill import Distiller
     from tdm_r1.surrogate_training import train_surrogate
@@ -79,7 +79,7 @@ def cmd_surrogate(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from dgpo.output_dir import atomic_output_dir, check_output
+    from dgpo.runtime.output_dir import atomic_output_dir, check_output
     from tdm_r1.published import convert_published_student, read_ema_parameters, released_levels
     out = check_output(args.out, "tdm-r1 convert", args.overwrite)  # before the work, not after it
     tensors = read_ema_parameters(args.checkpoint)  # a bad file fails before the pipeline loads
@@ -111,8 +111,8 @@ def student_boundaries(model, nfe: int, boundaries: str | None, lora: str | None
 
 
 def cmd_sample(args) -> None:
-    from dgpo.output_dir import check_output
-    from dgpo.samples_io import write_samples
+    from dgpo.runtime.output_dir import check_output
+    from dgpo.sampling.samples_io import write_samples
     from tdm_r1.student import generate_student, pipeline_sigmas
     if args.nfe < 1:
         raise UserError(f"--nfe must be at least 1, got {args.nfe}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dgpo.config import load_config, option, section
-from dgpo.run import RunSettings
+from dgpo.runtime.loop import RunSettings
 from dgpo.train_config import AdvantageConfig, RewardConfig
 from tdm_r1.surrogate import SurrogateConfig
 

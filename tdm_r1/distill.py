@@ -22,30 +22,30 @@ follows ``dgpo train``: ``config.yaml``, ``metrics.jsonl``, ``samples/iter-N.png
 from __future__ import annotations
 
 import copy
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dgpo.checkpoint import optimizer_from_flat, optimizer_to_flat
-from dgpo.ema import EMA
+from dgpo.runtime.checkpoint import optimizer_from_flat, optimizer_to_flat
+from dgpo.runtime.ema import EMA
 from dgpo.errors import UserError
-from dgpo.config import to_dict
+from dgpo.config import flat_dict, to_dict
 from dgpo.methods.batch import score_groups
-from dgpo.nonfinite import NonFiniteStep, SkipGuard
-from dgpo.prompt_encodings import PromptEncodings
-from dgpo.processes import Processes
+from dgpo.runtime.nonfinite import NonFiniteStep, SkipGuard
+from dgpo.models.prompt_encodings import PromptEncodings
+from dgpo.runtime.runtime import Runtime
 from dgpo.rewards import metadata_of, reward_of_run
-from dgpo.run_folder import reopen_run, start_run
-from dgpo.run import Counters, Run, Schedule, plot_run
-from dgpo.sharding import shard_frozen_model
-from dgpo.evaluation import evaluate_images
-from dgpo.models.handle import WEIGHTS_DTYPES, PromptEmbeds, load_model
+from dgpo.runtime.run_folder import reopen_run, start_run
+from dgpo.runtime.loop import Counters, Run, Schedule, plot_run
+from dgpo.runtime.sharding import shard_frozen_model
+from dgpo.evaluation.evaluate import evaluate_images
+from dgpo.models.handle import PromptEmbeds
+from dgpo.models.families import WEIGHTS_DTYPES, load_model
 from dgpo.models.adapters import AdapterRoles
 from dgpo.models.lora_io import read_lora_folder
-from dgpo.worlds import make_world
+from dgpo.worlds.registry import make_world
 from tdm_r1.config import DistillConfig
 from tdm_r1.objectives import (distribution_matching_direction, fake_score_loss, log_importance_weight,
                                level_above, normalise_weights, regression_loss, reward_direction, sample_tau,
@@ -71,7 +71,7 @@ class Rollout:
     states: torch.Tensor
     x0: torch.Tensor
     embeds: PromptEmbeds
-    rows: torch.Tensor   # this process's rows of the iteration's global batch (:mod:`dgpo.processes`)
+    rows: torch.Tensor   # this process's rows of the iteration's global batch (:mod:`dgpo.runtime.processes`)
     total: int           # the global batch size
 
     def share(self) -> float:
@@ -79,23 +79,19 @@ class Rollout:
 
 
 class Distiller:
-    """Teacher, student, fake score and optimisers of one run: the TDM recipe on :class:`dgpo.run.Run`; with
+    """Teacher, student, fake score and optimisers of one run: the TDM recipe on :class:`dgpo.runtime.loop.Run`; with
     ``r1.enabled`` also the stepwise surrogate reward and the reward term (TDM-R1)."""
 
     def __init__(self, cfg: DistillConfig, log=print):
-        self.cfg, self.log = cfg, log
+        self.cfg = cfg
         self.out = Path(cfg.run.out_dir)
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
-        torch.manual_seed(cfg.run.seed)
-        self.processes = Processes.launched()
-        self.log = log = self.processes.voice(log)
+        self.runtime = Runtime(cfg.run.seed, cfg.teacher.mixed_precision, cfg.run.threads, cfg.run.tracker, self.out,
+                               log)
+        self.processes, self.log = self.runtime.processes, self.runtime.log
+        log = self.log
         self.nonfinite = SkipGuard(cfg.optim.max_skipped_steps, log, "lower optim.generator_lr, optim.fake_lr or "
                                    "surrogate.lr, set optim.grad_clip, or check the reward")
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.processes.distributed and device.type == "cuda":
-            from accelerate import PartialState
-            device = PartialState().device
+        device = self.runtime.device
         self.processes.rows(cfg.optim.batch_size, "optim.batch_size")
         sharded = self.processes.sharded
         if sharded and cfg.student.mode == "full":  # its export would save the shared, sharded text encoders
@@ -137,8 +133,8 @@ class Distiller:
         betas = tuple(cfg.optim.betas)
         # evaluation and export read the EMA of the student when student.ema_decay > 0
         self.student_ema = EMA(self.student_params, cfg.student.ema_decay) if cfg.student.ema_decay > 0 else None
-        self.gen_opt = torch.optim.Adam(self.student_params, lr=cfg.optim.generator_lr, betas=betas)
-        self.fake_opt = torch.optim.Adam(self.fake_params, lr=cfg.optim.fake_lr, betas=betas)
+        self.gen_opt = self.runtime.prepare(torch.optim.Adam(self.student_params, lr=cfg.optim.generator_lr, betas=betas))
+        self.fake_opt = self.runtime.prepare(torch.optim.Adam(self.fake_params, lr=cfg.optim.fake_lr, betas=betas))
         self.gen = torch.Generator().manual_seed(cfg.run.seed)
         self.device = device
         self.world = make_world(cfg.world)
@@ -147,8 +143,8 @@ class Distiller:
         self.label = "TDM-R1" if self.r1 else "TDM"
         self.memory_levers = "lower optim.batch_size (student trajectories per iteration)"
         if self.r1:
-            self.surrogate = SurrogateReward(self.teacher, self.adapters, cfg.surrogate, seed=cfg.run.seed + 2,
-                                             processes=self.processes)
+            self.surrogate = SurrogateReward(self.teacher, self.adapters, cfg.surrogate, self.runtime,
+                                             seed=cfg.run.seed + 2)
             if cfg.surrogate.init:
                 self.surrogate.load(cfg.surrogate.init)
             self.reward_name, self.reward = reward_of_run(cfg.reward, self.world)
@@ -161,6 +157,7 @@ class Distiller:
         if sharded:  # an FSDP launch: the frozen model split over the processes
             shard_frozen_model(self.teacher, self.processes, log)
         self.embeds_of = PromptEncodings(self.teacher, self.train_prompts)  # each prompt encoded once
+        self.calls = self.runtime.count_calls(backbone)  # NFE, counted at the transformer
         self.counters = Counters()
         run = cfg.run
         self.runner = Run(self, self.out, Schedule.of(run, run.iterations, cfg.eval.every, cfg.eval.every_minutes),
@@ -170,7 +167,7 @@ class Distiller:
         """Start from a `tdm-r1 distill` run: its latest checkpoint's student and fake score (and step
         embedding), after checking that its student is this one (steps, levels, adapter shape)."""
         import yaml
-        from dgpo.checkpoint import latest_checkpoint, load_checkpoint
+        from dgpo.runtime.checkpoint import latest_checkpoint, load_checkpoint
         saved = run / "config.yaml"
         ckpt = latest_checkpoint(run) if saved.is_file() else None
         if ckpt is None:
@@ -358,18 +355,11 @@ class Distiller:
         return direction, {"reward_gap": self.processes.sum((x0_sur - x0_base).abs().mean().item() * r.share())}
 
     def _step(self, opt, params, loss, who: str) -> float:
-        """Backward of this process's share of the loss, gradients summed over processes, clip, step; a
-        non-finite loss or gradient steps nothing and raises :class:`dgpo.nonfinite.NonFiniteStep`."""
-        loss.backward()
-        self.processes.sum_gradients(params)
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        if not math.isfinite(self.processes.sum(loss.item())) or not torch.isfinite(grad_norm):
-            opt.zero_grad(set_to_none=True)
-            raise NonFiniteStep(f"{who} loss {loss.item()}, gradient norm {grad_norm.item()}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return grad_norm.item()
+        """Backward of this process's share of the loss, then the runtime's guarded step (gradients summed over
+        processes, clip, step; a non-finite loss or gradient steps nothing and raises
+        :class:`dgpo.runtime.nonfinite.NonFiniteStep`)."""
+        self.runtime.backward(loss)
+        return self.runtime.optimizer_step(opt, params, self.processes.sum(loss.item()), self.cfg.optim.grad_clip, who)
 
     def nfe_per_iteration(self) -> int:
         """Transformer evaluations per iteration (rollout K, fake updates 2 each, teacher, fake and student in
@@ -395,23 +385,22 @@ class Distiller:
         update(s); the generator update — under teacher.mixed_precision's autocast."""
         prompts = self.sample_prompts(self.cfg.optim.batch_size)
         stats: dict = {}
-        with self.autocast():
-            r = self.rollout(prompts)
-            try:
+        self.calls.start()
+        try:
+            with self.runtime.autocast():  # teacher.mixed_precision (a no-op at "no")
+                r = self.rollout(prompts)
                 for _ in range(self.cfg.fake.updates_per_generator):
                     stats.update(self.fake_update(r))
                 if self.r1:
                     stats.update(self.surrogate_update(r, prompts))
                 stats.update(self.generator_update(r))
-            except NonFiniteStep as fault:  # the updates before it stand (finite); the rest of the iteration is skipped
-                self.nonfinite.skip(f"iteration {self.counters.iteration + 1}", str(fault))
-                return {"skipped": 1.0}, self.nfe_per_iteration()
+        except NonFiniteStep as fault:  # the updates before it stand (finite); the rest of the iteration is skipped
+            self.nonfinite.skip(f"iteration {self.counters.iteration + 1}", str(fault))
+            return {"skipped": 1.0}, self.nfe_per_iteration()
+        finally:
+            self.calls.stop()
         self.nonfinite.passed()
         return {k: round(v, 6) for k, v in stats.items()}, self.nfe_per_iteration()
-
-    def autocast(self):
-        """teacher.mixed_precision: bf16 autocast on the device (a no-op at "no")."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.teacher.mixed_precision == "bf16")
 
     def score(self, r: Rollout, prompts: list[str], group_size: int = 0):
         """The rewards and group advantages of the global batch ``prompts`` in consecutive groups of
@@ -506,7 +495,10 @@ class Distiller:
 
     # --------------------------------------------------------------------------------------- loop
     def run(self, resume: bool = False) -> dict:
-        return self.runner.loop(resume)
+        self.runner.tracker = self.runtime.start_tracking("tdm-r1", flat_dict(to_dict(self.cfg)), self.out)
+        result = self.runner.loop(resume)
+        self.runtime.finish_tracking()
+        return result
 
     def export(self, folder: Path) -> None:
         """final/: lora/ (or pipeline/ in full mode) with sampler.json + USAGE.md, the stock diffusers call."""
@@ -551,7 +543,7 @@ def plot_distill_curves(rows: list[dict], path: Path) -> None:
 def prepare_run_dir(cfg: DistillConfig, resume: bool, overrides=(), overwrite: bool = False, named: bool = True,
                     log=print) -> DistillConfig:
     """A new run's folder (claimed and holding the resolved ``config.yaml``), or with ``resume`` the run in
-    ``cfg.run.out_dir`` reopened; see :mod:`dgpo.run_folder`."""
+    ``cfg.run.out_dir`` reopened; see :mod:`dgpo.runtime.run_folder`."""
     if resume:
         return reopen_run(DistillConfig, cfg.run.out_dir, overrides)
     return start_run(cfg, "tdm-r1 distill", overwrite=overwrite, named=named, log=log)

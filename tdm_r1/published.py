@@ -44,7 +44,7 @@ def released_levels(steps: int = RELEASED_STEPS, flow_shift: float = RELEASED_FL
 def read_ema_parameters(path: str | Path) -> list[torch.Tensor]:
     """The tensors of a released EMA checkpoint (a dict with ``ema_parameters``, or a bare list), read with
     ``torch.load(weights_only=True)``: tensors, lists and numbers only, never arbitrary pickled code."""
-    from dgpo.weights_file import load_weights_only
+    from dgpo.models.weights_file import load_weights_only
     state = load_weights_only(path, "tdm-r1 convert", "published student checkpoint (e.g. ema.ckpt)")
     tensors = state.get("ema_parameters") if isinstance(state, dict) else state
     if not isinstance(tensors, (list, tuple)) or not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):

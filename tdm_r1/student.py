@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from dgpo.processes import SINGLE, Processes
+from dgpo.runtime.processes import SINGLE, Processes
 from dgpo.errors import UserError
 from dgpo.models.handle import FlowModel, PromptEmbeds
-from dgpo.generation import generate_images
-from dgpo.sampling import Trajectory, shift_sigmas
+from dgpo.sampling.generation import generate_images
+from dgpo.sampling.ode import Trajectory, shift_sigmas
 
 SAMPLER_FILE = "sampler.json"
 
@@ -93,7 +93,7 @@ def sample_student(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, 
                    return_trajectory: bool = False):
     """K Euler steps at the boundaries, no CFG; mirrors ``StableDiffusion3Pipeline.__call__``'s loop.
 
-    Returns the final latents, or a :class:`dgpo.sampling.Trajectory` (K + 1 states) when asked.
+    Returns the final latents, or a :class:`dgpo.sampling.ode.Trajectory` (K + 1 states) when asked.
     """
     scheduler = student_scheduler(model, boundaries, device=noise.device)
     latents = noise.float()  # the state in fp32 whatever the weights' dtype (the handle casts at the transformer)
@@ -111,7 +111,7 @@ def sample_student(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, 
 def generate_student(model: FlowModel, prompts: list[str], boundaries: list[float], per_prompt: int = 1,
                      seed: int = 0, batch_size: int = 128, progress: bool = True,
                      processes: Processes = SINGLE) -> tuple[np.ndarray, list[dict]]:
-    """Like :func:`dgpo.evaluation.generate` (image k uses seed ``seed + k``) with the student sampler."""
+    """Like :func:`dgpo.evaluation.evaluate.generate` (image k uses seed ``seed + k``) with the student sampler."""
     return generate_images(model, prompts, lambda e, n: sample_student(model, e, n, boundaries), per_prompt, seed,
                            batch_size, progress, processes=processes)
 

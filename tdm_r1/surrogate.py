@@ -26,7 +26,7 @@ The generator update reads the surrogate's CFG-guided x̂₀ (:meth:`SurrogateRe
 The paper leaves open where k/K enters and how k and τ are drawn; each is a config key
 (:class:`SurrogateConfig`) whose help says whose choice the default is.
 
-On several processes (:mod:`dgpo.processes`) each holds its rows of the global batch: k, τ and z are drawn for
+On several processes (:mod:`dgpo.runtime.processes`) each holds its rows of the global batch: k, τ and z are drawn for
 the global batch and each process keeps its rows, a group's sum in the DGPO loss runs over every process's
 samples of it (``dgpo_loss``'s ``reduce_fn``), and the gradients are summed — the step one process takes on
 the same batch.
@@ -34,21 +34,19 @@ the same batch.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from dgpo.config import option
-from dgpo.ema import EMA
+from dgpo.runtime.ema import EMA
 from dgpo.methods.batch import per_sample_mse
 from dgpo.methods.dgpo import clip_to_old
-from dgpo.nonfinite import NonFiniteStep
 from dgpo.models.adapters import AdapterRoles
 from dgpo.models.handle import FlowModel, PromptEmbeds
-from dgpo.objectives import dgpo_loss
-from dgpo.processes import SINGLE, Processes
+from dgpo.methods.losses import dgpo_loss
+from dgpo.runtime.runtime import Runtime
 from tdm_r1.objectives import bridge_velocity, level_above, transition_sample, x0_from_velocity
 
 SURROGATE = "surrogate"
@@ -112,9 +110,10 @@ class SurrogateReward:
     """The surrogate LoRA (role ``surrogate`` on ``adapters``' backbone), its optimiser and EMAs; trained on the
     ``processes`` a run was launched on."""
 
-    def __init__(self, model: FlowModel, adapters: AdapterRoles, cfg: SurrogateConfig, seed: int = 0,
-                 processes: Processes = SINGLE):
-        self.model, self.adapters, self.cfg, self.processes = model, adapters, cfg, processes
+    def __init__(self, model: FlowModel, adapters: AdapterRoles, cfg: SurrogateConfig, runtime: Runtime,
+                 seed: int = 0):
+        self.model, self.adapters, self.cfg = model, adapters, cfg
+        self.runtime, self.processes = runtime, runtime.processes
         self.params = adapters.add(SURROGATE, cfg.lora_rank, cfg.lora_alpha, model.lora_targets(cfg.lora_targets),
                                    seed=seed)
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=(0.9, 0.999))
@@ -217,20 +216,14 @@ class SurrogateReward:
                rows: torch.Tensor | None = None) -> dict:
         """One Adam step of the surrogate on a global batch (this process's ``rows`` of it, see :meth:`loss`),
         gradients summed over the processes; its EMAs follow. A non-finite loss or gradient steps nothing and
-        raises :class:`dgpo.nonfinite.NonFiniteStep` (on every process alike)."""
+        raises :class:`dgpo.runtime.nonfinite.NonFiniteStep` (on every process alike)."""
         loss, stats = self.loss(states, sigmas, advantages, group_ids, embeds, gen, rows)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.processes.sum_gradients(self.params)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip if grad_clip > 0 else float("inf"))
-        if not math.isfinite(stats["loss_surrogate"]) or not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteStep(f"surrogate loss {stats['loss_surrogate']}, gradient norm {norm.item()}")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.runtime.backward(loss)
+        norm = self.runtime.optimizer_step(self.optimizer, self.params, stats["loss_surrogate"], grad_clip, "surrogate")
         for ema in self.emas.values():
             ema.update(step)
-        return {**stats, "grad_norm_surrogate": norm.item()}
+        return {**stats, "grad_norm_surrogate": norm}
 
     @torch.no_grad()
     def implicit_reward(self, states: torch.Tensor, sigmas: torch.Tensor, k: int, embeds: PromptEmbeds,
@@ -290,7 +283,7 @@ class SurrogateReward:
             ema.shadow = [p.detach().clone() for p in self.params]
 
     def state_tensors(self) -> tuple[dict, dict]:
-        from dgpo.checkpoint import optimizer_to_flat
+        from dgpo.runtime.checkpoint import optimizer_to_flat
         tensors = {f"surrogate.{k}": p.detach() for k, p in self.adapters.named_parameters(SURROGATE)}
         for name, ema in self.emas.items():
             tensors.update({f"{name}.{k}": v for k, v in ema.state_dict().items()})
@@ -300,7 +293,7 @@ class SurrogateReward:
 
     @torch.no_grad()
     def load_state(self, tensors: dict, state: dict) -> None:
-        from dgpo.checkpoint import optimizer_from_flat
+        from dgpo.runtime.checkpoint import optimizer_from_flat
         for k, p in self.adapters.named_parameters(SURROGATE):
             p.copy_(tensors[f"surrogate.{k}"])
         for name, ema in self.emas.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from dgpo.nonfinite import NonFiniteStep
+from dgpo.runtime.nonfinite import NonFiniteStep
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def train_surrogate(distiller, updates: int, eval_every: int, eval_prompts: int 
         batch = d.sample_prompts(d.cfg.optim.batch_size)
         try:
             stats = d.surrogate_update(d.rollout(batch), batch)
-        except NonFiniteStep as fault:  # nothing stepped; skipped like a run's update (dgpo.nonfinite)
+        except NonFiniteStep as fault:  # nothing stepped; skipped like a run's update (dgpo.runtime.nonfinite)
             d.nonfinite.skip(f"update {step}", str(fault))
             stats = {"loss_surrogate": float("nan"), "reward": float("nan")}
         else:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dgpo.clip_rewards import AESTHETIC_HEAD_KEYS, CLIPReward, clip_pixels, projected
+from dgpo.rewards.clip import AESTHETIC_HEAD_KEYS, CLIPReward, clip_pixels, projected
 from dgpo.errors import UserError
 from dgpo.rewards import make_reward, reward_of_run
 

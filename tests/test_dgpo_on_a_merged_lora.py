@@ -15,9 +15,9 @@ from test_train import tiny_cfg
 from dgpo.cli import load_model
 from dgpo.config import ConfigError
 from dgpo.errors import UserError
-from dgpo.evaluation import SamplerConfig, generate
+from dgpo.evaluation.evaluate import SamplerConfig, generate
 from dgpo.models.lora import adapters_disabled
-from dgpo.sampling import initial_noise
+from dgpo.sampling.ode import initial_noise
 from dgpo.trainer import Trainer, load_train_config, nfe_per_epoch, prepare_run_dir
 
 SIGMAS = [1.0, 0.75, 0.5, 0.25]  # as the stock pipeline's sigmas= takes them (before the shift)

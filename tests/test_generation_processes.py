@@ -1,12 +1,12 @@
 """Image generation on several processes: each process makes every world-th image, and every process runs as many
-sampler batches as the busiest one (a sharded model needs every process in each of its calls: dgpo.sharding)."""
+sampler batches as the busiest one (a sharded model needs every process in each of its calls: dgpo.runtime.sharding)."""
 
 import numpy as np
 import torch
 
-from dgpo.generation import generate_images
+from dgpo.sampling.generation import generate_images
 from dgpo.models.handle import PromptEmbeds
-from dgpo.processes import Processes
+from dgpo.runtime.processes import Processes
 
 
 class OneOfTwo(Processes):

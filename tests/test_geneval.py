@@ -1,4 +1,4 @@
-"""GenEval's rules (dgpo.geneval): relative positions, the include/exclude clauses, the shapes detector that stands
+"""GenEval's rules (dgpo.rewards.geneval): relative positions, the include/exclude clauses, the shapes detector that stands
 in for Mask2Former here, and the served path a GenEval server takes — DGPO trained against `dgpo serve-reward
 geneval` on a prompt file in GenEval's metadata format."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import assert_margin
 
-from dgpo.geneval import Detection, check, make_geneval_reward, relative_position, shapes_metadata
+from dgpo.rewards.geneval import Detection, check, make_geneval_reward, relative_position, shapes_metadata
 from dgpo.worlds import shapes
 
 

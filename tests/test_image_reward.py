@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dgpo.errors import UserError
-from dgpo.image_reward import (NOT_IN_CHECKPOINT, UNMAPPED_KEYS, ImageReward, blip_config, blip_from_state, blip_key,
+from dgpo.rewards.image_reward import (NOT_IN_CHECKPOINT, UNMAPPED_KEYS, ImageReward, blip_config, blip_from_state, blip_key,
                                blip_state_dict)
 from dgpo.rewards import make_reward, reward_of_run
 
@@ -285,7 +285,7 @@ def test_the_prompt_is_tokenised_as_blip_extends_bert(checkpoint, tokenizer_dir)
     reward = ImageReward(f"{checkpoint},{tokenizer_dir}")
     words = len(WORDS) + 5
     assert reward.tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [words, words + 1]
-    from dgpo.image_reward import tokenize
+    from dgpo.rewards.image_reward import tokenize
     tokens = tokenize(reward.tokenizer, PROMPTS)
     ids, mask = tokens["input_ids"], tokens["attention_mask"]
     assert ids.shape == mask.shape == (len(PROMPTS), 35)

@@ -1,11 +1,11 @@
 """Under a sharded model every process makes the same model calls: a process whose rows give it fewer micro-batches
-than the busiest process makes the rest on a stand-in row weighted zero (dgpo.sharding, Processes.lockstep)."""
+than the busiest process makes the rest on a stand-in row weighted zero (dgpo.runtime.sharding, Processes.lockstep)."""
 
 import torch
 
 from dgpo.methods.batch import RolloutBatch, lockstep_chunks, random_parts
 from dgpo.models.handle import PromptEmbeds
-from dgpo.processes import Processes
+from dgpo.runtime.processes import Processes
 
 
 class OneOfTwo(Processes):
@@ -61,7 +61,7 @@ def test_a_random_part_without_this_process_s_rows_gets_a_stand_in_whose_loss_co
 def test_collectives_carry_cpu_values_on_the_gpu_under_nccl(monkeypatch):
     """NCCL (accelerate's backend on GPUs) carries CUDA tensors only: the rewards, counts and statistics the
     processes exchange as CPU tensors travel on this process's GPU there, and stay where they are under gloo."""
-    from dgpo.processes import wire_device
+    from dgpo.runtime.processes import wire_device
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
     assert wire_device(torch.zeros(2)) == torch.device("cuda", 3)

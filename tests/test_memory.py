@@ -18,7 +18,7 @@ def test_every_step_logs_its_peak_memory(tiny_base, tmp_path):
     """Each step logs this process's peak memory so far: on CPU its peak resident set, so between the peak
     before the run and the peak after it (a band that the machine's speed, load or earlier tests in the
     process do not move; 0.66-0.74 GB measured here). On CUDA: allocated GPU memory, positive."""
-    from dgpo.run import peak_memory_gb
+    from dgpo.runtime.loop import peak_memory_gb
     out = tmp_path / "run"
     before = peak_memory_gb()
     Trainer(prepare_run_dir(tiny_cfg(tiny_base, out, "run.epochs=2"), False), log=lambda *a: None).run()

@@ -11,10 +11,10 @@ import torch
 from dgpo.config import ConfigError
 from dgpo.methods.batch import RolloutBatch
 from dgpo.models.handle import PromptEmbeds, SD3Model, load_pipeline
-from dgpo.objectives import diffusion_dpo_loss, flow_grpo_loss, group_advantages, nft_loss, nft_optimality
+from dgpo.methods.losses import diffusion_dpo_loss, flow_grpo_loss, group_advantages, nft_loss, nft_optimality
 from dgpo.rewards import register_reward
-from dgpo.sampling import sample_ode
-from dgpo.sde import sample_sde
+from dgpo.sampling.ode import sample_ode
+from dgpo.sampling.sde import sample_sde
 from dgpo.trainer import Trainer, load_train_config, prepare_run_dir
 
 from conftest import TINY_BASE, TINY_BASE_CONFIG, assert_margin, load_script
@@ -314,7 +314,7 @@ def test_bench_runs_resume_where_they_stopped_and_finished_ones_are_kept(tiny_ba
     starts again."""
     import shutil
     from safetensors.torch import load_file
-    from dgpo.checkpoint import list_checkpoints
+    from dgpo.runtime.checkpoint import list_checkpoints
     bench = load_script("scripts/bench_rl.py")
     logs = []
     overrides = [f"model.base={tiny_base}", *TINY_RUN, "run.epochs=4", "run.time_budget_min=0"]
@@ -393,7 +393,7 @@ def test_score_groups_is_rollout_reward_advantages():
     import numpy as np
     from dgpo.errors import UserError
     from dgpo.methods.batch import score_groups
-    from dgpo.objectives import group_advantages
+    from dgpo.methods.losses import group_advantages
     images = np.zeros((6, 4, 4, 3), np.uint8)
     prompts = ["a"] * 3 + ["b"] * 3
     adv_cfg = SimpleNamespace(std="group", eps=1e-4, clip=0.0)
@@ -401,7 +401,7 @@ def test_score_groups_is_rollout_reward_advantages():
     assert scored.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
     expected = group_advantages(torch.tensor([0.0, 1.0, 2.0, 5.0, 5.0, 5.0]), scored.group_ids, std="group", eps=1e-4)
     assert torch.allclose(scored.advantages, expected) and scored.advantages[3:].abs().max() == 0
-    from dgpo.nonfinite import NonFiniteRewards  # the trainers skip that update (tests/test_train.py)
+    from dgpo.runtime.nonfinite import NonFiniteRewards  # the trainers skip that update (tests/test_train.py)
     with pytest.raises(NonFiniteRewards, match="reward 'r' answered 1 non-finite"):
         score_groups(lambda im, p: np.array([0.0, np.nan, 1.0, 1.0, 1.0, 1.0]), images, prompts, 3, adv_cfg, "r")
     with pytest.raises(UserError, match=r"returned \(5,\) values"):

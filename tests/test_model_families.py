@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dgpo.models.flux import FluxModel, pack_latents, unpack_latents
-from dgpo.models.handle import load_model
+from dgpo.models.families import load_model
 from dgpo.models.tiny_pipelines import build_tiny_flux, build_tiny_zimage
 from dgpo.models.zimage import ZImageModel
 
@@ -45,7 +45,7 @@ def test_the_handle_samples_what_the_stock_pipeline_samples(tiny_family):
     model = load_model(folder, resolution=32)
     assert isinstance(model, ZImageModel if kind == "zimage" else FluxModel)
     assert model.image_size == 32 and model.latent_shape == (16, 16, 16)
-    from dgpo.sampling import sample_ode
+    from dgpo.sampling.ode import sample_ode
     steps, (ours_w, theirs_g) = 4, GUIDANCE[kind]
     sigmas = np.linspace(1.0, 1 / steps, steps).tolist()  # the stock pipelines' own schedule
     noise = torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(0))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from dgpo.errors import UserError
-from dgpo.models.handle import FlowModel, SD3Model, load_model, register_model_family
+from dgpo.models.handle import FlowModel, SD3Model
+from dgpo.models.families import load_model, register_model_family
 
 
 class ProtocolOnly:

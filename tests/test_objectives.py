@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_margin
 
-from dgpo.objectives import dgpo_loss, group_advantages, group_sums
+from dgpo.methods.losses import dgpo_loss, group_advantages, group_sums
 
 
 

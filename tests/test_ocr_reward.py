@@ -6,7 +6,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from dgpo.errors import UserError
-from dgpo.ocr_reward import edit_distance_score, target_text
+from dgpo.rewards.ocr import edit_distance_score, target_text
 from dgpo.rewards import make_reward
 
 WORDS = ["HELLO WORLD", "OPEN 24 HOURS", "diffusion"]

@@ -10,7 +10,7 @@ import os
 import shutil
 
 from dgpo.cli import main
-from dgpo.output_dir import MANIFEST
+from dgpo.runtime.output_dir import MANIFEST
 from test_train import TINY_RUN  # also registers the test reward
 
 TRAIN = ["--set", "run.time_budget_min=0", "--set", "run.epochs=2", *[a for s in TINY_RUN for a in ("--set", s)]]
@@ -214,7 +214,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_base
 def test_ctrl_c_while_sampling_stops_cleanly_and_writes_nothing(tiny_base, tmp_path, capsys, monkeypatch):
     """Ctrl-C in the middle of `dgpo sample`: "interrupted", exit status 130, and no output folder (the images
     are written all at once, after the sampling)."""
-    import dgpo.evaluation as evaluation
+    import dgpo.evaluation.evaluate as evaluation
     calls = {"n": 0}
     real = evaluation.sample_ode
 

@@ -7,9 +7,9 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusion3Pipeline
 
 from dgpo.cli import load_model, main
-from dgpo.sampling import flow_sigmas, make_scheduler, sample_ode, shift_sigmas
-from dgpo.evaluation import SamplerConfig, generate
-from dgpo.samples_io import read_samples
+from dgpo.sampling.ode import flow_sigmas, make_scheduler, sample_ode, shift_sigmas
+from dgpo.evaluation.evaluate import SamplerConfig, generate
+from dgpo.sampling.samples_io import read_samples
 
 PROMPT = "a photo of a red circle and a blue square"
 
@@ -92,7 +92,7 @@ def _prompt_file(tmp_path):
 
 @torch.no_grad()
 def _float_images(model, prompt, seed, steps, cfg, solver):
-    from dgpo.sampling import initial_noise
+    from dgpo.sampling.ode import initial_noise
     latents = sample_ode(model, model.encode_prompts([prompt]), initial_noise([seed], model.latent_shape),
                          steps, cfg, solver)
     return model.decode_latents(latents, output="np")
@@ -107,7 +107,7 @@ def test_damaged_pipelines_and_loras_are_one_clear_error(tiny_base, tmp_path):
     from safetensors.torch import save_file
 
     from dgpo.errors import UserError
-    from dgpo.models.handle import load_model
+    from dgpo.models.families import load_model
     from dgpo.models.lora_io import load_lora_into_pipeline
     half = tmp_path / "half"
     shutil.copytree(tiny_base, half, ignore=lambda d, names: ["vae"] if "vae" in names else [])

@@ -105,3 +105,10 @@ def test_a_model_family_from_a_file_trains_with_dgpo_and_tdm(tmp_path):
         "eval.fd=false", "student.lora_rank=2", "student.lora_alpha=2", "fake.lora_rank=2", "fake.lora_alpha=2"]
         for a in ("--set", s)]]) == 0
     assert (tmp_path / "tdm" / "final" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_shared_section_names_are_the_training_configs():
+    import dataclasses
+    from dgpo.methods.registry import SHARED_SECTIONS
+    from dgpo.train_config import TrainConfig
+    assert set(SHARED_SECTIONS) == {f.name for f in dataclasses.fields(TrainConfig)}

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import TINY_BASE, TINY_BASE_CONFIG, assert_margin
 
-from dgpo.checkpoint import list_checkpoints
+from dgpo.runtime.checkpoint import list_checkpoints
 from dgpo.cli import load_base_config, main
 from dgpo.config import to_dict
 from dgpo.models.handle import load_pipeline

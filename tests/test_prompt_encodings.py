@@ -4,8 +4,8 @@ cache, and a prompt's encoding does not depend on which prompts it was first use
 import pytest
 import torch
 
-from dgpo.models.handle import load_model
-from dgpo.prompt_encodings import PromptEncodings
+from dgpo.models.families import load_model
+from dgpo.models.prompt_encodings import PromptEncodings
 
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares", "a photo of a green triangle",
            "a photo of a circle left of a square", "a photo of three yellow triangles"]

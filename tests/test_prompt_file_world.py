@@ -8,8 +8,8 @@ import pytest
 
 from dgpo.cli import main
 from dgpo.errors import UserError
-from dgpo.worlds import make_world
-from dgpo.worlds.prompt_file import mean_by_category
+from dgpo.worlds.registry import make_world
+from dgpo.worlds.categories import mean_by_category
 from test_train import TINY_RUN  # also registers the test reward
 
 LINES = [{"reward": "test_brightness"},
@@ -80,8 +80,8 @@ def test_several_rewards_and_evaluation_only_rewards(tiny_base, tmp_path):
     import torch
     from types import SimpleNamespace
     from dgpo.methods.batch import score_groups
-    from dgpo.objectives import group_advantages
-    from dgpo.reward_mix import RewardMix
+    from dgpo.methods.losses import group_advantages
+    from dgpo.rewards.mix import RewardMix
     from dgpo.rewards import register_reward
 
     class Channel:
@@ -96,17 +96,19 @@ def test_several_rewards_and_evaluation_only_rewards(tiny_base, tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
     prompts = ["p"] * 6
     adv = SimpleNamespace(std="group", eps=1e-4, clip=5.0)
-    mix_sum = RewardMix(["test_red", "test_green_x100"], [1.0, 0.5])
+    names = ["test_red", "test_green_x100"]
+    built = [Channel(0, 1.0), Channel(1, 100.0)]
+    mix_sum = RewardMix(names, built, [1.0, 0.5])
     red, green = Channel(0, 1.0)(images, prompts), Channel(1, 100.0)(images, prompts)
     np.testing.assert_allclose(mix_sum(images, prompts), red + 0.5 * green)
-    mix_adv = RewardMix(["test_red", "test_green_x100"], [1.0, 0.5], combine="advantages")
+    mix_adv = RewardMix(names, built, [1.0, 0.5], combine="advantages")
     scored = score_groups(mix_adv, images, prompts, 3, adv, "mix")
     ids = torch.arange(2).repeat_interleave(3)
     expected = (group_advantages(torch.tensor(red).float(), ids, clip=5.0)
                 + 0.5 * group_advantages(torch.tensor(green).float(), ids, clip=5.0))
     torch.testing.assert_close(scored.advantages, expected)  # each reward normalised on its own scale first
     with pytest.raises(UserError, match="one weight per reward"):
-        RewardMix(["test_red", "test_green_x100"], [1.0])
+        RewardMix(names, built, [1.0])
 
     sets = [a for s in [f"model.base={tiny_base}", "run.epochs=2", "run.time_budget_min=0", *TINY_RUN,
                         "reward.name=test_brightness+test_red", "reward.combine=advantages",
@@ -124,7 +126,7 @@ def test_the_shipped_ocr_prompt_set_loads_with_held_out_words():
     assert len(train) == 24 and len(test) == 12 and world.reward == "ocr"
     words = lambda prompts: {world.metadata(p)["text"] for p in prompts}  # noqa: E731
     assert not words(train) & words(test)  # a test word is never trained on
-    from dgpo.ocr_reward import target_text
+    from dgpo.rewards.ocr import target_text
     assert all(target_text(p) == world.metadata(p)["text"] for p in train + test)
 
 

@@ -7,7 +7,7 @@ import torch
 from conftest import assert_margin
 
 from dgpo.errors import UserError
-from dgpo.prompt_sampling import PromptSampler
+from dgpo.methods.prompt_sampling import PromptSampler
 
 PROMPTS = [f"p{i}" for i in range(6)]
 

@@ -60,7 +60,7 @@ def test_a_launch_config_that_cannot_be_honoured_is_refused_in_one_line(env, say
     of it), and FSDP2 settings that would undo the sharding or are not supported: one clear error instead of a
     run that does something else than its config says."""
     from dgpo.errors import UserError
-    from dgpo.processes import Processes
+    from dgpo.runtime.processes import Processes
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(UserError, match=says):
@@ -69,9 +69,9 @@ def test_a_launch_config_that_cannot_be_honoured_is_refused_in_one_line(env, say
 
 def test_the_fsdp_launch_configs_ask_for_what_the_sharding_does():
     """The FSDP configs set the FSDP_* variables (through accelerate's own launcher code) that
-    :func:`dgpo.sharding.sharded_launch` accepts: version 2, gathered weights freed after each forward, no offload."""
+    :func:`dgpo.runtime.sharding.sharded_launch` accepts: version 2, gathered weights freed after each forward, no offload."""
     from accelerate.commands.config.config_args import load_config_from_file
-    from dgpo.sharding import sharded_launch
+    from dgpo.runtime.sharding import sharded_launch
     for name in ("cpu_2_processes_fsdp", "gpus_8_fsdp"):
         fsdp = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml")).fsdp_config
         env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": str(fsdp["fsdp_version"]),

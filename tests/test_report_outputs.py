@@ -9,7 +9,7 @@ import pytest
 
 from conftest import load_script
 from dgpo.errors import UserError
-from dgpo.output_dir import check_report_outputs, write_json_output, write_report_json
+from dgpo.runtime.output_dir import check_report_outputs, write_json_output, write_report_json
 
 MINE = "my own notes\n"
 

@@ -27,7 +27,7 @@ def test_concurrent_clients_through_injected_overloads(tmp_path):
 def test_the_load_check_sees_a_mis_ordered_answer(monkeypatch):
     """The check can fail: a client whose answers come back reversed once is counted."""
     load = load_script("scripts/load_reward_server.py")
-    from dgpo import reward_client
+    from dgpo.rewards import client as reward_client
     real, calls = reward_client.RemoteReward.__call__, itertools.count(1)
 
     def once_reversed(self, images, prompts):

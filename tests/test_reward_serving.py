@@ -1,4 +1,4 @@
-"""Served rewards: dgpo.reward_server (Starlette on uvicorn) and dgpo.reward_client (httpx) end to end — the
+"""Served rewards: dgpo.rewards.server (Starlette on uvicorn) and dgpo.rewards.client (httpx) end to end — the
 same scores as in process, batching over several servers, and one clear error for a server that is down,
 slow, overloaded, refuses the token or answers garbage; the server refuses what it must (web pages, foreign
 hosts, oversized bodies and images, stalled bodies, missing tokens)."""
@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from dgpo.errors import UserError
-from dgpo.reward_client import RemoteReward
-from dgpo.reward_server import ServerLimits, serve_reward
+from dgpo.rewards.client import RemoteReward
+from dgpo.rewards.server import ServerLimits, serve_reward
 from dgpo.rewards import ShapesReward, encode_png, make_reward
 from dgpo.worlds import shapes
 from conftest import http_stub

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dgpo.run import Counters, Run, Schedule
+from dgpo.runtime.loop import Counters, Run, Schedule
 
 
 class ScriptedRecipe:

@@ -4,9 +4,9 @@ so its per-piece timings (text encoding, sampling loop, decode) time the real th
 import numpy as np
 
 from dgpo.cli import load_model
-from dgpo.evaluation import SamplerConfig, generate
-from dgpo.sampling import sample_ode
-from dgpo.sampling_speed import median_breakdown, timed_generation
+from dgpo.evaluation.evaluate import SamplerConfig, generate
+from dgpo.sampling.ode import sample_ode
+from dgpo.sampling.speed import median_breakdown, timed_generation
 from dgpo.worlds import shapes
 from tdm_r1.student import default_boundaries, generate_student, sample_student
 

@@ -16,8 +16,8 @@ CHECK = r'''
 import sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from dgpo.models.adapters import AdapterRoles
-from dgpo.models.handle import load_model
-from dgpo.sharding import shard_frozen_module
+from dgpo.models.families import load_model
+from dgpo.runtime.sharding import shard_frozen_module
 
 store, families = sys.argv[1], sys.argv[2:]
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
@@ -43,7 +43,7 @@ def check(name, folder, resolution):
 
     before = outputs()
     for module in model.frozen_modules().values():
-        shard_frozen_module(module, mesh, root=module is model.transformer)  # as dgpo.sharding does
+        shard_frozen_module(module, mesh, root=module is model.transformer)  # as dgpo.runtime.sharding does
     sharded = [n for m in model.frozen_modules().values() for n, p in m.named_parameters() if hasattr(p, "to_local")]
     after = outputs()
     problems = [what for what, bad in [

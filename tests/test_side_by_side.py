@@ -7,7 +7,7 @@ import numpy as np
 from conftest import load_script
 from PIL import Image
 
-from dgpo.samples_io import write_samples
+from dgpo.sampling.samples_io import write_samples
 
 side_by_side = load_script("scripts/side_by_side.py")
 

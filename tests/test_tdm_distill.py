@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dgpo.models.handle import PromptEmbeds
-from dgpo.sampling import initial_noise, sample_ode
+from dgpo.sampling.ode import initial_noise, sample_ode
 from tdm_r1.cli import main
 from tdm_r1.config import load_distill_config
 from tdm_r1.distill import Distiller, prepare_run_dir

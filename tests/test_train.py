@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import assert_margin
 
 from dgpo.cli import main
-from dgpo.run_metrics import gain_against_noise
+from dgpo.runtime.metrics import gain_against_noise
 from dgpo.rewards import register_reward
 from dgpo.trainer import Trainer, load_train_config, prepare_run_dir, scheduled_lr
 
@@ -68,7 +68,7 @@ def test_run_folder_and_plain_diffusers_lora(targets, tiny_base, tmp_path, outco
 
     # The trained LoRA changed the model, and stock diffusers reproduces our trained sampler.
     prompt = "a photo of a green triangle"
-    from dgpo.evaluation import SamplerConfig, generate
+    from dgpo.evaluation.evaluate import SamplerConfig, generate
     ours, _ = generate(trainer.model, [prompt], 1, SamplerConfig(steps=3, guidance_scale=2.0), seed=5, progress=False)
     pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_base), text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
@@ -261,7 +261,7 @@ def test_epoch0_evaluation_is_cached_per_base_and_protocol(tiny_base, tmp_path, 
 
 def test_eval_cache_key_follows_weights_protocol_and_code(tmp_path, monkeypatch):
     import os
-    from dgpo import eval_cache
+    from dgpo.evaluation import cache as eval_cache
     base = tmp_path / "base"
     (base / "transformer").mkdir(parents=True)
     w = base / "transformer" / "diffusion_pytorch_model.safetensors"

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dgpo.errors import UserError
-from dgpo.vlm_judge import VLMJudge, parse_score
+from dgpo.rewards.vlm_judge import VLMJudge, parse_score
 from conftest import http_stub
 
 

@@ -73,7 +73,7 @@ def test_bf16_weights_step_as_fp32_weights_under_the_same_autocast(method, learn
 
 def test_bf16_weights_need_bf16_autocast(tiny_base, tmp_path):
     from dgpo.errors import UserError
-    from dgpo.models.handle import load_model
+    from dgpo.models.families import load_model
     from test_train import tiny_cfg
     cfg = prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "mem"), False)
     with pytest.raises(UserError, match="frozen weights are torch.bfloat16: train it with model.mixed_precision=bf16"):
@@ -110,9 +110,9 @@ def test_tdm_on_a_bf16_teacher_keeps_fp32_adapters_and_finite_steps(tiny_base, t
 def test_every_family_on_bf16_weights_keeps_fp32_latents(family, tiny_base, tmp_path):
     """Each handle loaded in bf16 takes fp32 latents with or without autocast, returns an fp32 velocity close
     to the fp32 weights' one, decodes fp32 latents and samples with an fp32 state."""
-    from dgpo.models.handle import load_model
+    from dgpo.models.families import load_model
     from dgpo.models.tiny_pipelines import build_tiny_flux, build_tiny_zimage
-    from dgpo.sampling import sample_ode
+    from dgpo.sampling.ode import sample_ode
     folder, resolution = (tiny_base, 0) if family == "sd3" else (
         (build_tiny_zimage if family == "zimage" else build_tiny_flux)(tmp_path / "pipe"), 32)
     models = {dt: load_model(folder, dt, resolution) for dt in (torch.float32, torch.bfloat16)}
@@ -136,7 +136,7 @@ def test_a_merged_lora_on_bf16_weights_is_fused_in_fp32_and_rounded_once(tiny_ba
     """model.merge_lora with model.weights_dtype=bf16: the trained model's backbone is the fp32 fusion rounded
     once to bf16 (fusing into weights already rounded to bf16 would round twice)."""
     from dgpo.models.adapters import AdapterRoles
-    from dgpo.models.handle import load_model
+    from dgpo.models.families import load_model
     from dgpo.models.lora import save_lora_diffusers
     model = load_model(tiny_base)
     for p in AdapterRoles(model.transformer).add("default", 2, 2, model.lora_targets("attention"), seed=0):

@@ -7,7 +7,7 @@ import numpy as np
 
 from dgpo.cli import main
 from dgpo.errors import UserError
-from dgpo.worlds import make_world, register_world, world_names
+from dgpo.worlds.registry import make_world, register_world, world_names
 from test_train import TINY_RUN  # also registers the test reward
 
 

@@ -11,9 +11,9 @@ import torch
 from einops import reduce
 
 from dgpo.models.handle import PromptEmbeds
-from dgpo.nonfinite import NonFiniteRewards
-from dgpo.processes import SINGLE, Processes
-from dgpo.sampling import shift_sigmas
+from dgpo.runtime.nonfinite import NonFiniteRewards
+from dgpo.runtime.processes import SINGLE, Processes
+from dgpo.sampling.ode import shift_sigmas
 
 
 @dataclass
@@ -22,7 +22,7 @@ class RolloutBatch:
     ``extras`` holds what an objective's sampler recorded per sample (batch-first tensors, e.g. the SDE
     states and log-probabilities of Flow-GRPO).
 
-    On several processes (:mod:`dgpo.processes`) a batch holds this process's share of a global batch:
+    On several processes (:mod:`dgpo.runtime.processes`) a batch holds this process's share of a global batch:
     ``rows`` are its rows' places in the epoch's global batch, ``epoch_group_ids`` the group of every global
     row, ``total`` the size of the global batch it is a share of (a part of the epoch's batch for a method
     that splits it). One process: all three default to the whole batch. Methods draw per-sample random
@@ -176,7 +176,7 @@ class ScoredGroups:
 def checked_rewards(reward, images, prompts: list[str], name: str, columns: bool = False,
                     metadata: list[dict] | None = None) -> torch.Tensor:
     """``reward(images, prompts)`` as a float tensor (N,) — with ``columns``, ``reward.columns(images, prompts)``
-    (N, K) of a :class:`dgpo.reward_mix.RewardMix`; a reward that answers the wrong number of scores is a
+    (N, K) of a :class:`dgpo.rewards.mix.RewardMix`; a reward that answers the wrong number of scores is a
     UserError naming it (the run's last checkpoint stays intact). Non-finite scores pass through:
     :func:`finite_rewards` judges them once every process's rows are gathered."""
     import numpy as np
@@ -200,19 +200,19 @@ def finite_rewards(rewards: torch.Tensor, name: str) -> torch.Tensor:
 def score_groups(reward, images, prompts: list[str], group_size: int, advantage, name: str,
                  processes: Processes = SINGLE, metadata: list[dict] | None = None) -> ScoredGroups:
     """Rollout → reward → group advantages, for a global batch made of consecutive groups of ``group_size``
-    samples of one prompt each: A = (r − mean_g) / (std + eps) per :func:`dgpo.objectives.group_advantages`
+    samples of one prompt each: A = (r − mean_g) / (std + eps) per :func:`dgpo.methods.losses.group_advantages`
     with the ``advantage`` settings (std per group / batch / none, eps, clip). ``images`` and ``prompts`` are
-    this process's rows (:mod:`dgpo.processes`); the rewards of every process are gathered first, so the
+    this process's rows (:mod:`dgpo.runtime.processes`); the rewards of every process are gathered first, so the
     returned rewards, group ids and advantages are the global batch's, the same on every process. Every recipe
     that learns from groups of its own samples — DGPO and its baselines, a stepwise surrogate reward — starts
     here. A non-finite reward raises :class:`NonFiniteRewards` on every process. ``metadata``: one dict per
     prompt, for a reward that takes it (:func:`dgpo.rewards.call_reward`)."""
-    from dgpo.objectives import group_advantages
+    from dgpo.methods.losses import group_advantages
 
     def advantages_of(r: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         return group_advantages(r, group_ids, std=advantage.std, eps=advantage.eps, clip=advantage.clip or None)
 
-    if getattr(reward, "combine", "sum") == "advantages":  # several rewards: A = Σ_k w_k·A_k (dgpo.reward_mix)
+    if getattr(reward, "combine", "sum") == "advantages":  # several rewards: A = Σ_k w_k·A_k (dgpo.rewards.mix)
         columns = finite_rewards(processes.gather_rows(checked_rewards(reward, images, prompts, name, columns=True,
                                                                        metadata=metadata)), name)
         group_ids = torch.arange(len(columns) // group_size).repeat_interleave(group_size)

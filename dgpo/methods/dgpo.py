@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import torch
 
-from dgpo.ema import EMA
-from dgpo.methods import Objective, register_objective
+from dgpo.runtime.ema import EMA
+from dgpo.methods.objective import Objective
 from dgpo.methods.batch import (RolloutBatch, group_noise_levels, group_shared_noise, local_micro_batches,
                                per_sample_mse)
 from dgpo.models.handle import FlowModel, flow_interpolate
 from dgpo.models.lora import adapters_disabled
-from dgpo.objectives import dgpo_loss
-from dgpo.train_config import ObjectiveConfig
+from dgpo.methods.losses import dgpo_loss
 
 
-def reference_velocity(model: FlowModel, x_sigma, sigma, embeds, cfg: ObjectiveConfig, ref_ema: EMA | None):
+def reference_velocity(model: FlowModel, x_sigma, sigma, embeds, cfg, ref_ema: EMA | None):
     """v_ref: the base with adapters disabled, or the EMA ('dynamic') reference; CFG optional."""
     context = adapters_disabled(model.transformer) if cfg.reference == "base" else ref_ema.swapped_in()
     with torch.no_grad(), context:
@@ -47,7 +46,7 @@ def clip_to_old(loss_policy: torch.Tensor, loss_old: torch.Tensor, advantages: t
     return torch.where(advantages * delta < advantages * (clipped - loss_old), clipped, loss_policy)
 
 
-def dgpo_backward(model: FlowModel, batch: RolloutBatch, cfg: ObjectiveConfig, shift: float, gen: torch.Generator,
+def dgpo_backward(model: FlowModel, batch: RolloutBatch, cfg, shift: float, gen: torch.Generator,
                   micro_batch: int, backward, ref_ema: EMA | None = None, old_ema: EMA | None = None) -> dict:
     """Accumulate the gradient of the DGPO loss over ``batch`` (M noise levels, whole-group micro-batches).
 
@@ -128,7 +127,6 @@ def stand_in_calls(model, batch: RolloutBatch, sigma_all, noise_all, cfg, ref_em
     return policy
 
 
-@register_objective
 class DGPO(Objective):
     name = "dgpo"
     label = "DGPO"

@@ -5,7 +5,7 @@ the winner and the one with the lowest the loser; groups whose rewards are all e
 the pairs come from the policy's ODE rollouts each epoch. Offline: from the frozen base's rollouts (LoRA
 adapters off), i.e. a stream of base-model pairs that never follows the policy — the paper's offline
 setting with an unlimited preference set drawn from the base. Each pair shares a noise level and a noise;
-the loss is :func:`dgpo.objectives.diffusion_dpo_loss` against the frozen base as π_ref.
+the loss is :func:`dgpo.methods.losses.diffusion_dpo_loss` against the frozen base as π_ref.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import torch
 
 from dgpo.config import option
 from dgpo.methods.batch import RolloutBatch, per_sample_mse
-from dgpo.methods import Objective, register_objective
+from dgpo.methods.objective import Objective
 from dgpo.models.handle import PromptEmbeds, flow_interpolate
 from dgpo.models.lora import adapters_disabled
-from dgpo.objectives import diffusion_dpo_loss
-from dgpo.sampling import shift_sigmas
+from dgpo.methods.losses import diffusion_dpo_loss
+from dgpo.sampling.ode import shift_sigmas
 
 
 def best_worst_pairs(advantages: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +46,6 @@ class DiffusionDPOConfig:
     t_min: float = option(0.0, "u ~ U[t_min, 1] before the schedule shift", min=0.0, max=1.0)
 
 
-@register_objective
 class DiffusionDPO(Objective):
     name = "diffusion_dpo"
     label = "Diffusion-DPO"

@@ -1,12 +1,12 @@
 """Flow-GRPO (Liu et al., arXiv 2505.05470) as an objective of the shared trainer.
 
-Rollouts: the ODE-to-SDE sampler of :mod:`dgpo.sde` (noise level a, ``rollout.steps`` Euler–Maruyama steps
+Rollouts: the ODE-to-SDE sampler of :mod:`dgpo.sampling.sde` (noise level a, ``rollout.steps`` Euler–Maruyama steps
 with the rollout CFG), recording every state x_i and the log-probability of each transition under the
 sampling policy. Advantages: the trainer's group advantages (per prompt; ``advantage.std=batch`` is the
 released GenEval config's global std). Update, for each of ``updates_per_epoch`` disjoint parts of the batch:
 for each sample, a random subset of ⌊T·timestep_fraction⌋ of its T steps; per step the policy's log-prob of
 the recorded transition, the clipped-ratio loss and the Gaussian KL to the base
-(:func:`dgpo.objectives.flow_grpo_loss`), gradients accumulated over steps and samples into one optimiser
+(:func:`dgpo.methods.losses.flow_grpo_loss`), gradients accumulated over steps and samples into one optimiser
 step. The first part is on-policy (ratio 1); later parts see the policy moved by the earlier steps, which is
 where the clip acts.
 """
@@ -19,10 +19,10 @@ import torch
 
 from dgpo.config import ConfigError, option
 from dgpo.methods.batch import RolloutBatch, lockstep_chunks, random_parts
-from dgpo.methods import Objective, register_objective
+from dgpo.methods.objective import Objective
 from dgpo.models.lora import adapters_disabled
-from dgpo.objectives import flow_grpo_loss
-from dgpo.sde import gaussian_kl, gaussian_log_prob, sample_sde, sde_mean, sde_std
+from dgpo.methods.losses import flow_grpo_loss
+from dgpo.sampling.sde import gaussian_kl, gaussian_log_prob, sample_sde, sde_mean, sde_std
 
 
 @dataclass
@@ -39,7 +39,6 @@ class FlowGRPOConfig:
     reference: str = option("base", "π_ref of the KL: the frozen base (adapters off)", choices=("base",))
 
 
-@register_objective
 class FlowGRPO(Objective):
     name = "flow_grpo"
     label = "Flow-GRPO"

@@ -4,7 +4,7 @@ Forward-process RL: the "old" policy θ_old (a soft-updated copy of the LoRA wei
 any solver, CFG-free by default (``configs/nft/shapes.yaml`` sets ``rollout.guidance_scale: 1``); no
 trajectories, no likelihoods are kept, only the clean samples and their advantages. Each sample gets an
 optimality probability r = 1/2 + 1/2·clip(A/adv_clip, −1, 1) and is noised with the forward process at a
-random noise level; the loss (:func:`dgpo.objectives.nft_loss`) fits the implicit positive policy
+random noise level; the loss (:func:`dgpo.methods.losses.nft_loss`) fits the implicit positive policy
 v⁺ = (1 − β)·v_old + β·v_θ to positives and the implicit negative policy v⁻ = (1 + β)·v_old − β·v_θ to
 negatives. After each epoch θ_old ← η·θ_old + (1 − η)·θ with η = min(old_decay, old_decay_ramp·epoch).
 Adaptive weighting divides each sample's loss by its detached mean |x̂₀ − x₀| (x̂₀ = x_t − σ·v_θ).
@@ -18,11 +18,11 @@ import torch
 
 from dgpo.config import option
 from dgpo.methods.batch import RolloutBatch, lockstep_chunks, micro_batches
-from dgpo.ema import EMA
-from dgpo.methods import Objective, register_objective
+from dgpo.runtime.ema import EMA
+from dgpo.methods.objective import Objective
 from dgpo.models.handle import flow_interpolate
-from dgpo.objectives import nft_loss, nft_optimality
-from dgpo.sampling import shift_sigmas
+from dgpo.methods.losses import nft_loss, nft_optimality
+from dgpo.sampling.ode import shift_sigmas
 
 
 @dataclass
@@ -38,7 +38,6 @@ class NFTConfig:
     adaptive_weight: bool = option(True, "divide each sample's loss by its (detached) mean |x̂₀ − x₀| error")
 
 
-@register_objective
 class NFT(Objective):
     name = "nft"
     label = "DiffusionNFT"

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from dgpo.models.handle import (DiffusersModel, PromptEmbeds, check_prompt_lengths, freeze_all_but_transformer,
-                                open_pipeline, register_model_family, static_shift_schedule)
+                                open_pipeline, static_shift_schedule)
 
 #: Attention projections of the double-stream blocks (image and text) and of the single-stream blocks.
 FLUX_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -146,5 +146,3 @@ class FluxModel(DiffusersModel):
             return self.velocity_at_timestep(latents, timestep, embeds, guidance=guidance_scale)
         return super().guided_velocity_at_timestep(latents, timestep, embeds, guidance_scale)
 
-
-register_model_family("FluxPipeline", FluxModel)

@@ -15,11 +15,11 @@ No algorithm (DGPO and its baselines, TDM, samplers, evaluation) touches a pipel
   kind of adapter ("attention", "attention_ff");
 - ``with_transformer(backbone)`` (the same model with another backbone: a fully fine-tuned student),
   ``save_pretrained(folder)`` and ``fuse_lora(folder)`` (a diffusers-format LoRA folded in, for sampling);
-- ``frozen_modules()``: the backbone and the text encoders, which a sharded launch splits (:mod:`dgpo.sharding`).
+- ``frozen_modules()``: the backbone and the text encoders, which a sharded launch splits (:mod:`dgpo.runtime.sharding`).
 
 :class:`SD3Model` implements it for ``StableDiffusion3Pipeline`` (the shapes base, SD3-Medium, SD3.5-Medium
 and -Large; the transformer's timestep is ``t = 1000·σ``; latents ``z = (E(x) − shift)·scale``). Another
-family registers its handle with :func:`register_model_family` under its pipeline's class name.
+family registers its handle with :func:`dgpo.models.families.register_model_family` under its pipeline's class name.
 """
 
 from __future__ import annotations
@@ -178,44 +178,6 @@ def check_prompt_lengths(tokenizer, prompts: list[str]) -> None:
                             f"be dropped without a word): shorten it")
 
 
-_FAMILIES: dict[str, type] = {}
-
-
-def register_model_family(pipeline_class: str, handle_cls: type) -> type:
-    """Make :func:`load_model` open folders whose ``model_index.json`` names ``pipeline_class`` with
-    ``handle_cls`` (a :class:`FlowModel`)."""
-    _FAMILIES[pipeline_class] = handle_cls
-    return handle_cls
-
-
-WEIGHTS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # model.weights_dtype, teacher.weights_dtype
-
-
-def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, resolution: int = 0) -> FlowModel:
-    """The handle of a local pipeline folder, by the pipeline class its ``model_index.json`` names; at
-    ``resolution`` pixels when given (a family that cannot change it says so), else the pipeline's own."""
-    import json
-
-    from dgpo.models import flux, zimage  # noqa: F401  (they register FluxPipeline and ZImagePipeline)
-    index = Path(model_dir) / "model_index.json"
-    if not index.is_file():
-        load_pipeline(model_dir)  # the one clear error for a folder that is not a pipeline
-    try:
-        name = json.loads(index.read_text()).get("_class_name", "?")
-    except (ValueError, AttributeError):
-        raise UserError(f"{str(index)!r} is not a pipeline index (not a JSON object): pass a folder written by "
-                        f"`save_pretrained`") from None
-    if name not in _FAMILIES:
-        raise UserError(f"{str(model_dir)!r} holds a {name}; the model families this framework can train are "
-                        f"{sorted(_FAMILIES)} (add one with dgpo.models.handle.register_model_family)")
-    model = _FAMILIES[name].from_pretrained(model_dir, dtype)
-    if resolution and resolution != model.image_size:
-        if not hasattr(model, "at_resolution"):
-            raise UserError(f"model.resolution={resolution}: the {name} handle samples {model.image_size} px only")
-        model = model.at_resolution(resolution)
-    return model
-
-
 class DiffusersModel:
     """What every handle over a diffusers pipeline shares (the :class:`FlowModel` protocol's plumbing): the
     pipeline's parts, moving and saving it, fusing a LoRA, the LoRA target sets, the empty prompt's embeddings,
@@ -253,7 +215,7 @@ class DiffusersModel:
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         """The backbone and the text encoders by pipeline name: what a sharded launch splits over the processes
-        (:mod:`dgpo.sharding`; the VAE, small, stays whole)."""
+        (:mod:`dgpo.runtime.sharding`; the VAE, small, stays whole)."""
         return {name: part for name, part in self.pipe.components.items()
                 if isinstance(part, torch.nn.Module) and name != "vae"}
 
@@ -433,5 +395,3 @@ def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor)
     s = sigma.view(-1, *([1] * (x0.ndim - 1)))
     return (1.0 - s) * x0 + s * noise
 
-
-register_model_family("StableDiffusion3Pipeline", SD3Model)

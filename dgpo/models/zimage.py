@@ -25,7 +25,7 @@ import torch
 
 from dgpo.errors import UserError
 from dgpo.models.handle import (DiffusersModel, PromptEmbeds, freeze_all_but_transformer, open_pipeline,
-                                register_model_family, static_shift_schedule)
+                                static_shift_schedule)
 
 #: The attention projections of every block, and with them the SwiGLU feed-forward layers.
 ZIMAGE_ATTENTION = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
@@ -102,5 +102,3 @@ class ZImageModel(DiffusersModel):
         out = self.transformer(frames, t, captions, return_dict=False)[0]
         return -torch.stack(out).squeeze(2).to(latents.dtype)
 
-
-register_model_family("ZImagePipeline", ZImageModel)

@@ -661,7 +661,7 @@ def geneval_standard_error(scores_by_prompt: dict[str, Sequence[float]]) -> floa
     """The seed noise of :func:`geneval`: the standard error of ``overall`` over fresh draws of the images,
     the prompts held fixed — ``Var(overall) = Σ_p w_p²·s_p² / n_p`` with w_p = 1 / (C·P_c), s_p² the unbiased
     variance of prompt p's n_p scores (0 for one image); computed by
-    :func:`dgpo.worlds.prompt_file.mean_by_category`, the one aggregation both worlds share. The difference of
+    :func:`dgpo.worlds.categories.mean_by_category`, the one aggregation both worlds share. The difference of
     two independent evaluations has standard error √(SE₁² + SE₂²). NaN when nothing was scored."""
-    from dgpo.worlds.prompt_file import mean_by_category
+    from dgpo.worlds.categories import mean_by_category
     return mean_by_category({p: list(v) for p, v in scores_by_prompt.items()}, category)["se"]

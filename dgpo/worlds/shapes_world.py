@@ -1,4 +1,4 @@
-"""The embedded shapes world as a :class:`dgpo.worlds.World`: its 126 prompts and split, the verifier's
+"""The embedded shapes world as a :class:`dgpo.worlds.registry.World`: its 126 prompts and split, the verifier's
 shapes-geneval (per category) and partial score, and the quality FD (:mod:`dgpo.worlds.shapes`,
 :mod:`dgpo.worlds.quality`; the rules in docs/shapes.md)."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from dgpo.errors import UserError
-from dgpo.worlds import quality, register_world, shapes
+from dgpo.worlds import quality, shapes
 
 class ShapesWorld:
     name = "shapes"
@@ -53,5 +53,3 @@ class ShapesWorld:
             out["fd"] = quality.quality_fd(images, prompts)
         return out
 
-
-register_world("shapes", ShapesWorld)

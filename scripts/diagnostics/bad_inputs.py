@@ -4,7 +4,7 @@ exit status and the message, as a markdown table (``docs/bad-input.md`` holds th
     python scripts/diagnostics/bad_inputs.py --out OUT      # about a minute on a CPU
 
 Each case runs in a fresh temporary folder as its working directory, with an empty ``DGPO_CACHE``, as a process
-of its own that does what the console script does (:func:`dgpo.forked_commands.run_command`: forked from a
+of its own that does what the console script does (:func:`dgpo.runtime.forked_commands.run_command`: forked from a
 server that imported the commands once, so the cases do not each pay the interpreter's start); a case passes
 when the command exits with status 2, prints one line, and leaves the folder as it found it (apart from the
 files the case itself prepared).
@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dgpo.forked_commands import run_command
+from dgpo.runtime.forked_commands import run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = "bad_inputs"
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace bad_inputs.* written by an earlier run")
     args = p.parse_args(argv)
     from dgpo.errors import UserError
-    from dgpo.output_dir import check_report_outputs, report_files, write_report_json
+    from dgpo.runtime.output_dir import check_report_outputs, report_files, write_report_json
     report = report_files(args.out, "bad_inputs", (".json", ".md"))
     try:  # before the work: a report it may not write is refused first
         check_report_outputs(report[0], report[1:], TOOL, args.overwrite, "--out")

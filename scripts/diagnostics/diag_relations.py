@@ -91,8 +91,8 @@ def main(argv=None) -> int:
 
     from dgpo.cli import load_model, resolve_model
     from dgpo.errors import UserError
-    from dgpo.evaluation import SamplerConfig, generate
-    from dgpo.output_dir import check_json_output, write_json_output
+    from dgpo.evaluation.evaluate import SamplerConfig, generate
+    from dgpo.runtime.output_dir import check_json_output, write_json_output
     from dgpo.worlds import shapes
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from dgpo.models.handle import flow_interpolate
-    from dgpo.worlds import make_world, register_world
+    from dgpo.worlds.registry import make_world, register_world
 
     class SinglePromptWorld:
         """The shapes world reduced to one prompt, for training and testing alike."""
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
         def score(self, images, prompts, fd=True):
             return self.shapes.score(images, prompts, fd)
 
-    from dgpo.sampling import shift_sigmas
+    from dgpo.sampling.ode import shift_sigmas
     from dgpo.trainer import Trainer, load_train_config
     from dgpo.worlds import shapes
 

@@ -9,7 +9,8 @@ A change that should move no number (a re-house of the code, a rename) must leav
 Runs, on the shipped base, fp32 on the CPU: DGPO, Flow-GRPO, Diffusion-DPO and DiffusionNFT for 2 epochs each
 (`dgpo train`), TDM for 3 iterations (`tdm-r1 distill`), the surrogate alone for 2 (`tdm-r1 surrogate`), and
 TDM-R1 for 2 iterations from the TDM run (`tdm-r1 train`). Each writes a checkpoint at its last step; the
-fingerprint is the SHA-256 of every tensor in it (and of the final LoRA files). About 3 minutes on one thread.
+fingerprint is the SHA-256 of every tensor in it (and of the final LoRA files) and of every metrics row
+(its clocks left out: NFE, losses, rewards and evaluations are in). About 3 minutes on one thread.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _sets(keys):
 
 
 def tensor_hashes(run: Path) -> dict[str, str]:
-    """SHA-256 of every tensor of the run's last checkpoint and of its weights files (final/ and the surrogate's LoRA)."""
+    """SHA-256 of every tensor of the run's last checkpoint and of its weights files (final/ and the surrogate's
+    LoRA), and every metrics row without its clocks (as JSON)."""
     hashes = {}
     checkpoints = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     files = [*[c / "tensors.safetensors" for c in checkpoints[-1:]], *sorted(run.glob("*/*.safetensors")),
@@ -46,8 +48,14 @@ def tensor_hashes(run: Path) -> dict[str, str]:
         for key, tensor in sorted(load_file(str(file)).items()):
             digest = hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
             hashes[f"{file.relative_to(run)}:{key}"] = digest
-    if (run / "ranking.json").is_file():  # the surrogate's Kendall τ on fresh rollouts
-        hashes["ranking.json"] = hashlib.sha256((run / "ranking.json").read_bytes()).hexdigest()
+    timing = ("train_seconds", "peak_memory_gb")
+    metrics = run / "metrics.jsonl"
+    for i, line in enumerate(metrics.read_text().splitlines() if metrics.is_file() else []):
+        kept = {k: v for k, v in json.loads(line).items() if k not in timing and not k.endswith("_s")}  # not clocks
+        hashes[f"metrics.jsonl:{i}"] = json.dumps(kept, sort_keys=True)
+    if (run / "ranking.json").is_file():  # the surrogate's Kendall τ on fresh rollouts (not the paths beside)
+        evaluations = json.loads((run / "ranking.json").read_text())["evaluations"]
+        hashes["ranking.json"] = hashlib.sha256(json.dumps(evaluations).encode()).hexdigest()
     return hashes
 
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from dgpo.errors import UserError
-from dgpo.output_dir import check_report_outputs, report_files, write_report_json
+from dgpo.runtime.output_dir import check_report_outputs, report_files, write_report_json
 
 TOOL = "outcome_margins"
 REQUIRED_MARGIN = 3.0

@@ -48,13 +48,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from dgpo.config import option, section, to_dict
-from dgpo.ema import EMA
+from dgpo.runtime.ema import EMA
 from dgpo.models.handle import FlowModel, SD3Model, flow_interpolate
 from dgpo.worlds.shapes_base.pretrain_state import PartialBase
 from dgpo.worlds.shapes_base.shipped import shipped_base
 from dgpo.worlds.shapes_base.tiny_sd3 import BaseModelConfig, build_pipeline, usage_note
 from dgpo.paths import cache_root, config_hash, exclusive_lock
-from dgpo.sampling import shift_sigmas
+from dgpo.sampling.ode import shift_sigmas
 from dgpo.worlds import shapes, shapes_captions, shapes_fidelity
 
 PRETRAIN_VERSION = "1"  # bump when the training code changes what a config produces

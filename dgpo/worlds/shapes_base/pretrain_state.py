@@ -5,7 +5,7 @@
 - ``autoencoder/``: the trained VAE after stage 1 (``tensors.safetensors``: weights and the RNG states at
   the end of stage 1; ``state.json``: the latent shift and std that scale the latents, and stage 1's
   summary), so a resumed pretraining never redoes stage 1;
-- ``checkpoints/step-N/``: flow-stage checkpoints in :mod:`dgpo.checkpoint`'s format: the trained modules
+- ``checkpoints/step-N/``: flow-stage checkpoints in :mod:`dgpo.runtime.checkpoint`'s format: the trained modules
   (transformer, text encoders), their EMA, the AdamW moments and the RNG states as tensors; the step,
   AdamW's scalars, the LR scheduler's state, the loss history and the seconds spent as JSON.
 
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dgpo.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, optimizer_from_flat, optimizer_to_flat,
+from dgpo.runtime.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, optimizer_from_flat, optimizer_to_flat,
                              restore_rng, save_checkpoint)
-from dgpo.ema import EMA
+from dgpo.runtime.ema import EMA
 
 AUTOENCODER = "autoencoder"
 

@@ -29,7 +29,7 @@ def truncate_metrics(path: Path, step: int, key: str) -> None:
 
 
 def eval_result(row: dict) -> dict:
-    """An evaluation row as the result dict that :func:`dgpo.evaluation.format_table` prints."""
+    """An evaluation row as the result dict that :func:`dgpo.evaluation.evaluate.format_table` prints."""
     out = {"geneval": row["eval_geneval"], "per_category": row["eval_per_category"], "partial": row["eval_partial"]}
     if row.get("eval_fd") is not None:
         out["fd"] = row["eval_fd"]

@@ -12,18 +12,11 @@ rest, read top to bottom in :meth:`Run.loop`:
 
 Counters (step, training wall-clock without evaluation, transformer evaluations) and the recipe's random
 generators are checkpointed with its state, so a resumed run continues exactly as the uninterrupted one
-would. The run folder itself is claimed and reopened by :mod:`dgpo.run_folder`. On several processes
-(:mod:`dgpo.processes`) every process runs the loop alike and only the main one writes the folder.
+would. The run folder itself is claimed and reopened by :mod:`dgpo.runtime.run_folder`. On several processes
+(:mod:`dgpo.runtime.processes`) every process runs the loop alike and only the main one writes the folder.
 
-What a recipe provides (duck-typed; see ``Trainer``):
-
-- ``label`` (progress bars, summaries), ``counters`` (the :class:`Counters` the run advances), ``world``
-  (its task metric names the evaluations);
-- ``train_step() -> dict``: one step's metrics, taken through :meth:`Run.timed_step`;
-- ``evaluate() -> dict``: an evaluation row (:meth:`Run.evaluation_row`), ``initial_evaluation() -> dict``;
-- ``state_tensors() -> (tensors, scalars)``, ``load_state(tensors, scalars)``: everything but the counters
-  and the generators in ``generators()``;
-- ``export(folder)``: the contents of ``final/``; ``plot(rows, path)``: the curve PNG; ``postfix(row)``.
+What a recipe provides is the :class:`Recipe` protocol; DGPO (:class:`dgpo.trainer.Trainer`) and the few-step
+package's TDM and TDM-R1 recipes implement it.
 """
 
 from __future__ import annotations
@@ -34,19 +27,20 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from dgpo.config import flat_dict, option
-from dgpo.checkpoint import (capture_rng, list_checkpoints, load_checkpoint, load_latest_good, restore_rng,
+from dgpo.runtime.checkpoint import (capture_rng, list_checkpoints, load_checkpoint, load_latest_good, restore_rng,
                              save_checkpoint)
 from dgpo.errors import UserError
-from dgpo.evaluation import format_table
-from dgpo.processes import SINGLE, Processes
-from dgpo.run_metrics import eval_result, gain_against_noise, read_metrics, truncate_metrics
-from dgpo.samples_io import image_grid
+from dgpo.evaluation.evaluate import format_table
+from dgpo.runtime.processes import SINGLE, Processes
+from dgpo.runtime.metrics import eval_result, gain_against_noise, read_metrics, truncate_metrics
+from dgpo.sampling.samples_io import image_grid
 
 
 @dataclass
@@ -66,6 +60,47 @@ class Counters:
         return self.step
 
 
+@runtime_checkable
+class Recipe(Protocol):
+    """What :class:`Run` calls on a recipe; everything else about a run (cadence, checkpoints, resume, metrics,
+    the final folder) is the run's."""
+
+    label: str                 # progress bars and summaries ("DGPO", "TDM", "TDM-R1")
+    counters: "Counters"       # advanced by the run: step, training seconds, NFE
+    world: object              # its task metric names the evaluations (``world.metric``)
+    memory_levers: str         # what lowers a step's memory, for the memory messages
+
+    def train_step(self) -> dict:
+        """One step, taken through :meth:`Run.timed_step`; its metrics row."""
+
+    def evaluate(self) -> dict:
+        """An evaluation row (:meth:`Run.evaluation_row`)."""
+
+    def initial_evaluation(self) -> dict:
+        """The step-0 evaluation (a recipe may read it from a cache)."""
+
+    def state_tensors(self) -> tuple[dict, dict]:
+        """Everything checkpointed but the counters and the generators: (tensors, JSON scalars)."""
+
+    def load_state(self, tensors: dict, state: dict) -> None:
+        """Load what :meth:`state_tensors` returned."""
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The random generators the run checkpoints with the state."""
+
+    def export(self, folder: Path) -> None:
+        """Write the contents of ``final/`` into ``folder``."""
+
+    def plot(self, rows: list[dict], out: Path) -> None:
+        """The curve PNG(s) of the metrics rows into the run folder ``out``."""
+
+    def postfix(self, row: dict) -> dict:
+        """The progress bar's fields for a step's row."""
+
+    def summary_names(self, first: dict, last: dict) -> tuple[str, str]:
+        """Names of the first and last evaluated models in summary.md."""
+
+
 @dataclass
 class RunSettings:
     """The ``run:`` keys every recipe shares; a recipe's own ``run:`` section extends it (its length, defaults)."""
@@ -82,6 +117,8 @@ class RunSettings:
     max_memory_gb: float = option(0.0, "stop with a clear message (the last checkpoint intact) once the process's "
                                   "peak memory passes this many GiB: GPU memory on CUDA, resident memory on CPU; "
                                   "every step's peak is logged as peak_memory_gb (0 = no limit)", min=0.0)
+    tracker: str = option("none", "accelerate tracker: W&B (offline with WANDB_MODE=offline) or TensorBoard "
+                          "(metrics.jsonl is always written)", choices=("none", "wandb", "tensorboard"))
 
 
 @dataclass
@@ -116,7 +153,7 @@ class Run:
     """The loop and the run folder of one recipe. ``step_key`` names the step in metrics rows and
     checkpoints (``epoch`` / ``iteration``), ``grid_prefix`` the evaluation grids (``samples/PREFIX-N.png``)."""
 
-    def __init__(self, recipe, out: str | Path, schedule: Schedule, step_key: str, grid_prefix: str,
+    def __init__(self, recipe: Recipe, out: str | Path, schedule: Schedule, step_key: str, grid_prefix: str,
                  tracker=None, log=print, processes: Processes = SINGLE):
         self.recipe, self.out, self.schedule = recipe, Path(out), schedule
         self.step_key, self.grid_prefix = step_key, grid_prefix

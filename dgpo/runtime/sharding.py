@@ -12,17 +12,17 @@ model into host memory and onto its device first and shards it then, so the mode
 room for the activations.
 
 The adapters' parameters are left out of the sharding (``ignored_params``): every process keeps a full copy of
-them and their gradients are summed by :meth:`dgpo.processes.Processes.sum_gradients` exactly as in plain data
+them and their gradients are summed by :meth:`dgpo.runtime.processes.Processes.sum_gradients` exactly as in plain data
 parallel, so no recipe changes — a test checks that sharded processes train bitwise as the same processes
 holding the whole model do.
 
 What sharding asks of the recipes: every process calls each sharded module the same number of times (a block's
 forward gathers its weights from all processes; a process that skips a call leaves the others waiting). Global
 draws give every process the same rollouts and steps; prompt encodings are looked up for the whole global batch
-(:meth:`dgpo.prompt_encodings.PromptEncodings.batch`); evaluation runs as many batches on every process
-(:func:`dgpo.generation.generate_images`); and where a method's micro-batches follow this process's rows
+(:meth:`dgpo.models.prompt_encodings.PromptEncodings.batch`); evaluation runs as many batches on every process
+(:func:`dgpo.sampling.generation.generate_images`); and where a method's micro-batches follow this process's rows
 (Flow-GRPO's random parts, DiffusionNFT's groups, a DGPO part with none of its rows) a process with fewer makes
-the rest on a stand-in row whose loss it weights by zero (:attr:`dgpo.processes.Processes.lockstep`,
+the rest on a stand-in row whose loss it weights by zero (:attr:`dgpo.runtime.processes.Processes.lockstep`,
 :func:`dgpo.methods.batch.lockstep_chunks`). An error on one process (out of memory, a reward server down) stops
 it alone; the others wait in their next gather until the process group's timeout, as they would in a gradient sum.
 

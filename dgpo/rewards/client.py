@@ -8,7 +8,7 @@ never counts an image twice. Every failure ends in one :class:`dgpo.rewards.Rewa
 server and the fix: down, slow, refusing the token, or answering garbage (not JSON, the wrong number of
 scores, a non-finite score). Answers are read up to ``max_answer_bytes``.
 
-Protocol: :mod:`dgpo.reward_server`.
+Protocol: :mod:`dgpo.rewards.server`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from dgpo.errors import UserError
-from dgpo.reward_server import is_loopback
-from dgpo.rewards import RewardServerError, _check_batch, _short, check_scores, encode_png
+from dgpo.rewards.server import is_loopback
+from dgpo.rewards.protocol import RewardServerError, check_batch, shortened, check_scores, encode_png
 
 RETRY_STATUSES = (502, 503, 504)
 #: Environment variable a client reads its bearer token from when none is configured.
@@ -111,7 +111,7 @@ class RemoteReward:
     def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict] | None = None) -> np.ndarray:
         """Scores of ``images`` for ``prompts``; ``metadata`` (one JSON-able dict per prompt) travels with them
         for a served reward that takes it."""
-        images, prompts = _check_batch(images, prompts, f"{self.name} reward")
+        images, prompts = check_batch(images, prompts, f"{self.name} reward")
         n = len(images)
         if n == 0:
             return np.zeros(0, dtype=np.float64)
@@ -146,25 +146,25 @@ class RemoteReward:
             raise Retry(f"{who} did not answer within {self.timeout:g} s; check that it is not stuck or "
                          "overloaded, or raise reward.timeout") from None
         except httpx.RemoteProtocolError as e:
-            raise RewardServerError(f"{who} answered garbage: not a valid HTTP response ({_short(str(e))}); "
+            raise RewardServerError(f"{who} answered garbage: not a valid HTTP response ({shortened(str(e))}); "
                                     "is reward.url pointing at the reward server?") from None
         except httpx.TransportError as e:
-            raise Retry(f"{who} is not reachable ({type(e).__name__}: {_short(str(e))}); start it or fix "
+            raise Retry(f"{who} is not reachable ({type(e).__name__}: {shortened(str(e))}); start it or fix "
                          "reward.url") from None
         if status in RETRY_STATUSES:
             raise Retry(f"{who} is overloaded or restarting (HTTP {status})")
         if status in (401, 403):
-            raise RewardServerError(f"{who} refused the request (HTTP {status}: {_short(text)}); set the server's "
+            raise RewardServerError(f"{who} refused the request (HTTP {status}: {shortened(text)}); set the server's "
                                     f"token in reward.token or {TOKEN_ENV}")
         if status != 200:
-            raise RewardServerError(f"{who} answered HTTP {status}: {_short(text)!r} — check the server's log")
+            raise RewardServerError(f"{who} answered HTTP {status}: {shortened(text)!r} — check the server's log")
         try:
             answer = json.loads(text)
         except ValueError:
-            raise RewardServerError(f"{who} answered garbage: not JSON: {_short(text)!r}") from None
+            raise RewardServerError(f"{who} answered garbage: not JSON: {shortened(text)!r}") from None
         if not isinstance(answer, dict) or "scores" not in answer:
             raise RewardServerError(f'{who} answered garbage: expected a JSON object with "scores", '
-                                    f"got {_short(text)!r}")
+                                    f"got {shortened(text)!r}")
         scores = check_scores(answer["scores"], n, who)
         if self.score_range:
             low, high = self.score_range

@@ -2,7 +2,7 @@
 
 A new run claims a folder that is new or empty (with ``--overwrite``: a folder of an earlier run of the
 same command, whose files are removed first; anything else in it is refused, see
-:mod:`dgpo.output_dir`), so two runs never mix their checkpoints. When the user did not name the folder
+:mod:`dgpo.runtime.output_dir`), so two runs never mix their checkpoints. When the user did not name the folder
 (the config's default ``run.out_dir``), a taken default is not an error: the run gets the next free
 ``NAME-2``, ``NAME-3`` … and says so. ``--resume RUN`` reads and writes RUN itself, wherever the folder was
 moved and whatever the working directory: the ``run.out_dir`` saved in its config is not followed.
@@ -20,7 +20,7 @@ import yaml
 
 from dgpo.config import apply_overrides, flat_dict, from_dict, to_dict
 from dgpo.errors import UserError
-from dgpo.output_dir import check_output, claim_run_dir
+from dgpo.runtime.output_dir import check_output, claim_run_dir
 
 #: What the training commands write into a run folder (``dgpo train``, ``tdm-r1 distill``); tracker logs
 #: go to wandb/ and (tensorboard) dgpo/.
@@ -89,7 +89,7 @@ def finish_run(run_dir: Path, start, resume, log=print) -> None:
     """Bring the run in ``run_dir`` to its end, whatever stopped it: a finished run (``final/``) is left alone,
     an interrupted one continues from its newest checkpoint (``resume()``), a folder without one — or no
     folder — starts again (``start()``). What a benchmark does to run in pieces."""
-    from dgpo.checkpoint import list_checkpoints
+    from dgpo.runtime.checkpoint import list_checkpoints
     if (run_dir / "final").is_dir():
         log(f"== {run_dir.name}: finished earlier")
     elif list_checkpoints(run_dir):

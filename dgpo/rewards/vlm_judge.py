@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from dgpo.errors import UserError
-from dgpo.reward_client import Retry, with_retries
-from dgpo.rewards import RewardServerError, _check_batch, _short, encode_png
+from dgpo.rewards.client import Retry, with_retries
+from dgpo.rewards.protocol import RewardServerError, check_batch, shortened, encode_png
 
 #: Environment variable the judge's API key is read from.
 API_KEY_ENV = "DGPO_JUDGE_API_KEY"
@@ -86,7 +86,7 @@ class VLMJudge:
         return f"VLMJudge(url={self.endpoint!r}, model={self.model!r})"
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        images, prompts = _check_batch(images, prompts, "vlm_judge reward")
+        images, prompts = check_batch(images, prompts, "vlm_judge reward")
         if len(images) == 0:
             return np.zeros(0)
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(images))) as pool:
@@ -128,21 +128,21 @@ class VLMJudge:
             raise RewardServerError(f"{who} refused the request (HTTP {resp.status_code}): set its API key in "
                                     f"{API_KEY_ENV}")
         if resp.status_code != 200:
-            raise RewardServerError(f"{who} answered HTTP {resp.status_code}: {_short(resp.text)!r}")
+            raise RewardServerError(f"{who} answered HTTP {resp.status_code}: {shortened(resp.text)!r}")
         try:
             answer = resp.json()["choices"][0]["message"]["content"]
             if isinstance(answer, list):  # content parts
                 answer = " ".join(part.get("text", "") for part in answer if isinstance(part, dict))
         except (ValueError, KeyError, IndexError, TypeError):
             raise RewardServerError(f"{who} answered something that is not a chat completion: "
-                                    f"{_short(resp.text)!r}") from None
+                                    f"{shortened(resp.text)!r}") from None
         score = parse_score(answer or "")
         low, high = self.scale
         if score is None:
-            raise RewardServerError(f"{who} gave no 'Score: N' in its answer: {_short(answer)!r}; check "
+            raise RewardServerError(f"{who} gave no 'Score: N' in its answer: {shortened(answer)!r}; check "
                                     "reward.model and the template")
         if not low <= score <= high:
-            raise RewardServerError(f"{who} scored {score:g}, off the scale {low:g}–{high:g}: {_short(answer)!r}")
+            raise RewardServerError(f"{who} scored {score:g}, off the scale {low:g}–{high:g}: {shortened(answer)!r}")
         return score
 
     def close(self) -> None:

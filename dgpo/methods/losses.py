@@ -214,7 +214,7 @@ def dgpo_loss(loss_policy: torch.Tensor, loss_ref: torch.Tensor, advantages: tor
     sums Σ A_i(ℓ_θ,i − ℓ_ref,i) and sizes |g| are then computed into dense (G,) tensors and, if
     ``reduce_fn`` is given, replaced by ``reduce_fn(sums)`` and ``reduce_fn(sizes)`` before the softplus
     (a process may then hold no sample at all, B = 0). The trainers pass
-    :meth:`dgpo.processes.Processes.sum_across`: an all-reduce sum whose backward is the identity. Every
+    :meth:`dgpo.runtime.processes.Processes.sum_across`: an all-reduce sum whose backward is the identity. Every
     process computes the same global loss, the mean being over the groups with global size > 0; each
     process's gradient is the part of the global gradient that flows through its own samples, and summing
     the gradients over processes gives the single-process gradient exactly (a 2-process gloo run is checked
@@ -277,7 +277,7 @@ def dgpo_loss(loss_policy: torch.Tensor, loss_ref: torch.Tensor, advantages: tor
 
 # ------------------------------------------------------------------------------------------------ baselines
 # The losses of the baselines that run in the same trainer (dgpo/methods/). Pure functions of tensors, as
-# above; the sampling side (SDE log-probabilities) is in dgpo/sde.py.
+# above; the sampling side (SDE log-probabilities) is in dgpo/sampling/sde.py.
 
 def _same_shape(fn: str, **tensors) -> None:
     shapes = {n: tuple(t.shape) for n, t in tensors.items()}
@@ -295,7 +295,7 @@ def flow_grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage
         L   = mean_i max(−A_i·ρ_i, −A_i·clip(ρ_i, 1 − ε, 1 + ε)) + β_KL · mean_i KL_i
 
     i.e. the negative of PPO's pessimistic min(ρA, clip(ρ)A). ``kl`` (B,) is D_KL(π_θ ‖ π_ref) of the step's
-    Gaussian transition (see :func:`dgpo.sde.gaussian_kl`). Returns the loss and diagnostics (mean ρ,
+    Gaussian transition (see :func:`dgpo.sampling.sde.gaussian_kl`). Returns the loss and diagnostics (mean ρ,
     fraction of clipped terms, approximate KL to π_old).
 
     Args:

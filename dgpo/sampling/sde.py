@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from dgpo.models.handle import FlowModel, PromptEmbeds
-from dgpo.sampling import make_scheduler
+from dgpo.sampling.ode import make_scheduler
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -82,8 +82,8 @@ def sample_sde(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, step
                noise_level: float, gen: torch.Generator, rows: torch.Tensor | None = None,
                total: int | None = None) -> SDETrajectory:
     """Sample with the SDE above on the Euler scheduler's schedule (the same σ's and transformer timesteps as
-    :func:`dgpo.sampling.sample_ode` with ``solver="euler"``); ``gen`` (CPU) draws the step noises — for a
-    global batch of ``total`` samples of which these are ``rows`` when given (:mod:`dgpo.processes`).
+    :func:`dgpo.sampling.ode.sample_ode` with ``solver="euler"``); ``gen`` (CPU) draws the step noises — for a
+    global batch of ``total`` samples of which these are ``rows`` when given (:mod:`dgpo.runtime.processes`).
     With ``noise_level = 0`` the result is the ODE sample and the log-probabilities are 0 (undefined)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")

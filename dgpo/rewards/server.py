@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from dgpo.errors import UserError
-from dgpo.rewards import Reward, RewardServerError, call_reward, check_scores
+from dgpo.rewards.protocol import Reward, RewardServerError, call_reward, check_scores
 
 #: Largest request body the server reads (bytes): 1,024 PNGs of 512 × 512 fit with room to spare.
 MAX_REQUEST_BYTES = 256 * 1024 * 1024

@@ -173,7 +173,7 @@ class MMDetDetector:
         return objects
 
     def classify_colors(self, image: np.ndarray, found: list[Detection], name: str) -> list[str]:
-        from dgpo.clip_rewards import projected  # transformers 5 returns an output object, not the tensor
+        from dgpo.rewards.clip import projected  # transformers 5 returns an output object, not the tensor
         torch = self.torch
         if name not in self.text_features:
             texts = [t.format(c=c, n=name) for c in COLORS for t in self.TEMPLATES]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dgpo.clip_rewards import CLIP_MEAN, CLIP_STD, clip_pixels, normalise
+from dgpo.rewards.clip import CLIP_MEAN, CLIP_STD, clip_pixels, normalise
 from dgpo.errors import UserError
 
 #: ImageReward's normalisation of the head's output: (r − mean) / std.
@@ -167,7 +167,7 @@ def reward_head(state: dict[str, torch.Tensor]) -> torch.nn.Sequential:
 
 def read_checkpoint(path: str, name: str = "imagereward") -> dict[str, torch.Tensor]:
     """ImageReward's state dict from ``path`` (float32), or a ``UserError`` saying why it is not one."""
-    from dgpo.weights_file import load_weights_only
+    from dgpo.models.weights_file import load_weights_only
     state = load_weights_only(path, f"reward {name!r}", "checkpoint (ImageReward.pt, the published state dict)")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -273,8 +273,8 @@ class ImageReward:
         self.size = self.blip.config.vision_config.image_size
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        from dgpo.rewards import _check_batch
-        images, prompts = _check_batch(images, prompts, f"{self.name} reward")
+        from dgpo.rewards.protocol import check_batch
+        images, prompts = check_batch(images, prompts, f"{self.name} reward")
         out = []
         with torch.no_grad():
             for i in range(0, len(images), self.batch_size):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dgpo.errors import UserError
-from dgpo.rewards import RewardInputError, _check_batch
+from dgpo.rewards.protocol import RewardInputError, check_batch
 
 _QUOTED = re.compile(r'"([^"]+)"')
 
@@ -87,7 +87,7 @@ class OCRReward:
         return " ".join(result.txts) if result.txts else ""
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        images, prompts = _check_batch(images, prompts, "ocr reward")
+        images, prompts = check_batch(images, prompts, "ocr reward")
         targets = [target_text(p) for p in prompts]  # every prompt checked before any image is read
         return np.array([edit_distance_score(self.read(im), t) for im, t in zip(images, targets)], dtype=np.float64)
 

@@ -38,7 +38,7 @@ class PromptEncodings:
     def batch(self, prompts: list[str], rows: torch.Tensor | None = None) -> PromptEmbeds:
         """The encodings of a global batch's ``prompts`` at ``rows`` (this process's rows; all when None). Every
         prompt of the whole batch is looked up, in order, so every process makes the same encoder calls and keeps
-        the same cache: a sharded text encoder (:mod:`dgpo.sharding`) needs every process in each call."""
+        the same cache: a sharded text encoder (:mod:`dgpo.runtime.sharding`) needs every process in each call."""
         embeds = [self[p] for p in prompts]
         return PromptEmbeds.cat([embeds[i] for i in (range(len(prompts)) if rows is None else rows.tolist())])
 

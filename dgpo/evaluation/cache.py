@@ -20,10 +20,10 @@ from pathlib import Path
 
 from dgpo.paths import cache_root, config_hash
 
-PACKAGE = Path(__file__).resolve().parent
-# The code an evaluation's numbers depend on; any edit to these files changes the key.
-SOURCES = ("evaluation.py", "generation.py", "sampling.py", "models/handle.py", "worlds/shapes.py", "worlds/quality.py",
-           "worlds/shapes_world.py")
+PACKAGE = Path(__file__).resolve().parents[1]
+# The code an evaluation's numbers depend on (paths in the package); any edit to these files changes the key.
+SOURCES = ("evaluation/evaluate.py", "sampling/generation.py", "sampling/ode.py", "models/handle.py", "worlds/shapes.py",
+           "worlds/quality.py", "worlds/shapes_world.py", "worlds/categories.py")
 
 
 def weight_files(base: Path) -> list[list]:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dgpo.errors import UserError
+from dgpo.runtime.ema import EMA
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -53,6 +54,30 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
             _, pid, name = key.split(".", 2)
             state.setdefault(int(pid), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+
+
+def flatten_state(optimizers: dict[str, torch.optim.Optimizer], emas: dict[str, EMA]) -> tuple[dict, dict]:
+    """A recipe's optimisers and EMAs as checkpoint tensors and JSON scalars: optimiser ``P`` as ``P.opt.*``
+    (``opt.*`` for the prefix ""), its scalars under ``P`` in the returned dict; an EMA under the key prefix
+    it is given (``"policy."`` → ``policy.ema.0``). :func:`load_flat_state` reverses it."""
+    tensors, scalars = {}, {}
+    for prefix, opt in optimizers.items():
+        t, scalars[prefix] = optimizer_to_flat(opt)
+        tensors.update({f"{prefix}.{k}" if prefix else k: v for k, v in t.items()})
+    for prefix, ema in emas.items():
+        tensors.update({f"{prefix}{k}": v for k, v in ema.state_dict().items()})
+    return tensors, scalars
+
+
+def load_flat_state(tensors: dict, scalars: dict, optimizers: dict[str, torch.optim.Optimizer],
+                    emas: dict[str, EMA]) -> None:
+    """Load what :func:`flatten_state` wrote into the same optimisers and EMAs."""
+    for prefix, opt in optimizers.items():
+        mine = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".opt.")} if prefix \
+            else tensors
+        optimizer_from_flat(opt, mine, scalars[prefix])
+    for prefix, ema in emas.items():
+        ema.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix + "ema.")})
 
 
 # ------------------------------------------------------------------------------------------- RNG

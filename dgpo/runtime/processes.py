@@ -67,12 +67,12 @@ def check_launch(env) -> None:
     """One clear error for a launch config the trainers cannot honour (``accelerate launch`` sets
     ``ACCELERATE_USE_DEEPSPEED`` / ``ACCELERATE_USE_FSDP``). DeepSpeed: ZeRO stages 1–2 shard the optimiser states
     and gradients, which for LoRA adapters are a few MB, and stage 3 shards the weights, which an FSDP2 config does
-    here for the frozen model (:mod:`dgpo.sharding`); FSDP1 is refused there."""
+    here for the frozen model (:mod:`dgpo.runtime.sharding`); FSDP1 is refused there."""
     if str(env.get("ACCELERATE_USE_DEEPSPEED", "")).lower() == "true":
         raise UserError("launched with a DeepSpeed accelerate config: only LoRA adapters train here, so ZeRO-1/2 "
                         "would shard a few MB of optimiser state; to shard the frozen model (ZeRO-3's saving) launch "
                         "with configs/accelerate/gpus_8_fsdp.yaml, or gpus_8.yaml for plain data parallel")
-    from dgpo.sharding import sharded_launch
+    from dgpo.runtime.sharding import sharded_launch
     sharded_launch(env)
 
 
@@ -81,7 +81,7 @@ class Processes:
 
     def __init__(self, rank: int = 0, world: int = 1):
         self.rank, self.world = rank, world
-        self.lockstep = False  # set under a sharded model (dgpo.sharding): every process makes the same model calls
+        self.lockstep = False  # set under a sharded model (dgpo.runtime.sharding): every process makes the same model calls
         self.standing_in = False  # set while calls run only to keep the processes in step (not counted as NFE)
 
     @classmethod
@@ -111,9 +111,9 @@ class Processes:
     @property
     def sharded(self) -> bool:
         """Launched with an FSDP config on several processes: the frozen model is to be split over them
-        (:func:`dgpo.sharding.shard_frozen_model`)."""
+        (:func:`dgpo.runtime.sharding.shard_frozen_model`)."""
         import os
-        from dgpo.sharding import sharded_launch
+        from dgpo.runtime.sharding import sharded_launch
         return self.distributed and sharded_launch(os.environ)
 
     # ------------------------------------------------------------------------------------------- rows

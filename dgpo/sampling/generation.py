@@ -1,7 +1,7 @@
 """The one generation loop: prompts in, images out, for any sampler.
 
-Every place that makes images for a set of prompts — evaluation (:func:`dgpo.evaluation.generate`), the
-few-step student's sampler, the speed benchmarks (:mod:`dgpo.sampling_speed`) — runs this loop with its own
+Every place that makes images for a set of prompts — evaluation (:func:`dgpo.evaluation.evaluate.generate`), the
+few-step student's sampler, the speed benchmarks (:mod:`dgpo.sampling.speed`) — runs this loop with its own
 sampling function, so the images are the same wherever they are made:
 
     records: image k = (prompt of k, seed + k), prompts repeated ``per_prompt`` times in order
@@ -24,8 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dgpo.models.handle import FlowModel, PromptEmbeds
-from dgpo.processes import SINGLE, Processes
-from dgpo.sampling import initial_noise
+from dgpo.runtime.processes import SINGLE, Processes
+from dgpo.sampling.ode import initial_noise
 
 #: ``sample(embeds, noise) -> latents``: a sampling loop, e.g. ``lambda e, n: sample_ode(model, e, n, 20, 1.5)``.
 SampleFn = Callable[[PromptEmbeds, torch.Tensor], torch.Tensor]
@@ -71,7 +71,7 @@ def generate_images(model: FlowModel, prompts: list[str], sample: SampleFn, per_
     for i in tqdm(range(0, most, batch_size), desc="sampling", disable=not progress, leave=False):
         chunk = records[i:i + batch_size]
         # a process with no image left still samples one and drops it: a sharded model needs every process in
-        # each of its calls (dgpo.sharding)
+        # each of its calls (dgpo.runtime.sharding)
         sampled = chunk or everyone[:1]
         embeds = PromptEmbeds.cat([embeds_of[r["prompt"]] for r in sampled])
         noise = initial_noise([r["seed"] for r in sampled], model.latent_shape).to(model.device)

@@ -15,15 +15,16 @@ from __future__ import annotations
 import numpy as np
 
 from dgpo.errors import UserError
+from dgpo.rewards.protocol import call_reward
 
 COMBINE = ("sum", "advantages")
 
 
 class RewardMix:
-    """K registered rewards with weights; calling it gives the weighted sum."""
+    """K rewards (built by the registry, :func:`dgpo.rewards.registry.reward_of_run`) with weights; calling it
+    gives the weighted sum."""
 
-    def __init__(self, names: list[str], weights: list[float], combine: str = "sum"):
-        from dgpo.rewards import make_reward
+    def __init__(self, names: list[str], rewards: list, weights: list[float], combine: str = "sum"):
         if combine not in COMBINE:
             raise UserError(f"reward.combine must be one of {COMBINE}, got {combine!r}")
         weights = list(weights) or [1.0] * len(names)
@@ -31,7 +32,7 @@ class RewardMix:
             raise UserError(f"reward.weights has {len(weights)} values for {len(names)} rewards ({'+'.join(names)}); "
                             "give one weight per reward, or none for equal weights")
         self.names, self.weights, self.combine = names, [float(w) for w in weights], combine
-        self.rewards = [make_reward(n) for n in names]
+        self.rewards = list(rewards)
         self.name = "+".join(names)
 
     def __repr__(self) -> str:
@@ -39,7 +40,6 @@ class RewardMix:
 
     def columns(self, images: np.ndarray, prompts: list[str], metadata: list[dict] | None = None) -> np.ndarray:
         """(N, K): every reward's scores (each given the prompts' metadata if it takes it)."""
-        from dgpo.rewards import call_reward
         return np.stack([np.asarray(call_reward(r, images, prompts, metadata), dtype=np.float64)
                          for r in self.rewards], axis=1)
 

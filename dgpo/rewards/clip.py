@@ -107,8 +107,8 @@ class CLIPReward:
         self.head = load_aesthetic_head(second, self.clip.config.projection_dim) if kind == "aesthetic" else None
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        from dgpo.rewards import _check_batch
-        images, prompts = _check_batch(images, prompts, f"{self.name} reward")
+        from dgpo.rewards.protocol import check_batch
+        images, prompts = check_batch(images, prompts, f"{self.name} reward")
         out = []
         with torch.no_grad():
             for i in range(0, len(images), self.batch_size):
@@ -141,7 +141,7 @@ def projected(features) -> torch.Tensor:
 
 def load_aesthetic_head(path: str, width: int) -> torch.nn.Sequential:
     """The LAION aesthetic predictor v2's MLP from its state dict (``torch.load(weights_only=True)``)."""
-    from dgpo.weights_file import load_weights_only
+    from dgpo.models.weights_file import load_weights_only
     state = load_weights_only(path, "reward 'aesthetic'", "head file (the predictor's .pth state dict)")
     if not isinstance(state, dict) or sorted(state) != sorted(AESTHETIC_HEAD_KEYS):
         keys = sorted(state)[:4] if isinstance(state, dict) else type(state).__name__
@@ -225,7 +225,7 @@ def load_open_clip_checkpoint(checkpoint: str, tokenizer_dir: str, name: str):
     """(CLIPModel, tokenizer, preprocessing) of an open_clip checkpoint (its state dict, or ``{"state_dict": …}``
     as HPSv2 publishes it) and a CLIP tokenizer folder."""
     from transformers import AutoTokenizer
-    from dgpo.weights_file import load_weights_only
+    from dgpo.models.weights_file import load_weights_only
     state = load_weights_only(checkpoint, f"reward {name!r}", "checkpoint (the published open_clip state dict)")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if isinstance(state, dict):  # saved from a DistributedDataParallel model

@@ -14,10 +14,10 @@ import numpy as np
 
 from dgpo.config import option
 from dgpo.models.handle import FlowModel
-from dgpo.generation import generate_images
-from dgpo.processes import SINGLE, Processes
-from dgpo.sampling import SOLVERS, sample_ode
-from dgpo.worlds import World, make_world
+from dgpo.sampling.generation import generate_images
+from dgpo.runtime.processes import SINGLE, Processes
+from dgpo.sampling.ode import SOLVERS, sample_ode
+from dgpo.worlds.registry import World, make_world
 
 
 @dataclass
@@ -42,7 +42,7 @@ def generate(model: FlowModel, prompts: list[str], per_prompt: int = 1, sampler:
              seed: int = 0, batch_size: int = 128, progress: bool = True,
              processes: Processes = SINGLE) -> tuple[np.ndarray, list[dict]]:
     """uint8 images (len(prompts)·per_prompt, S, S, 3) and one {"prompt", "seed"} record per image, drawn
-    with the ODE sampler ``sampler`` through the one generation loop (:func:`dgpo.generation.generate_images`)."""
+    with the ODE sampler ``sampler`` through the one generation loop (:func:`dgpo.sampling.generation.generate_images`)."""
     def sample(embeds, noise):
         return sample_ode(model, embeds, noise, sampler.steps, sampler.guidance_scale, sampler.solver,
                           sigmas=sampler.sigmas)

@@ -1,6 +1,6 @@
 """Sample folders: ``00000.png …``, ``samples.jsonl`` (one {"file", "prompt", "seed"} per line), ``grid.png``.
 
-Folders are written atomically under the output rules of :mod:`dgpo.output_dir`: an existing, non-empty
+Folders are written atomically under the output rules of :mod:`dgpo.runtime.output_dir`: an existing, non-empty
 folder is refused (with ``overwrite``, replaced only if it is an earlier sample folder of the same tool),
 and an interrupted or failed command never leaves a half-written folder.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from dgpo.errors import UserError
-from dgpo.output_dir import atomic_output_dir
+from dgpo.runtime.output_dir import atomic_output_dir
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, scale: int = 2, pad: int = 2) -> np.ndarray:

@@ -6,7 +6,7 @@ pay the same fixed costs — text encoding and the VAE decode — so the end-to-
     speed-up = (text + loop_teacher + decode) / (text + loop_student + decode)  <  loop_teacher / loop_student,
 
 and it stays below the NFE ratio 2N / K whenever the fixed costs are not negligible. ``timed_generation``
-runs exactly what :func:`dgpo.evaluation.generate` and the TDM student's ``generate_student`` run for one
+runs exactly what :func:`dgpo.evaluation.evaluate.generate` and the TDM student's ``generate_student`` run for one
 batch (encode the unique prompts once, initial noise ``seed + k`` for image k, the sampling loop, the
 decode) and times the three pieces separately, synchronising the device between them, so a benchmark can
 report the loop speed-up next to the end-to-end one.
@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from dgpo.generation import SampleFn, generate_images
+from dgpo.sampling.generation import SampleFn, generate_images
 from dgpo.models.handle import FlowModel
 
 
