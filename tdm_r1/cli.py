@@ -35,8 +35,8 @@ def cmd_distill(args) -> None:
 
 def cmd_train(args) -> None:
     from tdm_r1.config import DistillConfig
-    from tdm_r1.distill import Distiller
-    train_command(args, Distiller, lambda: DistillConfig, load_r1_config, DEFAULT_R1_CONFIG, "tdm-r1 train")
+    from tdm_r1.reinforce import Reinforcer
+    train_command(args, Reinforcer, lambda: DistillConfig, load_r1_config, DEFAULT_R1_CONFIG, "tdm-r1 train")
 
 
 def load_r1_config(path, overrides=()):
@@ -49,14 +49,14 @@ def cmd_surrogate(args) -> None:
     import json
     from dgpo.runtime.output_dir import atomic_output_dir, check_output
     from dgpo.plugins import load_plugins
-    from tdm_r1.distill import Distiller
+    from tdm_r1.reinforce import Reinforcer
     from tdm_r1.surrogate_training import train_surrogate
     if args.updates < 1 or args.eval_every < 1:
         raise UserError(f"--updates and --eval-every must be at least 1, got {args.updates} and {args.eval_every}")
     out = check_output(args.out, "tdm-r1 surrogate", args.overwrite)  # before the work, not after it
     load_plugins(args.plugin)
     cfg = load_r1_config(args.config or DEFAULT_R1_CONFIG, [*args.set, f"run.out_dir={out}"])
-    distiller = Distiller(cfg)  # the student (from r1.init_run) stays frozen: only the surrogate trains
+    distiller = Reinforcer(cfg)  # the student (from r1.init_run) stays frozen: only the surrogate trains
     processes = distiller.processes  # on several processes (accelerate launch) each rolls out its rows
     if processes.distributed and processes.is_main:
         print(f"training the surrogate ({processes.world} processes)")

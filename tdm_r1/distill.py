@@ -25,6 +25,7 @@ import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -32,11 +33,9 @@ from dgpo.runtime.checkpoint import optimizer_from_flat, optimizer_to_flat
 from dgpo.runtime.ema import EMA
 from dgpo.errors import UserError
 from dgpo.config import flat_dict, to_dict
-from dgpo.methods.batch import score_groups
 from dgpo.runtime.nonfinite import NonFiniteStep, SkipGuard
 from dgpo.models.prompt_encodings import PromptEncodings
 from dgpo.runtime.runtime import Runtime
-from dgpo.rewards import metadata_of, reward_of_run
 from dgpo.runtime.run_folder import reopen_run, start_run
 from dgpo.runtime.loop import Counters, Run, Schedule, plot_run
 from dgpo.runtime.sharding import shard_frozen_model
@@ -44,14 +43,11 @@ from dgpo.evaluation.evaluate import evaluate_images
 from dgpo.models.handle import PromptEmbeds
 from dgpo.models.families import WEIGHTS_DTYPES, load_model
 from dgpo.models.adapters import AdapterRoles
-from dgpo.models.lora_io import read_lora_folder
 from dgpo.worlds.registry import make_world
 from tdm_r1.config import DistillConfig
 from tdm_r1.objectives import (distribution_matching_direction, fake_score_loss, log_importance_weight,
-                               level_above, normalise_weights, regression_loss, reward_direction, sample_tau,
-                               transition_sample, x0_from_velocity)
-from tdm_r1.surrogate import SurrogateReward, group_draws
-from tdm_r1.student import (boundary_sigmas, check_boundaries, default_boundaries, generate_student, read_sampler_file,
+                               normalise_weights, regression_loss, sample_tau, transition_sample, x0_from_velocity)
+from tdm_r1.student import (boundary_sigmas, check_boundaries, default_boundaries, generate_student,
                             write_sampler_files)
 
 STUDENT, FAKE = "student", "fake"
@@ -79,10 +75,17 @@ class Rollout:
 
 
 class Distiller:
-    """Teacher, student, fake score and optimisers of one run: the TDM recipe on :class:`dgpo.runtime.loop.Run`; with
-    ``r1.enabled`` also the stepwise surrogate reward and the reward term (TDM-R1)."""
+    """Teacher, student, fake score and optimisers of one run: the TDM recipe on :class:`dgpo.runtime.loop.Run`.
+    TDM-R1 (:class:`tdm_r1.reinforce.Reinforcer`) extends it: its set-up through :meth:`training_prompts`,
+    :meth:`saved_boundaries` and :meth:`add_parts`, its iteration and generator direction of its own."""
+
+    label = "TDM"
+    memory_levers = "lower optim.batch_size (student trajectories per iteration)"
 
     def __init__(self, cfg: DistillConfig, log=print):
+        if cfg.r1.enabled and type(self) is Distiller:
+            raise UserError("r1.enabled: a TDM-R1 run is tdm_r1.reinforce.Reinforcer (`tdm-r1 train`), not the TDM "
+                            "recipe (tdm_r1.reinforce.recipe_of(cfg) picks the recipe of a config)")
         self.cfg = cfg
         self.out = Path(cfg.run.out_dir)
         self.runtime = Runtime(cfg.run.seed, cfg.teacher.mixed_precision, cfg.run.threads, cfg.run.tracker, self.out,
@@ -138,22 +141,8 @@ class Distiller:
         self.gen = torch.Generator().manual_seed(cfg.run.seed)
         self.device = device
         self.world = make_world(cfg.world)
-        self.train_prompts = training_prompts(self.world, cfg.r1.categories if cfg.r1.enabled else [])
-        self.r1 = cfg.r1.enabled
-        self.label = "TDM-R1" if self.r1 else "TDM"
-        self.memory_levers = "lower optim.batch_size (student trajectories per iteration)"
-        if self.r1:
-            self.surrogate = SurrogateReward(self.teacher, self.adapters, cfg.surrogate, self.runtime,
-                                             seed=cfg.run.seed + 2)
-            if cfg.surrogate.init:
-                self.surrogate.load(cfg.surrogate.init)
-            self.reward_name, self.reward = reward_of_run(cfg.reward, self.world)
-            if cfg.r1.init_run and cfg.r1.init_lora:
-                raise UserError("r1.init_run and r1.init_lora both name a starting student: keep one")
-            if cfg.r1.init_run:
-                self.load_student_from(Path(cfg.r1.init_run))
-            elif cfg.r1.init_lora:
-                self.load_student_lora(Path(cfg.r1.init_lora))
+        self.train_prompts = self.training_prompts()
+        self.add_parts()
         if sharded:  # an FSDP launch: the frozen model split over the processes
             shard_frozen_model(self.teacher, self.processes, log)
         self.embeds_of = PromptEncodings(self.teacher, self.train_prompts)  # each prompt encoded once
@@ -163,52 +152,17 @@ class Distiller:
         self.runner = Run(self, self.out, Schedule.of(run, run.iterations, cfg.eval.every, cfg.eval.every_minutes),
                           step_key="iteration", grid_prefix="iter", log=log, processes=self.processes)
 
-    def load_student_from(self, run: Path) -> None:
-        """Start from a `tdm-r1 distill` run: its latest checkpoint's student and fake score (and step
-        embedding), after checking that its student is this one (steps, levels, adapter shape)."""
-        import yaml
-        from dgpo.runtime.checkpoint import latest_checkpoint, load_checkpoint
-        saved = run / "config.yaml"
-        ckpt = latest_checkpoint(run) if saved.is_file() else None
-        if ckpt is None:
-            raise UserError(f"r1.init_run: {str(run)!r} is not a `tdm-r1 distill` run folder with a checkpoint")
-        theirs = yaml.safe_load(saved.read_text())
-        mine = to_dict(self.cfg)
-        keys = [("student", k) for k in ("nfe", "boundaries", "mode", "lora_rank", "lora_alpha", "lora_targets")]
-        keys += [("fake", k) for k in ("lora_rank", "lora_alpha", "lora_targets")] + [("objective", "tau")]
-        differ = [f"{a}.{b}: {theirs.get(a, {}).get(b)!r} there, {mine[a][b]!r} here" for a, b in keys
-                  if theirs.get(a, {}).get(b) != mine[a][b]]
-        if differ:
-            raise UserError(f"r1.init_run: {str(run)!r} trained another student ({'; '.join(differ)}); set the "
-                            f"same values here")
-        tensors, _ = load_checkpoint(ckpt)
-        with torch.no_grad():
-            for k, p in self.named_trainables():
-                p.copy_(tensors[k])
-        if self.student_ema is not None:  # the EMA starts at the loaded student
-            self.student_ema = EMA(self.student_params, self.cfg.student.ema_decay)
-        self.log(f"starting student and fake score: {ckpt}")
+    # --------------------------------------------------------------------------------------- set-up steps
+    def training_prompts(self) -> list[str]:
+        """The prompts student trajectories are drawn for: the world's train prompts."""
+        return training_prompts(self.world, [])
 
     def saved_boundaries(self) -> list[float]:
-        """The levels saved with ``r1.init_lora`` (its sampler.json), when TDM-R1 starts from one."""
-        if not (self.cfg.r1.enabled and self.cfg.r1.init_lora):
-            return []
-        levels = list((read_sampler_file(self.cfg.r1.init_lora) or {}).get("boundaries", []))
-        if levels and len(levels) != self.cfg.student.nfe:
-            raise UserError(f"r1.init_lora: that student takes {len(levels)} steps (its sampler.json), this config "
-                            f"{self.cfg.student.nfe}: set student.nfe={len(levels)}")
-        return levels
+        """Noise levels a starting student brings with it (none in TDM, which starts from the teacher)."""
+        return []
 
-    def load_student_lora(self, folder: Path) -> None:
-        """Start the student from a LoRA folder (rescaled to student.lora_alpha / lora_rank; layers it does
-        not name add nothing); the fake score starts at the teacher."""
-        if self.cfg.student.mode != "lora":
-            raise UserError("r1.init_lora starts a LoRA student: set student.mode=lora")
-        weights, scale = read_lora_folder(folder, "r1.init_lora")
-        layers = self.adapters.load_scaled(STUDENT, weights, scale, "r1.init_lora")
-        if self.student_ema is not None:
-            self.student_ema = EMA(self.student_params, self.cfg.student.ema_decay)
-        self.log(f"starting student: {folder} ({layers} LoRA layers, levels {[round(b, 4) for b in self.boundaries]})")
+    def add_parts(self) -> None:
+        """Models or state a recipe adds before the frozen model is sharded (none in TDM)."""
 
     # --------------------------------------------------------------------------------------- models
     @contextmanager
@@ -238,10 +192,9 @@ class Distiller:
 
     # --------------------------------------------------------------------------------------- iteration parts
     def sample_prompts(self, n: int) -> list[str]:
-        """n train prompts; with TDM-R1, n / G prompts each repeated G times (consecutive groups)."""
-        g = self.cfg.r1.group_size if self.r1 else 1
-        idx = torch.randint(len(self.train_prompts), (n // g,), generator=self.gen)
-        return [self.train_prompts[i] for i in idx.tolist() for _ in range(g)]
+        """n train prompts, drawn uniformly."""
+        idx = torch.randint(len(self.train_prompts), (n,), generator=self.gen)
+        return [self.train_prompts[i] for i in idx.tolist()]
 
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> Rollout:
@@ -292,8 +245,8 @@ class Distiller:
         return {"loss_fake": self.processes.sum(loss.item()), "grad_norm_fake": grad_norm, "ess": ess}
 
     def generator_update(self, r: Rollout) -> dict:
-        """The student's regression onto x̂₀ + Σ w·direction (TDM: the distribution-matching direction alone;
-        TDM-R1: with the reward and CFG directions, :meth:`r1_directions`). No denoising loss."""
+        """The student's regression onto x̂₀ + direction (:meth:`generator_direction`; TDM: the
+        distribution-matching direction alone). No denoising loss."""
         p = self.trajectory_points(r)
         with torch.no_grad():
             with self.as_teacher() as teacher:
@@ -306,10 +259,8 @@ class Distiller:
             v = student.velocity(p["x_k"], p["s_k"], r.embeds)
         x0_student = x0_from_velocity(p["x_k"], p["s_k"], v)
         o = self.cfg.objective
-        direction = distribution_matching_direction(x0_student, x0_teacher, x0_fake, o.normalise)
-        extra = {}
-        if self.r1:
-            direction, extra = self.r1_directions(r, p, x0_student, x0_teacher, direction)
+        dm = distribution_matching_direction(x0_student, x0_teacher, x0_fake, o.normalise)
+        direction, extra = self.generator_direction(r, p, x0_student, x0_teacher, dm)
         loss = regression_loss(x0_student, direction, o.distance, o.huber_c) * r.share()
         grad_norm = self._step(self.gen_opt, self.student_params, loss, "generator")
         if self.student_ema is not None:
@@ -318,41 +269,9 @@ class Distiller:
         return {"loss_gen": self.processes.sum(loss.item()), "grad_norm_gen": grad_norm,
                 "score_gap": self.processes.sum(gap), **extra}
 
-    @torch.no_grad()
-    def r1_directions(self, r: Rollout, p: dict, x0_student, x0_teacher_cfg, dm) -> tuple[torch.Tensor, dict]:
-        """TDM-R1's combined direction w_R·reward + w_C·CFG + w_D·distribution matching, per sample by its
-        step k (early: k < ``r1.trunc_steps``, all steps when 0; late: the rest):
-
-        - reward: (x̂₀^{surrogate, CFG r1.rl_cfg}(x_τ′) − x̂₀^{base}(x_τ′)) / mean|x̂₀ − x̂₀^{surrogate,CFG}|, the base
-          conditional (``r1.reward_reference=conditional``) or at the same CFG (``guided``), with
-          x_τ′ diffused from the student's next point x_{σ_{k+1}} to τ′ ~ U[max(σ_{k+1}, r1.t_min), 1], τ′'s
-          uniform and the noise shared by a group (:func:`tdm_r1.objectives.reward_direction`);
-        - CFG: (x̂₀^{teacher,CFG}(x_τ) − x̂₀^{teacher}(x_τ)) / mean|x̂₀ − x̂₀^{teacher,CFG}| at TDM's own point x_τ
-          (0 when teacher.guidance_scale ≤ 1);
-        - distribution matching: TDM's direction ``dm``.
-        """
-        c = self.cfg.r1
-        k = p["k"]
-        trunc = c.trunc_steps or len(self.boundaries)
-        early = (k < trunc).to(self.device)
-        groups = torch.arange(r.total) // c.group_size  # consecutive groups of the global batch
-        u, z = group_draws(groups, tuple(x0_student.shape[1:]), self.gen)
-        tau2 = level_above(p["s_next"], u[r.rows].to(self.device), c.t_min)
-        x_tau2 = transition_sample(p["x_next"], p["s_next"], tau2, z[r.rows].to(self.device))
-        x0_sur = self.surrogate.x0(x_tau2, tau2, r.embeds, c.rl_cfg)
-        with self.as_teacher() as teacher:
-            guided = c.reward_reference == "guided"
-            v_base = (teacher.guided_velocity(x_tau2, tau2, r.embeds, c.rl_cfg) if guided else
-                      teacher.velocity(x_tau2, tau2, r.embeds))
-            x0_base = x0_from_velocity(x_tau2, tau2, v_base)
-            x0_cond = x0_from_velocity(p["x_tau"], p["tau"], teacher.velocity(p["x_tau"], p["tau"], r.embeds))
-        reward = reward_direction(x0_student, x0_sur, x0_base)
-        cfg_dir = (torch.zeros_like(dm) if self.cfg.teacher.guidance_scale <= 1 else
-                   distribution_matching_direction(x0_student, x0_teacher_cfg, x0_cond))
-        w = lambda early_w, late_w: torch.where(early, early_w, late_w).view(-1, 1, 1, 1).to(dm.dtype)  # noqa: E731
-        direction = (w(c.reward_weight, 0.0) * reward + w(c.cfg_weight, c.late_cfg_weight) * cfg_dir
-                     + w(c.dm_weight, c.late_dm_weight) * dm)
-        return direction, {"reward_gap": self.processes.sum((x0_sur - x0_base).abs().mean().item() * r.share())}
+    def generator_direction(self, r: Rollout, p: dict, x0_student, x0_teacher, dm) -> tuple[torch.Tensor, dict]:
+        """The direction the student's x̂₀ moves along, and diagnostics: TDM's distribution matching ``dm``."""
+        return dm, {}
 
     def _step(self, opt, params, loss, who: str) -> float:
         """Backward of this process's share of the loss, then the runtime's guarded step (gradients summed over
@@ -363,15 +282,10 @@ class Distiller:
 
     def nfe_per_iteration(self) -> int:
         """Transformer evaluations per iteration (rollout K, fake updates 2 each, teacher, fake and student in
-        the generator update; TDM-R1: surrogate updates 2 each, surrogate CFG, base at x_τ′ and at x_τ)."""
+        the generator update)."""
         b, k = self.cfg.optim.batch_size, len(self.boundaries)
         teacher = 2 if self.cfg.teacher.guidance_scale > 1 else 1
-        n = k + 2 * self.cfg.fake.updates_per_generator + teacher + 1 + 2
-        if self.r1:
-            guided = 2 if self.cfg.r1.rl_cfg > 1 else 1
-            base = guided if self.cfg.r1.reward_reference == "guided" else 1
-            n += 2 * self.cfg.surrogate.updates_per_iteration + guided + base + 1
-        return b * n
+        return b * (k + 2 * self.cfg.fake.updates_per_generator + teacher + 1 + 2)
 
     def iteration(self) -> dict:
         """One iteration (rollout, fake-score update(s), generator update), timed and counted; its metrics row."""
@@ -381,45 +295,34 @@ class Distiller:
         return self.iteration()
 
     def _iteration(self) -> tuple[dict, int]:
-        """Rollout; fake-score update(s); with TDM-R1 the rollouts' rewards (labels only) and surrogate
-        update(s); the generator update — under teacher.mixed_precision's autocast."""
+        """Rollout; fake-score update(s); the generator update — under teacher.mixed_precision's autocast."""
         prompts = self.sample_prompts(self.cfg.optim.batch_size)
         stats: dict = {}
+        with self.step_guard(stats) as guard:
+            r = self.rollout(prompts)                                 # 1
+            for _ in range(self.cfg.fake.updates_per_generator):      # 2
+                stats.update(self.fake_update(r))
+            stats.update(self.generator_update(r))                    # 3
+        return guard.row, self.nfe_per_iteration()
+
+    @contextmanager
+    def step_guard(self, stats: dict):
+        """Around one iteration's updates: the runtime's autocast (teacher.mixed_precision) and NFE count; a
+        non-finite loss or gradient (:class:`dgpo.runtime.nonfinite.NonFiniteStep`) ends the iteration there — the
+        updates before it stand (finite), the rest is skipped, the row says ``skipped``. ``guard.row`` is the
+        iteration's metrics row (``stats`` rounded)."""
+        guard = SimpleNamespace(row={"skipped": 1.0})
         self.calls.start()
         try:
-            with self.runtime.autocast():  # teacher.mixed_precision (a no-op at "no")
-                r = self.rollout(prompts)
-                for _ in range(self.cfg.fake.updates_per_generator):
-                    stats.update(self.fake_update(r))
-                if self.r1:
-                    stats.update(self.surrogate_update(r, prompts))
-                stats.update(self.generator_update(r))
-        except NonFiniteStep as fault:  # the updates before it stand (finite); the rest of the iteration is skipped
+            with self.runtime.autocast():
+                yield guard
+        except NonFiniteStep as fault:
             self.nonfinite.skip(f"iteration {self.counters.iteration + 1}", str(fault))
-            return {"skipped": 1.0}, self.nfe_per_iteration()
+            return
         finally:
             self.calls.stop()
         self.nonfinite.passed()
-        return {k: round(v, 6) for k, v in stats.items()}, self.nfe_per_iteration()
-
-    def score(self, r: Rollout, prompts: list[str], group_size: int = 0):
-        """The rewards and group advantages of the global batch ``prompts`` in consecutive groups of
-        ``group_size`` (default ``r1.group_size``; the reward is only ever a label): each process scores its rows'
-        final images, :func:`score_groups` gathers them."""
-        mine = [prompts[i] for i in r.rows.tolist()]
-        with torch.no_grad():
-            images = self.teacher.decode_latents(r.states[-1])
-        return score_groups(self.reward, images, mine, group_size or self.cfg.r1.group_size, self.cfg.advantage,
-                            self.reward_name, processes=self.processes, metadata=metadata_of(self.world, mine))
-
-    def surrogate_update(self, r: Rollout, prompts: list[str]) -> dict:
-        """Score the rollouts, then the surrogate's DGPO update(s) on their trajectory points."""
-        scored = self.score(r, prompts)
-        stats = {"reward": scored.rewards.mean().item(), "reward_std": scored.rewards.std().item()}
-        for _ in range(self.cfg.surrogate.updates_per_iteration):
-            stats.update(self.surrogate.update(r.states, self.sigmas, scored.advantages, scored.group_ids, r.embeds,
-                                               self.gen, self.counters.iteration, self.cfg.optim.grad_clip, r.rows))
-        return stats
+        guard.row = {k: round(v, 6) for k, v in stats.items()}
 
     def postfix(self, row: dict) -> dict:
         if row.get("skipped"):
@@ -468,11 +371,7 @@ class Distiller:
             t, s = optimizer_to_flat(opt)
             tensors.update({f"{name}.{k}": v for k, v in t.items()})
             scalars[name] = s
-        extra = {}
-        if self.r1:
-            t, extra = self.surrogate.state_tensors()
-            tensors.update(t)
-        return tensors, {"optimizers": scalars, **extra}
+        return tensors, {"optimizers": scalars}
 
     @torch.no_grad()
     def load_state(self, tensors: dict, state: dict) -> None:
@@ -484,8 +383,6 @@ class Distiller:
         for name, opt in (("gen", self.gen_opt), ("fake_opt", self.fake_opt)):
             sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".opt.")}
             optimizer_from_flat(opt, sub, state["optimizers"][name])
-        if self.r1:
-            self.surrogate.load_state(tensors, state)
 
     def save(self) -> Path:
         return self.runner.save()
@@ -517,7 +414,7 @@ class Distiller:
         plot_distill_curves(rows, out / "curves.png")
 
     def summary_names(self, first: dict, last: dict) -> tuple[str, str]:
-        start = "TDM student" if self.r1 and self.cfg.r1.init_run else "student at init"
+        start = "student at init"
         return (f"{start} ({len(self.boundaries)} steps, no CFG)", f"{self.label} student (iteration {last['iteration']})")
 
 

@@ -168,6 +168,18 @@ def reward_direction(x0_student: torch.Tensor, x0_surrogate_cfg: torch.Tensor,
     return ((x0_surrogate_cfg - x0_base) / _b(n, x0_student)).detach()
 
 
+def r1_generator_direction(reward: torch.Tensor, cfg: torch.Tensor, dm: torch.Tensor, early: torch.Tensor,
+                           reward_weight: float, cfg_weight: float, dm_weight: float, late_cfg_weight: float,
+                           late_dm_weight: float) -> torch.Tensor:
+    """TDM-R1's generator direction per sample: d = w_R·reward + w_C·CFG + w_D·dm, the early weights
+    (w_R, w_C, w_D) where ``early`` (the sample's step k < ``r1.trunc_steps``), else (0, late w_C, late w_D):
+    past the truncation the reward term is off (the released recipe's split of the student's steps). The
+    student's loss is :func:`regression_loss` onto x̂₀ + d — no denoising loss is ever applied to it."""
+    def w(early_weight: float, late_weight: float) -> torch.Tensor:
+        return torch.where(early, early_weight, late_weight).view(-1, 1, 1, 1).to(dm.dtype)
+    return w(reward_weight, 0.0) * reward + w(cfg_weight, late_cfg_weight) * cfg + w(dm_weight, late_dm_weight) * dm
+
+
 # ------------------------------------------------------------------------------------------- fake score
 
 def log_importance_weight(x_t: torch.Tensor, x_s: torch.Tensor, x0: torch.Tensor, s: torch.Tensor,

@@ -2,7 +2,7 @@
 DGPO's group preference loss, which points of the student's own deterministic trajectories lead to better
 final images — a dense, differentiable stand-in for a reward that is neither (the shapes verifier, OCR, a
 human label). A component of its own: any loop that has deterministic trajectories, their final rewards and
-groups can train one (the TDM-R1 recipe in :mod:`tdm_r1.distill`; ``tdm-r1 surrogate`` trains one alone).
+groups can train one (the TDM-R1 recipe, :mod:`tdm_r1.reinforce`; ``tdm-r1 surrogate`` trains one alone).
 
 One update, on a batch of G rollouts for each of P prompts (group g = the rollouts of one prompt):
 

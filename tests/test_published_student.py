@@ -10,7 +10,8 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft import LoraConfig, get_peft_model
 
 from tdm_r1.cli import main
-from tdm_r1.distill import STUDENT, Distiller
+from tdm_r1.distill import STUDENT
+from tdm_r1.reinforce import Reinforcer
 from tdm_r1.published import RELEASED_TARGETS, released_levels
 from tests.test_tdm_r1 import tiny_cfg
 
@@ -78,7 +79,7 @@ def test_r1_starts_from_the_converted_student(sd35_layout, tmp_path):
     inputs, expected = released_student(sd35_layout, ckpt, seed=1)
     assert main(["convert", str(ckpt), "--model", str(sd35_layout), "--out", str(tmp_path / "student")]) == 0
     # our student adapter has another alpha (scale 1, not 2) and also covers attn2: rescaled, and attn2 adds 0
-    d = Distiller(tiny_cfg(sd35_layout, tmp_path / "r1", f"r1.init_lora={tmp_path / 'student'}",
+    d = Reinforcer(tiny_cfg(sd35_layout, tmp_path / "r1", f"r1.init_lora={tmp_path / 'student'}",
                            "student.lora_rank=32", "student.lora_alpha=32", "run.iterations=2"))
     assert d.boundaries == pytest.approx([1.0, 0.9, 0.75, 0.5], abs=2e-3)  # from its sampler.json
     transformer = d.teacher.transformer
@@ -104,4 +105,4 @@ def test_convert_refuses_bad_checkpoints_in_one_line(sd35_layout, tmp_path, caps
 def test_init_lora_and_init_run_are_exclusive(tiny_base, tmp_path):
     from dgpo.errors import UserError
     with pytest.raises(UserError, match="keep one"):
-        Distiller(tiny_cfg(tiny_base, tmp_path / "r1", "r1.init_lora=somewhere", "r1.init_run=elsewhere"))
+        Reinforcer(tiny_cfg(tiny_base, tmp_path / "r1", "r1.init_lora=somewhere", "r1.init_run=elsewhere"))

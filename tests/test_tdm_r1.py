@@ -13,6 +13,7 @@ from tdm_r1 import surrogate as surrogate_module
 from tdm_r1.cli import main
 from tdm_r1.config import load_distill_config
 from tdm_r1.distill import Distiller
+from tdm_r1.reinforce import Reinforcer, recipe_of
 from tdm_r1.objectives import bridge_velocity, transition_sample
 
 from conftest import assert_margin
@@ -59,7 +60,7 @@ def test_bridge_target_closed_form():
 
 @pytest.fixture
 def r1(tiny_base, tmp_path):
-    return Distiller(tiny_cfg(tiny_base, tmp_path / "run"), log=lambda *a: None)
+    return Reinforcer(tiny_cfg(tiny_base, tmp_path / "run"), log=lambda *a: None)
 
 
 def _batch(d: Distiller):
@@ -139,7 +140,7 @@ def test_the_reward_direction_of_an_untrained_surrogate(reference, tiny_base, tm
     """With the base read at the surrogate's own CFG (reward_reference=guided) the reward direction is the
     surrogate's learned shift alone: exactly 0 before it learns (LoRA B = 0); read against the base's conditional
     x̂₀ (the released code) it is the CFG push at rl_cfg even then."""
-    d = Distiller(tiny_cfg(tiny_base, tmp_path / "run", f"r1.reward_reference={reference}", "r1.rl_cfg=3.0"),
+    d = Reinforcer(tiny_cfg(tiny_base, tmp_path / "run", f"r1.reward_reference={reference}", "r1.rl_cfg=3.0"),
                   log=lambda *a: None)
     prompts, r, _, _ = _batch(d)
     stats = d.generator_update(r)
@@ -169,7 +170,7 @@ def test_r1_runs_resumes_exactly_and_starts_from_a_tdm_run(tiny_base, tmp_path, 
     assert "TDM-R1 student" in (tmp_path / "whole" / "summary.md").read_text()
     # the starting student is the TDM run's
     tdm = load_file(str(tmp_path / "tdm" / "checkpoints" / "step-1" / "tensors.safetensors"))
-    d = Distiller(tiny_cfg(tiny_base, tmp_path / "check", f"r1.init_run={tmp_path / 'tdm'}",
+    d = Reinforcer(tiny_cfg(tiny_base, tmp_path / "check", f"r1.init_run={tmp_path / 'tdm'}",
                            *[k for k in base if k.startswith(("student.", "fake."))]), log=lambda *a: None)
     for k, p in d.named_trainables():
         assert torch.equal(p.detach(), tdm[k]), k
@@ -203,7 +204,7 @@ def test_trained_surrogate_ranks_fresh_trajectory_points(briefly_pretrained_base
     mean Kendall τ over three evaluation seeds at least REQUIRED_TAU (chance 0). Measured margin, seeds 0-2 at
     1 and 2 threads: 4.3-5.1× (mean τ 0.22-0.26)."""
     seed = outcome_seed
-    d = Distiller(tiny_cfg(briefly_pretrained_base, tmp_path / "run", "optim.batch_size=8", "r1.group_size=4",
+    d = Reinforcer(tiny_cfg(briefly_pretrained_base, tmp_path / "run", "optim.batch_size=8", "r1.group_size=4",
                            "surrogate.lr=3e-3", f"run.seed={seed}"), log=lambda *a: None)
     d.train_prompts = d.train_prompts[:2]
 
@@ -236,10 +237,10 @@ def test_r1_raises_the_training_reward_more_than_tdm_alone(briefly_pretrained_ba
     0.006-0.008)."""
     seed = outcome_seed
     def brightness_after(r1: bool) -> tuple[float, float]:
-        d = Distiller(tiny_cfg(briefly_pretrained_base, tmp_path / f"r1-{r1}", "optim.batch_size=8",
-                               "r1.group_size=4", "optim.generator_lr=1e-3", "surrogate.lr=3e-3",
-                               "r1.reward_weight=3", f"run.seed={seed}", f"r1.enabled={str(r1).lower()}"),
-                      log=lambda *a: None)
+        cfg = tiny_cfg(briefly_pretrained_base, tmp_path / f"r1-{r1}", "optim.batch_size=8", "r1.group_size=4",
+                       "optim.generator_lr=1e-3", "surrogate.lr=3e-3", "r1.reward_weight=3", f"run.seed={seed}",
+                       f"r1.enabled={str(r1).lower()}")
+        d = recipe_of(cfg)(cfg, log=lambda *a: None)
 
         def measure() -> float:
             g = torch.Generator().manual_seed(999)
@@ -278,7 +279,7 @@ def test_surrogate_command_trains_alone_and_train_starts_from_it(tiny_base, tmp_
     from safetensors.torch import load_file
     saved = load_file(str(out / "surrogate_lora" / "pytorch_lora_weights.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # it trained
-    d = Distiller(tiny_cfg(tiny_base, tmp_path / "r1", f"surrogate.init={out / 'surrogate_lora'}"),
+    d = Reinforcer(tiny_cfg(tiny_base, tmp_path / "r1", f"surrogate.init={out / 'surrogate_lora'}"),
                   log=lambda *a: None)
     for k, p in d.adapters.named_parameters("surrogate"):
         assert torch.equal(p.detach(), saved[f"transformer.{k}"]), k
@@ -299,7 +300,7 @@ def test_a_non_finite_update_is_skipped_then_stops_the_run_with_finite_checkpoin
     from tdm_r1.distill import prepare_run_dir
     out = tmp_path / "run"
     logged = []
-    d = Distiller(prepare_run_dir(tiny_cfg(tiny_base, out, "run.iterations=3", "run.checkpoint_every=1",
+    d = Reinforcer(prepare_run_dir(tiny_cfg(tiny_base, out, "run.iterations=3", "run.checkpoint_every=1",
                                            "optim.max_skipped_steps=1", f"teacher.mixed_precision={precision}"),
                                   False), log=logged.append)
     dtypes = set()
@@ -332,3 +333,13 @@ def test_a_non_finite_update_is_skipped_then_stops_the_run_with_finite_checkpoin
     frozen = ("student.",) if fault == "generator" else ("student.", "surrogate.")  # what the skip kept still
     assert all(torch.equal(one[k], two[k]) for k in one if k.startswith(frozen)), \
         "a skipped update moved the weights it was skipped for"
+
+
+def test_tdm_r1_is_a_recipe_of_its_own_and_the_tdm_recipe_refuses_its_config(r1, tiny_base, tmp_path):
+    """The run calls both through the Recipe protocol; a TDM-R1 config given to the TDM recipe is one clear error
+    (it would silently train plain TDM)."""
+    from dgpo.errors import UserError
+    from dgpo.runtime.loop import Recipe
+    assert isinstance(r1, Recipe) and type(r1) is Reinforcer and r1.label == "TDM-R1"
+    with pytest.raises(UserError, match="Reinforcer"):
+        Distiller(tiny_cfg(tiny_base, tmp_path / "tdm"), log=lambda *a: None)

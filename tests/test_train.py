@@ -53,6 +53,8 @@ def test_run_folder_and_plain_diffusers_lora(targets, tiny_base, tmp_path, outco
     cfg = prepare_run_dir(tiny_cfg(tiny_base, out, "run.epochs=2", f"model.lora_targets={targets}",
                                    f"run.seed={outcome_seed}"), resume=False)
     trainer = Trainer(cfg, log=lambda *a: None)
+    from dgpo.runtime.loop import Recipe
+    assert isinstance(trainer, Recipe)  # what the run calls
     trainer.run()
     for name in ("config.yaml", "metrics.jsonl", "reward_curve.png", "summary.md", "final/lora/pytorch_lora_weights.safetensors"):
         assert (out / name).is_file(), name
