@@ -280,13 +280,6 @@ class Distiller:
         self.runtime.backward(loss)
         return self.runtime.optimizer_step(opt, params, self.processes.sum(loss.item()), self.cfg.optim.grad_clip, who)
 
-    def nfe_per_iteration(self) -> int:
-        """Transformer evaluations per iteration (rollout K, fake updates 2 each, teacher, fake and student in
-        the generator update)."""
-        b, k = self.cfg.optim.batch_size, len(self.boundaries)
-        teacher = 2 if self.cfg.teacher.guidance_scale > 1 else 1
-        return b * (k + 2 * self.cfg.fake.updates_per_generator + teacher + 1 + 2)
-
     def iteration(self) -> dict:
         """One iteration (rollout, fake-score update(s), generator update), timed and counted; its metrics row."""
         return self.runner.timed_step(self._iteration)
@@ -295,7 +288,8 @@ class Distiller:
         return self.iteration()
 
     def _iteration(self) -> tuple[dict, int]:
-        """Rollout; fake-score update(s); the generator update — under teacher.mixed_precision's autocast."""
+        """Rollout; fake-score update(s); the generator update — under teacher.mixed_precision's autocast. Returns
+        the metrics row and the NFE the runtime counted at the transformer."""
         prompts = self.sample_prompts(self.cfg.optim.batch_size)
         stats: dict = {}
         with self.step_guard(stats) as guard:
@@ -303,7 +297,7 @@ class Distiller:
             for _ in range(self.cfg.fake.updates_per_generator):      # 2
                 stats.update(self.fake_update(r))
             stats.update(self.generator_update(r))                    # 3
-        return guard.row, self.nfe_per_iteration()
+        return guard.row, self.calls.total()
 
     @contextmanager
     def step_guard(self, stats: dict):

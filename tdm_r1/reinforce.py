@@ -126,7 +126,7 @@ class Reinforcer(Distiller):
                 stats.update(self.fake_update(r))
             stats.update(self.surrogate_update(r, prompts))           # 3, 4
             stats.update(self.generator_update(r))                    # 5
-        return guard.row, self.nfe_per_iteration()
+        return guard.row, self.calls.total()
 
     def sample_prompts(self, n: int) -> list[str]:
         """n / G train prompts, each repeated G times (consecutive groups)."""
@@ -187,13 +187,6 @@ class Reinforcer(Distiller):
         direction = r1_generator_direction(reward, cfg_dir, dm, early, c.reward_weight, c.cfg_weight, c.dm_weight,
                                            c.late_cfg_weight, c.late_dm_weight)
         return direction, {"reward_gap": self.processes.sum((x0_sur - x0_base).abs().mean().item() * r.share())}
-
-    def nfe_per_iteration(self) -> int:
-        """TDM's, plus per sample: surrogate updates 2 each, the surrogate's CFG x̂₀, the base at x_τ′ and at x_τ."""
-        guided = 2 if self.cfg.r1.rl_cfg > 1 else 1
-        base = guided if self.cfg.r1.reward_reference == "guided" else 1
-        return super().nfe_per_iteration() + self.cfg.optim.batch_size * (
-            2 * self.cfg.surrogate.updates_per_iteration + guided + base + 1)
 
     # --------------------------------------------------------------------------------------- state, summary
     def state_tensors(self) -> tuple[dict, dict]:
