@@ -1,8 +1,9 @@
 """Speed at SD3.5-Medium scale on one GPU: few-step sampling (TDM) and one RL epoch per method (benchmark).
 
 Companion of ``scripts/gpu_scale_check.py``: the same SD3.5-Medium-sized pipeline with random weights
-(``build_sd35m_like``: MM-DiT-X transformer of 24 blocks at width 1536, SD3 VAE, CLIP-L/G-sized text
-encoders, 256 zero T5 tokens), bf16 weights and bf16 autocast, timed through the project's own code paths.
+(``dgpo.models.tiny_pipelines.sd35_medium_pipeline``: MM-DiT-X transformer of 24 blocks at width 1536, SD3 VAE,
+CLIP-L/G-sized text encoders, 256 zero T5 tokens), bf16 weights and bf16 autocast, timed through the project's
+own code paths.
 Random weights make every image fail the shapes verifier, so nothing here measures quality, only time.
 
 1. **Few-step sampling** (``docs/experiments/sampling-time.md``). A batch of ``--batch`` images (distinct test prompts, image k
@@ -28,7 +29,8 @@ Random weights make every image fail the shapes verifier, so nothing here measur
    ``configs/<method>/shapes.yaml`` (as ``scripts/bench_rl.py`` uses it) with P = ``--prompts``,
    G = ``--group-size``, ``--rollout-steps``, LoRA rank ``--lora-rank``, micro-batch ``--micro-batch`` and
    bf16 mixed precision overridden, run by :class:`dgpo.trainer.Trainer` itself on the in-memory model
-   (``Trainer(cfg, model=..., reward=...)``) with uniform random rewards: ``Trainer.epoch`` times rollout
+   (``Trainer(cfg, model=..., reward=...)``) with uniform random rewards
+   (``dgpo.rewards.random_reward.RandomReward``): ``Trainer.epoch`` times rollout
    (sampling + decode), reward and update and counts transformer passes (NFE) as in any run. Each method
    gets a fresh LoRA of the same seed (``Trainer.close`` takes the previous one off), runs ``--epochs``
    epochs (default 2) and the last is reported: seconds in rollout, reward, update, the total, NFE of the
@@ -64,14 +66,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpu_scale_check import DEVICE, build_sd35m_like, timed
-
 from dgpo.errors import UserError
 from dgpo.evaluation.evaluate import SamplerConfig, generate
 from dgpo.models.flux import FluxModel
 from dgpo.models.handle import FlowModel, SD3Model
 from dgpo.models.lora import add_lora
+from dgpo.models.tiny_pipelines import flux_pipeline, sd35_medium_pipeline
+from dgpo.rewards.random_reward import RandomReward
 from dgpo.runtime.output_dir import check_json_output, write_json_output
+from dgpo.sampling.generation import timed
 from dgpo.sampling.ode import sample_ode
 from dgpo.sampling.speed import timed_generation
 from dgpo.trainer import Trainer, load_train_config
@@ -79,6 +82,7 @@ from dgpo.worlds import shapes
 from tdm_r1.student import default_boundaries, generate_student, sample_student
 
 TOOL = "gpu_speed_check"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for a smoke test with --layers 1
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("dgpo", "flow_grpo", "diffusion_dpo", "nft")
 LABELS = {"dgpo": "DGPO", "flow_grpo": "Flow-GRPO", "diffusion_dpo": "Diffusion-DPO", "nft": "DiffusionNFT"}
@@ -139,7 +143,6 @@ def build_flux_like(args, dtype):
     """A FLUX.1-dev-sized ``FluxPipeline`` with random weights (``dgpo.models.tiny_pipelines.flux_pipeline`` at
     FLUX's sizes), built on the device: the transformer at full size, the text encoders one layer deep at FLUX's
     widths (CLIP-L 768, T5-XXL 4096), FLUX's VAE."""
-    from dgpo.models.tiny_pipelines import flux_pipeline
     width = args.width or 3072
     double, single = (args.layers, args.layers) if args.layers else (19, 38)
     with torch.device(DEVICE):
@@ -198,7 +201,7 @@ def time_row(name: str, nfe: int, model, prompts, seed, reps, dtype, sample, hel
         row["peak_mem_gib"] = _peak_gib()
         try:
             helper()
-            row["helper_s"] = _r(statistics.median(timed(helper)[1] for _ in range(reps)))
+            row["helper_s"] = _r(statistics.median(timed(helper, DEVICE)[1] for _ in range(reps)))
             row["helper_images_per_second"] = _r(len(prompts) / row["helper_s"], 3)
         except Exception as e:  # noqa: BLE001 — recorded, the composed timing stands
             row["helper_error"] = _error(e)
@@ -274,16 +277,6 @@ def method_config(method: str, args):
                  *(["model.mixed_precision=bf16"] if args.dtype == "bf16" else []),
                  f"run.out_dir={Path(args.out) / ('rl-' + method)}", "run.threads=0", *args.set]
     return load_train_config(REPO / "configs" / method / "shapes.yaml", overrides)
-
-
-class RandomReward:
-    """Uniform random scores: random weights make the shapes verifier fail every image."""
-
-    def __init__(self, seed: int):
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, images, prompts):
-        return self.rng.random(len(images))
 
 
 def rl_section(model: FlowModel, args, dtype, report: dict, save) -> None:
@@ -397,14 +390,12 @@ def main(argv=None) -> int:
             raise SystemExit(2)
 
     if args.family == "flux":
-        pipe, report["build_s"] = timed(lambda: build_flux_like(args, dtype))
+        pipe, report["build_s"] = timed(lambda: build_flux_like(args, dtype), DEVICE)
         model = FluxModel(pipe, image_size=args.resolution)
     else:
-        pipe, report["build_s"] = timed(lambda: build_sd35m_like(args.resolution, args.layers or 24, dtype))
-        if args.text_layers > 0:  # smoke tests only: the text encoders dominate a 1-layer CPU run
-            for enc in (pipe.text_encoder, pipe.text_encoder_2):
-                enc.text_model.encoder.layers = enc.text_model.encoder.layers[: args.text_layers]
-                enc.config.num_hidden_layers = len(enc.text_model.encoder.layers)
+        # --text-layers: smoke tests only (the text encoders dominate a 1-layer CPU run)
+        pipe, report["build_s"] = timed(lambda: sd35_medium_pipeline(
+            args.resolution, args.layers or 24, args.text_layers, device=DEVICE, dtype=dtype, seed=args.seed), DEVICE)
         model = SD3Model(pipe, max_sequence_length=256)
     report["transformer_params"] = sum(p.numel() for p in pipe.transformer.parameters())
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):

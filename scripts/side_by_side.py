@@ -22,10 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dgpo.errors import UserError  # noqa: E402
+from dgpo.errors import UserError
 
 
 def parse_args(argv=None):

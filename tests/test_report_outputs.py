@@ -2,7 +2,6 @@
 unless the script wrote it: refused with one line and exit status 2, before any work, the file unchanged."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -112,22 +111,15 @@ def test_bench_tdm_r1_refuses_a_users_file_before_reading_its_student(tmp_path, 
 
 
 def test_the_gpu_checks_refuse_a_users_file_of_their_reports_name(tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))  # speed imports scale
-    speed = load_script("scripts/gpu_speed_check.py")
-    for build in ("build_sd35m_like", "build_flux_like"):
-        monkeypatch.setattr(speed, build, lambda *a: pytest.fail("the work started"))
-    mine = users_file(tmp_path, "gpu_speed_check.json")
-    refused(capsys, lambda: speed.main(["--out", str(tmp_path)]), mine)
-    scale = load_script("scripts/gpu_scale_check.py")
-    mine = users_file(tmp_path, "gpu_scale_check.json")
-    monkeypatch.setattr(sys, "argv", ["gpu_scale_check.py", "--out", str(tmp_path)])
-    monkeypatch.setattr(scale, "build_sd35m_like", lambda *a: pytest.fail("the work started"))
-
-    def run():
-        with pytest.raises(SystemExit) as stop:
-            scale.main()
-        return stop.value.code
-    refused(capsys, run, mine)
+    for script, name, builds in (("scripts/gpu_speed_check.py", "gpu_speed_check.json",
+                                  ("sd35_medium_pipeline", "build_flux_like")),
+                                 ("scripts/gpu_scale_check.py", "gpu_scale_check.json", ("sd35_medium_pipeline",))):
+        check = load_script(script)
+        for build in builds:
+            monkeypatch.setattr(check, build, lambda *a, **k: pytest.fail("the work started"))
+        capsys.readouterr()  # what importing the libraries printed
+        mine = users_file(tmp_path, name)
+        refused(capsys, lambda: check.main(["--out", str(tmp_path)]), mine)
 
 
 @pytest.mark.parametrize("script", ["scripts/diagnostics/diag_shapes.py", "scripts/diagnostics/diag_relations.py"])

@@ -5,6 +5,9 @@ published ones in everything but size: the same diffusers and transformers class
 folders, ``model_index.json`` and tokenizer files, written by ``save_pretrained``. A real checkpoint then loads
 through exactly the code the tests ran: FLUX.1 (:func:`build_tiny_flux`) and Z-Image (:func:`build_tiny_zimage`),
 whose text side speaks the shapes world's words.
+
+The same builders make pipelines of the published *sizes* in memory, for the GPU checks' time and memory
+measurements: FLUX.1-dev (:func:`flux_pipeline` at its widths) and SD3.5-Medium (:func:`sd35_medium_pipeline`).
 """
 
 from __future__ import annotations
@@ -95,6 +98,52 @@ def build_tiny_flux(folder: str | Path, guidance_embeds: bool = True, seed: int 
     flux_pipeline(width=width, heads=2, guidance_embeds=guidance_embeds, text_width=width, t5_width=width,
                   text_tokens=text_tokens, seed=seed).save_pretrained(str(folder))
     return Path(folder)
+
+
+def sd35_medium_pipeline(resolution: int = 1024, layers: int = 24, text_layers: int = 0, device="cpu",
+                         dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A ``StableDiffusion3Pipeline`` of SD3.5-Medium's shape with random weights, built from config in memory:
+    an MM-DiT-X transformer of ``layers`` blocks (SD3.5-Medium: 24) at width 1536 (24 heads of 64), dual
+    attention in blocks 0–12, RMS qk-norm, 2×2 patches of a ``resolution`` / 8 latent; the SD3 VAE (16 latent
+    channels, 128–512 wide); CLIP-L and CLIP-G sized text encoders (768 wide × 12 layers, 1280 × 32; the first
+    ``text_layers`` layers of each when > 0, for a fast smoke test) over the shapes world's CLIP tokenizer; no T5
+    (:class:`dgpo.models.handle.SD3Model` gives it 256 zero T5 tokens, as SD3.5 sees). About 2.24B transformer
+    parameters at 24 layers.
+
+    Built on ``device`` (a 2B-parameter initialisation on the CPU takes minutes), seeded with ``seed``, then cast
+    to ``dtype``."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from dgpo.worlds.shapes_base.pretrain import world_vocabulary
+    from dgpo.worlds.shapes_base.tokenizer import build_clip_tokenizer
+    tok = build_clip_tokenizer(world_vocabulary(), 77)
+
+    def clip(hidden: int, n_layers: int, heads: int):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, projection_dim=hidden,
+            num_hidden_layers=min(n_layers, text_layers) if text_layers > 0 else n_layers,
+            num_attention_heads=heads, max_position_embeddings=77, hidden_act="gelu",
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(
+            sample_size=resolution // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
+            attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(min(13, layers))),
+            qk_norm="rms_norm")
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=2, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                            use_post_quant_conv=False)
+        pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, text_encoder=clip(768, 12, 12),
+                                        tokenizer=tok, text_encoder_2=clip(1280, 32, 20), tokenizer_2=tok,
+                                        text_encoder_3=None, tokenizer_3=None,
+                                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
 
 
 #: A chat template in Qwen's format (the one ``ZImagePipeline`` applies to every prompt).
