@@ -28,7 +28,7 @@ from dgpo.runtime.processes import SINGLE, Processes
 from dgpo.errors import UserError
 from dgpo.models.handle import FlowModel, PromptEmbeds
 from dgpo.sampling.generation import generate_images
-from dgpo.sampling.ode import Trajectory, shift_sigmas
+from dgpo.sampling.ode import sample_ode, shift_sigmas
 
 SAMPLER_FILE = "sampler.json"
 
@@ -88,23 +88,13 @@ def boundary_sigmas(model: FlowModel, boundaries: list[float]) -> torch.Tensor:
     return student_scheduler(model, boundaries).sigmas.float().cpu()
 
 
-@torch.no_grad()
 def sample_student(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, boundaries: list[float],
                    return_trajectory: bool = False):
-    """K Euler steps at the boundaries, no CFG; mirrors ``StableDiffusion3Pipeline.__call__``'s loop.
-
-    Returns the final latents, or a :class:`dgpo.sampling.ode.Trajectory` (K + 1 states) when asked.
-    """
-    scheduler = student_scheduler(model, boundaries, device=noise.device)
-    latents = noise.float()  # the state in fp32 whatever the weights' dtype (the handle casts at the transformer)
-    states = [latents]
-    for t in scheduler.timesteps:
-        v = model.velocity_at_timestep(latents, t, embeds)
-        latents = scheduler.step(v, t, latents, return_dict=False)[0]
-        states.append(latents)
-    if return_trajectory:
-        return Trajectory(states, scheduler.sigmas.float().cpu())
-    return latents
+    """K Euler steps at the boundaries, no CFG: the one ODE loop (:func:`dgpo.sampling.ode.sample_ode`) at the
+    ``sigmas=`` that make the stock pipeline's scheduler visit them. Returns the final latents, or a
+    :class:`dgpo.sampling.ode.Trajectory` (K + 1 states) when asked."""
+    return sample_ode(model, embeds, noise, guidance_scale=1.0, solver="euler",
+                      sigmas=pipeline_sigmas(model, boundaries), return_trajectory=return_trajectory)
 
 
 @torch.no_grad()
