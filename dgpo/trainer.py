@@ -144,7 +144,8 @@ class Trainer:
         self.counters = Counters()
         run = cfg.run
         self.runner = Run(self, self.out, Schedule.of(run, run.epochs, cfg.eval.every, cfg.eval.every_minutes),
-                          step_key="epoch", grid_prefix="epoch", log=log, processes=self.processes)
+                          step_key="epoch", grid_prefix="epoch", log=log, processes=self.processes,
+                          tracking=(self.runtime, "dgpo", flat_dict(to_dict(cfg))))
         self.shift = cfg.objective.shift if cfg.objective.shift > 0 else self.model.scheduler_config.shift
         self.objective = make_objective(cfg, self.model, self.params, self.shift)
         if self.processes.distributed and not self.objective.multi_process:
@@ -363,10 +364,7 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- loop
     def run(self, resume: bool = False) -> dict:
-        self.runner.tracker = self.runtime.start_tracking("dgpo", flat_dict(to_dict(self.cfg)), self.out)
-        result = self.runner.loop(resume)
-        self.runtime.finish_tracking()
-        return result
+        return self.runner.run(resume)
 
     def export(self, folder: Path) -> None:
         """final/: lora/ (diffusers format; the EMA weights when rollouts use the EMA) and a usage note."""

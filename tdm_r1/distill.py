@@ -150,7 +150,8 @@ class Distiller:
         self.counters = Counters()
         run = cfg.run
         self.runner = Run(self, self.out, Schedule.of(run, run.iterations, cfg.eval.every, cfg.eval.every_minutes),
-                          step_key="iteration", grid_prefix="iter", log=log, processes=self.processes)
+                          step_key="iteration", grid_prefix="iter", log=log, processes=self.processes,
+                          tracking=(self.runtime, "tdm-r1", flat_dict(to_dict(cfg))))
 
     # --------------------------------------------------------------------------------------- set-up steps
     def training_prompts(self) -> list[str]:
@@ -386,10 +387,7 @@ class Distiller:
 
     # --------------------------------------------------------------------------------------- loop
     def run(self, resume: bool = False) -> dict:
-        self.runner.tracker = self.runtime.start_tracking("tdm-r1", flat_dict(to_dict(self.cfg)), self.out)
-        result = self.runner.loop(resume)
-        self.runtime.finish_tracking()
-        return result
+        return self.runner.run(resume)
 
     def export(self, folder: Path) -> None:
         """final/: lora/ (or pipeline/ in full mode) with sampler.json + USAGE.md, the stock diffusers call."""

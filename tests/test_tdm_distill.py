@@ -219,3 +219,14 @@ def test_bench_tdm_leaves_files_it_did_not_write_alone(tiny_base, tmp_path, caps
     assert bench.main(["--model", str(tiny_base), "--out-dir", str(out)]) == 2
     assert "tdm_shapes_bench.md exists" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["tdm_shapes_bench.md"]
+
+
+def test_a_tdm_run_logs_to_its_tracker(tiny_base, tmp_path):
+    """run.tracker reaches TDM through the runtime, as it does DGPO: an offline W&B run in the run folder (conftest
+    sets WANDB_MODE=offline; no login)."""
+    out = tmp_path / "run"
+    d = Distiller(prepare_run_dir(tiny_cfg(tiny_base, out, "run.iterations=1", "run.tracker=wandb"), False),
+                  log=lambda *a: None)
+    d.run()
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), sorted(p.name for p in out.iterdir())

@@ -154,13 +154,14 @@ class Run:
     checkpoints (``epoch`` / ``iteration``), ``grid_prefix`` the evaluation grids (``samples/PREFIX-N.png``)."""
 
     def __init__(self, recipe: Recipe, out: str | Path, schedule: Schedule, step_key: str, grid_prefix: str,
-                 tracker=None, log=print, processes: Processes = SINGLE):
+                 tracker=None, log=print, processes: Processes = SINGLE, tracking=None):
         self.recipe, self.out, self.schedule = recipe, Path(out), schedule
         self.step_key, self.grid_prefix = step_key, grid_prefix
         self.processes = processes
         self.writes = processes.is_main
         self.tracker, self.log = tracker, processes.voice(log)
         self.metrics_path = self.out / "metrics.jsonl"
+        self.tracking = tracking  # (runtime, project, config dict): run.tracker, started and finished by run()
 
     @property
     def counters(self) -> Counters:
@@ -219,6 +220,17 @@ class Run:
         counters.step, counters.train_seconds, counters.nfe = c[self.step_key], c["train_seconds"], c["nfe"]
 
     # --------------------------------------------------------------------------------------- loop
+    def run(self, resume: bool = False) -> dict:
+        """:meth:`loop` with the run's tracker (``run.tracker``: W&B, TensorBoard) started before and finished
+        after, when the recipe gave its runtime (``tracking``)."""
+        if self.tracking is None:
+            return self.loop(resume)
+        runtime, project, config = self.tracking
+        self.tracker = runtime.start_tracking(project, config, self.out)
+        result = self.loop(resume)
+        runtime.finish_tracking()
+        return result
+
     def loop(self, resume: bool = False) -> dict:
         """The run, from its first or its latest checkpointed step to the end; returns the first, last and
         best evaluation rows."""
