@@ -90,10 +90,11 @@ def boundary_sigmas(model: FlowModel, boundaries: list[float]) -> torch.Tensor:
 
 def sample_student(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, boundaries: list[float],
                    return_trajectory: bool = False):
-    """K Euler steps at the boundaries, no CFG: the one ODE loop (:func:`dgpo.sampling.ode.sample_ode`) at the
-    ``sigmas=`` that make the stock pipeline's scheduler visit them. Returns the final latents, or a
-    :class:`dgpo.sampling.ode.Trajectory` (K + 1 states) when asked."""
-    return sample_ode(model, embeds, noise, guidance_scale=1.0, solver="euler",
+    """K Euler steps at the boundaries with the model's plain call (no CFG; FLUX.1-dev at its embedded
+    default): the one ODE loop (:func:`dgpo.sampling.ode.sample_ode`) at the ``sigmas=`` that make the stock
+    pipeline's scheduler visit them. Returns the final latents, or a :class:`dgpo.sampling.ode.Trajectory`
+    (K + 1 states) when asked."""
+    return sample_ode(model, embeds, noise, guidance_scale=None, solver="euler",
                       sigmas=pipeline_sigmas(model, boundaries), return_trajectory=return_trajectory)
 
 

@@ -60,9 +60,13 @@ class Trajectory:
 
 @torch.no_grad()
 def sample_ode(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, steps: int = 20,
-               guidance_scale: float = 4.5, solver: str = "euler", return_trajectory: bool = False,
+               guidance_scale: float | None = 4.5, solver: str = "euler", return_trajectory: bool = False,
                sigmas: list[float] | None = None):
     """Integrate the ODE from ``noise`` (B, C, h, w) at σ≈1 to a clean latent; deterministic.
+
+    ``guidance_scale``: the model's guided call at that scale; None: its plain call (``velocity_at_timestep``:
+    no CFG, and a guidance-distilled model such as FLUX.1-dev at its own embedded default) — a few-step
+    student's.
 
     ``sigmas`` (Euler only): the noise levels to visit as the stock pipeline's ``sigmas=`` takes them — before
     the scheduler's shift, one Euler step each, e.g. a few-step student's (its ``final/sampler.json``);
@@ -80,7 +84,8 @@ def sample_ode(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, step
     latents = noise.float()  # the state in fp32 whatever the weights' dtype (the handle casts at the transformer)
     states = [latents]
     for t in scheduler.timesteps:
-        v = model.guided_velocity_at_timestep(latents, t, embeds, guidance_scale)
+        v = (model.velocity_at_timestep(latents, t, embeds) if guidance_scale is None else
+             model.guided_velocity_at_timestep(latents, t, embeds, guidance_scale))
         latents = scheduler.step(v, t, latents, return_dict=False)[0]
         states.append(latents)
     if return_trajectory:
