@@ -188,6 +188,12 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 
 def load_config(cls, path: str | Path | None = None, overrides: Sequence[str] = ()):
     """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides."""
+    return from_dict(cls, read_config_data(path, overrides))
+
+
+def read_config_data(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict:
+    """The nested mapping a YAML config file (none: empty) and its dotted overrides set, before it is typed:
+    what the user set, for a loader that picks the config's type from it (a method's own section)."""
     data: dict = {}
     if path is not None:
         from dgpo.recipes import resolve_config_path
@@ -206,17 +212,19 @@ def load_config(cls, path: str | Path | None = None, overrides: Sequence[str] = 
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
     apply_overrides(data, overrides)
-    return from_dict(cls, data)
+    return data
 
 
 def describe(cls, prefix: str = "") -> list[str]:
-    """One line per field: ``key (type, default): help`` — used by ``--help`` texts."""
+    """One line per field, ``key = default [bounds]: help``, grouped by section: each section opens with a line
+    ``[section] its help`` and its keys follow, indented — used by ``--help`` texts."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            lines += describe(tp, prefix + f.name + ".")
+            lines.append(f"[{prefix}{f.name}] {f.metadata.get('help', '')}".rstrip())
+            lines += ["  " + line for line in describe(tp, prefix + f.name + ".")]
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         extra = []

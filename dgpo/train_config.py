@@ -164,12 +164,13 @@ class TrainConfig:
     eval: EvalSection = section(EvalSection, "evaluation on test prompts")
 
 
-def train_config_class() -> type:
-    """The config type of a training run: :class:`TrainConfig` plus one section per registered method that
-    declares one (``Objective.config_section``; e.g. ``flow_grpo:``), so registering a method adds its keys.
-    Built from the registry when called: a method registered before a run is loaded is part of it."""
+def train_config_class(method: str | None = None) -> type:
+    """The config type of a training run: :class:`TrainConfig` plus the own section of the method ``method``
+    (``Objective.config_section``; e.g. ``flow_grpo:``), or of every registered method when None (what reads a
+    config written before sections were chosen, and ``--help``). Built from the registry when called: a method
+    registered before a run is loaded is part of it."""
     from dgpo.methods import method_sections
-    sections = tuple(method_sections().items())
+    sections = tuple((name, spec) for name, spec in method_sections().items() if method in (None, name))
     if sections not in _CLASSES:
         fields = [(name, cls, section(cls, f"{label} (objective.name={name})")) for name, (cls, label) in sections]
         _CLASSES[sections] = dataclasses.make_dataclass("TrainConfig", fields, bases=(TrainConfig,))

@@ -235,12 +235,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite.skip(f"epoch {self.counters.epoch + 1}", fault)
 
-    def epoch(self) -> dict:
-        """One epoch (rollout → reward → advantages → update), timed and counted; its metrics row."""
+    def train_step(self) -> dict:
+        """One epoch (:meth:`_epoch`: rollout → reward → advantages → update), timed and counted by the run; its
+        metrics row."""
         return self.runner.timed_step(self._epoch)
 
-    def train_step(self) -> dict:
-        return self.epoch()
+    epoch = train_step
 
     def _epoch(self) -> tuple[dict, int]:
         """Rollout, reward and update, each timed (device synchronised) into the row as ``rollout_s``,
@@ -373,7 +373,7 @@ class Trainer:
         (folder / "README.md").write_text(_final_note(self.base_path, self.model, self.cfg))
 
     def plot(self, rows: list[dict], out: Path) -> None:
-        plot_curves(rows, out / "reward_curve.png")
+        plot_curves(rows, out / "reward_curve.png", self.world.metric)
 
     def summary_names(self, first: dict, last: dict) -> tuple[str, str]:
         return "base (epoch 0)", f"{self.objective.label} (epoch {last['epoch']})"
@@ -408,10 +408,10 @@ image = pipe("a photo of a red circle", {size}{schedule},
 """
 
 
-def plot_curves(rows: list[dict], path: Path) -> None:
-    """Training reward per epoch and test shapes-geneval against training wall-clock, as one PNG."""
+def plot_curves(rows: list[dict], path: Path, metric: str = "shapes-geneval") -> None:
+    """Training reward per epoch and the world's test metric against training wall-clock, as one PNG."""
     plot_run(rows, path, "epoch", [("reward", "training reward (mean over rollouts)")],
-             "evaluation (± 2 standard errors)")
+             "evaluation (± 2 standard errors)", metric)
 
 
 def check_sigmas(sigmas: list[float], solver: str, section: str) -> None:
@@ -426,13 +426,21 @@ def check_sigmas(sigmas: list[float], solver: str, section: str) -> None:
 
 
 def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
-    """Load and validate a training config; a reward name that is not registered fails here, before any
-    model is loaded (rewards added with ``dgpo.rewards.register_reward`` count)."""
-    from dgpo.config import ConfigError, load_config
+    """Load and validate a training config: the shared sections and the chosen method's own (``objective.name``;
+    another method's section is refused); a reward name that is not registered fails here, before any model is
+    loaded (rewards added with ``dgpo.rewards.register_reward`` count)."""
+    from dgpo.config import ConfigError, from_dict, read_config_data
     from dgpo.rewards import available_rewards
-    from dgpo.methods import objective_class
-    cfg = load_config(train_config_class(), path, overrides)
-    objective_class(cfg.objective.name).validate(cfg)  # an unknown method or bad settings fail before any model loads
+    from dgpo.methods import method_sections, objective_class
+    data = read_config_data(path, overrides)
+    method = (data.get("objective") or {}).get("name", TrainConfig().objective.name)
+    objective_class(method)  # an unknown method fails here, naming the registered ones
+    others = [name for name in method_sections() if name != method and name in data]
+    if others:  # config by selection: a run carries its own method's section only
+        raise ConfigError(f"section {others[0]}: sets keys of objective.name={others[0]}, but this run trains "
+                          f"objective.name={method}; remove the section (or choose that method)")
+    cfg = from_dict(train_config_class(method), data)
+    objective_class(method).validate(cfg)  # bad settings fail before any model loads
     if cfg.model.weights_dtype == "bf16" and cfg.model.mixed_precision != "bf16":
         raise ConfigError(f"model.weights_dtype=bf16 needs model.mixed_precision=bf16 (it is "
                           f"{cfg.model.mixed_precision}): the training step autocasts to the weights' dtype")

@@ -281,12 +281,11 @@ class Distiller:
         self.runtime.backward(loss)
         return self.runtime.optimizer_step(opt, params, self.processes.sum(loss.item()), self.cfg.optim.grad_clip, who)
 
-    def iteration(self) -> dict:
-        """One iteration (rollout, fake-score update(s), generator update), timed and counted; its metrics row."""
+    def train_step(self) -> dict:
+        """One iteration (:meth:`_iteration`), timed and counted by the run; its metrics row."""
         return self.runner.timed_step(self._iteration)
 
-    def train_step(self) -> dict:
-        return self.iteration()
+    iteration = train_step
 
     def _iteration(self) -> tuple[dict, int]:
         """Rollout; fake-score update(s); the generator update — under teacher.mixed_precision's autocast. Returns
@@ -403,7 +402,7 @@ class Distiller:
         write_sampler_files(folder, self.student, self.boundaries, base, lora)
 
     def plot(self, rows: list[dict], out: Path) -> None:
-        plot_distill_curves(rows, out / "curves.png")
+        plot_distill_curves(rows, out / "curves.png", self.world.metric)
 
     def summary_names(self, first: dict, last: dict) -> tuple[str, str]:
         start = "student at init"
@@ -424,9 +423,10 @@ def training_prompts(world, categories: list[str]) -> list[str]:
     return chosen
 
 
-def plot_distill_curves(rows: list[dict], path: Path) -> None:
+def plot_distill_curves(rows: list[dict], path: Path, metric: str = "shapes-geneval") -> None:
     """Fake-score loss and teacher–fake score gap per iteration, and the student's evaluations, as one PNG."""
-    plot_run(rows, path, "iteration", [("loss_fake", "loss_fake"), ("score_gap", "score_gap")], "student evaluation")
+    plot_run(rows, path, "iteration", [("loss_fake", "loss_fake"), ("score_gap", "score_gap")], "student evaluation",
+             metric)
 
 
 def prepare_run_dir(cfg: DistillConfig, resume: bool, overrides=(), overwrite: bool = False, named: bool = True,

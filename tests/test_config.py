@@ -68,11 +68,33 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(PretrainConfig, listy)
 
 
-def test_every_field_is_documented():
-    lines = describe(PretrainConfig)
-    assert any(line.startswith("flow.lr = ") for line in lines)
-    for line in lines:
+def test_every_field_is_documented_and_grouped_by_section():
+    lines = [line.strip() for line in describe(PretrainConfig)]
+    keys, headers = [l for l in lines if " = " in l], [l for l in lines if l.startswith("[")]
+    assert any(line.startswith("flow.lr = ") for line in keys) and "[flow]" in {h.split()[0] for h in headers}
+    for line in keys:
         assert line.split(": ", 1)[1].strip(), f"field without help text: {line}"
+    for line in headers:
+        assert line.split("] ", 1)[1].strip(), f"section without help text: {line}"
+
+
+def test_a_run_carries_its_own_methods_section_only(tmp_path):
+    """Config by selection: a DGPO run has no baseline's section, a Flow-GRPO run has its own; setting another
+    method's keys is one clear error; a config written with every method's section (an older run) still reads."""
+    import dataclasses
+    import yaml
+    from dgpo.train_config import train_config_class
+    from dgpo.trainer import load_train_config
+    sections = lambda cfg: {f.name for f in dataclasses.fields(cfg)}  # noqa: E731
+    dgpo_run = load_train_config("configs/dgpo/shapes.yaml")
+    assert not {"flow_grpo", "nft", "diffusion_dpo"} & sections(dgpo_run)
+    grpo_run = load_train_config("configs/flow_grpo/shapes.yaml")
+    assert "flow_grpo" in sections(grpo_run) and not {"nft", "diffusion_dpo"} & sections(grpo_run)
+    with pytest.raises(ConfigError, match="section flow_grpo: sets keys of objective.name=flow_grpo"):
+        load_train_config("configs/dgpo/shapes.yaml", ["flow_grpo.kl_weight=0.1"])
+    older = tmp_path / "older.yaml"
+    older.write_text(yaml.safe_dump(to_dict(load_config(train_config_class(), "configs/dgpo/shapes.yaml"))))
+    assert to_dict(load_config(train_config_class(), older))["objective"] == to_dict(dgpo_run)["objective"]
 
 
 def test_patch1_base_config_differs_from_the_default_only_in_patch_size():

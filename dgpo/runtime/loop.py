@@ -373,9 +373,10 @@ def peak_memory_gb() -> float:
     return peak / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
 
 
-def plot_run(rows: list[dict], path: Path, step_key: str, panels: list[tuple[str, str]], eval_title: str) -> None:
+def plot_run(rows: list[dict], path: Path, step_key: str, panels: list[tuple[str, str]], eval_title: str,
+             metric: str = "task metric") -> None:
     """One PNG: per-step curves (raw and a moving average over ~1/50 of the run), one panel per
-    ``(metric, title)``, then the evaluations' shapes-geneval against training wall-clock."""
+    ``(key, title)``, then the evaluations' task metric (the world's ``metric``) against training wall-clock."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -395,7 +396,7 @@ def plot_run(rows: list[dict], path: Path, step_key: str, panels: list[tuple[str
         axes[-1].errorbar([r["train_seconds"] / 60 for r in evals], [r["eval_geneval"] for r in evals],
                           yerr=[2 * s for s in se] if all(s is not None for s in se) else None,
                           fmt="o-", color="C1", capsize=3)
-    axes[-1].set(xlabel="training wall-clock (min)", ylabel="test shapes-geneval", title=eval_title)
+    axes[-1].set(xlabel="training wall-clock (min)", ylabel=f"test {metric}", title=eval_title)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
