@@ -80,14 +80,13 @@ def run_row(row: str, args, base: Path, student: dict, run_dir: Path, overrides:
               f"eval.per_prompt={args.per_prompt}"]
     if row.startswith("r1"):
         from tdm_r1.cli import DEFAULT_R1_CONFIG, load_r1_config
-        from tdm_r1.config import DistillConfig
         from tdm_r1.reinforce import recipe_of
         extra = [f"teacher.base={base}", f"r1.init_run={args.student}", "run.iterations=1000000", *shared]
         if row == "r1_heldout":
             extra.append(f"r1.categories={json.dumps(trained_categories(args.heldout))}")
         cfg = load_r1_config(DEFAULT_R1_CONFIG, [*extra, *overrides])
         finish_run(run_dir, lambda: recipe_of(cfg)(start_run(cfg, "bench_tdm_r1", overwrite=run_dir.exists()), log=log).run(),
-                   lambda: recipe_of(cfg)(reopen_run(DistillConfig, run_dir), log=log).run(resume=True), log)
+                   lambda: recipe_of(cfg)(reopen_run(type(cfg), run_dir), log=log).run(resume=True), log)
         return
     from dgpo.train_config import train_config_class
     from dgpo.trainer import Trainer, load_train_config

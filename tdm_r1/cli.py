@@ -34,9 +34,9 @@ def cmd_distill(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from tdm_r1.config import DistillConfig
+    from tdm_r1.config import ReinforceConfig
     from tdm_r1.reinforce import Reinforcer
-    train_command(args, Reinforcer, lambda: DistillConfig, load_r1_config, DEFAULT_R1_CONFIG, "tdm-r1 train")
+    train_command(args, Reinforcer, lambda: ReinforceConfig, load_r1_config, DEFAULT_R1_CONFIG, "tdm-r1 train")
 
 
 def load_r1_config(path, overrides=()):
@@ -129,11 +129,14 @@ def cmd_sample(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tdm_r1.config import DistillConfig
+    from tdm_r1.config import DistillConfig, ReinforceConfig
     from dgpo.config import describe
 
-    def config_keys() -> list[str]:  # every command here reads a DistillConfig (``--help``'s key list)
+    def distill_keys() -> list[str]:  # ``--help``'s key list: TDM's sections
         return describe(DistillConfig)
+
+    def config_keys() -> list[str]:  # TDM-R1's commands: TDM's sections and TDM-R1's
+        return describe(ReinforceConfig)
 
     parser = OneLineParser(
         prog="tdm-r1", description="Few-step students for flow-matching text-to-image models: TDM distillation "
@@ -147,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "that its diffused trajectory points match the teacher's marginals, using a fake score (a second "
                        "LoRA on the teacher's backbone). The run folder holds config.yaml, metrics.jsonl, samples/, "
                        "checkpoints/, final/lora with sampler.json + USAGE.md (the stock diffusers call), curves.png "
-                       "and summary.md.", config_keys=config_keys)
+                       "and summary.md.", config_keys=distill_keys)
     add_run_args(p, DEFAULT_DISTILL_CONFIG, "optim.generator_lr=1e-4 or run.time_budget_min=5")
     p.set_defaults(func=cmd_distill)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dgpo.config import load_config, option, section
+from dgpo.config import from_dict, option, read_config_data, section
 from dgpo.runtime.loop import RunSettings
 from dgpo.train_config import AdvantageConfig, RewardConfig
 from tdm_r1.surrogate import SurrogateConfig
@@ -98,7 +98,8 @@ class RunConfig(RunSettings):
 class R1Config:
     """TDM-R1 (arXiv 2603.07700): reinforce the few-step student with a non-differentiable reward through the
     stepwise surrogate (:mod:`tdm_r1.surrogate`); off = plain TDM distillation."""
-    enabled: bool = option(False, "add the surrogate reward and its direction to TDM (what `tdm-r1 train` runs)")
+    enabled: bool = option(False, "a TDM-R1 run: TDM plus the surrogate reward and its direction (`tdm-r1 train` "
+                           "sets it; a config file with r1.enabled: true is read as TDM-R1's)")
     init_run: str = option("", "a `tdm-r1 distill` run folder whose latest checkpoint gives the starting student "
                            "and fake score (empty: start from the teacher)")
     init_lora: str = option("", "a student LoRA folder to start from instead (RUN/final/lora, or a published TDM "
@@ -123,8 +124,13 @@ class R1Config:
     late_dm_weight: float = option(0.3, "weight of the distribution-matching direction after trunc_steps", min=0.0)
 
 
+R1_SECTIONS = ("r1", "surrogate", "reward", "advantage")  # TDM-R1's own: a TDM run carries none of them
+
+
 @dataclass
 class DistillConfig:
+    """A TDM run (``tdm-r1 distill``); :class:`ReinforceConfig` adds TDM-R1's sections."""
+
     world: str = option("shapes", "the world: train/test prompts, task and quality metric (dgpo.worlds registry), "
                         "or a JSON-lines prompt file PATH.jsonl (dgpo.worlds.prompt_file)")
     run: RunConfig = section(RunConfig, "run folder, length")
@@ -134,31 +140,65 @@ class DistillConfig:
     objective: ObjectiveConfig = section(ObjectiveConfig, "the TDM objective")
     optim: OptimConfig = section(OptimConfig, "optimisers")
     eval: EvalSection = section(EvalSection, "evaluation of the student on test prompts")
-    r1: R1Config = section(R1Config, "TDM-R1: the reward term (off in `tdm-r1 distill`)")
+
+    @classmethod
+    def saved_data(cls, data: dict) -> dict:
+        """A run folder's saved config as this type reads it: a TDM run saved before TDM-R1's sections were
+        its own carried them unused (``r1.enabled: false``); they are left out."""
+        if cls is not DistillConfig:
+            return data
+        if (data.get("r1") or {}).get("enabled"):
+            from dgpo.errors import UserError
+            raise UserError("this is a TDM-R1 run's config (r1.enabled: true): use tdm-r1 train (--resume RUN)")
+        if (data.get("r1") or {}).get("enabled") is None:
+            return data  # TDM-R1 sections without r1.enabled: refused by name when read (config_class_of)
+        return {k: v for k, v in data.items() if k not in R1_SECTIONS}
+
+
+@dataclass
+class ReinforceConfig(DistillConfig):
+    """A TDM-R1 run (``tdm-r1 train``, ``tdm-r1 surrogate``): TDM's sections and TDM-R1's."""
+
+    r1: R1Config = section(R1Config, "TDM-R1: the starting student and the reward term")
     surrogate: SurrogateConfig = section(SurrogateConfig, "TDM-R1's stepwise surrogate reward")
     reward: RewardConfig = section(RewardConfig, "TDM-R1's reward: labels of the student's rollouts only")
     advantage: AdvantageConfig = section(AdvantageConfig, "TDM-R1's group advantages")
 
 
-def load_distill_config(path: str | Path | None, overrides=()) -> DistillConfig:
-    cfg = load_config(DistillConfig, path, overrides)
-    if cfg.student.boundaries and len(cfg.student.boundaries) != cfg.student.nfe:
+def config_class_of(data: dict) -> type[DistillConfig]:
+    """The config type of a config's data: TDM-R1's when ``r1.enabled``, else TDM's. A TDM config that sets a
+    TDM-R1 section without saying ``r1.enabled: false`` is refused (the keys would do nothing)."""
+    enabled = (data.get("r1") or {}).get("enabled")
+    if enabled:
+        return ReinforceConfig
+    if enabled is None and any(k in data for k in R1_SECTIONS):
         from dgpo.config import ConfigError
+        first = next(k for k in R1_SECTIONS if k in data)
+        raise ConfigError(f"section {first}: TDM-R1's (tdm-r1 train); tdm-r1 distill trains plain TDM: remove it")
+    return DistillConfig
+
+
+def load_distill_config(path: str | Path | None, overrides=()) -> DistillConfig:
+    """A TDM config (:class:`DistillConfig`), or a TDM-R1 one (:class:`ReinforceConfig`) when it says
+    ``r1.enabled``; checked across keys before any model loads."""
+    from dgpo.config import ConfigError
+    data = read_config_data(path, overrides)
+    cls = config_class_of(data)
+    cfg = from_dict(cls, cls.saved_data(data))
+    if cfg.student.boundaries and len(cfg.student.boundaries) != cfg.student.nfe:
         raise ConfigError(f"student.boundaries has {len(cfg.student.boundaries)} levels but student.nfe is "
                           f"{cfg.student.nfe}: give one level per step (starting at 1.0) or leave it empty")
     if cfg.teacher.weights_dtype == "bf16" and (cfg.teacher.mixed_precision != "bf16" or cfg.student.mode != "lora"):
-        from dgpo.config import ConfigError
         raise ConfigError("teacher.weights_dtype=bf16 needs teacher.mixed_precision=bf16 and student.mode=lora (a "
                           "full student would train bf16 weights)")
     if len(cfg.optim.betas) != 2:
-        from dgpo.config import ConfigError
         raise ConfigError(f"optim.betas: expected two numbers [β₁, β₂], got {cfg.optim.betas}")
-    if cfg.r1.enabled and cfg.optim.batch_size % cfg.r1.group_size:
-        from dgpo.config import ConfigError
+    if not isinstance(cfg, ReinforceConfig):
+        return cfg
+    if cfg.optim.batch_size % cfg.r1.group_size:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is not a multiple of r1.group_size="
                           f"{cfg.r1.group_size}: a batch is P prompts × G rollouts")
     if cfg.reward.name:
-        from dgpo.config import ConfigError
         from dgpo.rewards import available_rewards
         if cfg.reward.name not in available_rewards():
             raise ConfigError(f"reward.name: {cfg.reward.name!r} is not a registered reward; choose one of "

@@ -44,7 +44,7 @@ from dgpo.models.handle import PromptEmbeds
 from dgpo.models.families import WEIGHTS_DTYPES, load_model
 from dgpo.models.adapters import AdapterRoles
 from dgpo.worlds.registry import make_world
-from tdm_r1.config import DistillConfig
+from tdm_r1.config import DistillConfig, ReinforceConfig
 from tdm_r1.objectives import (distribution_matching_direction, fake_score_loss, log_importance_weight,
                                normalise_weights, regression_loss, sample_tau, transition_sample, x0_from_velocity)
 from tdm_r1.student import (boundary_sigmas, check_boundaries, default_boundaries, generate_student,
@@ -83,7 +83,7 @@ class Distiller:
     memory_levers = "lower optim.batch_size (student trajectories per iteration)"
 
     def __init__(self, cfg: DistillConfig, log=print):
-        if cfg.r1.enabled and type(self) is Distiller:
+        if isinstance(cfg, ReinforceConfig) and type(self) is Distiller:
             raise UserError("r1.enabled: a TDM-R1 run is tdm_r1.reinforce.Reinforcer (`tdm-r1 train`), not the TDM "
                             "recipe (tdm_r1.reinforce.recipe_of(cfg) picks the recipe of a config)")
         self.cfg = cfg
@@ -434,5 +434,5 @@ def prepare_run_dir(cfg: DistillConfig, resume: bool, overrides=(), overwrite: b
     """A new run's folder (claimed and holding the resolved ``config.yaml``), or with ``resume`` the run in
     ``cfg.run.out_dir`` reopened; see :mod:`dgpo.runtime.run_folder`."""
     if resume:
-        return reopen_run(DistillConfig, cfg.run.out_dir, overrides)
+        return reopen_run(type(cfg), cfg.run.out_dir, overrides)
     return start_run(cfg, "tdm-r1 distill", overwrite=overwrite, named=named, log=log)

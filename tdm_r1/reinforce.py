@@ -33,7 +33,7 @@ from dgpo.rewards import metadata_of, reward_of_run
 from dgpo.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from dgpo.runtime.ema import EMA
 from dgpo.config import to_dict
-from tdm_r1.config import DistillConfig
+from tdm_r1.config import DistillConfig, ReinforceConfig
 from tdm_r1.distill import STUDENT, Distiller, Rollout, training_prompts
 from tdm_r1.objectives import (distribution_matching_direction, level_above, r1_generator_direction,
                                reward_direction, transition_sample, x0_from_velocity)
@@ -46,7 +46,9 @@ class Reinforcer(Distiller):
 
     label = "TDM-R1"
 
-    def __init__(self, cfg: DistillConfig, log=print):
+    def __init__(self, cfg: ReinforceConfig, log=print):
+        if not isinstance(cfg, ReinforceConfig):
+            raise UserError("TDM-R1 needs a TDM-R1 config (r1.enabled: true; tdm-r1 train sets it)")
         if cfg.r1.init_run and cfg.r1.init_lora:
             raise UserError("r1.init_run and r1.init_lora both name a starting student: keep one")
         super().__init__(cfg, log)
@@ -206,4 +208,4 @@ class Reinforcer(Distiller):
 
 def recipe_of(cfg: DistillConfig) -> type[Distiller]:
     """The recipe a config runs: TDM-R1 when ``r1.enabled`` (``tdm-r1 train``), else TDM (``tdm-r1 distill``)."""
-    return Reinforcer if cfg.r1.enabled else Distiller
+    return Reinforcer if isinstance(cfg, ReinforceConfig) else Distiller

@@ -94,9 +94,9 @@ def test_every_tdm_recipe_loads(recipe, prompt_file):
                          [("geneval", "remote", 1, 2.5, 0.55, 0.25), ("ocr", "ocr", 10, 4.5, 0.3, 0.3)])
 def test_the_sd35_medium_r1_recipes_hold_the_released_per_task_settings(task, reward, beta, rl_cfg, surrogate_t_min,
                                                                          reward_t_min, prompt_file):
-    from tdm_r1.config import load_distill_config
+    from tdm_r1.cli import load_r1_config
     path = ROOT / "configs" / "tdm_r1" / f"sd35m_{task}.yaml"
-    cfg = load_distill_config(path, [f"world={prompt_file}"])
+    cfg = load_r1_config(path, [f"world={prompt_file}"])
     assert (cfg.teacher.resolution, cfg.teacher.mixed_precision, cfg.student.lora_rank, cfg.student.lora_alpha) == \
         (512, "bf16", 32, 64)
     assert (cfg.r1.group_size, cfg.r1.rl_cfg, cfg.r1.t_min, cfg.r1.trunc_steps) == (24, rl_cfg, reward_t_min, 4)

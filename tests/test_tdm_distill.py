@@ -230,3 +230,27 @@ def test_a_tdm_run_logs_to_its_tracker(tiny_base, tmp_path):
     d.run()
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), sorted(p.name for p in out.iterdir())
+
+
+def test_a_tdm_run_carries_tdm_sections_only(tmp_path, capsys):
+    """Config by selection: TDM-R1's sections (r1, surrogate, reward, advantage) exist only in a TDM-R1 config;
+    setting one in a TDM config is one clear error; a TDM run folder saved with them (unused) still resumes."""
+    import yaml
+    from dgpo.config import ConfigError, to_dict
+    from dgpo.runtime.run_folder import reopen_run
+    from tdm_r1.cli import DEFAULT_R1_CONFIG, load_r1_config
+    from tdm_r1.config import R1_SECTIONS, DistillConfig, ReinforceConfig
+    tdm = load_distill_config("configs/tdm/shapes.yaml")
+    assert type(tdm) is DistillConfig and not any(hasattr(tdm, s) for s in R1_SECTIONS)
+    assert type(load_r1_config(DEFAULT_R1_CONFIG)) is ReinforceConfig
+    with pytest.raises(ConfigError, match="section surrogate: TDM-R1's"):
+        load_distill_config("configs/tdm/shapes.yaml", ["surrogate.lr=1e-3"])
+    older = {**to_dict(tdm), **{k: v for k, v in to_dict(load_r1_config(DEFAULT_R1_CONFIG)).items()
+                                if k in R1_SECTIONS}}
+    older["r1"]["enabled"] = False
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    assert to_dict(reopen_run(DistillConfig, tmp_path))["student"] == to_dict(tdm)["student"]
+    for command, has_r1 in (("distill", False), ("train", True)):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert ("r1.init_run = " in capsys.readouterr().out) == has_r1

@@ -151,8 +151,9 @@ def test_r1_runs_resumes_exactly_and_starts_from_a_tdm_run(tiny_base, tmp_path, 
     sets = lambda *keys: [a for k in keys for a in ("--set", k)]  # noqa: E731
     base = [f"teacher.base={tiny_base}", *TINY_R1[:-5], "student.ema_decay=0"]
     # a TDM run to start from
+    tdm_keys = [k for k in base if not k.startswith("surrogate.")]  # a TDM run has no surrogate section
     assert main(["distill", "configs/tdm/shapes.yaml", "--out", str(tmp_path / "tdm"),
-                 *sets(*base, "run.iterations=1")]) == 0
+                 *sets(*tdm_keys, "run.iterations=1")]) == 0
     r1_sets = [*base, f"r1.init_run={tmp_path / 'tdm'}", "r1.group_size=2", "reward.name=r1_brightness",
                "run.checkpoint_every=1"]
     assert main(["train", "--out", str(tmp_path / "whole"), *sets(*r1_sets, "run.iterations=2")]) == 0

@@ -94,17 +94,17 @@ def test_killed_run_resumes_exactly(weighting, schedule, tiny_base, tmp_path, mo
     # Killed during epoch 4 (after the step-2 checkpoint and epoch 3's metrics row), then resumed.
     cfg = prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "killed", *extra), False)
     killed = Trainer(cfg, log=lambda *a: None)
-    real_epoch = Trainer.epoch
+    real_step = Trainer.train_step
 
-    def dying_epoch(self):
+    def dying_step(self):
         if self.counters.epoch == 3:
             raise KeyboardInterrupt
-        return real_epoch(self)
+        return real_step(self)
 
-    monkeypatch.setattr(Trainer, "epoch", dying_epoch)
+    monkeypatch.setattr(Trainer, "train_step", dying_step)  # what the run calls
     with pytest.raises(KeyboardInterrupt):
         killed.run()
-    monkeypatch.setattr(Trainer, "epoch", real_epoch)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
 
     a = load_file(str(tmp_path / "full" / "checkpoints" / "step-4" / "tensors.safetensors"))

@@ -72,6 +72,8 @@ def reopen_run(config_cls, run_dir: str | Path, overrides=()):
     if not saved.is_file():
         raise UserError(f"--resume: {str(run_dir)!r} is not a run folder (no config.yaml)")
     data = yaml.safe_load(saved.read_text())
+    if hasattr(config_cls, "saved_data"):  # a config type that reads older run folders its own way
+        data = config_cls.saved_data(data)
     old = flat_dict(to_dict(from_dict(config_cls, copy.deepcopy(data))), sep=".")
     apply_overrides(data, overrides)
     data.setdefault("run", {})["out_dir"] = str(folder.resolve())
