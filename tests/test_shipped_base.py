@@ -88,3 +88,18 @@ def test_dgpo_pretrain_prints_the_shipped_base_and_writes_nothing_into_it(shippe
         assert "shapes-geneval" in capsys.readouterr().out
         assert json.loads((shipped / "eval.json").read_text())["n_images"] >= 33 * 64
     assert _folder_files(shipped) == before
+
+
+def test_dgpo_pretrain_evaluates_the_shipped_base_once_and_keeps_the_result_in_the_cache(shipped, capsys):
+    """The shipped folder is never written to; its evaluation is kept in the cache, so a second call only prints."""
+    if (shipped / "eval.json").is_file():
+        pytest.skip("this base ships its evaluation")
+    before = _folder_files(shipped)
+    assert main(["pretrain", "--per-prompt", "1", "--set", "threads=1"]) == 0
+    first = capsys.readouterr().out
+    assert "evaluating the shipped base once" in first and "shapes-geneval" in first
+    assert main(["pretrain", "--per-prompt", "1"]) == 0
+    second = capsys.readouterr().out
+    assert "evaluating" not in second and second.split("base model:")[1].splitlines()[1:] == \
+        first.split("evaluating the shipped base once")[1].splitlines()[1:]
+    assert _folder_files(shipped) == before
