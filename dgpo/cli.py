@@ -56,10 +56,14 @@ def load_model(model_dir: str | Path, lora: str | None = None, resolution: int =
 
 
 def train_config_keys() -> list[str]:
-    """Every key of a training run's config, the registered methods' sections included (``dgpo train --help``)."""
-    from dgpo.config import describe
+    """Every key of a training run's config, the registered methods' sections included, at the values of the
+    default recipe (``dgpo train --help``)."""
+    from dgpo.config import describe, to_dict
     from dgpo.train_config import train_config_class
-    return describe(train_config_class())
+    from dgpo.trainer import load_train_config
+    recipe = DEFAULT_TRAIN_CONFIG
+    return [f"(values: configs/{recipe.parent.name}/{recipe.name}, the default recipe; a method's own section: its "
+            f"defaults)", *describe(train_config_class(), values=to_dict(load_train_config(recipe)))]
 
 
 def pretrain_config_keys() -> list[str]:

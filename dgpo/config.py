@@ -215,18 +215,21 @@ def read_config_data(path: str | Path | None = None, overrides: Sequence[str] = 
     return data
 
 
-def describe(cls, prefix: str = "") -> list[str]:
-    """One line per field, ``key = default [bounds]: help``, grouped by section: each section opens with a line
-    ``[section] its help`` and its keys follow, indented — used by ``--help`` texts."""
+def describe(cls, prefix: str = "", values: dict | None = None) -> list[str]:
+    """One line per field, ``key = value [bounds]: help``, grouped by section: each section opens with a line
+    ``[section] its help`` and its keys follow, indented — used by ``--help`` texts. The value is the field's
+    default, or its value in ``values`` (a loaded config's :func:`to_dict`: what a command's default recipe runs)."""
     lines = []
     hints = typing.get_type_hints(cls)
+    values = values or {}
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             lines.append(f"[{prefix}{f.name}] {f.metadata.get('help', '')}".rstrip())
-            lines += ["  " + line for line in describe(tp, prefix + f.name + ".")]
+            lines += ["  " + line for line in describe(tp, prefix + f.name + ".", values.get(f.name))]
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = values.get(f.name, default)
         extra = []
         if f.metadata.get("choices"):
             extra.append("one of " + "/".join(map(str, f.metadata["choices"])))

@@ -130,13 +130,18 @@ def cmd_sample(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from tdm_r1.config import DistillConfig, ReinforceConfig
-    from dgpo.config import describe
+    from dgpo.config import describe, to_dict
 
-    def distill_keys() -> list[str]:  # ``--help``'s key list: TDM's sections
-        return describe(DistillConfig)
+    def keys(cls, recipe, load) -> list[str]:  # ``--help``'s key list, at the values of the default recipe
+        return [f"(values: configs/{recipe.parent.name}/{recipe.name}, the default recipe)",
+                *describe(cls, values=to_dict(load(recipe)))]
+
+    def distill_keys() -> list[str]:  # TDM's sections
+        from tdm_r1.config import load_distill_config
+        return keys(DistillConfig, DEFAULT_DISTILL_CONFIG, load_distill_config)
 
     def config_keys() -> list[str]:  # TDM-R1's commands: TDM's sections and TDM-R1's
-        return describe(ReinforceConfig)
+        return keys(ReinforceConfig, DEFAULT_R1_CONFIG, load_r1_config)
 
     parser = OneLineParser(
         prog="tdm-r1", description="Few-step students for flow-matching text-to-image models: TDM distillation "

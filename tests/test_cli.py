@@ -101,6 +101,7 @@ def test_train_help_lists_every_config_key_and_each_methods_section(capsys):
     keys = [line.strip().split(" = ")[0] for line in describe(train_config_class()) if " = " in line]
     assert "config keys" in out and all(f"  {k} = " in out for k in keys)
     assert {"objective.beta", "flow_grpo.kl_weight", "nft.beta", "diffusion_dpo.beta"} <= set(keys)
+    assert "  optim.lr = 0.001 " in out  # the default recipe's value (configs/dgpo/shapes.yaml), not the field's 3e-4
     with pytest.raises(SystemExit):
         tdm_main(["train", "--help"])
     assert "  r1.init_lora = " in capsys.readouterr().out
