@@ -51,6 +51,9 @@ class FakeConfig:
                              "self-normalised over the batch, its per-dimension geometric mean, or none",
                              choices=("self_normalized", "per_dim", "none"))
     updates_per_generator: int = option(1, "fake-score updates per generator update (the 1:1 default)", min=1)
+    teacher_reg: float = option(0.0, "weight of mean‖v_fake − v_teacher‖² at the fake's points (the teacher's "
+                                "conditional velocity) added to the fake score's loss (the released TDM-R1 code: "
+                                "0.02; an extra teacher call per fake update)", min=0.0)
 
 
 @dataclass
@@ -59,6 +62,10 @@ class ObjectiveConfig:
                       "extra conditioning of the fake score", choices=("disjoint", "full"))
     tau_min: float = option(0.0, "lowest τ (x̂₀ of teacher and fake both collapse onto x_τ as τ → 0)",
                             min=0.0, max=0.99)
+    tau_shift: float = option(1.0, "τ uniform in the unshifted levels, then shifted by this (1 = uniform in σ; the "
+                              "released TDM-R1 code: 3, with tau=full and tau_margin=0.02)", min=1.0)
+    tau_margin: float = option(0.0, "added to τ's lower end in the unshifted levels (the released code: 0.02)",
+                               min=0.0, max=0.5)
     distance: str = option("l2", "generator distance to its target", choices=("l2", "huber"))
     huber_c: float = option(0.03, "c of the pseudo-Huber distance", min=0.0)
     normalise: bool = option(True, "divide the score difference by DMD's normaliser mean|x̂₀ − x̂₀^teacher|")
@@ -70,6 +77,8 @@ class OptimConfig:
     generator_lr: float = option(3e-4, "Adam learning rate of the student (below the fake score's)", min=0.0)
     fake_lr: float = option(1e-3, "Adam learning rate of the fake score", min=0.0)
     betas: list[float] = option([0.0, 0.99], "Adam betas of both optimisers (β₁ = 0, as in DMD/TDM)")
+    weight_decay: float = option(0.0, "decoupled weight decay of both optimisers (AdamW; 0 = Adam; the released "
+                                 "TDM-R1 code: 1e-4 with betas [0, 0.999])", min=0.0)
     grad_clip: float = option(1.0, "global gradient-norm clip (0 = off)", min=0.0)
     max_skipped_steps: int = option(3, "an iteration that meets a non-finite loss, gradient or reward is skipped "
                                     "from there on with a warning; after this many in a row the run stops with a "

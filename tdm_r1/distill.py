@@ -46,7 +46,8 @@ from dgpo.models.adapters import AdapterRoles
 from dgpo.worlds.registry import make_world
 from tdm_r1.config import DistillConfig, ReinforceConfig
 from tdm_r1.objectives import (distribution_matching_direction, fake_score_loss, log_importance_weight,
-                               normalise_weights, regression_loss, sample_tau, transition_sample, x0_from_velocity)
+                               normalise_weights, regression_loss, sample_tau, teacher_regulariser,
+                               transition_sample, x0_from_velocity)
 from tdm_r1.student import (boundary_sigmas, check_boundaries, default_boundaries, generate_student,
                             write_sampler_files)
 
@@ -136,8 +137,8 @@ class Distiller:
         betas = tuple(cfg.optim.betas)
         # evaluation and export read the EMA of the student when student.ema_decay > 0
         self.student_ema = EMA(self.student_params, cfg.student.ema_decay) if cfg.student.ema_decay > 0 else None
-        self.gen_opt = self.runtime.prepare(torch.optim.Adam(self.student_params, lr=cfg.optim.generator_lr, betas=betas))
-        self.fake_opt = self.runtime.prepare(torch.optim.Adam(self.fake_params, lr=cfg.optim.fake_lr, betas=betas))
+        self.gen_opt = self.runtime.prepare(adam(self.student_params, cfg.optim.generator_lr, betas, cfg.optim.weight_decay))
+        self.fake_opt = self.runtime.prepare(adam(self.fake_params, cfg.optim.fake_lr, betas, cfg.optim.weight_decay))
         self.gen = torch.Generator().manual_seed(cfg.run.seed)
         self.device = device
         self.world = make_world(cfg.world)
@@ -219,7 +220,9 @@ class Distiller:
         batch; this process's rows kept)."""
         b = r.states.shape[1]
         k = torch.randint(len(self.boundaries), (r.total,), generator=self.gen)
-        tau = sample_tau(self.sigmas, k, self.cfg.objective.tau, self.gen, tau_min=self.cfg.objective.tau_min)[r.rows]
+        o = self.cfg.objective
+        tau = sample_tau(self.sigmas, k, o.tau, self.gen, tau_min=o.tau_min, shift=o.tau_shift,
+                         margin=o.tau_margin)[r.rows]
         k = k[r.rows]
         rows = torch.arange(b)
         x_k, x_next, x0 = r.states[k, rows], r.states[k + 1, rows], r.x0[k, rows]
@@ -230,14 +233,20 @@ class Distiller:
                 "s_k": self.sigmas[k].to(self.device)}
 
     def fake_loss(self, r: Rollout, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The importance-weighted fake-score loss on trajectory points ``p`` (and the weights)."""
+        """The importance-weighted fake-score loss on trajectory points ``p`` (and the weights), plus
+        ``fake.teacher_reg`` × the teacher regulariser when set."""
         log_w = log_importance_weight(p["x_tau"], p["x_next"], p["x0"], p["s_next"], p["tau"])
         # self-normalised over the global batch: every process's log-weights
         w_all = normalise_weights(self.processes.gather_rows(log_w), self.cfg.fake.importance,
                                   dim=p["x_tau"][0].numel())
         with self.as_fake() as fake:
             v = fake.velocity(p["x_tau"], p["tau"], self.fake_embeds(r.embeds, p["k"]))
-            return fake_score_loss(v, p["x_tau"], p["tau"], p["x0"], w_all[r.rows]) * r.share(), w_all
+            loss = fake_score_loss(v, p["x_tau"], p["tau"], p["x0"], w_all[r.rows])
+        if self.cfg.fake.teacher_reg > 0:
+            with torch.no_grad(), self.as_teacher() as teacher:
+                v_teacher = teacher.velocity(p["x_tau"], p["tau"], r.embeds)
+            loss = loss + self.cfg.fake.teacher_reg * teacher_regulariser(v, v_teacher)
+        return loss * r.share(), w_all
 
     def fake_update(self, r: Rollout, points: dict | None = None) -> dict:
         loss, w = self.fake_loss(r, points if points is not None else self.trajectory_points(r))
@@ -407,6 +416,13 @@ class Distiller:
     def summary_names(self, first: dict, last: dict) -> tuple[str, str]:
         start = "student at init"
         return (f"{start} ({len(self.boundaries)} steps, no CFG)", f"{self.label} student (iteration {last['iteration']})")
+
+
+def adam(params: list, lr: float, betas: tuple, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam, or AdamW (decoupled weight decay) when ``weight_decay`` > 0."""
+    if weight_decay > 0:
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
 def training_prompts(world, categories: list[str]) -> list[str]:

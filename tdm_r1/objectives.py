@@ -65,7 +65,8 @@ def transition_sample(x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor, noise
 
 
 def sample_tau(sigmas: torch.Tensor, k: torch.Tensor, mode: str, generator: torch.Generator | None = None,
-               u: torch.Tensor | None = None, tau_min: float = 0.0) -> torch.Tensor:
+               u: torch.Tensor | None = None, tau_min: float = 0.0, shift: float = 1.0,
+               margin: float = 0.0) -> torch.Tensor:
     """The noise level τ at which step k's trajectory point is matched.
 
     ``sigmas`` = (σ_0, …, σ_K), ``k`` (B,) step indices. With u ~ U(0, 1):
@@ -78,6 +79,11 @@ def sample_tau(sigmas: torch.Tensor, k: torch.Tensor, mode: str, generator: torc
 
     ``tau_min`` raises the lower end to max(σ_{k+1}, tau_min): near τ = 0 the teacher's and the fake's x̂₀
     both collapse onto x_τ, and the DMD normaliser would divide noise by ≈ 0.
+
+    ``shift`` s ≠ 1 draws τ uniformly in the *unshifted* levels and shifts it: with ũ(σ) = σ / (s − (s − 1)·σ)
+    (the inverse of the scheduler's shift σ = s·ũ / (1 + (s − 1)·ũ)), τ̃ ~ U(ũ(lo) + ``margin``, ũ(hi)) and
+    τ = s·τ̃ / (1 + (s − 1)·τ̃) — more draws near 1 than the uniform; the released TDM-R1 code draws τ so with
+    s = 3, margin 0.02 and the full interval (``tau_shift``, ``tau_margin``, ``tau=full``).
     """
     if u is None:
         u = torch.rand(k.shape, generator=generator)
@@ -88,7 +94,13 @@ def sample_tau(sigmas: torch.Tensor, k: torch.Tensor, mode: str, generator: torc
         hi = torch.ones_like(lo)
     else:
         raise ValueError(f"unknown tau mode {mode!r}; choose disjoint or full")
-    return lo + u * (hi - lo)
+    if shift == 1.0 and margin == 0.0:
+        return lo + u * (hi - lo)
+    unshift = lambda x: x / (shift - (shift - 1.0) * x)  # noqa: E731
+    hi_u = unshift(hi)
+    lo_u = torch.minimum(unshift(lo) + margin, hi_u)
+    t = lo_u + u * (hi_u - lo_u)
+    return shift * t / (1.0 + (shift - 1.0) * t)
 
 
 # ------------------------------------------------------------------------------------------- generator
@@ -237,3 +249,10 @@ def fake_score_loss(v_fake: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, x0
     target = (x_t - x0.detach()) / _b(t, x_t).clamp_min(1e-4)
     per = ((v_fake - target) ** 2).flatten(1).mean(dim=1)
     return (weights.detach() * per).mean()
+
+
+def teacher_regulariser(v_fake: torch.Tensor, v_teacher: torch.Tensor) -> torch.Tensor:
+    """R = mean_B mean_dims ‖v_ψ(x_τ, τ) − v_teacher(x_τ, τ)‖² (the teacher's conditional velocity, a constant):
+    added to the fake score's loss with weight ``fake.teacher_reg`` it keeps the fake score near the teacher where
+    the student's samples say little (the released TDM-R1 code: 0.02). Its gradient in v_ψ is 2(v_ψ − v_teacher)/N."""
+    return ((v_fake - v_teacher.detach()) ** 2).flatten(1).mean(dim=1).mean()

@@ -254,3 +254,28 @@ def test_a_tdm_run_carries_tdm_sections_only(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert ("r1.init_run = " in capsys.readouterr().out) == has_r1
+
+
+def test_the_released_codes_fake_score_choices(tiny_base, tmp_path):
+    """fake.teacher_reg adds its weight × mean‖v_fake − v_teacher‖² to the fake score's loss (measured here on a
+    fake score moved off the teacher); optim.weight_decay makes both optimisers AdamW."""
+    from tdm_r1.objectives import teacher_regulariser
+    d = Distiller(tiny_cfg(tiny_base, tmp_path / "run", "fake.teacher_reg=0.5", "optim.weight_decay=1e-4",
+                           "objective.tau=full", "objective.tau_shift=3", "objective.tau_margin=0.02"),
+                  log=lambda *a: None)
+    assert all(type(getattr(opt, "optimizer", opt)) is torch.optim.AdamW for opt in (d.gen_opt, d.fake_opt))
+    with torch.no_grad():
+        for p in d.fake_params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    r = d.rollout(d.sample_prompts(4))
+    points = d.trajectory_points(r)
+    with_reg, _ = d.fake_loss(r, points)
+    d.cfg.fake.teacher_reg = 0.0
+    without, _ = d.fake_loss(r, points)
+    with torch.no_grad():
+        with d.as_fake() as fake:
+            v_f = fake.velocity(points["x_tau"], points["tau"], d.fake_embeds(r.embeds, points["k"]))
+        with d.as_teacher() as teacher:
+            v_t = teacher.velocity(points["x_tau"], points["tau"], r.embeds)
+    reg = teacher_regulariser(v_f, v_t).item()
+    assert reg > 1e-6 and with_reg.item() == pytest.approx(without.item() + 0.5 * reg, rel=1e-5)

@@ -132,3 +132,32 @@ def test_fake_loss_is_zero_at_the_velocity_of_its_target():
     assert fake_score_loss(v, x_t, t, x0, torch.ones(4)).item() == pytest.approx(0.0, abs=1e-10)
     assert torch.allclose(x0_from_velocity(x_t, t, v), x0, atol=1e-6)
     assert fake_score_loss(v + 0.1, x_t, t, x0, torch.ones(4)).item() == pytest.approx(0.01, rel=1e-4)
+
+
+def test_shifted_tau_is_uniform_in_the_unshifted_levels_then_shifted():
+    """τ with shift s and margin m (the released code's draw): u = 0 gives the shifted (ũ(σ_{k+1}) + m), u = 1 the
+    upper end, and in between τ = s·t / (1 + (s − 1)·t) of t uniform on the unshifted interval; s = 1, m = 0 is the
+    plain draw, value for value."""
+    s, m = 3.0, 0.02
+    unshift = lambda x: x / (s - (s - 1) * x)  # noqa: E731
+    shifted = lambda t: s * t / (1 + (s - 1) * t)  # noqa: E731
+    k = torch.tensor([0, 1, 2, 3])
+    for u, expect in ((0.0, lambda lo, hi: shifted(unshift(lo) + m)), (1.0, lambda lo, hi: hi),
+                      (0.5, lambda lo, hi: shifted(0.5 * (unshift(lo) + m) + 0.5 * unshift(hi)))):
+        tau = sample_tau(SIGMAS, k, "full", u=torch.full((4,), u), shift=s, margin=m)
+        for j in range(4):
+            lo, hi = SIGMAS[j + 1].item(), 1.0
+            assert tau[j].item() == pytest.approx(expect(lo, hi), abs=1e-6), (u, j)
+    u = torch.rand(4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_tau(SIGMAS, k, "disjoint", u=u), sample_tau(SIGMAS, k, "disjoint", u=u, shift=1.0))
+
+
+def test_the_teacher_regulariser_and_its_gradient():
+    from tdm_r1.objectives import teacher_regulariser
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(3, 4, 2, 2, generator=g, requires_grad=True)
+    v_t = torch.randn(3, 4, 2, 2, generator=g)
+    r = teacher_regulariser(v, v_t)
+    assert r.item() == pytest.approx(((v - v_t) ** 2).mean().item(), rel=1e-6)
+    r.backward()
+    torch.testing.assert_close(v.grad, 2 * (v - v_t).detach() / v.numel())
