@@ -9,15 +9,21 @@ the load of a shared machine hits every row alike), with the three pieces timed 
 loop's speed-up is what distillation changes, text encoding and decoding cost every row the same
 (``dgpo.sampling.speed``).
 
+With ``--seed-sets N`` every row is evaluated on the same N disjoint seed sets: its numbers are the means over
+them (± their standard deviation), and its gain is the paired difference against the first row, the teacher, set
+by set — what separates a student from its teacher when both move with the seeds alike.
+
 Writes ``NAME.json``, ``NAME.md`` (a markdown table) and ``NAME_grid.png`` (one column per row above,
 one row per test prompt, same seed) into ``--out-dir``:
 
     python scripts/bench_tdm.py --lora runs/tdm-shapes/final/lora
+    python scripts/bench_tdm.py --lora RUN/final/lora --per-prompt 64 --seed-sets 4    # the students' benchmark
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -46,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--split", choices=["train", "test", "all"], default="test", help="prompts (default test)")
     p.add_argument("--per-prompt", type=int, default=16, help="images per prompt (default 16: ±0.025 noise)")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first image (default 1000)")
+    p.add_argument("--seed-sets", type=int, default=1, choices=range(1, 65), metavar="N",
+                   help="disjoint seed sets, each of --per-prompt images per prompt (set j starts at seed + j·10⁷; the "
+                        "same sets for every row): each row's mean ± std over the sets, and its paired difference "
+                        "against the first row (default 1)")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampler batch (default 64)")
     p.add_argument("--speed-repeats", type=int, default=5, choices=range(1, 101), metavar="N", help="timed batches per row, interleaved; images/s is "
                    "batch size / their median (default 5)")
@@ -68,6 +78,7 @@ def main(argv=None) -> int:
     from dgpo.worlds import shapes
     from tdm_r1.student import (default_boundaries, generate_student, read_sampler_file, sample_student,
                                 subset_boundaries)
+    from dgpo.runtime.metrics import paired, seed_set_start
     from dgpo.runtime.output_dir import check_report_outputs, write_report_json
     try:
         out = Path(args.out_dir)
@@ -100,7 +111,7 @@ def main(argv=None) -> int:
 
     def teacher_run(steps):
         sampler = SamplerConfig(steps, args.teacher_cfg)
-        return lambda ps, n: generate(teacher, ps, n, sampler, args.seed, args.batch_size, progress=False)[0]
+        return lambda ps, n, seed: generate(teacher, ps, n, sampler, seed, args.batch_size, progress=False)[0]
 
     def teacher_loop(steps):
         return lambda e, x: sample_ode(teacher, e, x, steps, args.teacher_cfg, "euler")
@@ -116,19 +127,27 @@ def main(argv=None) -> int:
         b = subset_boundaries(trained, n)
         rows[f"TDM student ({n} NFE)"] = (
             n, student,
-            lambda ps, m, b=b: generate_student(student, ps, b, m, args.seed, args.batch_size, progress=False)[0],
+            lambda ps, m, seed, b=b: generate_student(student, ps, b, m, seed, args.batch_size, progress=False)[0],
             lambda e, x, b=b: sample_student(student, e, x, b))
     results, images_of = {}, {}
     for name, (nfe, _, run, _) in rows.items():
-        print(f"sampling {len(flat)} images: {name} ...", flush=True)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            images = run(prompts, args.per_prompt)
-        seconds = time.perf_counter() - t0
-        r = evaluate_images(images, flat)
+        sets, seconds = [], 0.0
+        for j in range(args.seed_sets):
+            print(f"sampling {len(flat)} images: {name}, seed set {j} ...", flush=True)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                images = run(prompts, args.per_prompt, seed_set_start(args.seed, j))
+            seconds += time.perf_counter() - t0
+            sets.append(evaluate_images(images, flat))
+            images_of.setdefault(name, images)  # the grid shows the first set
+        r = over_sets(sets)
         r.update(nfe=nfe, seconds=round(seconds, 3))
-        results[name], images_of[name] = r, images
+        results[name] = r
         print(f"{name}: shapes-geneval {r['geneval']:.3f}, FD {r['fd']:.2f}")
+    first = next(iter(results.values()))
+    for r in results.values():  # each row against the first (the teacher), seed set by seed set
+        r["paired_vs_first"] = paired([s["geneval"] for s in first["sets"]], [s["geneval"] for s in r["sets"]])
+        r["fd_ratio_vs_first"] = round(r["fd"] / first["fd"], 3) if first["fd"] else None
     # Speed: one batch of batch_size images (test prompts cycled), timed piece by piece (text encoding,
     # sampling loop, VAE decode; dgpo.sampling.speed) --speed-repeats times with the rows interleaved, median
     # per row — a shared machine's load then hits every row alike.
@@ -153,10 +172,11 @@ def main(argv=None) -> int:
         r["loop_speedup_vs_teacher"] = round(ref["breakdown_seconds"]["loop_s"] / r["breakdown_seconds"]["loop_s"], 2)
 
     meta = {"base": str(base), "lora": str(args.lora) if args.lora else None, "student": args.student, "boundaries": trained, "split": args.split,
-            "per_prompt": args.per_prompt, "seed": args.seed, "batch_size": args.batch_size, "speed_repeats": args.speed_repeats, "threads": args.threads,
+            "per_prompt": args.per_prompt, "seed": args.seed, "seed_sets": args.seed_sets, "batch_size": args.batch_size, "speed_repeats": args.speed_repeats, "threads": args.threads,
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
     try:
-        write_report_json(list(paths.values()), {"settings": meta, "results": results}, "bench_tdm", args.overwrite)
+        write_report_json(list(paths.values()), {"settings": meta, "results": finite_or_none(results)}, "bench_tdm",
+                          args.overwrite)
     except UserError as e:  # the folder changed during the work
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -168,16 +188,45 @@ def main(argv=None) -> int:
               f"{r['breakdown_seconds']['text_s']:.3f} | {r['breakdown_seconds']['loop_s']:.3f} | "
               f"{r['breakdown_seconds']['decode_s']:.3f} | {r['loop_speedup_vs_teacher']:.1f}× |"
               for n, r in results.items()]
-    table = format_table(results) + "\n" + "\n".join(speed) + "\n"
+    sets_table = ["", f"Over {args.seed_sets} seed set(s) of {args.per_prompt} images per prompt (mean ± std; the paired "
+                  f"difference against the first row, set by set):", "",
+                  "| model | shapes-geneval | vs first row (paired) | FD | FD / first row's |", "|---|---|---|---|---|"]
+    def pm(mean: float, std: float, digits: int, sign: str = "") -> str:  # mean ± std (one set: the mean alone)
+        return f"{mean:{sign}.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
+    sets_table += [f"| {n} | {pm(r['geneval'], r['geneval_std'], 3)} | "
+                   f"{pm(r['paired_vs_first']['mean'], r['paired_vs_first']['std'], 3, '+')} | "
+                   f"{pm(r['fd'], r['fd_std'], 2)} | {r['fd_ratio_vs_first']} |" for n, r in results.items()]
+    table = format_table(results) + "\n" + "\n".join(sets_table) + "\n" + "\n".join(speed) + "\n"
     paths[".md"].write_text(table)
     # Side by side: one row per prompt (first image of each), one column per model.
-    first = np.arange(0, len(flat), args.per_prompt)[:16]
-    tiles = np.stack([images_of[n][i] for i in first for n in results])
+    shown = np.arange(0, len(flat), args.per_prompt)[:16]
+    tiles = np.stack([images_of[n][i] for i in shown for n in results])
     from PIL import Image
     Image.fromarray(image_grid(tiles, columns=len(results))).save(paths["_grid.png"])
     print(table)
     print(f"columns of {paths['_grid.png']}: {list(results)}")
     return 0
+
+
+def finite_or_none(x):
+    """``x`` with every NaN or infinite float replaced by None (strict JSON), recursively."""
+    if isinstance(x, dict):
+        return {k: finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite_or_none(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def over_sets(sets: list[dict]) -> dict:
+    """One row from its seed sets' evaluations: the mean of shapes-geneval, partial, FD and every category over the
+    sets, the standard deviations of shapes-geneval and FD (nan for one set), and the sets themselves."""
+    from dgpo.runtime.metrics import spread
+    geneval, fd = spread([s["geneval"] for s in sets]), spread([s["fd"] for s in sets])
+    categories = sets[0]["per_category"]
+    return {**sets[0], "geneval": geneval["mean"], "geneval_std": geneval["std"], "fd": fd["mean"], "fd_std": fd["std"],
+            "partial": float(np.mean([s["partial"] for s in sets])),
+            "per_category": {c: float(np.mean([s["per_category"][c] for s in sets])) for c in categories},
+            "sets": [{k: s[k] for k in ("geneval", "partial", "fd", "per_category")} for s in sets]}
 
 
 if __name__ == "__main__":

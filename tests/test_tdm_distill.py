@@ -279,3 +279,28 @@ def test_the_released_codes_fake_score_choices(tiny_base, tmp_path):
             v_t = teacher.velocity(points["x_tau"], points["tau"], r.embeds)
     reg = teacher_regulariser(v_f, v_t).item()
     assert reg > 1e-6 and with_reg.item() == pytest.approx(without.item() + 0.5 * reg, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_bench_tdm_over_seed_sets_pairs_every_row_with_the_teacher(tiny_base, tmp_path, capsys):
+    """--seed-sets N: every row is evaluated on the same N disjoint seed sets; a row's shapes-geneval is the mean
+    over them and its gain the paired difference against the first row (the teacher: exactly 0 against itself)."""
+    from conftest import load_script
+    out = tmp_path / "tdm"
+    d = Distiller(prepare_run_dir(tiny_cfg(tiny_base, out, "run.iterations=1"), False), log=lambda *a: None)
+    d.run()
+    bench = load_script("scripts/bench_tdm.py")
+    assert bench.main(["--model", str(tiny_base), "--lora", str(out / "final" / "lora"), "--student-nfe", "4,1",
+                       "--per-prompt", "1", "--seed-sets", "2", "--speed-repeats", "1", "--batch-size", "8",
+                       "--out-dir", str(tmp_path / "bench")]) == 0
+    report = json.loads((tmp_path / "bench" / "tdm_shapes_bench.json").read_text())
+    rows = report["results"]
+    assert report["settings"]["seed_sets"] == 2 and len(rows) == 4
+    teacher, *others = rows.values()
+    assert teacher["paired_vs_first"]["mean"] == 0.0
+    for r in rows.values():
+        assert len(r["sets"]) == 2
+        assert r["geneval"] == pytest.approx(np.mean([s["geneval"] for s in r["sets"]]))
+        diffs = [s["geneval"] - t["geneval"] for s, t in zip(r["sets"], teacher["sets"])]
+        assert r["paired_vs_first"]["mean"] == pytest.approx(np.mean(diffs))
+    assert "vs first row (paired)" in (tmp_path / "bench" / "tdm_shapes_bench.md").read_text()
