@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import torch
 
-from dgpo.runtime.checkpoint import optimizer_from_flat, optimizer_to_flat
+from dgpo.runtime.checkpoint import flatten_state, load_flat_state
 from dgpo.runtime.ema import EMA
 from dgpo.errors import UserError
 from dgpo.config import flat_dict, to_dict
@@ -367,25 +367,20 @@ class Distiller:
     def state_tensors(self) -> tuple[dict, dict]:
         """Student, fake score, the student's EMA and both optimisers (the run adds counters and generators)."""
         tensors = {k: p.detach() for k, p in self.named_trainables()}
-        if self.student_ema is not None:
-            tensors.update({f"student_{k}": v for k, v in self.student_ema.state_dict().items()})
-        scalars = {}
-        for name, opt in (("gen", self.gen_opt), ("fake_opt", self.fake_opt)):
-            t, s = optimizer_to_flat(opt)
-            tensors.update({f"{name}.{k}": v for k, v in t.items()})
-            scalars[name] = s
-        return tensors, {"optimizers": scalars}
+        flat, scalars = flatten_state(self._optimizers(), self._emas())
+        return {**tensors, **flat}, {"optimizers": scalars}
 
     @torch.no_grad()
     def load_state(self, tensors: dict, state: dict) -> None:
         for k, p in self.named_trainables():
             p.copy_(tensors[k])
-        if self.student_ema is not None:
-            self.student_ema.load_state_dict({k[len("student_"):]: v for k, v in tensors.items()
-                                              if k.startswith("student_ema.")})
-        for name, opt in (("gen", self.gen_opt), ("fake_opt", self.fake_opt)):
-            sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".opt.")}
-            optimizer_from_flat(opt, sub, state["optimizers"][name])
+        load_flat_state(tensors, state["optimizers"], self._optimizers(), self._emas())
+
+    def _optimizers(self) -> dict:
+        return {"gen": self.gen_opt, "fake_opt": self.fake_opt}  # checkpoint keys gen.opt.*, fake_opt.opt.*
+
+    def _emas(self) -> dict:
+        return {"student_": self.student_ema} if self.student_ema is not None else {}  # student_ema.*
 
     def save(self) -> Path:
         return self.runner.save()
