@@ -1,13 +1,14 @@
 """Benchmark a TDM student against its teacher on the shapes world: quality and speed.
 
-Rows: the teacher at its default steps with CFG, the teacher at the student's step count (with CFG), and
-the student at K NFE (and fewer: 1, 2 — an evenly spaced subset of its trained noise levels), all on the
-same test prompts and seeds. For each: shapes-geneval (overall and per category), mean partial score,
-quality FD, and images per second end to end (text encoding + sampling + decoding of one batch of
-``--batch-size`` images, timed ``--speed-repeats`` times with the rows interleaved; the median is kept, so
-the load of a shared machine hits every row alike), with the three pieces timed separately: the sampling
-loop's speed-up is what distillation changes, text encoding and decoding cost every row the same
-(``dgpo.sampling.speed``).
+Rows: the teacher at its default steps with CFG, the teacher at each student's step count K (with CFG), and
+each student at its K NFE and at the fewer of ``--student-nfe`` (an evenly spaced subset of its trained noise
+levels), all on the same test prompts and seeds. Several students (``--lora`` or ``--student`` given more than
+once, e.g. students trained at K = 4, 2 and 1) share the teacher's rows and seeds. For each: shapes-geneval
+(overall and per category), mean partial score, quality FD, and images per second end to end (text encoding +
+sampling + decoding of one batch of ``--batch-size`` images, timed ``--speed-repeats`` times with the rows
+interleaved; the median is kept, so the load of a shared machine hits every row alike), with the three pieces timed
+separately: the sampling loop's speed-up is what distillation changes, text encoding and decoding cost every row
+the same (``dgpo.sampling.speed``).
 
 With ``--seed-sets N`` every row is evaluated on the same N disjoint seed sets: its numbers are the means over
 them (± their standard deviation), and its gain is the paired difference against the first row, the teacher, set
@@ -18,6 +19,7 @@ one row per test prompt, same seed) into ``--out-dir``:
 
     python scripts/bench_tdm.py --lora runs/tdm-shapes/final/lora
     python scripts/bench_tdm.py --lora RUN/final/lora --per-prompt 64 --seed-sets 4    # the students' benchmark
+    python scripts/bench_tdm.py --lora K4/final/lora --lora K2/final/lora --lora K1/final/lora --student-nfe 4,2,1
 """
 
 from __future__ import annotations
@@ -42,13 +44,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="teacher pipeline folder (default: the embedded shapes base)")
-    p.add_argument("--lora", default="runs/tdm-shapes/final/lora", help="the student's LoRA folder "
-                   "(default runs/tdm-shapes/final/lora; its sampler.json gives the noise levels)")
-    p.add_argument("--student", help="a full student pipeline folder instead of --lora (`student.mode=full` "
-                   "writes RUN/final/pipeline; RUN/final/sampler.json gives the noise levels)")
+    p.add_argument("--lora", action="append", default=[], help="a student's LoRA folder, its sampler.json "
+                   "giving its noise levels (default runs/tdm-shapes/final/lora); repeat for several students")
+    p.add_argument("--student", action="append", default=[], help="a full student pipeline folder "
+                   "(`student.mode=full` writes RUN/final/pipeline; RUN/final/sampler.json gives the noise levels); "
+                   "repeatable, and combinable with --lora")
     p.add_argument("--teacher-steps", type=int, default=20, help="teacher's default Euler steps (default 20)")
     p.add_argument("--teacher-cfg", type=float, default=1.5, help="teacher's CFG scale (default 1.5)")
-    p.add_argument("--student-nfe", default="4,2,1", help="student step counts, comma-separated (default 4,2,1)")
+    p.add_argument("--student-nfe", default="4,2,1", help="step counts each student is also sampled at, below its "
+                   "own K, comma-separated (default 4,2,1)")
     p.add_argument("--split", choices=["train", "test", "all"], default="test", help="prompts (default test)")
     p.add_argument("--per-prompt", type=int, default=16, help="images per prompt (default 16: ±0.025 noise)")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first image (default 1000)")
@@ -76,8 +80,7 @@ def main(argv=None) -> int:
     from dgpo.sampling.ode import sample_ode
     from dgpo.sampling.speed import median_breakdown, timed_generation
     from dgpo.worlds import shapes
-    from tdm_r1.student import (default_boundaries, generate_student, read_sampler_file, sample_student,
-                                subset_boundaries)
+    from tdm_r1.student import generate_student, sample_student, subset_boundaries
     from dgpo.runtime.metrics import paired, seed_set_start
     from dgpo.runtime.output_dir import check_report_outputs, write_report_json
     try:
@@ -86,28 +89,20 @@ def main(argv=None) -> int:
         check_report_outputs(paths[".json"], [paths[".md"], paths["_grid.png"]], "bench_tdm", args.overwrite)
         base = resolve_model(args.model)
         teacher = load_model(base)
-        if args.student:  # a fully fine-tuned student: its own pipeline folder
-            if not (Path(args.student) / "model_index.json").is_file():
-                raise UserError(f"--student {args.student!r} is not a saved pipeline (no model_index.json): pass "
-                                f"RUN/final/pipeline of a `tdm-r1 distill --set student.mode=full` run")
-            student, args.lora = load_model(args.student), None
-            saved = read_sampler_file(args.student)
-        else:
-            if not Path(args.lora).exists() and (ROOT / args.lora).exists():  # the default, run from elsewhere
-                args.lora = str(ROOT / args.lora)
-            if not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
-                raise UserError(f"--lora {args.lora!r} has no pytorch_lora_weights.safetensors: run `tdm-r1 distill` "
-                                f"first or pass RUN/final/lora")
-            student = load_model(base, args.lora)
-            saved = read_sampler_file(args.lora)
-        trained = saved["boundaries"] if saved else default_boundaries(student, 4)
+        if not args.lora and not args.student:
+            args.lora = ["runs/tdm-shapes/final/lora"]
+        students = [load_lora_student(base, folder) for folder in args.lora]
+        students += [load_full_student(folder) for folder in args.student]
+        labels = [s["label"] for s in students]
+        for i, s in enumerate(students):  # two students from folders of one name: numbered in the table
+            if labels.count(s["label"]) > 1:
+                s["label"] = f"{s['label']} #{labels[:i + 1].count(s['label'])}"
         nfes = [int(x) for x in args.student_nfe.split(",") if x.strip()]
     except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     prompts = shapes.prompts(args.split)
     flat = [p for p in prompts for _ in range(args.per_prompt)]
-    k = len(trained)
 
     def teacher_run(steps):
         sampler = SamplerConfig(steps, args.teacher_cfg)
@@ -118,17 +113,19 @@ def main(argv=None) -> int:
 
     # name -> (NFE per image, model, generation of the whole set, the bare sampling loop for the timing)
     cfg_factor = 2 if args.teacher_cfg > 1 else 1
-    rows = {
-        f"teacher ({args.teacher_steps} steps, CFG {args.teacher_cfg})":
-            (args.teacher_steps * cfg_factor, teacher, teacher_run(args.teacher_steps), teacher_loop(args.teacher_steps)),
-        f"teacher ({k} steps, CFG {args.teacher_cfg})": (k * cfg_factor, teacher, teacher_run(k), teacher_loop(k)),
-    }
-    for n in nfes:
-        b = subset_boundaries(trained, n)
-        rows[f"TDM student ({n} NFE)"] = (
-            n, student,
-            lambda ps, m, seed, b=b: generate_student(student, ps, b, m, seed, args.batch_size, progress=False)[0],
-            lambda e, x, b=b: sample_student(student, e, x, b))
+    rows = {f"teacher ({args.teacher_steps} steps, CFG {args.teacher_cfg})":
+            (args.teacher_steps * cfg_factor, teacher, teacher_run(args.teacher_steps), teacher_loop(args.teacher_steps))}
+    for k in sorted({len(s["boundaries"]) for s in students}, reverse=True):
+        rows[f"teacher ({k} steps, CFG {args.teacher_cfg})"] = (k * cfg_factor, teacher, teacher_run(k), teacher_loop(k))
+    for s in students:
+        k, model, label = len(s["boundaries"]), s["model"], s["label"]
+        for n in sorted({k, *(n for n in nfes if n < k)}, reverse=True):
+            b = subset_boundaries(s["boundaries"], n)
+            name = f"TDM student ({n} NFE)" if len(students) == 1 else f"student {label}, K={k} ({n} NFE)"
+            rows[name] = (n, model,
+                          lambda ps, m, seed, b=b, model=model: generate_student(model, ps, b, m, seed, args.batch_size,
+                                                                                 progress=False)[0],
+                          lambda e, x, b=b, model=model: sample_student(model, e, x, b))
     results, images_of = {}, {}
     for name, (nfe, _, run, _) in rows.items():
         sets, seconds = [], 0.0
@@ -171,7 +168,8 @@ def main(argv=None) -> int:
         r["speedup_vs_teacher"] = round(r["images_per_second"] / ref["images_per_second"], 2)
         r["loop_speedup_vs_teacher"] = round(ref["breakdown_seconds"]["loop_s"] / r["breakdown_seconds"]["loop_s"], 2)
 
-    meta = {"base": str(base), "lora": str(args.lora) if args.lora else None, "student": args.student, "boundaries": trained, "split": args.split,
+    meta = {"base": str(base), "students": [{k: s[k] for k in ("label", "folder", "kind", "boundaries")} for s in students],
+            "split": args.split,
             "per_prompt": args.per_prompt, "seed": args.seed, "seed_sets": args.seed_sets, "batch_size": args.batch_size, "speed_repeats": args.speed_repeats, "threads": args.threads,
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
     try:
@@ -206,6 +204,42 @@ def main(argv=None) -> int:
     print(table)
     print(f"columns of {paths['_grid.png']}: {list(results)}")
     return 0
+
+
+def student_label(folder: str) -> str:
+    """A student's name in the table: its run folder's (RUN/final/lora or RUN/final/pipeline → RUN), else the folder's."""
+    path = Path(folder).resolve()
+    return path.parents[1].name if path.parent.name == "final" else path.name
+
+
+def load_lora_student(base, folder: str) -> dict:
+    """A LoRA student on the teacher's pipeline: its model, noise levels (its sampler.json) and label."""
+    from dgpo.cli import load_model
+    from dgpo.errors import UserError
+    from tdm_r1.student import default_boundaries, read_sampler_file
+    if not Path(folder).exists() and (ROOT / folder).exists():  # the default, run from elsewhere
+        folder = str(ROOT / folder)
+    if not (Path(folder) / "pytorch_lora_weights.safetensors").is_file():
+        raise UserError(f"--lora {folder!r} has no pytorch_lora_weights.safetensors: run `tdm-r1 distill` first or "
+                        f"pass RUN/final/lora")
+    model = load_model(base, folder)
+    saved = read_sampler_file(folder)
+    return {"model": model, "folder": folder, "kind": "lora", "label": student_label(folder),
+            "boundaries": saved["boundaries"] if saved else default_boundaries(model, 4)}
+
+
+def load_full_student(folder: str) -> dict:
+    """A fully fine-tuned student: its own pipeline folder (RUN/final/pipeline; RUN/final/sampler.json)."""
+    from dgpo.cli import load_model
+    from dgpo.errors import UserError
+    from tdm_r1.student import default_boundaries, read_sampler_file
+    if not (Path(folder) / "model_index.json").is_file():
+        raise UserError(f"--student {folder!r} is not a saved pipeline (no model_index.json): pass "
+                        f"RUN/final/pipeline of a `tdm-r1 distill --set student.mode=full` run")
+    model = load_model(folder)
+    saved = read_sampler_file(folder)
+    return {"model": model, "folder": folder, "kind": "full", "label": student_label(folder),
+            "boundaries": saved["boundaries"] if saved else default_boundaries(model, 4)}
 
 
 def finite_or_none(x):

@@ -284,18 +284,28 @@ def test_the_released_codes_fake_score_choices(tiny_base, tmp_path):
 @pytest.mark.slow
 def test_bench_tdm_over_seed_sets_pairs_every_row_with_the_teacher(tiny_base, tmp_path, capsys):
     """--seed-sets N: every row is evaluated on the same N disjoint seed sets; a row's shapes-geneval is the mean
-    over them and its gain the paired difference against the first row (the teacher: exactly 0 against itself)."""
+    over them and its gain the paired difference against the first row (the teacher: exactly 0 against itself).
+    Two students (K = 4 and K = 2) share the teacher's rows: the teacher at each K, each student at its K and the
+    fewer of --student-nfe, the K = 2 student's 2-step row its own levels."""
     from conftest import load_script
-    out = tmp_path / "tdm"
-    d = Distiller(prepare_run_dir(tiny_cfg(tiny_base, out, "run.iterations=1"), False), log=lambda *a: None)
-    d.run()
+    runs = {}
+    for name, levels in (("k4", []), ("k2", [1.0, 0.75])):
+        runs[name] = tmp_path / name
+        cfg = tiny_cfg(tiny_base, runs[name], "run.iterations=1", f"student.nfe={len(levels) or 4}",
+                       f"student.boundaries={levels}")
+        Distiller(prepare_run_dir(cfg, False), log=lambda *a: None).run()
     bench = load_script("scripts/bench_tdm.py")
-    assert bench.main(["--model", str(tiny_base), "--lora", str(out / "final" / "lora"), "--student-nfe", "4,1",
+    assert bench.main(["--model", str(tiny_base), "--lora", str(runs["k4"] / "final" / "lora"),
+                       "--lora", str(runs["k2"] / "final" / "lora"), "--student-nfe", "4,1",
                        "--per-prompt", "1", "--seed-sets", "2", "--speed-repeats", "1", "--batch-size", "8",
                        "--out-dir", str(tmp_path / "bench")]) == 0
     report = json.loads((tmp_path / "bench" / "tdm_shapes_bench.json").read_text())
     rows = report["results"]
-    assert report["settings"]["seed_sets"] == 2 and len(rows) == 4
+    assert list(rows) == ["teacher (20 steps, CFG 1.5)", "teacher (4 steps, CFG 1.5)", "teacher (2 steps, CFG 1.5)",
+                          "student k4, K=4 (4 NFE)", "student k4, K=4 (1 NFE)", "student k2, K=2 (2 NFE)",
+                          "student k2, K=2 (1 NFE)"]
+    assert [s["boundaries"] for s in report["settings"]["students"]][1] == [1.0, 0.75]
+    assert report["settings"]["seed_sets"] == 2
     teacher, *others = rows.values()
     assert teacher["paired_vs_first"]["mean"] == 0.0
     for r in rows.values():
@@ -303,4 +313,34 @@ def test_bench_tdm_over_seed_sets_pairs_every_row_with_the_teacher(tiny_base, tm
         assert r["geneval"] == pytest.approx(np.mean([s["geneval"] for s in r["sets"]]))
         diffs = [s["geneval"] - t["geneval"] for s, t in zip(r["sets"], teacher["sets"])]
         assert r["paired_vs_first"]["mean"] == pytest.approx(np.mean(diffs))
+    assert rows["student k2, K=2 (2 NFE)"]["nfe"] == 2
     assert "vs first row (paired)" in (tmp_path / "bench" / "tdm_shapes_bench.md").read_text()
+
+
+@pytest.mark.parametrize("levels", [[1.0, 0.75], [1.0]])
+def test_two_and_one_step_students_are_stock_diffusers_pipelines(levels, tiny_base, tmp_path):
+    """The released recipe at K = 2 and K = 1 (`student.nfe`, `student.boundaries`): the run exports K sigmas, and
+    the stock pipeline fed them gives the student's own K-step sample (to float rounding), and not the base's."""
+    from dgpo.cli import load_model
+    from tdm_r1.student import sample_student
+    out = tmp_path / "run"
+    k = len(levels)
+    cfg = load_distill_config("configs/tdm/shapes_released.yaml",
+                              [f"teacher.base={tiny_base}", f"run.out_dir={out}", *TINY_RUN, "run.iterations=2",
+                               "optim.generator_lr=1e-2", f"student.nfe={k}", f"student.boundaries={levels}"])
+    Distiller(prepare_run_dir(cfg, resume=False), log=lambda *a: None).run()
+    settings = json.loads((out / "final" / "sampler.json").read_text())
+    assert settings["num_inference_steps"] == k == len(settings["sigmas"]) and settings["boundaries"] == levels
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_base), text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(sigmas=settings["sigmas"], guidance_scale=settings["guidance_scale"],
+                max_sequence_length=settings["max_sequence_length"], output_type="np")
+    prompt = "a photo of a green triangle"
+    base = pipe(prompt, generator=torch.Generator().manual_seed(7), **call).images[0]
+    pipe.load_lora_weights(str(out / "final" / "lora"))
+    stock = pipe(prompt, generator=torch.Generator().manual_seed(7), **call).images[0]
+    model = load_model(tiny_base, str(out / "final" / "lora"))
+    latents = sample_student(model, model.encode_prompts([prompt]), initial_noise([7], model.latent_shape), levels)
+    assert np.abs(model.decode_latents(latents, output="np")[0] - stock).max() < 1e-5
+    assert np.abs(stock - base).max() > 1e-4, "the distilled LoRA did not change the model"
