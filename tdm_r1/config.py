@@ -29,8 +29,12 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     nfe: int = option(4, "K: student steps (transformer evaluations per image)", min=1)
-    boundaries: list[float] = option([], "σ_0 = 1 > … > σ_{K-1}: the student's noise levels (empty = the "
-                                         "scheduler's own K-step schedule)")
+    boundaries: list[float] = option([], "σ_0 = 1 > … > σ_{K-1}: the student's noise levels (empty: by "
+                                         "level_shift)")
+    level_shift: float = option(0.0, "with boundaries empty: K levels evenly spaced before a shift s, u_j = 1 − j/K, "
+                                "σ_j = s·u_j / (1 + (s − 1)·u_j) (the released TDM-R1 code's sampler: 3, giving "
+                                "[1, 0.9, 0.75, 0.5] at K = 4); 0 = the pipeline scheduler's own K-step schedule",
+                                min=0.0)
     mode: str = option("lora", "train LoRA adapters on the teacher's transformer or a full copy of it",
                        choices=("lora", "full"))
     lora_rank: int = option(32, "student LoRA rank", min=1)

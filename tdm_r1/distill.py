@@ -48,7 +48,7 @@ from tdm_r1.config import DistillConfig, ReinforceConfig
 from tdm_r1.objectives import (distribution_matching_direction, fake_score_loss, log_importance_weight,
                                normalise_weights, regression_loss, sample_tau, teacher_regulariser,
                                transition_sample, x0_from_velocity)
-from tdm_r1.student import (boundary_sigmas, check_boundaries, default_boundaries, generate_student,
+from tdm_r1.student import (boundary_sigmas, check_boundaries, generate_student, student_levels,
                             write_sampler_files)
 
 STUDENT, FAKE = "student", "fake"
@@ -106,7 +106,7 @@ class Distiller:
                                   cfg.teacher.resolution).to(device)
         backbone = self.teacher.transformer
         self.boundaries = check_boundaries(cfg.student.boundaries or self.saved_boundaries()
-                                           or default_boundaries(self.teacher, cfg.student.nfe))
+                                           or student_levels(self.teacher, cfg.student.nfe, cfg.student.level_shift))
         if len(self.boundaries) != cfg.student.nfe:
             raise UserError(f"student.boundaries has {len(self.boundaries)} levels for student.nfe={cfg.student.nfe}")
         self.sigmas = boundary_sigmas(self.teacher, self.boundaries)  # σ_0 … σ_K (σ_K = 0)

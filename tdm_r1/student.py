@@ -42,12 +42,24 @@ def default_boundaries(model: FlowModel, nfe: int) -> list[float]:
     return [float(s) for s in scheduler.sigmas[:-1]]
 
 
-def evenly_spaced_boundaries(model: FlowModel, nfe: int) -> list[float]:
-    """K levels u_k = 1 − k/K evenly spaced *before* the scheduler's shift, shifted (σ = s·u / (1 + (s − 1)·u));
-    the stock call then gets ``sigmas=[1, 1 − 1/K, …, 1/K]``. Pass them as ``student.boundaries``."""
-    shift = float(model.scheduler_config.shift)
+def shifted_levels(nfe: int, shift: float) -> list[float]:
+    """K levels u_j = 1 − j/K evenly spaced before a shift s, then shifted: σ_j = s·u_j / (1 + (s − 1)·u_j).
+    At s = 3 these are the released TDM-R1 code's sampler levels (its DPM-Solver++ at flow shift 3, 4 steps:
+    [1.0, 0.90, 0.75, 0.50]; K = 2: [1.0, 0.75]; K = 1: [1.0])."""
     u = 1.0 - np.arange(nfe) / nfe
-    return [float(x) for x in shift_sigmas(u, shift)]
+    return [float(x) for x in shift_sigmas(u, float(shift))]
+
+
+def evenly_spaced_boundaries(model: FlowModel, nfe: int) -> list[float]:
+    """K levels evenly spaced *before* the scheduler's own shift (``shifted_levels`` at the pipeline's shift);
+    the stock call then gets ``sigmas=[1, 1 − 1/K, …, 1/K]``. Pass them as ``student.boundaries``."""
+    return shifted_levels(nfe, float(model.scheduler_config.shift))
+
+
+def student_levels(model: FlowModel, nfe: int, level_shift: float) -> list[float]:
+    """The student's levels when none are given: ``shifted_levels(K, level_shift)``, or the pipeline scheduler's
+    own K-step schedule when ``level_shift`` is 0 (``student.level_shift``)."""
+    return shifted_levels(nfe, level_shift) if level_shift > 0 else default_boundaries(model, nfe)
 
 
 def check_boundaries(boundaries: list[float]) -> list[float]:

@@ -319,15 +319,16 @@ def test_bench_tdm_over_seed_sets_pairs_every_row_with_the_teacher(tiny_base, tm
 
 @pytest.mark.parametrize("levels", [[1.0, 0.75], [1.0]])
 def test_two_and_one_step_students_are_stock_diffusers_pipelines(levels, tiny_base, tmp_path):
-    """The released recipe at K = 2 and K = 1 (`student.nfe`, `student.boundaries`): the run exports K sigmas, and
-    the stock pipeline fed them gives the student's own K-step sample (to float rounding), and not the base's."""
+    """The released recipe at K = 2 and K = 1 (`--set student.nfe=K`, its levels by `student.level_shift`): the run
+    exports K sigmas at the released sampler's levels, and the stock pipeline fed them gives the student's own
+    K-step sample (to float rounding), and not the base's."""
     from dgpo.cli import load_model
     from tdm_r1.student import sample_student
     out = tmp_path / "run"
     k = len(levels)
-    cfg = load_distill_config("configs/tdm/shapes_released.yaml",
+    cfg = load_distill_config("configs/tdm/shapes_released.yaml",  # its levels: student.level_shift=3 at any K
                               [f"teacher.base={tiny_base}", f"run.out_dir={out}", *TINY_RUN, "run.iterations=2",
-                               "optim.generator_lr=1e-2", f"student.nfe={k}", f"student.boundaries={levels}"])
+                               "optim.generator_lr=1e-2", f"student.nfe={k}"])
     Distiller(prepare_run_dir(cfg, resume=False), log=lambda *a: None).run()
     settings = json.loads((out / "final" / "sampler.json").read_text())
     assert settings["num_inference_steps"] == k == len(settings["sigmas"]) and settings["boundaries"] == levels
@@ -344,3 +345,13 @@ def test_two_and_one_step_students_are_stock_diffusers_pipelines(levels, tiny_ba
     latents = sample_student(model, model.encode_prompts([prompt]), initial_noise([7], model.latent_shape), levels)
     assert np.abs(model.decode_latents(latents, output="np")[0] - stock).max() < 1e-5
     assert np.abs(stock - base).max() > 1e-4, "the distilled LoRA did not change the model"
+
+
+def test_level_shift_gives_levels_evenly_spaced_before_the_shift():
+    """σ_j = s·u_j / (1 + (s − 1)·u_j) at u_j = 1 − j/K: at s = 3 the released sampler's levels, at the scheduler's
+    shift the evenly spaced ones; 0 keeps the scheduler's own schedule."""
+    from tdm_r1.student import shifted_levels
+    assert shifted_levels(4, 3.0) == [1.0, 0.9, 0.75, 0.5] and shifted_levels(2, 3.0) == [1.0, 0.75]
+    assert shifted_levels(1, 3.0) == [1.0]
+    assert shifted_levels(4, 2.0) == pytest.approx([1.0, 6 / 7, 2 / 3, 0.4])
+    assert shifted_levels(3, 1.0) == pytest.approx([1.0, 2 / 3, 1 / 3])
