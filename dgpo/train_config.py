@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from dgpo.config import option, section
-from dgpo.runtime.loop import RunSettings
+from dgpo.runtime.loop import EvalTiming, RunSettings
 from dgpo.evaluation.evaluate import SamplerConfig
 from dgpo.sampling.ode import SOLVERS
 
@@ -124,11 +124,9 @@ class OptimConfig:
 
 
 @dataclass
-class EvalSection:
+class EvalSection(EvalTiming):
     every: int = option(25, "evaluate every N epochs (and at the start and end; 0 = by epochs never, only at the "
                         "start, the end and every_minutes)", min=0)
-    every_minutes: float = option(0.0, "also evaluate each time this many minutes of training pass (0 = off; "
-                                  "benchmarks use it so methods with different epoch costs are sampled alike)", min=0.0)
     split: str = option("test", "prompts to evaluate on", choices=("train", "test", "all"))
     per_prompt: int = option(16, "images per prompt", min=1)
     rewards: list[str] = option([], "evaluation-only rewards: each one's mean on the evaluation images is logged "

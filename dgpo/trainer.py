@@ -143,7 +143,7 @@ class Trainer:
                                             r.failure_power, r.failure_floor, r.failure_decay)
         self.counters = Counters()
         run = cfg.run
-        self.runner = Run(self, self.out, Schedule.of(run, run.epochs, cfg.eval.every, cfg.eval.every_minutes),
+        self.runner = Run(self, self.out, Schedule.of(run, run.epochs, cfg.eval),
                           step_key="epoch", grid_prefix="epoch", log=log, processes=self.processes,
                           tracking=(self.runtime, "dgpo", flat_dict(to_dict(cfg))))
         self.shift = cfg.objective.shift if cfg.objective.shift > 0 else self.model.scheduler_config.shift

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dgpo.config import from_dict, option, read_config_data, section
-from dgpo.runtime.loop import RunSettings
+from dgpo.runtime.loop import EvalTiming, RunSettings
 from dgpo.train_config import AdvantageConfig, RewardConfig
 from tdm_r1.surrogate import SurrogateConfig
 
@@ -90,10 +90,9 @@ class OptimConfig:
 
 
 @dataclass
-class EvalSection:
+class EvalSection(EvalTiming):
     every: int = option(100, "evaluate the student every N iterations (and at the start and end; 0 = by iterations "
                         "never, only at the start, the end and every_minutes)", min=0)
-    every_minutes: float = option(0.0, "also evaluate every M minutes of training (0 = by iterations only)", min=0.0)
     split: str = option("test", "prompts to evaluate on", choices=("train", "test", "all"))
     per_prompt: int = option(8, "images per prompt", min=1)
     seed: int = option(1000, "seed of the first evaluation image", min=0)

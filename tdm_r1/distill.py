@@ -150,7 +150,7 @@ class Distiller:
         self.calls = self.runtime.count_calls(backbone)  # NFE, counted at the transformer
         self.counters = Counters()
         run = cfg.run
-        self.runner = Run(self, self.out, Schedule.of(run, run.iterations, cfg.eval.every, cfg.eval.every_minutes),
+        self.runner = Run(self, self.out, Schedule.of(run, run.iterations, cfg.eval),
                           step_key="iteration", grid_prefix="iter", log=log, processes=self.processes,
                           tracking=(self.runtime, "tdm-r1", flat_dict(to_dict(cfg))))
 

@@ -111,6 +111,39 @@ def test_evaluation_by_minutes_alone(tmp_path):
     assert [r["epoch"] for r in evals] == [0, 3, 6, 9, 10]
 
 
+class HalfMinuteSteps(ScriptedRecipe):
+    """Each step takes half a minute of training (a fake clock)."""
+
+    def train_step(self):
+        row = super().train_step()
+        self.counters.train_seconds += 30.0
+        return row
+
+
+def test_dense_early_evaluation_then_the_regular_cadence(tmp_path):
+    """eval.early_every_minutes=1 for the first early_minutes=4, then every_minutes=3: evaluations at the start,
+    at 1, 2, 3, 4 minutes of training, then at 6 and 9 (the regular cadence's slots), and at the end (10)."""
+    recipe = HalfMinuteSteps([0.5] * 40)
+    recipe.runner = Run(recipe, tmp_path, Schedule(20, eval_every=0, eval_every_minutes=3, checkpoint_every=100,
+                                                   eval_early_every_minutes=1, eval_early_minutes=4),
+                        step_key="epoch", grid_prefix="epoch", log=lambda *a: None)
+    recipe.runner.loop()
+    evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_geneval" in l]
+    assert [r["epoch"] / 2 for r in evals] == [0, 1, 2, 3, 4, 6, 9, 10]
+
+
+def test_the_early_cadence_is_a_config_key_of_both_recipes():
+    from dgpo.config import from_dict
+    from dgpo.runtime.loop import RunSettings
+    from dgpo.train_config import train_config_class
+    from tdm_r1.config import load_distill_config
+    tdm = load_distill_config(None, ["eval.early_every_minutes=0.5", "eval.every_minutes=3"])
+    dgpo = from_dict(train_config_class(), {"eval": {"early_every_minutes": 0.5, "early_minutes": 2}})
+    for cfg, early_minutes in ((tdm, 5.0), (dgpo, 2.0)):
+        s = Schedule.of(RunSettings(), 10, cfg.eval)
+        assert (s.eval_early_every_minutes, s.eval_early_minutes) == (0.5, early_minutes)
+
+
 def test_tdm_configs_take_evaluation_by_minutes_alone():
     from tdm_r1.config import load_distill_config
     cfg = load_distill_config(None, ["eval.every=0", "eval.every_minutes=10"])

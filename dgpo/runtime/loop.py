@@ -6,7 +6,7 @@ rest, read top to bottom in :meth:`Run.loop`:
 
     resume?  → restore the latest checkpoint, cut metrics.jsonl back to it
     step 0   → the recipe's initial evaluation (maybe cached), logged
-    repeat   → one timed step, logged; evaluate every ``eval_every`` steps or ``eval_every_minutes`` of
+    repeat   → one timed step, logged; evaluate every ``eval_every`` steps or at each slot of the timed cadence (``Schedule.time_slot``) of
                training; checkpoint every ``checkpoint_every`` steps; until ``steps`` or the time budget
     end      → a last evaluation and checkpoint, ``final/`` (atomically), the curve PNG, summary.md/json
 
@@ -122,6 +122,19 @@ class RunSettings:
 
 
 @dataclass
+class EvalTiming:
+    """The ``eval:`` keys of the evaluation's cadence in training minutes, which every recipe shares; a recipe's
+    own ``eval:`` section extends it (its step cadence ``every``, the protocol)."""
+
+    every_minutes: float = option(0.0, "also evaluate each time this many minutes of training pass (0 = off; "
+                                  "benchmarks use it so methods with different step costs are sampled alike)", min=0.0)
+    early_every_minutes: float = option(0.0, "in the first early_minutes of training, evaluate this often instead "
+                                        "(0 = off; e.g. 0.5, where a benchmark's time ratios are decided); "
+                                        "every_minutes takes over after", min=0.0)
+    early_minutes: float = option(5.0, "how many minutes of training the early cadence lasts", min=0.0)
+
+
+@dataclass
 class Schedule:
     """How long a run lasts and how often it evaluates and checkpoints (from the recipe's config)."""
 
@@ -134,12 +147,28 @@ class Schedule:
     stop_at_gain: float = 0.0
     stop_after: int = 2
     max_memory_gb: float = 0.0
+    eval_early_every_minutes: float = 0.0
+    eval_early_minutes: float = 5.0
 
     @classmethod
-    def of(cls, run: RunSettings, steps: int, eval_every: int, eval_every_minutes: float) -> "Schedule":
-        """The schedule of a recipe's ``run:`` section, its length in steps and its evaluation cadence."""
-        return cls(steps, run.time_budget_min, eval_every, eval_every_minutes, run.checkpoint_every,
-                   run.keep_checkpoints, run.stop_at_gain, run.stop_after, run.max_memory_gb)
+    def of(cls, run: RunSettings, steps: int, evaluation) -> "Schedule":
+        """The schedule of a recipe's ``run:`` section, its length in steps and its ``eval:`` section's cadence
+        (``evaluation.every`` steps and its :class:`EvalTiming` keys)."""
+        return cls(steps, run.time_budget_min, evaluation.every, evaluation.every_minutes, run.checkpoint_every,
+                   run.keep_checkpoints, run.stop_at_gain, run.stop_after, run.max_memory_gb,
+                   evaluation.early_every_minutes, evaluation.early_minutes)
+
+    def time_slot(self, train_seconds: float) -> int:
+        """Which slot of the timed cadence ``train_seconds`` of training fall in; an evaluation is due each time
+        the slot changes. Slots are ``eval_early_every_minutes`` long up to ``eval_early_minutes``, then
+        ``eval_every_minutes`` long, counted from 0 (the early ones at 0.5, 1, …, 5 minutes, then 6, 9, 12 at a
+        cadence of 3). Always 0 when neither cadence is set."""
+        early, every = self.eval_early_every_minutes * 60, self.eval_every_minutes * 60
+        until = self.eval_early_minutes * 60
+        early_slots = int(min(train_seconds, until) // early) if early and until else 0
+        if early and train_seconds < until:
+            return early_slots
+        return early_slots + (int(train_seconds // every) if every else 0)
 
     def target_reached(self, scores: list[float]) -> bool:
         """``scores``: the run's evaluations so far, the first being the base's. True once the last
@@ -251,7 +280,7 @@ class Run:
         self.check_memory("the start (the model loaded)")
         if not evals:
             evals.append(self._evaluated(self.guarded_evaluation(self.recipe.initial_evaluation)))
-        budget, every_s = s.time_budget_min * 60, s.eval_every_minutes * 60
+        budget = s.time_budget_min * 60
         bar = self._progress_bar()
         reached = lambda: s.target_reached([r["eval_geneval"] for r in evals])
         while c.step < s.steps and not (budget and c.train_seconds >= budget) and not reached():
@@ -260,7 +289,7 @@ class Run:
             bar.update(min(c.train_seconds, budget) / 60 - min(before, budget) / 60 if budget else 1)
             bar.set_postfix(**{self.step_key: c.step}, **self.recipe.postfix(row),
                             eval=f"{evals[-1]['eval_geneval']:.3f}")
-            timed = every_s and (c.train_seconds // every_s > evals[-1]["train_seconds"] // every_s)
+            timed = s.time_slot(c.train_seconds) > s.time_slot(evals[-1]["train_seconds"])
             if (s.eval_every and c.step % s.eval_every == 0) or timed:
                 evals.append(self._evaluated(self.guarded_evaluation(self.recipe.evaluate)))
             if c.step % s.checkpoint_every == 0:
