@@ -24,12 +24,19 @@ target is then ``--target`` or ``--target-frac`` × the best final score), as th
 Outputs, under ``--out`` (each call rewrites its own; a file of those names that it did not write is refused, and
 left as it is):
 
-* ``bench_rl.json`` — every evaluation of every run, and the summary below;
+* ``bench_rl.json`` — every evaluation of every run, the summary below, and ``targets``: for every run, the training
+  minutes and NFE at which it first reaches each target from the base + 0.02 to the base + 0.20 in steps of 0.01
+  (by the same rule as the target's; a target it never reaches gives its last evaluation's, marked ``"bound": true``), and their
+  ratios to DGPO's on the same seed, each marked measured, a lower or upper bound, or unresolved;
 * ``bench_rl.md`` — per run: final test shapes-geneval (curve protocol and ``--final-per-prompt``), per
   category, quality FD, the peak and when it came, the training reward (mean of the first → last tenth of the
   epochs), wall-clock and NFE to the target, and each as a ratio to DGPO's on the same seed (NFE's is the same on
-  any machine, so runs split over machines compare by it);
+  any machine, so runs split over machines compare by it); then, with the evaluation noise, a row per target gain
+  (+0.02 … +0.20) of every run's minutes to it and their ratio to DGPO's ("> x" and "≥ x×" lower bounds), and the
+  same for NFE;
 * ``bench_rl.png`` — test shapes-geneval against training wall-clock and against NFE, one curve per run;
+* ``bench_rl_targets.png`` — the time ratio and the NFE ratio to DGPO (log axis) against the target gain, a line
+  per run, bounds drawn as open triangles;
 * ``bench_rl/<label>[-seed<k>]/`` — the run folders (config, metrics.jsonl, sample grids, final LoRA).
 
 Examples::
@@ -44,7 +51,7 @@ Examples::
     python scripts/bench_rl.py --seeds 0,1 --runs dgpo-seed0 & python scripts/bench_rl.py --seeds 0,1 --runs dgpo-seed1; wait
     python scripts/bench_rl.py --seeds 0,1 --runs flow_grpo-seed0,diffusion_dpo-seed0,nft-seed0 &
     python scripts/bench_rl.py --seeds 0,1 --runs flow_grpo-seed1,diffusion_dpo-seed1,nft-seed1
-    python scripts/bench_rl.py --report-only                     # rebuild table and plot from the run folders
+    python scripts/bench_rl.py --report-only                     # rebuild tables and plots from the run folders
 """
 
 from __future__ import annotations
@@ -205,6 +212,71 @@ def time_to_target(evals: list[dict], target: float, confirm: int = 1) -> dict |
     return None
 
 
+TARGET_GAINS = tuple(round(0.01 * k, 2) for k in range(2, 21))  # the base + 0.02, + 0.03, … + 0.20
+
+
+def reached_at(evals: list[dict], target: float, confirm: int = 2) -> dict:
+    """Training minutes and NFE at which a run first reaches ``target``, by :func:`time_to_target`'s rule: the first
+    of ``confirm`` consecutive evaluations (after the base's) at or above it.
+
+    ``first_evaluation`` is True when that is the run's first evaluation after the base's: the run got there at or
+    before it, and its evaluation cadence hides how much before (the time is bounded above). A run that never
+    reaches the target gives a lower bound instead: its last evaluation's minutes and NFE, with ``bound`` True.
+    """
+    hit = time_to_target(evals, target, confirm)
+    at = hit if hit is not None else evals[-1]
+    return {"minutes": at["train_seconds"] / 60, "nfe": at["nfe"], "bound": hit is None,
+            "first_evaluation": hit is not None and len(evals) > 1 and hit is evals[1]}
+
+
+def ratio_to_dgpo(run: dict, dgpo: dict) -> dict | None:
+    """A run's minutes and NFE to a target over DGPO's on the same seed (two :func:`reached_at` results), and what
+    kind of number the ratio is.
+
+    Each time is measured, at most its value (reached at the run's first evaluation) or at least its value (never
+    reached: the run's last evaluation). The ratio is "measured" when both times are; "lower" (≥ it) when the run's
+    time is measured or at least and DGPO's is measured or at most, not both measured; "upper" (≤ it) when the run's
+    is at most and DGPO's measured; "unresolved" (no value) when both are at most: both reached the target at their
+    first evaluation, and the cadence hides which got there first. None when DGPO never reached the target: the
+    ratio is undefined.
+    """
+    if dgpo["bound"] or not dgpo["minutes"] or not dgpo["nfe"]:
+        return None
+    run_at_most, dgpo_at_most = run["first_evaluation"], dgpo["first_evaluation"]
+    if run_at_most and dgpo_at_most:
+        return {"time": None, "nfe": None, "kind": "unresolved"}
+    kind = ("upper" if run_at_most else "lower" if (run["bound"] or dgpo_at_most) else "measured")
+    return {"time": run["minutes"] / dgpo["minutes"], "nfe": run["nfe"] / dgpo["nfe"], "kind": kind}
+
+
+def evaluation_noise(curves: dict[str, list[dict]]) -> float | None:
+    """The mean standard error of one evaluation's score over fresh images (the rows' ``eval_geneval_se``) across
+    every run's evaluations; None when the rows do not carry it (older runs)."""
+    ses = [r["eval_geneval_se"] for evals in curves.values() for r in evals if r.get("eval_geneval_se") is not None]
+    return sum(ses) / len(ses) if ses else None
+
+
+def targets_report(curves: dict[str, list[dict]], methods: dict[str, str], seeds: dict[str, int | None],
+                   confirm: int = 2, per_prompt: int | None = None, gains: tuple[float, ...] = TARGET_GAINS) -> dict:
+    """The report's ``targets`` section: for every run, where it reached the base's score + each gain in ``gains``
+    (:func:`reached_at`, keyed ``"0.02"`` …), and its ratio to DGPO's run on the same seed
+    (:func:`ratio_to_dgpo`; DGPO's own run and gains DGPO never reached have none). The base's score is the first
+    run's first evaluation, as :func:`summarise` takes it; ``per_prompt`` (images per test prompt of the
+    evaluations) and the evaluation noise (:func:`evaluation_noise`) come with it."""
+    runs = {name: evals for name, evals in curves.items() if evals}
+    base = next(iter(runs.values()))[0]["eval_geneval"] if runs else None
+    keys = [f"{g:.2f}" for g in gains]
+    at = {name: {k: reached_at(evals, base + g, confirm) for k, g in zip(keys, gains)} for name, evals in runs.items()}
+    out = {}
+    for name in runs:
+        ref = dgpo_run_on_seed({k: methods.get(k, k) for k in runs}, seeds, seeds.get(name))
+        ratios = {} if ref in (None, name) else {k: ratio_to_dgpo(at[name][k], at[ref][k]) for k in keys}
+        out[name] = {"method": methods.get(name, name), "seed": seeds.get(name), "dgpo_run": ref, "at": at[name],
+                     "ratio_to_dgpo": {k: v for k, v in ratios.items() if v is not None}}
+    return {"base": base, "gains": list(gains), "confirm": confirm, "per_prompt": per_prompt,
+            "evaluation_se": evaluation_noise(runs), "runs": out}
+
+
 def straight_line_minutes(evals: list[dict], target: float) -> float | None:
     """Training minutes at which the least-squares line through a run's evaluations (score against training
     time) reaches ``target``; None for a flat or falling line. An extrapolation, for runs stopped short of the
@@ -219,6 +291,14 @@ def straight_line_minutes(evals: list[dict], target: float) -> float | None:
     if slope <= 0:
         return None
     return tm + (target - ym) / slope
+
+
+def dgpo_run_on_seed(methods: dict[str, str], seeds: dict[str, int | None], seed: int | None) -> str | None:
+    """The run that ratios on ``seed`` refer to: the run of method dgpo labelled "dgpo" with that seed, else the only
+    run of method dgpo with that seed; None when there is none, or several and none labelled "dgpo"."""
+    same_seed = [k for k, m in methods.items() if m == "dgpo" and seeds.get(k) == seed]
+    named = [k for k in same_seed if k.split("-seed")[0] == "dgpo"] or same_seed
+    return named[0] if len(named) == 1 else None
 
 
 def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_frac: float,
@@ -259,13 +339,12 @@ def summarise(curves: dict[str, list[dict]], methods: dict[str, str], target_fra
                        "seconds_to_target": hit["train_seconds"] if hit else None,
                        "nfe_to_target": hit["nfe"] if hit else None,
                        "train_reward": reward_trend((rewards or {}).get(label, []))}
-    # DGPO's row on the same seed: the run of method dgpo labelled "dgpo" (or the only one) with that seed. No
-    # ratio when DGPO never reached the target or reached it at once.
+    # No ratio when DGPO never reached the target or reached it at once.
+    run_methods, run_seeds = {k: d["method"] for k, d in rows.items()}, {k: d["seed"] for k, d in rows.items()}
     for label, r in rows.items():
-        same_seed = {k: d for k, d in rows.items() if d["method"] == "dgpo" and d["seed"] == r["seed"]}
-        ref_rows = [d for k, d in same_seed.items() if k.split("-seed")[0] == "dgpo"] or list(same_seed.values())
-        ref = ref_rows[0]["seconds_to_target"] if len(ref_rows) == 1 else None
-        ref_nfe = ref_rows[0]["nfe_to_target"] if len(ref_rows) == 1 else None
+        ref_name = dgpo_run_on_seed(run_methods, run_seeds, r["seed"])
+        ref = rows[ref_name]["seconds_to_target"] if ref_name else None
+        ref_nfe = rows[ref_name]["nfe_to_target"] if ref_name else None
         s, n = r["seconds_to_target"], r["nfe_to_target"]
         r["time_ratio_to_dgpo"] = (s / ref) if (s is not None and ref) else None
         r["nfe_ratio_to_dgpo"] = (n / ref_nfe) if (n is not None and ref_nfe) else None  # the same on any machine
@@ -324,6 +403,114 @@ def markdown(summary: dict) -> str:
                   + (f" ({r['straight_line_ratio']:.1f}× DGPO's time on its seed)" if r.get("straight_line_ratio") else "")
                   for label, r in short]
     return "\n".join(lines) + "\n"
+
+
+def format_reached(at: dict, quantity: str) -> str:
+    """One :func:`reached_at` result as a table cell: "12.0" measured, "≤ 3.1" reached at the run's first
+    evaluation (at or before it), "> 60.1" never reached (its last evaluation, a lower bound)."""
+    value = format(at[quantity], ".1f" if quantity == "minutes" else ".3g")
+    return f"> {value}" if at["bound"] else f"≤ {value}" if at["first_evaluation"] else value
+
+
+def format_ratio(ratio: dict | None, quantity: str) -> str:
+    """One :func:`ratio_to_dgpo` result as "2.50×", "≥ 2.50×", "≤ 0.50×", "?" (unresolved), or "" (undefined)."""
+    if ratio is None:
+        return ""
+    if ratio["kind"] == "unresolved":
+        return "?"
+    sign = {"measured": "", "lower": "≥ ", "upper": "≤ "}[ratio["kind"]]
+    return f"{sign}{ratio['time' if quantity == 'minutes' else 'nfe']:.2f}×"
+
+
+def targets_table(targets: dict, quantity: str) -> list[str]:
+    """Markdown rows: one per target gain, a column per run with its ``quantity`` ("minutes" or "nfe") to the target
+    and, for runs other than DGPO's, the ratio to DGPO's on the same seed in brackets."""
+    runs = targets["runs"]
+    head = ["gain", "target", *runs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for gain in targets["gains"]:
+        key = f"{gain:.2f}"
+        cells = []
+        for r in runs.values():
+            ratio = format_ratio(r["ratio_to_dgpo"].get(key), quantity)
+            cells.append(format_reached(r["at"][key], quantity) + (f" ({ratio})" if ratio else ""))
+        lines.append("| " + " | ".join([f"+{key}", f"{targets['base'] + gain:.3f}", *cells]) + " |")
+    return lines
+
+
+def targets_markdown(targets: dict) -> str:
+    """The ``targets`` section as markdown: the rule and the evaluation noise, then the minutes table and the NFE
+    table (:func:`targets_table`)."""
+    if not targets["runs"]:
+        return "No run has evaluated yet: no time to each target.\n"
+    rule = ("two consecutive evaluations at or above it; the time is the first of them" if targets["confirm"] == 2
+            else f"{targets['confirm']} consecutive evaluations at or above it; the time is the first of them")
+    per_prompt = f"{targets['per_prompt']} images per test prompt" if targets.get("per_prompt") else "its protocol"
+    se = targets.get("evaluation_se")
+    noise = (f"Evaluation noise: one evaluation's score has a standard error of {se:.3f} over fresh images (the mean "
+             f"over the runs' evaluations, at {per_prompt}), so two evaluations differ by about {se * 2 ** 0.5:.3f} "
+             "by chance alone." if se is not None else f"The evaluations used {per_prompt}.")
+    lines = ["## Time to each target", "",
+             f"Targets: the base's score {targets['base']:.3f} + each gain; a run reaches one at {rule}.", "",
+             noise, "",
+             "Cells: the run's training minutes to the target and, in brackets, their ratio to DGPO's on the same "
+             "seed. \"> x\": never reached; x is its last evaluation, a lower bound, and the ratio \"≥ x×\" is one "
+             "too. \"≤ x\": reached at its first evaluation, so at or before it (its evaluation cadence bounds the "
+             "time above); a ratio to such a DGPO time is a lower bound \"≥ x×\", a baseline's such time over a "
+             "measured DGPO time an upper bound \"≤ x×\", and \"?\" when both are (the cadence hides which got "
+             "there first). No ratio where DGPO never reached the target.", "",
+             *targets_table(targets, "minutes"), "",
+             "NFE (transformer evaluations) to each target, the same on any machine, and its ratio to DGPO's:", "",
+             *targets_table(targets, "nfe")]
+    return "\n".join(lines) + "\n"
+
+
+def plot_targets(targets: dict, path: Path) -> None:
+    """Time ratio and NFE ratio to DGPO (log axis) against the target gain, a line per run other than DGPO's:
+    filled circles measured, open upward triangles with an arrow lower bounds, open downward triangles upper
+    bounds (unresolved and undefined ratios are not drawn)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    runs = targets["runs"]
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in runs.values()))}
+    markers = {"measured": "o", "lower": "^", "upper": "v"}
+    drawn = False
+    for name, r in runs.items():
+        points = [(float(k), v) for k, v in r["ratio_to_dgpo"].items() if v["kind"] in markers]
+        if not points:
+            continue
+        base_label, _, seed = name.partition("-seed")
+        colour = colours[r["method"]]
+        for ax, quantity in zip(axes, ("time", "nfe")):
+            ax.plot([g for g, _ in points], [v[quantity] for _, v in points], color=colour, lw=1,
+                    ls="--" if seed not in ("", "0") else "-",
+                    label=LABELS.get(base_label, base_label) + (f", seed {seed}" if seed else ""))
+            for gain, v in points:
+                filled = v["kind"] == "measured"
+                ax.plot(gain, v[quantity], marker=markers[v["kind"]], color=colour, markersize=6,
+                        markerfacecolor=colour if filled else "none")
+                if v["kind"] == "lower":
+                    ax.annotate("", xy=(gain, v[quantity] * 1.35), xytext=(gain, v[quantity] * 1.05),
+                                arrowprops=dict(arrowstyle="->", color=colour, lw=0.8))
+        drawn = True
+    kinds = [Line2D([], [], ls="", marker="o", color="gray", label="measured"),
+             Line2D([], [], ls="", marker="^", color="gray", markerfacecolor="none", label="lower bound (≥)"),
+             Line2D([], [], ls="", marker="v", color="gray", markerfacecolor="none", label="upper bound (≤)")]
+    for ax, what in zip(axes, ("training minutes", "NFE")):
+        ax.axhline(1.0, color="gray", ls=":", lw=0.8)
+        ax.set(xlabel="target gain over the base", ylabel=f"{what} to target / DGPO's (same seed)")
+        if drawn:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    if drawn:
+        handles, _ = axes[0].get_legend_handles_labels()
+        axes[0].legend(handles=handles + kinds, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(curves: dict[str, list[dict]], methods: dict[str, str], target: float, path: Path) -> None:
@@ -409,7 +596,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="",
                    help="train only these runs (comma-separated folder names, e.g. nft-seed0,dgpo-seed1), to split "
                         "the benchmark over processes sharing --out; the report reads every run's folder")
-    p.add_argument("--report-only", action="store_true", help="only rebuild JSON/markdown/PNG from the run folders")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the JSON, markdown and PNGs from the run folders")
     args = p.parse_args(argv)
     fixed = args.budget_minutes is not None
     args.eval_minutes = args.eval_minutes or (2.0 if fixed else 3.0)
@@ -424,7 +611,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     from dgpo.errors import UserError
     from dgpo.runtime.output_dir import check_report_outputs, report_files, write_report_json
-    report = report_files(out, "bench_rl")
+    report = report_files(out, "bench_rl", (".json", ".md", ".png", "_targets.png"))
     try:  # its own report is rewritten on every call (the benchmark resumes); a file it did not write, never
         check_report_outputs(report[0], report[1:], "bench_rl", overwrite=True, flag="--out")
     except UserError as e:
@@ -461,9 +648,9 @@ def main(argv=None) -> int:
     curves = {name: read_evals(d) for name, d in folders.items()}
     rewards = {name: read_rewards(d) for name, d in folders.items()}
     finals = {name: json.loads((d / final_name).read_text()) for name, d in folders.items() if (d / final_name).is_file()}
-    summary = summarise(curves, {name: r[1] for name, r in runs.items()}, args.target_frac, args.target, rewards,
-                        target_gain=None if fixed else args.target_gain, confirm=1 if fixed else 2,
-                        seeds={name: r[2] for name, r in runs.items()},
+    run_methods, run_seeds = {name: r[1] for name, r in runs.items()}, {name: r[2] for name, r in runs.items()}
+    summary = summarise(curves, run_methods, args.target_frac, args.target, rewards,
+                        target_gain=None if fixed else args.target_gain, confirm=1 if fixed else 2, seeds=run_seeds,
                         budgets={name: read_budget(d) for name, d in folders.items()}, finals=finals,
                         running={name for name, d in folders.items() if d.is_dir() and not (d / "final").is_dir()})
     base_final = out / "bench_rl" / f"base_eval_{args.final_per_prompt}.json"
@@ -473,8 +660,10 @@ def main(argv=None) -> int:
                            "P": args.prompts, "G": args.group_size, "lora_rank": args.lora_rank, "seeds": seeds,
                            "set": args.set, "target": args.target, "target_gain": args.target_gain,
                            "budget_factor": args.budget_factor, "cap_minutes": args.cap_minutes, "methods": methods}
+    targets = targets_report(curves, run_methods, run_seeds, summary["confirm"], args.per_prompt)
     try:
-        write_report_json(report, {"summary": summary, "curves": curves}, "bench_rl", overwrite=True, flag="--out")
+        write_report_json(report, {"summary": summary, "targets": targets, "curves": curves}, "bench_rl",
+                          overwrite=True, flag="--out")
     except UserError as e:  # the folder changed while it trained
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -483,10 +672,12 @@ def main(argv=None) -> int:
         b = summary["base_final_eval"]
         table += (f"\nThe base at {args.final_per_prompt} images per test prompt: {b['geneval']:.3f}"
                   f" (FD {b.get('fd', float('nan')):.2f}).\n")
+    table += "\n" + targets_markdown(targets)
     report[1].write_text(table)
-    plot(curves, {name: r[1] for name, r in runs.items()}, summary["target"], report[2])
+    plot(curves, run_methods, summary["target"], report[2])
+    plot_targets(targets, report[3])
     print(table)
-    print(f"wrote {out / 'bench_rl.json'}, {out / 'bench_rl.md'}, {out / 'bench_rl.png'}")
+    print(f"wrote {', '.join(str(path) for path in report)}")
     return 0
 
 
