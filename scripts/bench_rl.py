@@ -2,8 +2,9 @@
 
 Every method is one run folder of :class:`dgpo.trainer.Trainer` (its own recipe from
 ``configs/<method>/shapes.yaml``) with the same base, train prompts, P×G, LoRA rank, seed, evaluation
-protocol (test prompts, images per prompt, sampler, FD) and evaluation schedule (every ``--eval-minutes`` of
-training). Methods run one after another in this process (one torch process on the machine at a time).
+protocol (test prompts, images per prompt, sampler, FD) and evaluation schedule (every ``--early-eval-minutes``
+of training for the first ``--early-minutes``, where the ratios at low targets are decided, then every
+``--eval-minutes``). Methods run one after another in this process (one torch process on the machine at a time).
 
 **Time to target** (the default protocol). The target is the base's score + ``--target-gain`` (default 0.15);
 a run reaches it when two consecutive evaluations are at or above it (``run.stop_at_gain``, ``run.stop_after``),
@@ -42,6 +43,9 @@ left as it is):
 Examples::
 
     python scripts/bench_rl.py --seeds 0,1                       # the time-to-target protocol, 4 methods
+    # The ratio-against-target curve measured to + 0.20: every run until it holds + 0.20, the baselines up to 4
+    # hours (resumable: run the same command again after an interruption; one thread per lane).
+    python scripts/bench_rl.py --seeds 0,1 --target-gain 0.20 --cap-minutes 240 --budget-factor 100 --threads 1
     python scripts/bench_rl.py --methods dgpo,flow_grpo --budget-minutes 5     # fixed budget
     # A learning-rate sweep: labels name variants of a method, LABEL:key=value sets one run's config.
     python scripts/bench_rl.py --methods fg1=flow_grpo,fg3=flow_grpo --budget-minutes 4 \\
@@ -111,6 +115,7 @@ def shared_settings(args, base: Path, seed: int, budget_minutes: float) -> list[
             f"rollout.prompts_per_epoch={args.prompts}", f"rollout.group_size={args.group_size}",
             f"model.lora_rank={args.lora_rank}", f"model.lora_alpha={args.lora_rank}",
             "eval.every=1000000", f"eval.every_minutes={args.eval_minutes}", f"eval.per_prompt={args.per_prompt}",
+            f"eval.early_every_minutes={args.early_eval_minutes}", f"eval.early_minutes={args.early_minutes}",
             "eval.split=test", "eval.fd=true", "reward.name=shapes_partial"]
 
 
@@ -577,6 +582,12 @@ def main(argv=None) -> int:
                    help="instead: a fixed training budget per method, no early end and no final evaluation")
     p.add_argument("--eval-minutes", type=float, default=None,
                    help="evaluate every N minutes of training (default 3; 2 with --budget-minutes)")
+    p.add_argument("--early-eval-minutes", type=float, default=None,
+                   help="in the first --early-minutes of training, evaluate this often instead, where the time "
+                        "ratios at low targets are decided (evaluation time is never training time; default 0.5; "
+                        "0 = off, and off with --budget-minutes)")
+    p.add_argument("--early-minutes", type=float, default=5.0,
+                   help="how long the early cadence lasts, in minutes of training (default 5)")
     p.add_argument("--per-prompt", type=int, default=None,
                    help="images per test prompt of the curves' evaluations (default 32; 16 with --budget-minutes)")
     p.add_argument("--prompts", type=int, default=8, help="P: prompts per epoch for every method (default 8)")
@@ -601,6 +612,8 @@ def main(argv=None) -> int:
     fixed = args.budget_minutes is not None
     args.eval_minutes = args.eval_minutes or (2.0 if fixed else 3.0)
     args.per_prompt = args.per_prompt or (16 if fixed else 32)
+    if args.early_eval_minutes is None:
+        args.early_eval_minutes = 0.0 if fixed else 0.5
     try:
         seeds = [args.seed] if args.seed is not None else [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
@@ -656,6 +669,7 @@ def main(argv=None) -> int:
     base_final = out / "bench_rl" / f"base_eval_{args.final_per_prompt}.json"
     summary["base_final_eval"] = json.loads(base_final.read_text()) if base_final.is_file() else None
     summary["settings"] = {"budget_minutes": args.budget_minutes, "eval_minutes": args.eval_minutes,
+                           "early_eval_minutes": args.early_eval_minutes, "early_minutes": args.early_minutes,
                            "per_prompt": args.per_prompt, "final_per_prompt": args.final_per_prompt,
                            "P": args.prompts, "G": args.group_size, "lora_rank": args.lora_rank, "seeds": seeds,
                            "set": args.set, "target": args.target, "target_gain": args.target_gain,

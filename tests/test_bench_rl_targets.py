@@ -118,3 +118,16 @@ def test_a_users_file_named_like_the_targets_plot_is_left_alone(tmp_path, capsys
     assert bench.main(["--out", str(tmp_path), "--report-only", "--methods", "dgpo"]) == 2
     assert "bench_rl_targets.png exists and is not part of a report bench_rl wrote" in capsys.readouterr().err
     assert mine.read_text() == "my own plot\n" and not (tmp_path / "bench_rl.json").exists()
+
+
+def test_every_run_evaluates_densely_early_then_at_the_regular_cadence():
+    """The benchmark's shared settings give every method the dense early cadence (--early-eval-minutes for the
+    first --early-minutes) and the regular one after, as keys of its config."""
+    from types import SimpleNamespace
+    from dgpo.trainer import load_train_config
+    bench = load_script("scripts/bench_rl.py")
+    args = SimpleNamespace(budget_minutes=None, target_gain=0.2, threads=1, prompts=8, group_size=8, lora_rank=16,
+                           eval_minutes=3.0, per_prompt=32, early_eval_minutes=0.5, early_minutes=5.0)
+    cfg = load_train_config("configs/flow_grpo/shapes.yaml", bench.shared_settings(args, "base", 0, 240.0))
+    assert (cfg.eval.early_every_minutes, cfg.eval.early_minutes, cfg.eval.every_minutes) == (0.5, 5.0, 3.0)
+    assert (cfg.run.time_budget_min, cfg.run.stop_at_gain) == (240.0, 0.2)
