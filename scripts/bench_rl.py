@@ -564,7 +564,8 @@ def read_budget(run_dir: Path) -> float | None:
     return yaml.safe_load(path.read_text())["run"]["time_budget_min"] if path.is_file() else None
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The benchmark's command line, its defaults filled in as the protocol chosen sets them."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated methods, each optionally label=method (default: all four)")
@@ -614,6 +615,12 @@ def main(argv=None) -> int:
     args.per_prompt = args.per_prompt or (16 if fixed else 32)
     if args.early_eval_minutes is None:
         args.early_eval_minutes = 0.0 if fixed else 0.5
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    fixed = args.budget_minutes is not None
     try:
         seeds = [args.seed] if args.seed is not None else [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:

@@ -57,7 +57,6 @@ from collections import Counter
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import NamedTuple
-from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -81,33 +80,11 @@ def load_bench_rl():
     return module
 
 
-class _Parsed(Exception):
-    """Carries the namespace bench_rl's parser produced out of its ``main``."""
-
-
-def bench_rl_defaults(bench) -> argparse.Namespace:
-    """bench_rl's command-line defaults (P, G, LoRA rank, seeds, budget cap, …), read from its own parser.
-
-    bench_rl builds its parser inside ``main``; its ``main([])`` runs here up to the parse (``parse_args`` is
-    wrapped to hand the result out and stop), so a default changed there is the profile's too."""
-    real_parse = argparse.ArgumentParser.parse_args
-
-    def parse_and_stop(parser, args=None, namespace=None):
-        raise _Parsed(real_parse(parser, args, namespace))
-
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", parse_and_stop):
-        try:
-            bench.main([])
-        except _Parsed as parsed:
-            return parsed.args[0]
-    raise RuntimeError("scripts/bench_rl.py's main() no longer parses its arguments first: update bench_rl_defaults")
-
-
 def profile_arguments(bench, threads: int) -> argparse.Namespace:
     """bench_rl's defaults for ``shared_settings``, with ``threads`` and the evaluation off: ``eval.every`` is
     already 10⁶ epochs there, and the timed cadence (``eval.every_minutes``, the early one) is set to 0 here
     (the epochs run through ``train_step`` alone, which never evaluates; these keep the config saying so)."""
-    args = bench_rl_defaults(bench)
+    args = bench.parse_args([])  # bench_rl's defaults: a default changed there is the profile's too
     args.threads = threads
     args.eval_minutes, args.early_eval_minutes, args.per_prompt = 0, 0, 1
     return args

@@ -50,9 +50,13 @@ def test_profile_epoch_phases_nfe_limit_and_refusal(tiny_base, tmp_path, capsys)
         assert epoch[f"{phase}_limit_s"] > 0
     assert epoch["reward_limit_s"] == 0 and dgpo["mean"]["share_above"]["reward"] == 1.0
     assert epoch["limit_s"] == pytest.approx(epoch["rollout_limit_s"] + epoch["update_limit_s"])
-    share = dgpo["mean"]["share_above"]
-    assert all(0 <= share[key] < 1 for key in ("rollout", "update", "epoch")), share
-    assert share["epoch"] == pytest.approx(1 - epoch["limit_s"] / epoch["epoch_s"])
+    # The share above the limit is its formula of the measured seconds. Whether it is positive is the measurement,
+    # not a property: on a tiny model on a loaded machine the calls timed alone can come out slower than in the
+    # epoch (the update's share was −0.46 in one run), so only the formula is asserted.
+    share, mean = dgpo["mean"]["share_above"], dgpo["mean"]
+    for key in ("rollout", "update"):
+        assert share[key] == pytest.approx(1 - mean[f"{key}_limit_s"] / mean[f"{key}_s"]) and share[key] < 1
+    assert share["epoch"] == pytest.approx(1 - mean["limit_s"] / mean["epoch_s"]) and share["epoch"] < 1
     table = (out / "profile_epoch.md").read_text()
     assert "| dgpo (DGPO) |" in table and "1 thread(s)" in table and (out / "profile_epoch.png").stat().st_size > 0
 
