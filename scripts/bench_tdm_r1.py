@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", required=True, help="a finished `tdm-r1 distill` run folder (its final/lora and "
                    "final/lora/sampler.json are the shared starting student)")
+    p.add_argument("--r1-config", default=None, help="TDM-R1's recipe for the r1 rows (default configs/tdm_r1/shapes.yaml, "
+                   "whose student is configs/tdm/shapes.yaml's; a student of configs/tdm/shapes_scheduler_levels.yaml "
+                   "takes configs/tdm_r1/shapes_scheduler_levels.yaml)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all: {','.join(ROWS)})")
     p.add_argument("--minutes", type=float, default=30.0, help="training wall-clock of every row (default 30)")
     p.add_argument("--heldout", default="color_attr,position",
@@ -84,7 +87,7 @@ def run_row(row: str, args, base: Path, student: dict, run_dir: Path, overrides:
         extra = [f"teacher.base={base}", f"r1.init_run={args.student}", "run.iterations=1000000", *shared]
         if row == "r1_heldout":
             extra.append(f"r1.categories={json.dumps(trained_categories(args.heldout))}")
-        cfg = load_r1_config(DEFAULT_R1_CONFIG, [*extra, *overrides])
+        cfg = load_r1_config(args.r1_config or DEFAULT_R1_CONFIG, [*extra, *overrides])
         finish_run(run_dir, lambda: recipe_of(cfg)(start_run(cfg, "bench_tdm_r1", overwrite=run_dir.exists()), log=log).run(),
                    lambda: recipe_of(cfg)(reopen_run(type(cfg), run_dir), log=log).run(resume=True), log)
         return

@@ -90,10 +90,12 @@ class Reinforcer(Distiller):
             raise UserError(f"r1.init_run: {str(run)!r} is not a `tdm-r1 distill` run folder with a checkpoint")
         theirs = yaml.safe_load(saved.read_text())
         mine = to_dict(self.cfg)
-        keys = [("student", k) for k in ("nfe", "boundaries", "mode", "lora_rank", "lora_alpha", "lora_targets")]
+        keys = [("student", k) for k in ("nfe", "boundaries", "level_shift", "mode", "lora_rank", "lora_alpha",
+                                         "lora_targets")]
         keys += [("fake", k) for k in ("lora_rank", "lora_alpha", "lora_targets")] + [("objective", "tau")]
-        differ = [f"{a}.{b}: {theirs.get(a, {}).get(b)!r} there, {mine[a][b]!r} here" for a, b in keys
-                  if theirs.get(a, {}).get(b) != mine[a][b]]
+        before_the_key = {("student", "level_shift"): 0.0}  # a run saved before the key: the scheduler's levels
+        differ = [f"{a}.{b}: {theirs_value!r} there, {mine[a][b]!r} here" for a, b in keys
+                  if (theirs_value := theirs.get(a, {}).get(b, before_the_key.get((a, b)))) != mine[a][b]]
         if differ:
             raise UserError(f"r1.init_run: {str(run)!r} trained another student ({'; '.join(differ)}); set the "
                             f"same values here")

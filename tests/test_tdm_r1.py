@@ -37,9 +37,12 @@ TINY_R1 = ["run.time_budget_min=0", "optim.batch_size=4", "eval.per_prompt=1", "
            "reward.name=r1_brightness", "student.ema_decay=0"]
 
 
-def tiny_cfg(tiny_base, out, *extra):
-    return load_distill_config("configs/tdm_r1/shapes.yaml",
-                               [f"teacher.base={tiny_base}", f"run.out_dir={out}", *TINY_R1, *extra])
+#: The recipe the outcome tests' margins were measured on (the default's TDM keys changed after).
+MEASURED_RECIPE = "configs/tdm_r1/shapes_scheduler_levels.yaml"
+
+
+def tiny_cfg(tiny_base, out, *extra, recipe="configs/tdm_r1/shapes.yaml"):
+    return load_distill_config(recipe, [f"teacher.base={tiny_base}", f"run.out_dir={out}", *TINY_R1, *extra])
 
 
 def test_bridge_target_closed_form():
@@ -179,6 +182,16 @@ def test_r1_runs_resumes_exactly_and_starts_from_a_tdm_run(tiny_base, tmp_path, 
     assert main(["train", "--out", str(tmp_path / "other"),
                  *sets(*r1_sets, "run.iterations=1", "student.lora_rank=8")]) == 2
     assert "trained another student (student.lora_rank: 4 there, 8 here" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "other"),
+                 *sets(*r1_sets, "run.iterations=1", "student.level_shift=0")]) == 2
+    assert "student.level_shift: 3.0 there, 0.0 here" in capsys.readouterr().err
+    # a run folder saved before student.level_shift existed trained at the scheduler's levels
+    import yaml
+    saved = yaml.safe_load((tmp_path / "tdm" / "config.yaml").read_text())
+    del saved["student"]["level_shift"]
+    (tmp_path / "tdm" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["train", "--out", str(tmp_path / "other"), *sets(*r1_sets, "run.iterations=1")]) == 2
+    assert "student.level_shift: 0.0 there, 3.0 here" in capsys.readouterr().err
 
 
 REQUIRED_TAU = 0.05
@@ -206,7 +219,7 @@ def test_trained_surrogate_ranks_fresh_trajectory_points(briefly_pretrained_base
     1 and 2 threads: 4.3-5.1× (mean τ 0.22-0.26)."""
     seed = outcome_seed
     d = Reinforcer(tiny_cfg(briefly_pretrained_base, tmp_path / "run", "optim.batch_size=8", "r1.group_size=4",
-                           "surrogate.lr=3e-3", f"run.seed={seed}"), log=lambda *a: None)
+                           "surrogate.lr=3e-3", f"run.seed={seed}", recipe=MEASURED_RECIPE), log=lambda *a: None)
     d.train_prompts = d.train_prompts[:2]
 
     def rollouts(n, g):
@@ -240,7 +253,7 @@ def test_r1_raises_the_training_reward_more_than_tdm_alone(briefly_pretrained_ba
     def brightness_after(r1: bool) -> tuple[float, float]:
         cfg = tiny_cfg(briefly_pretrained_base, tmp_path / f"r1-{r1}", "optim.batch_size=8", "r1.group_size=4",
                        "optim.generator_lr=1e-3", "surrogate.lr=3e-3", "r1.reward_weight=3", f"run.seed={seed}",
-                       f"r1.enabled={str(r1).lower()}")
+                       f"r1.enabled={str(r1).lower()}", recipe=MEASURED_RECIPE)
         d = recipe_of(cfg)(cfg, log=lambda *a: None)
 
         def measure() -> float:
