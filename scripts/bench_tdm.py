@@ -216,29 +216,30 @@ def load_lora_student(base, folder: str) -> dict:
     """A LoRA student on the teacher's pipeline: its model, noise levels (its sampler.json) and label."""
     from dgpo.cli import load_model
     from dgpo.errors import UserError
-    from tdm_r1.student import default_boundaries, read_sampler_file
     if not Path(folder).exists() and (ROOT / folder).exists():  # the default, run from elsewhere
         folder = str(ROOT / folder)
     if not (Path(folder) / "pytorch_lora_weights.safetensors").is_file():
         raise UserError(f"--lora {folder!r} has no pytorch_lora_weights.safetensors: run `tdm-r1 distill` first or "
                         f"pass RUN/final/lora")
-    model = load_model(base, folder)
-    saved = read_sampler_file(folder)
-    return {"model": model, "folder": folder, "kind": "lora", "label": student_label(folder),
-            "boundaries": saved["boundaries"] if saved else default_boundaries(model, 4)}
+    return student_entry(load_model(base, folder), folder, "lora")
 
 
 def load_full_student(folder: str) -> dict:
     """A fully fine-tuned student: its own pipeline folder (RUN/final/pipeline; RUN/final/sampler.json)."""
     from dgpo.cli import load_model
     from dgpo.errors import UserError
-    from tdm_r1.student import default_boundaries, read_sampler_file
     if not (Path(folder) / "model_index.json").is_file():
         raise UserError(f"--student {folder!r} is not a saved pipeline (no model_index.json): pass "
                         f"RUN/final/pipeline of a `tdm-r1 distill --set student.mode=full` run")
-    model = load_model(folder)
+    return student_entry(load_model(folder), folder, "full")
+
+
+def student_entry(model, folder: str, kind: str) -> dict:
+    """A loaded student as the benchmark's rows use it: its model, folder, kind, label and noise levels (its
+    sampler.json; without one, the scheduler's 4-step levels)."""
+    from tdm_r1.student import default_boundaries, read_sampler_file
     saved = read_sampler_file(folder)
-    return {"model": model, "folder": folder, "kind": "full", "label": student_label(folder),
+    return {"model": model, "folder": folder, "kind": kind, "label": student_label(folder),
             "boundaries": saved["boundaries"] if saved else default_boundaries(model, 4)}
 
 

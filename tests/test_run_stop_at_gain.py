@@ -92,11 +92,13 @@ def test_target_rule_ignores_the_base_evaluation():
 
 
 class MinuteSteps(ScriptedRecipe):
-    """Each step takes one minute of training (a fake clock)."""
+    """Each step takes ``seconds_per_step`` of training, one minute unless a subclass says (a fake clock)."""
+
+    seconds_per_step = 60.0
 
     def train_step(self):
         row = super().train_step()
-        self.counters.train_seconds += 60.0
+        self.counters.train_seconds += self.seconds_per_step
         return row
 
 
@@ -111,13 +113,8 @@ def test_evaluation_by_minutes_alone(tmp_path):
     assert [r["epoch"] for r in evals] == [0, 3, 6, 9, 10]
 
 
-class HalfMinuteSteps(ScriptedRecipe):
-    """Each step takes half a minute of training (a fake clock)."""
-
-    def train_step(self):
-        row = super().train_step()
-        self.counters.train_seconds += 30.0
-        return row
+class HalfMinuteSteps(MinuteSteps):
+    seconds_per_step = 30.0
 
 
 def test_dense_early_evaluation_then_the_regular_cadence(tmp_path):
