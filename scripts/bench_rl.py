@@ -558,6 +558,12 @@ def budget_minutes(args, method: str, dgpo_dir: Path | None) -> float:
     return min(args.cap_minutes, round(args.budget_factor * hit["train_seconds"] / 60, 2))
 
 
+def default_base() -> Path:
+    """The embedded shapes base every method starts from: DGPO's recipe's ``model.base_config``, resolved."""
+    from dgpo.trainer import load_train_config, resolve_base
+    return resolve_base(load_train_config(REPO / "configs/dgpo/shapes.yaml"))[0]
+
+
 def read_budget(run_dir: Path) -> float | None:
     import yaml
     path = run_dir / "config.yaml"
@@ -644,11 +650,11 @@ def main(argv=None) -> int:
     final_name = f"final_eval_{args.final_per_prompt}.json"
     to_train = select_runs(runs, args.runs, out, dgpo_label, seeds)
     if not args.report_only:
-        from dgpo.trainer import load_train_config, resolve_base
+        from dgpo.trainer import load_train_config
         try:
             for label, method in methods.items():  # validate every run's config before the first one starts
                 load_train_config(REPO / "configs" / method / "shapes.yaml", [*shared, *per[label]])
-            base = Path(args.base) if args.base else resolve_base(load_train_config(REPO / "configs/dgpo/shapes.yaml"))[0]
+            base = Path(args.base) if args.base else default_base()
             for name in to_train:
                 label, method, seed = runs[name]
                 run_dir = out / "bench_rl" / name

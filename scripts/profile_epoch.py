@@ -107,12 +107,6 @@ def recipe_path(bench, method: str) -> Path:
     return bench.REPO / "configs" / method / "shapes.yaml"
 
 
-def default_base(bench) -> Path:
-    """The embedded shapes base, resolved as bench_rl resolves it (DGPO's recipe's ``model.base_config``)."""
-    from dgpo.trainer import load_train_config, resolve_base
-    return resolve_base(load_train_config(recipe_path(bench, "dgpo")))[0]
-
-
 # ------------------------------------------------------------------------------------------- the call census
 
 class CallKind(NamedTuple):
@@ -483,7 +477,7 @@ def main(argv=None) -> int:
     try:
         check_report_outputs(files[0], files[1:], TOOL, args.overwrite)
         methods = bench.parse_methods(args.methods)
-        base = Path(args.base) if args.base else default_base(bench)
+        base = Path(args.base) if args.base else bench.default_base()
         runs = method_overrides(bench, methods, args.set, base, args.threads)
         from dgpo.trainer import load_train_config
         for method, overrides in runs.values():  # every config checked before the first trainer is built
