@@ -73,6 +73,16 @@ class ObjectiveConfig:
     distance: str = option("l2", "generator distance to its target", choices=("l2", "huber"))
     huber_c: float = option(0.03, "c of the pseudo-Huber distance", min=0.0)
     normalise: bool = option(True, "divide the score difference by DMD's normaliser mean|x̂₀ − x̂₀^teacher|")
+    dm_target: str = option("guided", "the teacher prediction distribution matching moves the student towards: the "
+                            "teacher at teacher.guidance_scale (guided), or its conditional prediction with CFG as a "
+                            "separate direction of weight objective.cfg_weight (conditional; the released TDM-R1 "
+                            "code, scripts/train_tdmr1_pub.py: conditional, 0.3 at its CFG 4.5); both normalised "
+                            "against the guided teacher; conditional costs one more teacher call per generator update",
+                            choices=("guided", "conditional"))
+    cfg_weight: float = option(0.3, "with dm_target=conditional, `tdm-r1 distill`: weight w of the CFG direction "
+                               "(x̂₀^teacher,CFG − x̂₀^teacher)/n, so the target is the teacher at CFG "
+                               "1 + w·(guidance_scale − 1); `tdm-r1 train` weighs it by r1.cfg_weight instead",
+                               min=0.0)
 
 
 @dataclass
@@ -127,6 +137,11 @@ class R1Config:
                                    "shift alone)", choices=("conditional", "guided"))
     t_min: float = option(0.0, "τ′ ~ U[max(σ_{k+1}, t_min), 1]: where the reward direction is read", min=0.0,
                           max=0.99)
+    tau_shift: float = option(1.0, "τ′ uniform in the unshifted levels, then shifted by this (1: uniform in σ); the "
+                              "released TDM-R1 code (scripts/train_tdmr1_pub.py): 3, which puts fewer reads where "
+                              "the surrogate never trained", min=1.0)
+    tau_margin: float = option(0.0, "τ′'s lower end raised by this in the unshifted levels (the released code: 0.02)",
+                               min=0.0, max=0.5)
     trunc_steps: int = option(0, "steps k < trunc_steps take the early weights, the rest the late ones "
                               "(0 = all steps early, the released recipe's default)", min=0)
     reward_weight: float = option(0.7, "weight of the reward direction, early steps (released recipe)", min=0.0)

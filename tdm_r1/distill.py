@@ -45,9 +45,9 @@ from dgpo.models.families import WEIGHTS_DTYPES, load_model
 from dgpo.models.adapters import AdapterRoles
 from dgpo.worlds.registry import make_world
 from tdm_r1.config import DistillConfig, ReinforceConfig
-from tdm_r1.objectives import (distribution_matching_direction, fake_score_loss, log_importance_weight,
-                               normalise_weights, regression_loss, sample_tau, teacher_regulariser,
-                               transition_sample, x0_from_velocity)
+from tdm_r1.objectives import (cfg_direction, distribution_matching_direction, fake_score_loss,
+                               log_importance_weight, normalise_weights, regression_loss, sample_tau,
+                               teacher_regulariser, transition_sample, x0_from_velocity)
 from tdm_r1.student import (boundary_sigmas, check_boundaries, generate_student, student_levels,
                             write_sampler_files)
 
@@ -256,20 +256,26 @@ class Distiller:
 
     def generator_update(self, r: Rollout) -> dict:
         """The student's regression onto x̂₀ + direction (:meth:`generator_direction`; TDM: the
-        distribution-matching direction alone). No denoising loss."""
+        distribution-matching direction, plus the CFG direction when it matches the conditional teacher). No
+        denoising loss."""
         p = self.trajectory_points(r)
+        o = self.cfg.objective
+        conditional = o.dm_target == "conditional"
         with torch.no_grad():
             with self.as_teacher() as teacher:
                 v_t = teacher.guided_velocity(p["x_tau"], p["tau"], r.embeds, self.cfg.teacher.guidance_scale)
+                v_c = teacher.velocity(p["x_tau"], p["tau"], r.embeds) if conditional else None
             with self.as_fake() as fake:
                 v_f = fake.velocity(p["x_tau"], p["tau"], self.fake_embeds(r.embeds, p["k"]))
             x0_teacher = x0_from_velocity(p["x_tau"], p["tau"], v_t)
+            x0_cond = x0_from_velocity(p["x_tau"], p["tau"], v_c) if conditional else None
             x0_fake = x0_from_velocity(p["x_tau"], p["tau"], v_f)
         with self.as_student() as student:
             v = student.velocity(p["x_k"], p["s_k"], r.embeds)
         x0_student = x0_from_velocity(p["x_k"], p["s_k"], v)
-        o = self.cfg.objective
-        dm = distribution_matching_direction(x0_student, x0_teacher, x0_fake, o.normalise)
+        dm = distribution_matching_direction(x0_student, x0_cond if conditional else x0_teacher, x0_fake,
+                                             o.normalise, x0_normaliser=x0_teacher)
+        p["x0_cond"] = x0_cond
         direction, extra = self.generator_direction(r, p, x0_student, x0_teacher, dm)
         loss = regression_loss(x0_student, direction, o.distance, o.huber_c) * r.share()
         grad_norm = self._step(self.gen_opt, self.student_params, loss, "generator")
@@ -280,8 +286,13 @@ class Distiller:
                 "score_gap": self.processes.sum(gap), **extra}
 
     def generator_direction(self, r: Rollout, p: dict, x0_student, x0_teacher, dm) -> tuple[torch.Tensor, dict]:
-        """The direction the student's x̂₀ moves along, and diagnostics: TDM's distribution matching ``dm``."""
-        return dm, {}
+        """The direction the student's x̂₀ moves along, and diagnostics: TDM's distribution matching ``dm``
+        (``objective.dm_target=guided``), or ``dm`` + objective.cfg_weight × the CFG direction when ``dm`` points
+        at the conditional teacher ``p["x0_cond"]`` (:func:`tdm_r1.objectives.cfg_direction`)."""
+        if p["x0_cond"] is None:
+            return dm, {}
+        o = self.cfg.objective
+        return dm + o.cfg_weight * cfg_direction(x0_student, x0_teacher, p["x0_cond"], o.normalise), {}
 
     def _step(self, opt, params, loss, who: str) -> float:
         """Backward of this process's share of the loss, then the runtime's guarded step (gradients summed over

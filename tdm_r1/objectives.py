@@ -94,6 +94,14 @@ def sample_tau(sigmas: torch.Tensor, k: torch.Tensor, mode: str, generator: torc
         hi = torch.ones_like(lo)
     else:
         raise ValueError(f"unknown tau mode {mode!r}; choose disjoint or full")
+    return shifted_uniform(lo, hi, u, shift, margin)
+
+
+def shifted_uniform(lo: torch.Tensor, hi: torch.Tensor, u: torch.Tensor, shift: float = 1.0,
+                    margin: float = 0.0) -> torch.Tensor:
+    """A level in [lo, hi] from u ~ U(0, 1): lo + u·(hi − lo) when ``shift`` is 1 and ``margin`` 0; otherwise
+    uniform in the unshifted levels ũ(σ) = σ / (s − (s − 1)·σ) on [ũ(lo) + margin, ũ(hi)], then shifted back,
+    σ = s·ũ / (1 + (s − 1)·ũ) (the flow scheduler's shift s; more levels near 1 for s > 1)."""
     if shift == 1.0 and margin == 0.0:
         return lo + u * (hi - lo)
     unshift = lambda x: x / (shift - (shift - 1.0) * x)  # noqa: E731
@@ -129,10 +137,22 @@ def generator_loss(x0_student: torch.Tensor, x0_teacher: torch.Tensor, x0_fake: 
 
 
 def distribution_matching_direction(x0_student: torch.Tensor, x0_teacher: torch.Tensor, x0_fake: torch.Tensor,
-                                    normalise: bool = True) -> torch.Tensor:
-    """TDM's direction (x̂₀^teacher,CFG − x̂₀^fake) / n, n the DMD normaliser (1 when ``normalise`` is off)."""
-    n = dmd_normaliser(x0_student, x0_teacher) if normalise else torch.ones(len(x0_student), device=x0_student.device)
+                                    normalise: bool = True, x0_normaliser: torch.Tensor | None = None) -> torch.Tensor:
+    """TDM's direction (x̂₀^teacher − x̂₀^fake) / n, n the DMD normaliser mean|x̂₀ − x̂₀^ref| with x̂₀^ref =
+    ``x0_normaliser`` (default: ``x0_teacher``; 1 when ``normalise`` is off). x̂₀^teacher is the guided teacher
+    (``objective.dm_target=guided``) or its conditional prediction (``conditional``, normalised against the
+    guided one, as the released TDM-R1 code does)."""
+    ref = x0_teacher if x0_normaliser is None else x0_normaliser
+    n = dmd_normaliser(x0_student, ref) if normalise else torch.ones(len(x0_student), device=x0_student.device)
     return ((x0_teacher - x0_fake) / _b(n, x0_student)).detach()
+
+
+def cfg_direction(x0_student: torch.Tensor, x0_guided: torch.Tensor, x0_conditional: torch.Tensor,
+                  normalise: bool = True) -> torch.Tensor:
+    """The CFG direction (x̂₀^teacher,CFG − x̂₀^teacher) / n = (w − 1)(x̂₀^c − x̂₀^u) / n at CFG scale w, n the DMD
+    normaliser against the guided teacher. With distribution matching towards the conditional teacher,
+    dm + λ·cfg moves the student towards the teacher at CFG 1 + λ(w − 1) (up to the fake score)."""
+    return distribution_matching_direction(x0_student, x0_guided, x0_conditional, normalise)
 
 
 def regression_loss(x0_student: torch.Tensor, direction: torch.Tensor, distance: str = "l2",
@@ -157,19 +177,38 @@ def bridge_velocity(x_t: torch.Tensor, t: torch.Tensor, x_tau: torch.Tensor, tau
 
         v* = (x_τ − x_t) / (τ − t),
 
-    the constant velocity of the straight path through both points, the rectified-flow convention
-    (v = dx_σ/dσ). At t = 0 (x_t = x₀, x_τ = (1 − τ)·x₀ + τ·ε) it is ε − x₀, the ordinary flow-matching
-    target; for t > 0 it is the target of the model that treats x_t as its clean sample. (The surrogate
-    reward's DGPO loss compares the surrogate's and the reference's errors against this target on the
-    student's trajectory points, TDM-R1's stepwise reward.)"""
+    the constant velocity of the straight path through both points (v = dx_σ/dσ). At t = 0 (x_t = x₀,
+    x_τ = (1 − τ)·x₀ + τ·ε) it is ε − x₀, the ordinary flow-matching target; for t > 0 its mean given x_τ is
+    *not* the flow's velocity at x_τ (it is the straight line to E[x_t | x_τ]), and its noise coefficient
+    b/(τ − t) grows as √(2t / ((1 − t)(τ − t))) when τ → t. ``surrogate.target=bridge``; the default is
+    :func:`flow_velocity_target`."""
     return (x_tau - x_t) / _b((tau - t).clamp_min(1e-4), x_t)
 
 
-def level_above(t: torch.Tensor, u: torch.Tensor, t_min: float = 0.0, gap: float = 1e-3) -> torch.Tensor:
-    """A level τ = lo + u·(1 − lo), lo = max(t, t_min), for u ~ U[0, 1): τ ~ U[max(t, t_min), 1], kept at least
-    ``gap`` above t (a bridge from t to τ needs τ > t) and at most 1 — where TDM-R1 diffuses a point of level t."""
+def flow_velocity_target(x_t: torch.Tensor, t: torch.Tensor, x_tau: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The flow-matching velocity target at x_τ ~ q(x_τ | x_t) (:func:`transition_sample`, x_τ = a·x_t + b·z):
+    the velocity v = ε̂ − x̂₀ implied by the denoising-score target ε̂ = −τ·∇log q(x_τ | x_t) = τ·(x_τ − a·x_t)/b²
+    with x̂₀ = (x_τ − τ·ε̂)/(1 − τ):
+
+        v* = −x_t / (1 − t) + (x_τ − a·x_t) · (τ + a·t² / (1 − t)) / b²,   a = (1 − τ)/(1 − t), b² = τ² − a²t².
+
+    Denoising score matching makes its mean given x_τ the flow's own velocity there, whatever the distribution
+    of x_t: the base is the Bayes-optimal predictor of it, so ℓ_φ − ℓ_ref measures only what the surrogate
+    learned. At t = 0 it is ε − x₀ (= :func:`bridge_velocity`); its noise coefficient is half the bridge's as
+    τ → t. The released TDM-R1 code's surrogate target (``surrogate.target=velocity``)."""
+    a, b = transition_coefficients(t, tau)
+    a, b2, t_, tau_ = _b(a, x_t), _b(b.square().clamp_min(1e-8), x_t), _b(t, x_t), _b(tau, x_t)
+    return -x_t / (1.0 - t_) + (x_tau - a * x_t) * (tau_ + a * t_.square() / (1.0 - t_)) / b2
+
+
+def level_above(t: torch.Tensor, u: torch.Tensor, t_min: float = 0.0, gap: float = 1e-3, shift: float = 1.0,
+                margin: float = 0.0) -> torch.Tensor:
+    """A level τ in [max(t, t_min), 1] from u ~ U[0, 1) (:func:`shifted_uniform`: uniform in σ by default, or
+    uniform in the unshifted levels from ũ(max(t, t_min)) + ``margin`` before a ``shift``), kept at least ``gap``
+    above t (a bridge from t to τ needs τ > t) and at most 1 — where TDM-R1 diffuses a point of level t. The
+    released code: shift 3, margin 0.02 (its "+20" timesteps of 1000)."""
     lo = t.clamp_min(t_min)
-    return torch.maximum(lo + u * (1.0 - lo), t + gap).clamp_max(1.0)
+    return torch.maximum(shifted_uniform(lo, torch.ones_like(lo), u, shift, margin), t + gap).clamp_max(1.0)
 
 
 def reward_direction(x0_student: torch.Tensor, x0_surrogate_cfg: torch.Tensor,

@@ -35,8 +35,8 @@ from dgpo.runtime.ema import EMA
 from dgpo.config import to_dict
 from tdm_r1.config import DistillConfig, ReinforceConfig
 from tdm_r1.distill import STUDENT, Distiller, Rollout, training_prompts
-from tdm_r1.objectives import (distribution_matching_direction, level_above, r1_generator_direction,
-                               reward_direction, transition_sample, x0_from_velocity)
+from tdm_r1.objectives import (cfg_direction, level_above, r1_generator_direction, reward_direction,
+                               transition_sample, x0_from_velocity)
 from tdm_r1.student import read_sampler_file
 from tdm_r1.surrogate import SurrogateReward, group_draws
 
@@ -164,11 +164,14 @@ class Reinforcer(Distiller):
 
         - reward: (x̂₀^{surrogate, CFG r1.rl_cfg}(x_τ′) − x̂₀^{base}(x_τ′)) / mean|x̂₀ − x̂₀^{surrogate,CFG}|, the base
           conditional (``r1.reward_reference=conditional``) or at the same CFG (``guided``), with
-          x_τ′ diffused from the student's next point x_{σ_{k+1}} to τ′ ~ U[max(σ_{k+1}, r1.t_min), 1], τ′'s
-          uniform and the noise shared by a group (:func:`tdm_r1.objectives.reward_direction`);
+          x_τ′ diffused from the student's next point x_{σ_{k+1}} to τ′ in [max(σ_{k+1}, r1.t_min), 1] (uniform,
+          or before a shift of r1.tau_shift from r1.tau_margin above), τ′'s uniform and the noise shared by a
+          group (:func:`tdm_r1.objectives.reward_direction`);
         - CFG: (x̂₀^{teacher,CFG}(x_τ) − x̂₀^{teacher}(x_τ)) / mean|x̂₀ − x̂₀^{teacher,CFG}| at TDM's own point x_τ
-          (0 when teacher.guidance_scale ≤ 1);
-        - distribution matching: TDM's direction ``dm``.
+          (0 when teacher.guidance_scale ≤ 1; :func:`tdm_r1.objectives.cfg_direction`);
+        - distribution matching: TDM's direction ``dm``, towards the guided teacher or, with
+          ``objective.dm_target=conditional`` (the released code's), the conditional one (objective.cfg_weight is
+          then unused: the CFG direction's weights are r1.cfg_weight and r1.late_cfg_weight).
         """
         c = self.cfg.r1
         k = p["k"]
@@ -176,7 +179,7 @@ class Reinforcer(Distiller):
         early = (k < trunc).to(self.device)
         groups = torch.arange(r.total) // c.group_size  # consecutive groups of the global batch
         u, z = group_draws(groups, tuple(x0_student.shape[1:]), self.gen)
-        tau2 = level_above(p["s_next"], u[r.rows].to(self.device), c.t_min)
+        tau2 = level_above(p["s_next"], u[r.rows].to(self.device), c.t_min, shift=c.tau_shift, margin=c.tau_margin)
         x_tau2 = transition_sample(p["x_next"], p["s_next"], tau2, z[r.rows].to(self.device))
         x0_sur = self.surrogate.x0(x_tau2, tau2, r.embeds, c.rl_cfg)
         with self.as_teacher() as teacher:
@@ -184,10 +187,12 @@ class Reinforcer(Distiller):
             v_base = (teacher.guided_velocity(x_tau2, tau2, r.embeds, c.rl_cfg) if guided else
                       teacher.velocity(x_tau2, tau2, r.embeds))
             x0_base = x0_from_velocity(x_tau2, tau2, v_base)
-            x0_cond = x0_from_velocity(p["x_tau"], p["tau"], teacher.velocity(p["x_tau"], p["tau"], r.embeds))
+            x0_cond = p["x0_cond"]
+            if x0_cond is None:  # objective.dm_target=guided: the conditional teacher only for the CFG direction
+                x0_cond = x0_from_velocity(p["x_tau"], p["tau"], teacher.velocity(p["x_tau"], p["tau"], r.embeds))
         reward = reward_direction(x0_student, x0_sur, x0_base)
         cfg_dir = (torch.zeros_like(dm) if self.cfg.teacher.guidance_scale <= 1 else
-                   distribution_matching_direction(x0_student, x0_teacher_cfg, x0_cond))
+                   cfg_direction(x0_student, x0_teacher_cfg, x0_cond))
         direction = r1_generator_direction(reward, cfg_dir, dm, early, c.reward_weight, c.cfg_weight, c.dm_weight,
                                            c.late_cfg_weight, c.late_dm_weight)
         return direction, {"reward_gap": self.processes.sum((x0_sur - x0_base).abs().mean().item() * r.share())}

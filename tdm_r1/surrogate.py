@@ -10,10 +10,13 @@ One update, on a batch of G rollouts for each of P prompts (group g = the rollou
    and clipped). Along a deterministic trajectory every point carries its final image's reward:
    r(x_{t_k}) = E[r(x₀) | x_{t_k}] = r(x₀) (the paper's Eq. 6), so the same A labels every point.
 2. A step k ∈ {1, …, K} with P(k) ∝ k (``k_draw``: one per group by default, or per sample / per batch) and its
-   point x_{t_k} (t_k = σ_k; k = K is the clean sample); τ ~ U[max(t_k, t_min), 1] and the noise z shared by
-   the group; x_τ = a·x_{t_k} + b·z (:func:`tdm_r1.objectives.transition_sample`).
-3. ℓ_φ,i = mean ‖v_φ(x_τ, τ, c) − v*‖² with v* = (x_τ − x_{t_k}) / (τ − t_k) (:func:`bridge_velocity`; ε − x₀ at
-   t_k = 0); ℓ_ref,i the same for the reference (the base: every adapter off; or an EMA of φ).
+   point x_{t_k} (t_k = σ_k; k = K is the clean sample); τ in [max(t_k, t_min), 1], uniform in the unshifted
+   levels from ``tau_margin`` above max(t_k, t_min) before a shift of ``tau_shift`` (uniform in σ with 1 and
+   0), and the noise z shared by the group; x_τ = a·x_{t_k} + b·z (:func:`tdm_r1.objectives.transition_sample`).
+3. ℓ_φ,i = mean ‖v_φ(x_τ, τ, c) − v*‖² with v* the flow-matching velocity target of q(x_τ | x_{t_k})
+   (:func:`tdm_r1.objectives.flow_velocity_target`, whose mean given x_τ is the flow's velocity; ε − x₀ at
+   t_k = 0), or the straight-line bridge (x_τ − x_{t_k}) / (τ − t_k) (``target=bridge``); ℓ_ref,i the same for
+   the reference (the base: every adapter off; or an EMA of φ).
 4. L = ``dgpo_loss``(ℓ_φ, ℓ_ref, A·w?, groups, β) with the weight w = k/K entering per ``k_weight``:
    multiplying each group's loss (default) or each sample's term inside its group sum; optional stabilisers
    (a PPO-style clip of ℓ_φ against an EMA "old" surrogate, :func:`dgpo.methods.dgpo.clip_to_old`, and
@@ -47,7 +50,8 @@ from dgpo.models.adapters import AdapterRoles
 from dgpo.models.handle import FlowModel, PromptEmbeds
 from dgpo.methods.losses import dgpo_loss
 from dgpo.runtime.runtime import Runtime
-from tdm_r1.objectives import bridge_velocity, level_above, transition_sample, x0_from_velocity
+from tdm_r1.objectives import (bridge_velocity, flow_velocity_target, level_above, transition_sample,
+                               x0_from_velocity)
 
 SURROGATE = "surrogate"
 
@@ -64,6 +68,15 @@ class SurrogateConfig:
                                 "scaling", choices=("group_size", "none", "gradient_equivalent"))
     t_min: float = option(0.0, "τ ~ U[max(t_k, t_min), 1]: lowest diffusion level of a trajectory point", min=0.0,
                           max=0.99)
+    tau_shift: float = option(3.0, "τ uniform in the unshifted levels, then shifted by this (1: uniform in σ); the "
+                              "released TDM-R1 code (scripts/train_tdmr1_pub.py): 3", min=1.0)
+    tau_margin: float = option(0.02, "τ's lower end raised by this in the unshifted levels, so x_τ is never a "
+                               "hair above x_{t_k}; the released code: 0.02 (20 of its 1000 timesteps)",
+                               min=0.0, max=0.5)
+    target: str = option("velocity", "the regression target at x_τ: the flow-matching velocity of q(x_τ | x_{t_k}) "
+                         "(its mean is the flow's velocity at x_τ; the released code's), or the straight-line "
+                         "bridge (x_τ − x_{t_k}) / (τ − t_k) (whose mean is not, for t_k > 0)",
+                         choices=("velocity", "bridge"))
     k_draw: str = option("group", "draw the step k (and τ) per group, so a group's samples are compared at one "
                          "step, per sample, or once per batch (open in the paper; per group is our choice)",
                          choices=("group", "sample", "batch"))
@@ -156,16 +169,26 @@ class SurrogateReward:
         u, z = group_draws(group_ids, tuple(states.shape[2:]), gen)
         k = k_all[rows]
         t = sigmas[k].float()
-        tau = level_above(t, u[rows], self.cfg.t_min)
+        tau = self.level_above(t, u[rows])
         device = states.device
         x_t = states[k.to(device), torch.arange(b, device=device)]
         x_tau = transition_sample(x_t, t.to(device), tau.to(device), z[rows].to(device, states.dtype))
         return {"k": k, "t": t.to(device), "x_t": x_t, "tau": tau.to(device), "x_tau": x_tau, "k_max": k_max,
                 "k_all": k_all}
 
+    def level_above(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """τ for trajectory points of level t from u ~ U(0, 1): in [max(t, t_min), 1] by tau_shift and tau_margin."""
+        c = self.cfg
+        return level_above(t, u, c.t_min, shift=c.tau_shift, margin=c.tau_margin)
+
+    def target(self, p: dict) -> torch.Tensor:
+        """v* at the points ``p`` (``surrogate.target``: :func:`flow_velocity_target` or :func:`bridge_velocity`)."""
+        f = flow_velocity_target if self.cfg.target == "velocity" else bridge_velocity
+        return f(p["x_t"], p["t"], p["x_tau"], p["tau"])
+
     def errors(self, p: dict, embeds: PromptEmbeds, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ℓ_φ (with grad), ℓ_ref and mean ‖v_φ − v_ref‖² per sample at the points ``p``."""
-        target = bridge_velocity(p["x_t"], p["t"], p["x_tau"], p["tau"])
+        target = self.target(p)
         v_ref = self.reference_velocity(p["x_tau"], p["tau"], embeds)
         with torch.set_grad_enabled(grad), self.active():
             v_phi = self.model.velocity(p["x_tau"], p["tau"], embeds)
@@ -188,7 +211,7 @@ class SurrogateReward:
         device = loss_phi.device
         adv = advantages.cpu()[rows].to(device)
         if c.clip_range > 0:
-            target = bridge_velocity(p["x_t"], p["t"], p["x_tau"], p["tau"])
+            target = self.target(p)
             with torch.no_grad(), self.active(), self.emas["surrogate_old"].swapped_in():
                 loss_old = per_sample_mse(target, self.model.velocity(p["x_tau"], p["tau"], embeds))
             loss_phi = clip_to_old(loss_phi, loss_old, adv, c.clip_range)
@@ -237,7 +260,7 @@ class SurrogateReward:
         total = torch.zeros(b, device=states.device)
         for _ in range(draws):
             t = sigmas[k].float().expand(b)
-            tau = level_above(t, torch.rand(1, generator=gen), self.cfg.t_min)
+            tau = self.level_above(t, torch.rand(1, generator=gen))
             z = torch.randn((n or b, *states.shape[2:]), generator=gen)[rows]  # (B, C, h, w)
             x_t = states[k]
             x_tau = transition_sample(x_t, t.to(x_t.device), tau.to(x_t.device), z.to(x_t.device, x_t.dtype))

@@ -198,7 +198,8 @@ def test_tdm_r1_two_processes_train_like_one(k_weight, tiny_base, plugin, tmp_pa
     rows1, rows2 = ([r for r in _rows(tmp_path / n) if "loss_surrogate" in r] for n in ("one", "two"))
     assert len(rows1) == len(rows2) == 2
     for key in ("reward", "reward_std", "loss_surrogate", "surrogate_margin", "reward_gap", "loss_gen"):
-        assert [r[key] for r in rows1] == pytest.approx([r[key] for r in rows2], rel=1e-3, abs=1e-6), key
+        # the rows are rounded to 6 decimals: values a hair apart can round one unit (1e-6) apart
+        assert [r[key] for r in rows1] == pytest.approx([r[key] for r in rows2], rel=1e-3, abs=2.5e-6), key
 
 
 def test_surrogate_alone_on_two_processes_like_one(tiny_base, plugin, tmp_path):

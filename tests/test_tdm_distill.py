@@ -359,3 +359,22 @@ def test_level_shift_gives_levels_evenly_spaced_before_the_shift():
     assert shifted_levels(1, 3.0) == [1.0]
     assert shifted_levels(4, 2.0) == pytest.approx([1.0, 6 / 7, 2 / 3, 0.4])
     assert shifted_levels(3, 1.0) == pytest.approx([1.0, 2 / 3, 1 / 3])
+
+
+def test_conditional_matching_with_full_cfg_weight_is_guided_matching(tiny_base, tmp_path):
+    """objective.dm_target=conditional with objective.cfg_weight=1 moves the student exactly as matching the guided
+    teacher does (the same generator loss on the same points); the released weight 0.3 moves it towards a teacher at
+    a lower effective CFG, a different loss."""
+    d = Distiller(tiny_cfg(tiny_base, tmp_path / "run", "optim.generator_lr=0", "optim.weight_decay=0",
+                           "teacher.guidance_scale=3"), log=lambda *a: None)
+    r = d.rollout(d.sample_prompts(4))
+    state = d.gen.get_state()
+
+    def loss(target, weight):
+        d.cfg.objective.dm_target, d.cfg.objective.cfg_weight = target, weight
+        d.gen.set_state(state)  # the same trajectory points
+        return d.generator_update(r)["loss_gen"]
+
+    guided = loss("guided", 0.3)
+    assert loss("conditional", 1.0) == pytest.approx(guided, rel=1e-5)
+    assert abs(loss("conditional", 0.3) / guided - 1) > 1e-3

@@ -7,8 +7,9 @@ import torch
 from conftest import assert_margin
 from torch.distributions import Normal
 
-from tdm_r1.objectives import (fake_score_loss, generator_loss, log_importance_weight, normalise_weights,
-                               sample_tau, transition_coefficients, transition_sample, x0_from_velocity)
+from tdm_r1.objectives import (cfg_direction, distribution_matching_direction, dmd_normaliser, fake_score_loss,
+                               generator_loss, log_importance_weight, normalise_weights, sample_tau,
+                               transition_coefficients, transition_sample, x0_from_velocity)
 
 SIGMAS = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0])  # K = 4 boundaries + σ_K = 0
 
@@ -161,3 +162,22 @@ def test_the_teacher_regulariser_and_its_gradient():
     assert r.item() == pytest.approx(((v - v_t) ** 2).mean().item(), rel=1e-6)
     r.backward()
     torch.testing.assert_close(v.grad, 2 * (v - v_t).detach() / v.numel())
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_conditional_matching_plus_cfg_is_matching_a_teacher_at_the_effective_scale(normalise):
+    """The released code's split (distribution matching towards the conditional teacher, CFG as a direction of weight
+    λ, both normalised against the teacher at CFG w) is TDM's direction towards the teacher at CFG 1 + λ(w − 1):
+    x̂₀^c − x̂₀^fake + λ(w − 1)(x̂₀^c − x̂₀^u) = x̂₀^{u + (1 + λ(w − 1))(c − u)} − x̂₀^fake, over the same n."""
+    g = torch.Generator().manual_seed(0)
+    student, uncond, cond, fake = (torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64) for _ in range(4))
+    w, lam = 4.5, 0.3
+    def at(scale):  # the teacher's x̂₀ at CFG `scale` (x̂₀ is linear in v at a fixed point)
+        return uncond + scale * (cond - uncond)
+    split = (distribution_matching_direction(student, cond, fake, normalise, x0_normaliser=at(w))
+             + lam * cfg_direction(student, at(w), cond, normalise))
+    n = dmd_normaliser(student, at(w)).view(-1, 1, 1, 1) if normalise else 1.0
+    torch.testing.assert_close(split, (at(1 + lam * (w - 1)) - fake) / n, rtol=1e-12, atol=1e-12)
+    # the normaliser follows x0_normaliser, not the matched prediction
+    assert not torch.allclose(distribution_matching_direction(student, cond, fake, True),
+                              distribution_matching_direction(student, cond, fake, True, x0_normaliser=at(w)))
