@@ -3,9 +3,10 @@
 Evaluates the base and every ``--lora`` on the test prompts with ``--seed-sets`` disjoint sets of seeds
 (set j: image k gets seed ``--seed + j·10,000,000 + k``, so every image of every set draws its own noise),
 the same sets for every model. Reports, per model, the mean and the standard deviation over the sets of
-shapes-geneval (and the partial score; FD with ``--fd``) — the evaluation noise at that many images per
-prompt — and, per LoRA, the *paired* difference LoRA − base set by set: its mean, its standard deviation
-and the ratio mean / (std / √n). A gain is worth quoting when it is several paired standard errors.
+shapes-geneval (and the partial score; with ``--fd`` the FD and the sharpness beside it) — the evaluation
+noise at that many images per prompt — and, per LoRA, the *paired* difference LoRA − base set by set: its
+mean, its standard deviation and the ratio mean / (std / √n). A gain is worth quoting when it is several
+paired standard errors.
 
 Writes ``NAME.json``, ``NAME.md`` and ``NAME.png`` (each set's score, base and LoRAs, paired) into
 ``--out-dir``:
@@ -24,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from dgpo.runtime.metrics import SEED_SET_STRIDE, paired, seed_set_start, spread  # noqa: E402  (seed sets)
+from dgpo.runtime.metrics import (QUALITY_MEASURES, SEED_SET_STRIDE, paired, seed_set_start,  # noqa: E402
+                                  spread)
 
 
 def parse_args(argv=None):
@@ -34,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--seed-sets", type=int, default=4, help="disjoint seed sets (default 4; at least 2)")
     p.add_argument("--per-prompt", type=int, default=64, help="images per test prompt per set (default 64)")
     p.add_argument("--seed", type=int, default=1000, help="first seed of set 0 (default 1000)")
-    p.add_argument("--fd", action="store_true", help="also compute the quality FD of every set")
+    p.add_argument("--fd", action="store_true",
+                   help="also compute the quality FD of every set, and the sharpness beside it")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--out-dir", default="runs/eval_noise", help="output folder (default runs/eval_noise)")
     p.add_argument("--name", default="eval_noise", help="output file stem (default eval_noise)")
@@ -42,18 +45,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def mean_std(m: dict, key: str) -> str:
+    """A table cell: mean ± std over the seed sets, or "-" when the measure was not taken."""
+    return f"{m[key]['mean']:.3f} ± {m[key]['std']:.3f}" if key in m else "-"
+
+
 def table(result: dict) -> str:
     n = result["seed_sets"]
     lines = [f"{n} seed sets × {result['per_prompt']} images per test prompt; mean ± std over the sets.", "",
-             "| model | shapes-geneval | partial | FD | paired Δ geneval vs base (mean ± std) | Δ / sem |",
-             "|---|---|---|---|---|---|"]
+             f"| model | shapes-geneval | partial | {' | '.join(QUALITY_MEASURES.values())} | "
+             "paired Δ geneval vs base (mean ± std) | Δ / sem |", "|---|---|---|---|---|---|---|---|"]
     for name, m in result["models"].items():
-        g, pa = m["geneval"], m["partial"]
-        fd = f"{m['fd']['mean']:.3f} ± {m['fd']['std']:.3f}" if "fd" in m else "-"
+        quality = " | ".join(mean_std(m, key) for key in QUALITY_MEASURES)
         d = m.get("paired_geneval")
         delta = f"{d['mean']:+.3f} ± {d['std']:.3f}" if d else "-"
         ratio = f"{d['ratio']:.1f}" if d else "-"
-        lines.append(f"| {name} | {g['mean']:.3f} ± {g['std']:.3f} | {pa['mean']:.3f} ± {pa['std']:.3f} | {fd} | "
+        lines.append(f"| {name} | {mean_std(m, 'geneval')} | {mean_std(m, 'partial')} | {quality} | "
                      f"{delta} | {ratio} |")
     return "\n".join(lines) + "\n"
 
@@ -97,7 +104,8 @@ def main(argv=None) -> int:
                   "seed": args.seed, "set_stride": SEED_SET_STRIDE, "models": {}}
         for name, lora in models.items():
             model = load_model(base, lora)
-            per_set: dict[str, list[float]] = {"geneval": [], "partial": [], **({"fd": []} if args.fd else {})}
+            measures = ["geneval", "partial", *(QUALITY_MEASURES if args.fd else [])]
+            per_set: dict[str, list[float]] = {key: [] for key in measures}
             for j in range(args.seed_sets):
                 cfg = EvalConfig(per_prompt=args.per_prompt, seed=seed_set_start(args.seed, j), fd=args.fd)
                 r, _, _ = evaluate_model(model, cfg, SamplerConfig(), progress=False)

@@ -5,9 +5,9 @@ evaluation depends only on the base's weights and the evaluation protocol. Bench
 from one base (``scripts/bench_rl.py``: one per method), and each would spend minutes re-evaluating it.
 
 The key hashes: the base's weight files (path, size, modification time — not their bytes, which can be
-gigabytes), the evaluation protocol (split, images per prompt, seed, FD, sampler), the number of zero T5
-tokens, the precision and device, and the *source* of the code that generates and scores the images, so
-an edited verifier or sampler never reads a stale number. Entries live under
+gigabytes), the evaluation protocol (split, images per prompt, seed, FD and sharpness, sampler), the number of
+zero T5 tokens, the precision and device, and the *source* of the code that generates and scores the images,
+so an edited verifier or sampler never reads a stale number. Entries live under
 ``cache_root() / "evals" / KEY/`` (``result.json`` + the sample grid), written atomically.
 """
 
@@ -23,7 +23,7 @@ from dgpo.paths import cache_root, config_hash
 PACKAGE = Path(__file__).resolve().parents[1]
 # The code an evaluation's numbers depend on (paths in the package); any edit to these files changes the key.
 SOURCES = ("evaluation/evaluate.py", "sampling/generation.py", "sampling/ode.py", "models/handle.py", "worlds/shapes.py",
-           "worlds/quality.py", "worlds/shapes_world.py", "worlds/categories.py")
+           "worlds/quality.py", "worlds/sharpness.py", "worlds/shapes_world.py", "worlds/categories.py")
 
 
 def weight_files(base: Path) -> list[list]:

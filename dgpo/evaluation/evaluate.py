@@ -3,7 +3,8 @@
 ``generate`` draws ``per_prompt`` images per prompt with a deterministic ODE sampler; image k gets seed
 ``seed + k`` (k the running index), drawn as the stock pipeline draws it, so any image can be reproduced
 with plain diffusers. ``evaluate_images`` gives the world's task metric (for shapes, shapes-geneval: the
-mean over categories of the mean strict score, per-category numbers beside it) and its quality metric (FD).
+mean over categories of the mean strict score, per-category numbers beside it) and its quality metric (FD, and
+for shapes the sharpness beside it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from dgpo.config import option
 from dgpo.models.handle import FlowModel
 from dgpo.sampling.generation import generate_images
+from dgpo.runtime.metrics import QUALITY_MEASURES
 from dgpo.runtime.processes import SINGLE, Processes
 from dgpo.sampling.ode import SOLVERS, sample_ode
 from dgpo.worlds.registry import World, make_world
@@ -74,12 +76,15 @@ def evaluate_model(model: FlowModel, cfg: EvalConfig = EvalConfig(), sampler: Sa
 
 
 def format_table(results: dict[str, dict], metric: str = "shapes-geneval") -> str:
-    """A markdown table: one row per model, columns the task metric overall, each category, partial, FD."""
+    """A markdown table: one row per model, columns the task metric overall, each category, partial, FD, and the
+    sharpness beside the FD (high-frequency ratio and edge width, :mod:`dgpo.worlds.sharpness`) when some
+    result has it."""
     cats = list(dict.fromkeys(c for r in results.values() for c in r["per_category"]))
-    head = ["model", metric, *cats, "partial", "FD"]
+    quality = [k for k in QUALITY_MEASURES if k == "fd" or any(k in r for r in results.values())]
+    head = ["model", metric, *cats, "partial", *(QUALITY_MEASURES[k] for k in quality)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         row = [name, f"{r['geneval']:.3f}", *(f"{r['per_category'].get(c, float('nan')):.3f}" for c in cats),
-               f"{r.get('partial', float('nan')):.3f}", f"{r['fd']:.2f}" if "fd" in r else "-"]
+               f"{r.get('partial', float('nan')):.3f}", *(f"{r[k]:.2f}" if k in r else "-" for k in quality)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

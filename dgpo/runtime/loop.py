@@ -39,7 +39,7 @@ from dgpo.runtime.checkpoint import (capture_rng, list_checkpoints, load_checkpo
 from dgpo.errors import UserError
 from dgpo.evaluation.evaluate import format_table
 from dgpo.runtime.processes import SINGLE, Processes
-from dgpo.runtime.metrics import eval_result, gain_against_noise, read_metrics, truncate_metrics
+from dgpo.runtime.metrics import QUALITY_MEASURES, eval_result, gain_against_noise, read_metrics, truncate_metrics
 from dgpo.sampling.samples_io import image_grid
 
 
@@ -222,7 +222,7 @@ class Run:
         return {self.step_key: c.step, "eval_geneval": result["geneval"], "eval_geneval_se": result.get("geneval_se"),
                 "eval_per_category": result["per_category"],
                 **({"eval_rewards": result["rewards"]} if result.get("rewards") else {}),
-                "eval_partial": result["partial"], "eval_fd": result.get("fd"),
+                "eval_partial": result["partial"], **{f"eval_{key}": result.get(key) for key in QUALITY_MEASURES},
                 "train_seconds": round(c.train_seconds, 2), "nfe": c.nfe}
 
     # --------------------------------------------------------------------------------------- state
@@ -355,9 +355,10 @@ class Run:
 
     def _evaluated(self, row: dict) -> dict:
         self.log_row(row)
-        fd = f", FD {row['eval_fd']:.2f}" if row.get("eval_fd") is not None else ""
-        self.log(f"{self.step_key} {row[self.step_key]}: {self.recipe.world.metric} {row['eval_geneval']:.3f}{fd} "
-                 f"after {row['train_seconds']:.0f} s of training, {row['nfe']} NFE")
+        quality = "".join(f", {head} {row[f'eval_{key}']:.2f}" for key, head in QUALITY_MEASURES.items()
+                          if row.get(f"eval_{key}") is not None)
+        self.log(f"{self.step_key} {row[self.step_key]}: {self.recipe.world.metric} {row['eval_geneval']:.3f}"
+                 f"{quality} after {row['train_seconds']:.0f} s of training, {row['nfe']} NFE")
         return row
 
     def log_row(self, row: dict) -> dict:

@@ -28,11 +28,17 @@ def truncate_metrics(path: Path, step: int, key: str) -> None:
     os.replace(tmp, path)
 
 
+#: The image-quality measures a world may report beside its task metric (result key → table column): the FD, and
+#: the sharpness beside it (:mod:`dgpo.worlds.sharpness`). An evaluation row stores each as ``eval_<key>``.
+QUALITY_MEASURES = {"fd": "FD", "sharpness": "sharpness", "edge_width": "edge width"}
+
+
 def eval_result(row: dict) -> dict:
     """An evaluation row as the result dict that :func:`dgpo.evaluation.evaluate.format_table` prints."""
     out = {"geneval": row["eval_geneval"], "per_category": row["eval_per_category"], "partial": row["eval_partial"]}
-    if row.get("eval_fd") is not None:
-        out["fd"] = row["eval_fd"]
+    for key in QUALITY_MEASURES:  # where the world measured it
+        if row.get(f"eval_{key}") is not None:
+            out[key] = row[f"eval_{key}"]
     return out
 
 

@@ -31,8 +31,9 @@ class World(Protocol):
     def score(self, images: np.ndarray, prompts: list[str], fd: bool = True) -> dict:
         """``{"geneval": task metric, "per_category": {...}, "partial": a dense score in [0, 1], "fd": quality
         (with ``fd``), "n_images", "n_prompts"}`` of uint8 images (N, S, S, 3) made for ``prompts``; optionally
-        ``"geneval_se"``, the task metric's standard error over fresh images (its seed noise), which runs use
-        to say whether a gain is larger than the evaluation noise."""
+        ``"sharpness"`` and ``"edge_width"`` beside the FD (relative to the world's references, 1.0 = as sharp:
+        :mod:`dgpo.worlds.sharpness`) and ``"geneval_se"``, the task metric's standard error over fresh images
+        (its seed noise), which runs use to say whether a gain is larger than the evaluation noise."""
 
     def embedded_base(self, base_config: str, log=print) -> Path:
         """The pipeline folder of this world's own base model, built from ``base_config`` if not cached (a

@@ -1,6 +1,7 @@
 """The embedded shapes world as a :class:`dgpo.worlds.registry.World`: its 126 prompts and split, the verifier's
-shapes-geneval (per category) and partial score, and the quality FD (:mod:`dgpo.worlds.shapes`,
-:mod:`dgpo.worlds.quality`; the rules in docs/shapes.md)."""
+shapes-geneval (per category) and partial score, the quality FD and the sharpness beside it
+(:mod:`dgpo.worlds.shapes`, :mod:`dgpo.worlds.quality`, :mod:`dgpo.worlds.sharpness`; the rules in
+docs/shapes.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from dgpo.errors import UserError
-from dgpo.worlds import quality, shapes
+from dgpo.worlds import quality, shapes, sharpness
 
 class ShapesWorld:
     name = "shapes"
@@ -49,7 +50,9 @@ class ShapesWorld:
                "per_category": result["per_category"],
                "partial": float(np.mean(shapes.partial_score_batch(images, prompts))),
                "n_images": len(images), "n_prompts": len(by_prompt)}
-        if fd:
+        if fd:  # image quality apart from the task: the FD, and beside it the sharpness (cheap)
             out["fd"] = quality.quality_fd(images, prompts)
+            out["sharpness"] = sharpness.high_frequency_ratio(images, prompts)
+            out["edge_width"] = sharpness.edge_width(images, prompts)
         return out
 
