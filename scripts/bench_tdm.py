@@ -140,7 +140,8 @@ def main(argv=None) -> int:
         r = over_sets(sets)
         r.update(nfe=nfe, seconds=round(seconds, 3))
         results[name] = r
-        print(f"{name}: shapes-geneval {r['geneval']:.3f}, FD {r['fd']:.2f}")
+        print(f"{name}: shapes-geneval {r['geneval']:.3f}, FD {r['fd']:.2f}, sharpness {r['sharpness']:.2f}, "
+              f"edge width {r['edge_width']:.2f}")
     first = next(iter(results.values()))
     for r in results.values():  # each row against the first (the teacher), seed set by seed set
         r["paired_vs_first"] = paired([s["geneval"] for s in first["sets"]], [s["geneval"] for s in r["sets"]])
@@ -188,12 +189,14 @@ def main(argv=None) -> int:
               for n, r in results.items()]
     sets_table = ["", f"Over {args.seed_sets} seed set(s) of {args.per_prompt} images per prompt (mean ± std; the paired "
                   f"difference against the first row, set by set):", "",
-                  "| model | shapes-geneval | vs first row (paired) | FD | FD / first row's |", "|---|---|---|---|---|"]
+                  "| model | shapes-geneval | vs first row (paired) | FD | FD / first row's | sharpness | edge width |",
+                  "|---|---|---|---|---|---|---|"]
     def pm(mean: float, std: float, digits: int, sign: str = "") -> str:  # mean ± std (one set: the mean alone)
         return f"{mean:{sign}.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
     sets_table += [f"| {n} | {pm(r['geneval'], r['geneval_std'], 3)} | "
                    f"{pm(r['paired_vs_first']['mean'], r['paired_vs_first']['std'], 3, '+')} | "
-                   f"{pm(r['fd'], r['fd_std'], 2)} | {r['fd_ratio_vs_first']} |" for n, r in results.items()]
+                   f"{pm(r['fd'], r['fd_std'], 2)} | {r['fd_ratio_vs_first']} | {r['sharpness']:.3f} | "
+                   f"{r['edge_width']:.2f} |" for n, r in results.items()]
     table = format_table(results) + "\n" + "\n".join(sets_table) + "\n" + "\n".join(speed) + "\n"
     paths[".md"].write_text(table)
     # Side by side: one row per prompt (first image of each), one column per model.
@@ -253,15 +256,16 @@ def finite_or_none(x):
 
 
 def over_sets(sets: list[dict]) -> dict:
-    """One row from its seed sets' evaluations: the mean of shapes-geneval, partial, FD and every category over the
-    sets, the standard deviations of shapes-geneval and FD (nan for one set), and the sets themselves."""
+    """One row from its seed sets' evaluations: the mean of shapes-geneval, partial, FD, sharpness, edge width and
+    every category over the sets, the standard deviations of shapes-geneval and FD (nan for one set), and the sets themselves."""
     from dgpo.runtime.metrics import spread
     geneval, fd = spread([s["geneval"] for s in sets]), spread([s["fd"] for s in sets])
     categories = sets[0]["per_category"]
+    sharp = {k: float(np.mean([s[k] for s in sets])) for k in ("sharpness", "edge_width") if k in sets[0]}
     return {**sets[0], "geneval": geneval["mean"], "geneval_std": geneval["std"], "fd": fd["mean"], "fd_std": fd["std"],
-            "partial": float(np.mean([s["partial"] for s in sets])),
+            "partial": float(np.mean([s["partial"] for s in sets])), **sharp,
             "per_category": {c: float(np.mean([s["per_category"][c] for s in sets])) for c in categories},
-            "sets": [{k: s[k] for k in ("geneval", "partial", "fd", "per_category")} for s in sets]}
+            "sets": [{k: s[k] for k in ("geneval", "partial", "fd", *sharp, "per_category")} for s in sets]}
 
 
 if __name__ == "__main__":
