@@ -11,7 +11,10 @@ verifier):
   does the gain carry over to categories it never trained on?
 * ``dgpo_teacher`` — DGPO on the full-length teacher (``configs/dgpo/shapes.yaml``), 20 steps with CFG.
 
-Every model — the student, the teacher and each row's result — is evaluated on the test prompts at
+Every row is evaluated on its live weights: the TDM-R1 rows run with ``student.ema_decay=0`` (their recipe's
+default evaluates and exports the student's EMA, which lags ~50 iterations at 0.98; the DGPO rows have no EMA);
+``--set r1:student.ema_decay=0.98`` restores it. Every model — the student, the teacher and each row's result — is
+evaluated on the test prompts at
 ``--final-per-prompt`` images per prompt with ``--seed-sets`` disjoint seed sets (set j: image k has seed
 1000 + j·10,000,000 + k; the same sets for every model), and each row's gain is its *paired* difference against
 its start (student or teacher) set by set: mean ± standard deviation over the sets. The sampling loop's time
@@ -84,7 +87,9 @@ def run_row(row: str, args, base: Path, student: dict, run_dir: Path, overrides:
     if row.startswith("r1"):
         from tdm_r1.cli import DEFAULT_R1_CONFIG, load_r1_config
         from tdm_r1.reinforce import recipe_of
-        extra = [f"teacher.base={base}", f"r1.init_run={args.student}", "run.iterations=1000000", *shared]
+        # live weights, as every DGPO row is evaluated (TDM-R1's own default evaluates its student's EMA)
+        extra = [f"teacher.base={base}", f"r1.init_run={args.student}", "run.iterations=1000000",
+                 "student.ema_decay=0", *shared]
         if row == "r1_heldout":
             extra.append(f"r1.categories={json.dumps(trained_categories(args.heldout))}")
         cfg = load_r1_config(args.r1_config or DEFAULT_R1_CONFIG, [*extra, *overrides])

@@ -40,6 +40,7 @@ def test_bench_tdm_r1_rows_share_one_student_and_a_rerun_reads_them(tiny_base, t
     cfg = yaml.safe_load((runs / "r1_heldout" / "config.yaml").read_text())
     assert cfg["r1"]["categories"] == ["single_object", "two_object", "counting", "colors"]
     assert cfg["r1"]["init_run"] == str(student)
+    assert cfg["student"]["ema_decay"] == 0  # evaluated on live weights, as the DGPO rows are
     sampler = json.loads((student / "final" / "lora" / "sampler.json").read_text())
     cfg = yaml.safe_load((runs / "dgpo_student" / "config.yaml").read_text())
     assert cfg["model"]["merge_lora"] == str(student / "final" / "lora")
