@@ -47,6 +47,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+#: image-sharpness measures beside FD (dgpo.worlds.sharpness): blur from direct RL on a few-step student shows here
+SHARPNESS = ("sharpness", "edge_width")
 ROWS = {"r1": "TDM-R1 on the student", "dgpo_student": "DGPO on the student's weights",
         "r1_heldout": "TDM-R1, held-out categories", "dgpo_teacher": "DGPO on the teacher"}
 
@@ -171,8 +173,9 @@ def evaluate_sets(name: str, build, args, evals_dir: Path, log) -> dict:
         with torch.no_grad():
             images = sample(model, prompts, args.final_per_prompt, seed_set_start(1000, j))
         r = evaluate_images(images, flat)
-        sets.append({k: r[k] for k in ("geneval", "per_category", "partial", "fd")})
-        log(f"{name}, seed set {j}: shapes-geneval {r['geneval']:.3f}, FD {r['fd']:.2f}")
+        sets.append({k: r[k] for k in ("geneval", "per_category", "partial", "fd", *SHARPNESS) if k in r})
+        log(f"{name}, seed set {j}: shapes-geneval {r['geneval']:.3f}, FD {r['fd']:.2f}, sharpness "
+            f"{r.get('sharpness', float('nan')):.2f}, edge width {r.get('edge_width', float('nan')):.2f}")
     result = {"sets": sets, "per_prompt": args.final_per_prompt}
     evals_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -272,17 +275,23 @@ def loop_seconds(teacher_build, student_build, boundaries: list[float], args) ->
 # ------------------------------------------------------------------------------------------- the report
 
 def summarise(evals: dict[str, dict], starts: dict[str, str | None], heldout: list[str]) -> dict:
-    """Per model: mean ± std over seed sets of shapes-geneval and FD; per trained model the paired gain against
-    its start (and, for r1_heldout, the paired gain on the held-out categories alone)."""
+    """Per model: mean ± std over seed sets of shapes-geneval, FD, sharpness and edge width (the last two where
+    every set has them: evaluations stored before they existed do not); per trained model the paired gain against
+    its start, its FD and sharpness as ratios to its start's (and, for r1_heldout, the paired gain on the held-out
+    categories alone)."""
     from dgpo.runtime.metrics import paired, spread
     out = {}
     for name, e in evals.items():
         g = [s["geneval"] for s in e["sets"]]
         row = {"geneval": spread(g), "fd": spread([s["fd"] for s in e["sets"]]), "start": starts.get(name)}
+        row.update({k: spread([s[k] for s in e["sets"]]) for k in SHARPNESS if all(k in s for s in e["sets"])})
         start = starts.get(name)
         if start and start in evals:
             row["gain"] = paired([s["geneval"] for s in evals[start]["sets"]], g)
             row["fd_ratio"] = row["fd"]["mean"] / spread([s["fd"] for s in evals[start]["sets"]])["mean"]
+            for k in SHARPNESS:
+                if k in row and all(k in s for s in evals[start]["sets"]):
+                    row[f"{k}_ratio"] = row[k]["mean"] / spread([s[k] for s in evals[start]["sets"]])["mean"]
             if name == "r1_heldout" and heldout:
                 held = lambda sets: [float(np.mean([s["per_category"][c] for c in heldout])) for s in sets]
                 row["heldout_gain"] = paired(held(evals[start]["sets"]), held(e["sets"]))
@@ -294,17 +303,19 @@ def markdown(summary: dict, loop_s: dict, meta: dict) -> str:
     lines = [f"{meta['seed_sets']} seed sets × {meta['final_per_prompt']} images per test prompt; mean ± std over "
              f"the sets; gain = the paired difference against the start, set by set. {meta['minutes']:g} minutes of "
              "training per row.", "",
-             "| model | NFE | shapes-geneval | gain vs start | FD | FD / start's | loop s per image |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | NFE | shapes-geneval | gain vs start | FD | FD / start's | sharpness (/ start's) | "
+             "edge width (/ start's) | loop s per image |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in summary.items():
         gain = f"{r['gain']['mean']:+.3f} ± {r['gain']['std']:.3f}" if "gain" in r else "-"
         if "heldout_gain" in r:
             gain += f" (held-out categories {r['heldout_gain']['mean']:+.3f} ± {r['heldout_gain']['std']:.3f})"
         ratio = f"{r['fd_ratio']:.2f}" if "fd_ratio" in r else "-"
         loop = loop_s.get(name) or loop_s.get(r["start"] or "")
+        sharp = [f"{r[k]['mean']:.3f}" + (f" ({r[k + '_ratio']:.2f})" if k + "_ratio" in r else "") if k in r else "-"
+                 for k in SHARPNESS]
         lines.append(f"| {ROWS.get(name, name)} | {meta['nfe'][name]} | {r['geneval']['mean']:.3f} ± "
                      f"{r['geneval']['std']:.3f} | {gain} | {r['fd']['mean']:.2f} | {ratio} | "
-                     f"{'-' if loop is None else f'{loop:.4f}'} |")
+                     f"{sharp[0]} | {sharp[1]} | {'-' if loop is None else f'{loop:.4f}'} |")
     if "teacher" in loop_s and "student" in loop_s:
         lines += ["", f"Sampling loop: the student takes {loop_s['teacher'] / loop_s['student']:.1f}× less time per "
                   "image than the teacher at 20 steps with CFG."]

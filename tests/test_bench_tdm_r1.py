@@ -49,6 +49,7 @@ def test_bench_tdm_r1_rows_share_one_student_and_a_rerun_reads_them(tiny_base, t
     assert (out / "bench_tdm_r1_grid.png").is_file() and (out / "bench_tdm_r1.png").is_file()
     table = (out / "bench_tdm_r1.md").read_text()
     assert "held-out categories" in table and "DGPO on the student's weights" in table
+    assert "sharpness (/ start's)" in table and all("sharpness_ratio" in summary[row] for row in ("r1", "dgpo_student"))
 
     # a rerun trains nothing and evaluates nothing: the same numbers, read back, and the grid drawn again
     capsys.readouterr()
@@ -96,3 +97,21 @@ def test_bench_processes_share_evaluations_through_locks(tmp_path):
     assert got["teacher"] == {"sets": ["by the other process"]} and polls
     assert not (evals / "student.lock").exists() and not (evals / "r1.lock").exists()
     assert os.path.exists(evals / "r1.json")
+
+
+def test_summary_shows_sharpness_only_where_every_seed_set_has_it():
+    """Evaluations stored before the sharpness measures existed have none: their rows show '-', the others the mean
+    and the ratio to their start's."""
+    bench = load_script("scripts/bench_tdm_r1.py")
+    def sets(geneval, fd, sharp=None):
+        extra = {} if sharp is None else {"sharpness": sharp, "edge_width": 1.5}
+        return {"sets": [{"geneval": geneval + d, "fd": fd, "per_category": {}, **extra} for d in (0.0, 0.01)]}
+    evals = {"student": sets(0.6, 0.3, 0.5), "r1": sets(0.7, 0.33, 0.4), "dgpo_student": sets(0.65, 0.3)}
+    summary = bench.summarise(evals, {"r1": "student", "dgpo_student": "student"}, [])
+    assert summary["r1"]["sharpness_ratio"] == pytest.approx(0.8) and summary["r1"]["edge_width_ratio"] == 1.0
+    assert "sharpness" not in summary["dgpo_student"] and summary["r1"]["gain"]["mean"] == pytest.approx(0.1)
+    table = bench.markdown(summary, {}, {"seed_sets": 2, "final_per_prompt": 1, "minutes": 1,
+                                         "nfe": {"student": 4, "r1": 4, "dgpo_student": 4}})
+    r1_line = next(line for line in table.splitlines() if line.startswith("| TDM-R1 on the student"))
+    dgpo_line = next(line for line in table.splitlines() if line.startswith("| DGPO on the student's"))
+    assert "0.400 (0.80)" in r1_line and "| - | - |" in dgpo_line
