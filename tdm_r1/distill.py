@@ -275,8 +275,7 @@ class Distiller:
         x0_student = x0_from_velocity(p["x_k"], p["s_k"], v)
         dm = distribution_matching_direction(x0_student, x0_cond if conditional else x0_teacher, x0_fake,
                                              o.normalise, x0_normaliser=x0_teacher)
-        p["x0_cond"] = x0_cond
-        direction, extra = self.generator_direction(r, p, x0_student, x0_teacher, dm)
+        direction, extra = self.generator_direction(r, p, x0_student, x0_teacher, x0_cond, dm)
         loss = regression_loss(x0_student, direction, o.distance, o.huber_c) * r.share()
         grad_norm = self._step(self.gen_opt, self.student_params, loss, "generator")
         if self.student_ema is not None:
@@ -285,14 +284,15 @@ class Distiller:
         return {"loss_gen": self.processes.sum(loss.item()), "grad_norm_gen": grad_norm,
                 "score_gap": self.processes.sum(gap), **extra}
 
-    def generator_direction(self, r: Rollout, p: dict, x0_student, x0_teacher, dm) -> tuple[torch.Tensor, dict]:
+    def generator_direction(self, r: Rollout, p: dict, x0_student, x0_teacher, x0_cond, dm
+                            ) -> tuple[torch.Tensor, dict]:
         """The direction the student's x̂₀ moves along, and diagnostics: TDM's distribution matching ``dm``
-        (``objective.dm_target=guided``), or ``dm`` + objective.cfg_weight × the CFG direction when ``dm`` points
-        at the conditional teacher ``p["x0_cond"]`` (:func:`tdm_r1.objectives.cfg_direction`)."""
-        if p["x0_cond"] is None:
+        (``objective.dm_target=guided``: ``x0_cond`` is None), or ``dm`` + objective.cfg_weight × the CFG direction
+        when ``dm`` points at the conditional teacher ``x0_cond`` (:func:`tdm_r1.objectives.cfg_direction`)."""
+        if x0_cond is None:
             return dm, {}
         o = self.cfg.objective
-        return dm + o.cfg_weight * cfg_direction(x0_student, x0_teacher, p["x0_cond"], o.normalise), {}
+        return dm + o.cfg_weight * cfg_direction(x0_student, x0_teacher, x0_cond, o.normalise), {}
 
     def _step(self, opt, params, loss, who: str) -> float:
         """Backward of this process's share of the loss, then the runtime's guarded step (gradients summed over

@@ -158,7 +158,8 @@ class Reinforcer(Distiller):
         return stats
 
     @torch.no_grad()
-    def generator_direction(self, r: Rollout, p: dict, x0_student, x0_teacher_cfg, dm) -> tuple[torch.Tensor, dict]:
+    def generator_direction(self, r: Rollout, p: dict, x0_student, x0_teacher_cfg, x0_cond, dm
+                            ) -> tuple[torch.Tensor, dict]:
         """TDM-R1's direction w_R·reward + w_C·CFG + w_D·distribution matching, per sample by its step k (early:
         k < ``r1.trunc_steps``, all steps when 0; late: the rest; :func:`tdm_r1.objectives.r1_generator_direction`):
 
@@ -187,7 +188,6 @@ class Reinforcer(Distiller):
             v_base = (teacher.guided_velocity(x_tau2, tau2, r.embeds, c.rl_cfg) if guided else
                       teacher.velocity(x_tau2, tau2, r.embeds))
             x0_base = x0_from_velocity(x_tau2, tau2, v_base)
-            x0_cond = p["x0_cond"]
             if x0_cond is None:  # objective.dm_target=guided: the conditional teacher only for the CFG direction
                 x0_cond = x0_from_velocity(p["x_tau"], p["tau"], teacher.velocity(p["x_tau"], p["tau"], r.embeds))
         reward = reward_direction(x0_student, x0_sur, x0_base)
