@@ -82,7 +82,8 @@ class Reinforcer(Distiller):
 
     def load_student_from(self, run: Path) -> None:
         """Start from a `tdm-r1 distill` run: its latest checkpoint's student and fake score (and step
-        embedding), after checking that its student is this one (steps, levels, adapter shape)."""
+        embedding), after checking that its student is this one (steps, levels, adapter shape). The student is
+        the one that run exports: its EMA when it kept one (student.ema_decay > 0), else its live weights."""
         import yaml
         saved = run / "config.yaml"
         ckpt = latest_checkpoint(run) if saved.is_file() else None
@@ -103,9 +104,14 @@ class Reinforcer(Distiller):
         with torch.no_grad():
             for k, p in self.named_trainables():
                 p.copy_(tensors[k])
+            # the student that run exports (and its samples and evaluations show) is its EMA when it kept one
+            exported = "student_ema.0" in tensors
+            if exported:
+                for i, p in enumerate(self.student_params):
+                    p.copy_(tensors[f"student_ema.{i}"])
         if self.student_ema is not None:  # the EMA starts at the loaded student
             self.student_ema = EMA(self.student_params, self.cfg.student.ema_decay)
-        self.log(f"starting student and fake score: {ckpt}")
+        self.log(f"starting student ({'its EMA, as exported' if exported else 'live weights'}) and fake score: {ckpt}")
 
     def load_student_lora(self, folder: Path) -> None:
         """Start the student from a LoRA folder (rescaled to student.lora_alpha / lora_rank; layers it does

@@ -235,6 +235,25 @@ def test_r1_runs_resumes_exactly_and_starts_from_a_tdm_run(tiny_base, tmp_path, 
     assert "student.level_shift: 0.0 there, 3.0 here" in capsys.readouterr().err
 
 
+def test_r1_starts_from_the_student_a_tdm_run_exports(tiny_base, tmp_path):
+    """A TDM run with an EMA exports (and evaluates) the EMA: TDM-R1 starts from that student, not the live
+    weights, so its gain is measured from the student a benchmark scores as its start."""
+    from safetensors.torch import load_file
+    keys = [f"teacher.base={tiny_base}", *[k for k in TINY_R1[:-5] if not k.startswith("surrogate.")],
+            "student.ema_decay=0.5", "run.iterations=3", "optim.generator_lr=1e-2"]
+    assert main(["distill", "configs/tdm/shapes.yaml", "--out", str(tmp_path / "tdm"),
+                 *[a for k in keys for a in ("--set", k)]]) == 0
+    saved = load_file(str(tmp_path / "tdm" / "checkpoints" / "step-3" / "tensors.safetensors"))
+    d = Reinforcer(tiny_cfg(tiny_base, tmp_path / "check", f"r1.init_run={tmp_path / 'tdm'}",
+                           *[k for k in keys if k.startswith(("student.", "fake."))]), log=lambda *a: None)
+    for i, p in enumerate(d.student_params):
+        assert torch.equal(p.detach(), saved[f"student_ema.{i}"]), i
+    assert any(not torch.equal(p.detach(), saved[k]) for k, p in d.named_trainables() if k.startswith("student."))
+    for k, p in d.named_trainables():
+        if k.startswith("fake."):
+            assert torch.equal(p.detach(), saved[k]), k
+
+
 REQUIRED_TAU = 0.05
 REQUIRED_R1_EXCESS = 0.005
 
