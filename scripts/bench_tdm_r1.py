@@ -4,9 +4,16 @@ From one finished ``tdm-r1 distill`` run (``--student RUN``; its distillation is
 for the same ``--minutes`` of training wall-clock on the same base (the student's teacher) and reward (the world's
 verifier):
 
-* ``r1`` — TDM-R1 on the student (``tdm-r1 train``, ``configs/tdm_r1/shapes.yaml``);
+* ``r1`` — TDM-R1 on the student (``tdm-r1 train``, ``configs/tdm_r1/shapes.yaml``: our recipe);
+* ``r1_released`` — TDM-R1 with the released code's choices (``configs/tdm_r1/shapes_released.yaml``, which says
+  where each comes from and where it departs);
 * ``dgpo_student`` — DGPO applied directly to the student's weights (``dgpo train`` with ``model.merge_lora`` =
-  the student and its own 4-NFE sigmas, CFG 1): the "blurry" baseline TDM-R1's authors warn about;
+  the student and its own 4-NFE sigmas, CFG 1), its recipe as on the teacher: loss levels σ ≥ 0.57 (t_min 0.4
+  before the shift) and KL 1 to the student;
+* ``dgpo_student_full`` / ``dgpo_student_full_kl`` — the same over every σ (t_min 0: the student's σ = 0.5 step
+  and its last one, where direct RL is said to blur a few-step student), with KL 0 / the recipe's KL 1;
+* ``flow_grpo_student`` — Flow-GRPO on the student (``configs/flow_grpo/shapes.yaml``): SDE rollouts through the
+  student's 4 steps, every step trained;
 * ``r1_heldout`` — TDM-R1 trained on the train prompts of every category but ``--heldout``, evaluated on all:
   does the gain carry over to categories it never trained on?
 * ``dgpo_teacher`` — DGPO on the full-length teacher (``configs/dgpo/shapes.yaml``), 20 steps with CFG.
@@ -49,17 +56,31 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 #: image-sharpness measures beside FD (dgpo.worlds.sharpness): blur from direct RL on a few-step student shows here
 SHARPNESS = ("sharpness", "edge_width")
-ROWS = {"r1": "TDM-R1 on the student", "dgpo_student": "DGPO on the student's weights",
-        "r1_heldout": "TDM-R1, held-out categories", "dgpo_teacher": "DGPO on the teacher"}
+#: row → (label, recipe file, what it trains): TDM-R1 rows ("r1", a `tdm-r1 train` recipe) start from the student's
+#: TDM run; RL rows ("student" or "teacher", a `dgpo train` recipe with its method) train the student's weights at
+#: its own 4 levels, CFG 1, or the 20-step teacher; the last item is the row's own config overrides.
+ROWS = {
+    "r1": ("TDM-R1 on the student", "configs/tdm_r1/shapes.yaml", "r1", []),
+    "r1_released": ("TDM-R1, the released code's recipe", "configs/tdm_r1/shapes_released.yaml", "r1", []),
+    "dgpo_student": ("DGPO on the student's weights (σ ≥ 0.57, KL 1)", "configs/dgpo/shapes.yaml", "student", []),
+    "dgpo_student_full": ("DGPO on the student, every σ, no KL", "configs/dgpo/shapes.yaml", "student",
+                          ["objective.t_min=0", "objective.kl_weight=0"]),
+    "dgpo_student_full_kl": ("DGPO on the student, every σ, KL 1", "configs/dgpo/shapes.yaml", "student",
+                             ["objective.t_min=0"]),
+    "flow_grpo_student": ("Flow-GRPO on the student (its 4 steps)", "configs/flow_grpo/shapes.yaml", "student", []),
+    "r1_heldout": ("TDM-R1, held-out categories", "configs/tdm_r1/shapes.yaml", "r1", []),
+    "dgpo_teacher": ("DGPO on the teacher", "configs/dgpo/shapes.yaml", "teacher", []),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", required=True, help="a finished `tdm-r1 distill` run folder (its final/lora and "
                    "final/lora/sampler.json are the shared starting student)")
-    p.add_argument("--r1-config", default=None, help="TDM-R1's recipe for the r1 rows (default configs/tdm_r1/shapes.yaml, "
-                   "whose student is configs/tdm/shapes.yaml's; a student of configs/tdm/shapes_scheduler_levels.yaml "
-                   "takes configs/tdm_r1/shapes_scheduler_levels.yaml)")
+    p.add_argument("--r1-config", default=None, help="TDM-R1's recipe for the r1 and r1_heldout rows (default "
+                   "configs/tdm_r1/shapes.yaml, whose student is configs/tdm/shapes.yaml's; a student of "
+                   "configs/tdm/shapes_scheduler_levels.yaml takes configs/tdm_r1/shapes_scheduler_levels.yaml); "
+                   "r1_released always runs configs/tdm_r1/shapes_released.yaml")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all: {','.join(ROWS)})")
     p.add_argument("--minutes", type=float, default=30.0, help="training wall-clock of every row (default 30)")
     p.add_argument("--heldout", default="color_attr,position",
@@ -83,29 +104,32 @@ def parse_args(argv=None):
 
 def run_row(row: str, args, base: Path, student: dict, run_dir: Path, overrides: list[str], log) -> None:
     from dgpo.runtime.run_folder import finish_run, reopen_run, start_run
+    _, recipe, trains, own = ROWS[row]
     shared = [f"run.out_dir={run_dir}", f"run.time_budget_min={args.minutes}", f"run.seed={args.seed}",
               f"run.threads={args.threads}", "eval.every=1000000", f"eval.every_minutes={args.eval_minutes}",
-              f"eval.per_prompt={args.per_prompt}"]
-    if row.startswith("r1"):
-        from tdm_r1.cli import DEFAULT_R1_CONFIG, load_r1_config
+              f"eval.per_prompt={args.per_prompt}", *own]
+    if trains == "r1":
+        from tdm_r1.cli import load_r1_config
         from tdm_r1.reinforce import recipe_of
+        if args.r1_config and row != "r1_released":
+            recipe = args.r1_config
         # live weights, as every DGPO row is evaluated (TDM-R1's own default evaluates its student's EMA)
         extra = [f"teacher.base={base}", f"r1.init_run={args.student}", "run.iterations=1000000",
                  "student.ema_decay=0", *shared]
         if row == "r1_heldout":
             extra.append(f"r1.categories={json.dumps(trained_categories(args.heldout))}")
-        cfg = load_r1_config(args.r1_config or DEFAULT_R1_CONFIG, [*extra, *overrides])
+        cfg = load_r1_config(REPO / recipe, [*extra, *overrides])
         finish_run(run_dir, lambda: recipe_of(cfg)(start_run(cfg, "bench_tdm_r1", overwrite=run_dir.exists()), log=log).run(),
                    lambda: recipe_of(cfg)(reopen_run(type(cfg), run_dir), log=log).run(resume=True), log)
         return
     from dgpo.train_config import train_config_class
     from dgpo.trainer import Trainer, load_train_config
     extra = [f"model.base={base}", "run.epochs=1000000", *shared]
-    if row == "dgpo_student":
+    if trains == "student":
         sigmas = json.dumps(student["sigmas"])
         extra += [f"model.merge_lora={student['lora']}", f"rollout.sigmas={sigmas}", "rollout.guidance_scale=1.0",
                   f"eval.sampler.sigmas={sigmas}", "eval.sampler.guidance_scale=1.0"]
-    cfg = load_train_config(REPO / "configs" / "dgpo" / "shapes.yaml", [*extra, *overrides])
+    cfg = load_train_config(REPO / recipe, [*extra, *overrides])
     finish_run(run_dir, lambda: Trainer(start_run(cfg, "bench_tdm_r1", overwrite=run_dir.exists()), log=log).run(),
                lambda: Trainer(reopen_run(train_config_class(), run_dir), log=log).run(resume=True), log)
 
@@ -142,18 +166,18 @@ def models_of(rows: list[str], base: Path, student: dict, runs: Path) -> dict:
         return build
 
     out = {"teacher": (teacher(), 40, None), "student": (few_step(student["lora"]), len(student["boundaries"]), None)}
-    if "dgpo_teacher" in rows:
-        out["dgpo_teacher"] = (teacher(runs / "dgpo_teacher" / "final" / "lora"), 40, "teacher")
-    for row in ("r1", "r1_heldout"):
-        if row in rows:
+    for row in rows:
+        lora = runs / row / "final" / "lora"
+        trains = ROWS[row][2]
+        if trains == "teacher":
+            out[row] = (teacher(lora), 40, "teacher")
+        elif trains == "student":  # the RL LoRA on top of the merged student
+            out[row] = (few_step(student["lora"], extra=lora), len(student["boundaries"]), "student")
+        else:
             from tdm_r1.student import read_sampler_file
-            lora = runs / row / "final" / "lora"
             saved = read_sampler_file(lora) if lora.exists() else None
             out[row] = (few_step(lora, boundaries=saved["boundaries"] if saved else None),
                         len(student["boundaries"]), "student")
-    if "dgpo_student" in rows:
-        out["dgpo_student"] = (few_step(student["lora"], extra=runs / "dgpo_student" / "final" / "lora"),
-                               len(student["boundaries"]), "student")
     return out
 
 
@@ -313,7 +337,7 @@ def markdown(summary: dict, loop_s: dict, meta: dict) -> str:
         loop = loop_s.get(name) or loop_s.get(r["start"] or "")
         sharp = [f"{r[k]['mean']:.3f}" + (f" ({r[k + '_ratio']:.2f})" if k + "_ratio" in r else "") if k in r else "-"
                  for k in SHARPNESS]
-        lines.append(f"| {ROWS.get(name, name)} | {meta['nfe'][name]} | {r['geneval']['mean']:.3f} ± "
+        lines.append(f"| {ROWS[name][0] if name in ROWS else name} | {meta['nfe'][name]} | {r['geneval']['mean']:.3f} ± "
                      f"{r['geneval']['std']:.3f} | {gain} | {r['fd']['mean']:.2f} | {ratio} | "
                      f"{sharp[0]} | {sharp[1]} | {'-' if loop is None else f'{loop:.4f}'} |")
     if "teacher" in loop_s and "student" in loop_s:
@@ -332,7 +356,7 @@ def plot_curves(runs: Path, rows: list[str], path: Path) -> None:
         evals = [r for r in read_metrics(runs / row / "metrics.jsonl") if "eval_geneval" in r]
         if evals:
             ax.plot([r["train_seconds"] / 60 for r in evals], [r["eval_geneval"] for r in evals], "o-",
-                    markersize=3, label=ROWS[row])
+                    markersize=3, label=ROWS[row][0])
     ax.set(xlabel="training wall-clock (min)", ylabel="test shapes-geneval (curve protocol)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -207,14 +207,14 @@ class SurrogateReward:
         n = len(group_ids)
         rows = torch.arange(n) if rows is None else rows
         p = self.points(states, sigmas, group_ids, gen, rows)
+        if c.clip_range > 0:  # before ℓ_φ's graph: swapping the old weights in and out writes the parameters
+            with torch.no_grad(), self.active(), self.emas["surrogate_old"].swapped_in():
+                loss_old = per_sample_mse(self.target(p), self.model.velocity(p["x_tau"], p["tau"], embeds))
         loss_phi, loss_ref, kl = self.errors(p, embeds)
         device = loss_phi.device
         adv = advantages.cpu()[rows].to(device)
         if c.clip_range > 0:
-            target = self.target(p)
-            with torch.no_grad(), self.active(), self.emas["surrogate_old"].swapped_in():
-                loss_old = per_sample_mse(target, self.model.velocity(p["x_tau"], p["tau"], embeds))
-            loss_phi = clip_to_old(loss_phi, loss_old, adv, c.clip_range)
+            loss_phi = clip_to_old(loss_phi, loss_old.to(device), adv, c.clip_range)
         weight_all = p["k_all"].double() / p["k_max"]  # k/K of every global row
         groups, dense_all = torch.unique(group_ids, return_inverse=True)  # global groups 0 … G−1, alike everywhere
         dense = dense_all[rows].to(device)

@@ -18,9 +18,9 @@ def test_bench_tdm_r1_rows_share_one_student_and_a_rerun_reads_them(tiny_base, t
     sets = [f"teacher.base={tiny_base}", "run.iterations=2", "run.time_budget_min=0", "optim.batch_size=4",
             "eval.per_prompt=1", "eval.fd=false"]
     assert tdm_main(["distill", "--out", str(student), *[a for s in sets for a in ("--set", s)]]) == 0
-    tiny = {"r1": ["optim.batch_size=4", "r1.group_size=2"], "r1_heldout": ["optim.batch_size=4", "r1.group_size=2"],
-            "dgpo_student": ["rollout.prompts_per_epoch=2", "rollout.group_size=2"],
-            "dgpo_teacher": ["rollout.prompts_per_epoch=2", "rollout.group_size=2", "rollout.steps=2"]}
+    r1, rl = ["optim.batch_size=4", "r1.group_size=2"], ["rollout.prompts_per_epoch=2", "rollout.group_size=2"]
+    tiny = {"r1": r1, "r1_released": r1, "r1_heldout": r1, "dgpo_student": rl, "dgpo_student_full": rl,
+            "dgpo_student_full_kl": rl, "flow_grpo_student": rl, "dgpo_teacher": [*rl, "rollout.steps=2"]}
     out = tmp_path / "out"
     args = ["--student", str(student), "--out", str(out), "--minutes", "0.03", "--per-prompt", "1",
             "--final-per-prompt", "2", "--seed-sets", "2", "--speed-repeats", "1", "--speed-batch", "2",
@@ -30,11 +30,10 @@ def test_bench_tdm_r1_rows_share_one_student_and_a_rerun_reads_them(tiny_base, t
     assert bench.main(args) == 0
     result = json.loads((out / "bench_tdm_r1.json").read_text())
     summary = result["summary"]
-    assert set(summary) == {"teacher", "student", "r1", "r1_heldout", "dgpo_student", "dgpo_teacher"}
-    for row, start in [("r1", "student"), ("r1_heldout", "student"), ("dgpo_student", "student"),
-                       ("dgpo_teacher", "teacher")]:
-        assert summary[row]["start"] == start and "mean" in summary[row]["gain"], row
-        assert len(result["evaluations"][row]["sets"]) == 2
+    assert set(summary) == {"teacher", "student", *tiny}
+    for row in tiny:
+        assert summary[row]["start"] == ("teacher" if row == "dgpo_teacher" else "student"), row
+        assert "mean" in summary[row]["gain"] and len(result["evaluations"][row]["sets"]) == 2, row
     assert "heldout_gain" in summary["r1_heldout"]
     runs = out / "bench_tdm_r1"
     cfg = yaml.safe_load((runs / "r1_heldout" / "config.yaml").read_text())
@@ -45,6 +44,16 @@ def test_bench_tdm_r1_rows_share_one_student_and_a_rerun_reads_them(tiny_base, t
     cfg = yaml.safe_load((runs / "dgpo_student" / "config.yaml").read_text())
     assert cfg["model"]["merge_lora"] == str(student / "final" / "lora")
     assert cfg["rollout"]["sigmas"] == pytest.approx(sampler["sigmas"]) and cfg["rollout"]["guidance_scale"] == 1.0
+    assert (cfg["objective"]["t_min"], cfg["objective"]["kl_weight"]) == (0.4, 1.0)  # the DGPO recipe's
+    for row, t_min, kl in [("dgpo_student_full", 0, 0), ("dgpo_student_full_kl", 0, 1.0)]:  # every σ of the student
+        cfg = yaml.safe_load((runs / row / "config.yaml").read_text())
+        assert (cfg["objective"]["t_min"], cfg["objective"]["kl_weight"]) == (t_min, kl), row
+        assert cfg["rollout"]["sigmas"] == pytest.approx(sampler["sigmas"]), row
+    cfg = yaml.safe_load((runs / "flow_grpo_student" / "config.yaml").read_text())
+    assert cfg["objective"]["name"] == "flow_grpo" and cfg["rollout"]["sigmas"] == pytest.approx(sampler["sigmas"])
+    cfg = yaml.safe_load((runs / "r1_released" / "config.yaml").read_text())
+    assert cfg["objective"]["dm_target"] == "conditional" and cfg["advantage"]["std"] == "batch"
+    assert cfg["r1"]["init_run"] == str(student) and cfg["student"]["ema_decay"] == 0
     assert result["loop_seconds"]["teacher"] > result["loop_seconds"]["student"] > 0
     assert (out / "bench_tdm_r1_grid.png").is_file() and (out / "bench_tdm_r1.png").is_file()
     table = (out / "bench_tdm_r1.md").read_text()
@@ -57,7 +66,7 @@ def test_bench_tdm_r1_rows_share_one_student_and_a_rerun_reads_them(tiny_base, t
     assert bench.main(args) == 0
     assert (out / "bench_tdm_r1_grid.png").is_file()
     printed = capsys.readouterr().out
-    assert printed.count("finished earlier") == 4 and ", seed set " not in printed
+    assert printed.count("finished earlier") == len(tiny) and ", seed set " not in printed
     assert json.loads((out / "bench_tdm_r1.json").read_text())["summary"] == summary
 
 

@@ -62,6 +62,21 @@ def test_sde_with_noise_level_zero_is_the_ode_sampler(tiny_base):
     assert noisy.log_probs.shape == (2, 4) and torch.isfinite(noisy.log_probs).all()
 
 
+def test_sde_at_a_students_levels_visits_them_and_at_noise_level_zero_is_the_ode_sampler(tiny_base):
+    """Flow-GRPO on a few-step student (rollout.sigmas): its SDE walks the student's levels, one step each."""
+    model = SD3Model(load_pipeline(tiny_base))
+    embeds = model.encode_prompts(["a photo of a red circle", "a photo of two blue squares"])
+    noise = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(0))
+    levels = [1.0, 0.9, 0.75, 0.5]
+    ode = sample_ode(model, embeds, noise, 0, 1.0, "euler", return_trajectory=True, sigmas=levels)
+    sde = sample_sde(model, embeds, noise, 0, 1.0, 0.0, torch.Generator().manual_seed(1), sigmas=levels)
+    assert torch.equal(sde.sigmas, ode.sigmas) and len(sde.sigmas) == 5 and sde.sigmas[-1] == 0
+    assert torch.allclose(sde.final, ode.latents[-1], atol=1e-6, rtol=0)
+    noisy = sample_sde(model, embeds, noise, 0, 1.0, 0.7, torch.Generator().manual_seed(1), sigmas=levels)
+    assert noisy.log_probs.shape == (2, 4) and torch.isfinite(noisy.log_probs).all()
+    assert (noisy.final - ode.latents[-1]).abs().max() > 1e-2
+
+
 def test_flow_grpo_first_inner_step_is_on_policy_and_the_second_is_not(tiny_base, tmp_path, outcome_seed):
     """The first of two inner updates sees ratio 1, the second a moved policy. Measured margin of the second's
     ratio deviation over 1e-4, seeds 0-2 at 1 and 2 threads: 9.8-14.7× (the first's deviation: 0 here, 4.8e-7 on

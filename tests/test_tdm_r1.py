@@ -147,6 +147,20 @@ def test_no_gradient_of_the_surrogate_loss_reaches_the_student_or_the_fake(r1):
     assert any(g is not None and g.abs().sum() > 0 for g in into_surrogate)
 
 
+def test_the_released_recipe_trains_its_surrogate_with_the_clip_against_its_old_ema(tiny_base, tmp_path):
+    """configs/tdm_r1/shapes_released.yaml's surrogate (PPO-style clip against an EMA 'old' copy, KL term, batch
+    std): updates run and move it (the old copy was once swapped in over the live weights inside the graph)."""
+    d = Reinforcer(tiny_cfg(tiny_base, tmp_path / "run", "r1.group_size=2", "surrogate.lora_alpha=4",
+                            recipe="configs/tdm_r1/shapes_released.yaml"), log=lambda *a: None)
+    assert d.cfg.surrogate.clip_range > 0 and d.cfg.surrogate.kl_weight > 0
+    prompts, r, _, _ = _batch(d)
+    before = [p.detach().clone() for p in d.surrogate.params]
+    for _ in range(2):
+        stats = d.surrogate_update(r, prompts)
+        assert np.isfinite(stats["loss_surrogate"])
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, d.surrogate.params))
+
+
 def test_the_student_only_moves_along_the_regression_direction(r1, monkeypatch):
     """The student's gradient is exactly that of −⟨d, x̂₀⟩/(B·D) for the combined direction d: a regression
     of its clean prediction, with no denoising-score-matching term (checked on the computation)."""

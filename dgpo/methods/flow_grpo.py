@@ -52,8 +52,6 @@ class FlowGRPO(Objective):
         if cfg.rollout.solver != "euler":
             raise ConfigError("rollout.solver: flow_grpo samples with the SDE on the Euler schedule; set "
                               "rollout.solver=euler")
-        if cfg.rollout.sigmas:
-            raise ConfigError("rollout.sigmas: flow_grpo's SDE rollouts take rollout.steps; leave rollout.sigmas empty")
         if cfg.rollout.policy != "current":
             raise ConfigError("rollout.policy: flow_grpo's ratios need rollouts from the current weights; set "
                               "rollout.policy=current")
@@ -61,7 +59,8 @@ class FlowGRPO(Objective):
     @torch.no_grad()
     def rollout(self, embeds, noise, gen, rows=None, total=None):
         r, f = self.cfg.rollout, self.cfg.flow_grpo
-        traj = sample_sde(self.model, embeds, noise, r.steps, r.guidance_scale, f.noise_level, gen, rows, total)
+        traj = sample_sde(self.model, embeds, noise, r.steps, r.guidance_scale, f.noise_level, gen, rows, total,
+                          sigmas=r.sigmas or None)
         self.timesteps, self.sigmas = traj.timesteps, traj.sigmas
         return traj.final, {"states": traj.states, "log_probs": traj.log_probs}
 

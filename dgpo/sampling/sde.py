@@ -80,17 +80,22 @@ class SDETrajectory:
 @torch.no_grad()
 def sample_sde(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, steps: int, guidance_scale: float,
                noise_level: float, gen: torch.Generator, rows: torch.Tensor | None = None,
-               total: int | None = None) -> SDETrajectory:
+               total: int | None = None, sigmas: list[float] | None = None) -> SDETrajectory:
     """Sample with the SDE above on the Euler scheduler's schedule (the same σ's and transformer timesteps as
     :func:`dgpo.sampling.ode.sample_ode` with ``solver="euler"``); ``gen`` (CPU) draws the step noises — for a
     global batch of ``total`` samples of which these are ``rows`` when given (:mod:`dgpo.runtime.processes`).
-    With ``noise_level = 0`` the result is the ODE sample and the log-probabilities are 0 (undefined)."""
-    if steps < 1:
+    With ``noise_level = 0`` the result is the ODE sample and the log-probabilities are 0 (undefined).
+    ``sigmas``: the levels to visit as :func:`~dgpo.sampling.ode.sample_ode` takes them (a few-step student's,
+    before the scheduler's shift); ``steps`` is then ignored."""
+    if steps < 1 and not sigmas:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")
     scheduler = make_scheduler(model, "euler")
-    scheduler.set_timesteps(steps, device=noise.device)
+    if sigmas:
+        scheduler.set_timesteps(sigmas=list(sigmas), device=noise.device)
+    else:
+        scheduler.set_timesteps(steps, device=noise.device)
     sigmas = scheduler.sigmas.float().to(noise.device)
     sigma_1 = float(sigmas[1]) if len(sigmas) > 2 else 0.0
     x = noise.float()  # the state in fp32 whatever the weights' dtype (the handle casts at the transformer)
