@@ -90,6 +90,9 @@ class SurrogateConfig:
     old_ema_decay: float = option(0.9, "decay of the 'old' surrogate EMA (clip_range > 0)", min=0.0, max=1.0)
     kl_weight: float = option(0.0, "weight of mean ‖v_φ − v_ref‖² (0 = off)", min=0.0)
     updates_per_iteration: int = option(1, "surrogate updates per generator update", min=1)
+    draws_per_update: int = option(1, "M: independent draws of (k, τ, z) on the same rollouts in one update, their "
+                                   "losses averaged — M× the (point, τ) pairs a rollout teaches, at M× the surrogate's "
+                                   "compute (DGPO's M; the released code: 2, its num_train_timesteps slots)", min=1)
     init: str = option("", "a surrogate LoRA folder to start from (written by `tdm-r1 surrogate`; empty: B = 0, "
                        "the base)")
 
@@ -237,12 +240,18 @@ class SurrogateReward:
 
     def update(self, states, sigmas, advantages, group_ids, embeds, gen, step: int, grad_clip: float = 1.0,
                rows: torch.Tensor | None = None) -> dict:
-        """One Adam step of the surrogate on a global batch (this process's ``rows`` of it, see :meth:`loss`),
-        gradients summed over the processes; its EMAs follow. A non-finite loss or gradient steps nothing and
+        """One Adam step of the surrogate on a global batch (this process's ``rows`` of it, see :meth:`loss`):
+        the mean of ``draws_per_update`` losses, each at fresh draws of (k, τ, z), gradients accumulated one draw
+        at a time and summed over the processes; its EMAs follow. A non-finite loss or gradient steps nothing and
         raises :class:`dgpo.runtime.nonfinite.NonFiniteStep` (on every process alike)."""
-        loss, stats = self.loss(states, sigmas, advantages, group_ids, embeds, gen, rows)
+        m = self.cfg.draws_per_update
         self.optimizer.zero_grad(set_to_none=True)
-        self.runtime.backward(loss)
+        draws = []
+        for _ in range(m):
+            loss, stats = self.loss(states, sigmas, advantages, group_ids, embeds, gen, rows)
+            self.runtime.backward(loss / m if m > 1 else loss)
+            draws.append(stats)
+        stats = {k: sum(d[k] for d in draws) / m for k in draws[0]}
         norm = self.runtime.optimizer_step(self.optimizer, self.params, stats["loss_surrogate"], grad_clip, "surrogate")
         for ema in self.emas.values():
             ema.update(step)

@@ -161,6 +161,29 @@ def test_the_released_recipe_trains_its_surrogate_with_the_clip_against_its_old_
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, d.surrogate.params))
 
 
+def test_m_draws_per_update_step_on_the_mean_of_m_single_draw_gradients(tiny_base, tmp_path, monkeypatch):
+    """surrogate.draws_per_update = M: one step on the mean of the gradients of M consecutive single-draw losses
+    (fresh k, τ and z each), as if each were its own update's."""
+    d = Reinforcer(tiny_cfg(tiny_base, tmp_path / "run", "surrogate.draws_per_update=3"), log=lambda *a: None)
+    prompts, r, groups, adv = _batch(d)
+    with torch.no_grad():  # a surrogate that differs from the base, so every draw has a gradient of its own
+        for p in d.surrogate.params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    singles = []
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        loss, _ = d.surrogate.loss(r.states, d.sigmas, adv, groups, r.embeds, gen)
+        singles.append(torch.autograd.grad(loss, d.surrogate.params, allow_unused=True))
+    expected = [sum(g[i] if g[i] is not None else 0 for g in singles) / 3 for i in range(len(d.surrogate.params))]
+    assert not all(torch.allclose(a, b) for a, b in zip(singles[0], singles[1]) if a is not None)  # draws differ
+    seen = {}
+    monkeypatch.setattr(d.runtime, "optimizer_step", lambda opt, params, loss, clip, who: seen.setdefault(
+        "grads", [p.grad.clone() if p.grad is not None else 0 for p in params]) and 0.0)
+    d.surrogate.update(r.states, d.sigmas, adv, groups, r.embeds, torch.Generator().manual_seed(7), step=0)
+    for got, want in zip(seen["grads"], expected):
+        assert torch.allclose(torch.as_tensor(got), torch.as_tensor(want), atol=1e-7, rtol=1e-5)
+
+
 def test_the_student_only_moves_along_the_regression_direction(r1, monkeypatch):
     """The student's gradient is exactly that of −⟨d, x̂₀⟩/(B·D) for the combined direction d: a regression
     of its clean prediction, with no denoising-score-matching term (checked on the computation)."""
