@@ -147,6 +147,7 @@ def test_no_gradient_of_the_surrogate_loss_reaches_the_student_or_the_fake(r1):
     assert any(g is not None and g.abs().sum() > 0 for g in into_surrogate)
 
 
+@pytest.mark.slow
 def test_the_released_recipe_trains_its_surrogate_with_the_clip_against_its_old_ema(tiny_base, tmp_path):
     """configs/tdm_r1/shapes_released.yaml's surrogate (PPO-style clip against an EMA 'old' copy, KL term, batch
     std): updates run and move it (the old copy was once swapped in over the live weights inside the graph)."""
@@ -272,6 +273,7 @@ def test_r1_runs_resumes_exactly_and_starts_from_a_tdm_run(tiny_base, tmp_path, 
     assert "student.level_shift: 0.0 there, 3.0 here" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_r1_starts_from_the_student_a_tdm_run_exports(tiny_base, tmp_path):
     """A TDM run with an EMA exports (and evaluates) the EMA: TDM-R1 starts from that student, not the live
     weights, so its gain is measured from the student a benchmark scores as its start."""
