@@ -14,8 +14,8 @@ verifier):
   and its last one, where direct RL is said to blur a few-step student), with KL 0 / the recipe's KL 1;
 * ``flow_grpo_student`` — Flow-GRPO on the student (``configs/flow_grpo/shapes.yaml``): SDE rollouts through the
   student's 4 steps, every step trained;
-* ``r1_heldout`` — TDM-R1 trained on the train prompts of every category but ``--heldout``, evaluated on all:
-  does the gain carry over to categories it never trained on?
+* ``r1_heldout`` — TDM-R1 with the released recipe (the one that gains most), trained on the train prompts of
+  every category but ``--heldout``, evaluated on all: does the gain carry over to categories it never trained on?
 * ``dgpo_teacher`` — DGPO on the full-length teacher (``configs/dgpo/shapes.yaml``), 20 steps with CFG.
 
 Every row is evaluated on its live weights: the TDM-R1 rows run with ``student.ema_decay=0`` (their recipe's
@@ -68,7 +68,7 @@ ROWS = {
     "dgpo_student_full_kl": ("DGPO on the student, every σ, KL 1", "configs/dgpo/shapes.yaml", "student",
                              ["objective.t_min=0"]),
     "flow_grpo_student": ("Flow-GRPO on the student (its 4 steps)", "configs/flow_grpo/shapes.yaml", "student", []),
-    "r1_heldout": ("TDM-R1, held-out categories", "configs/tdm_r1/shapes.yaml", "r1", []),
+    "r1_heldout": ("TDM-R1 (released recipe), held-out categories", "configs/tdm_r1/shapes_released.yaml", "r1", []),
     "dgpo_teacher": ("DGPO on the teacher", "configs/dgpo/shapes.yaml", "teacher", []),
 }
 
@@ -77,10 +77,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", required=True, help="a finished `tdm-r1 distill` run folder (its final/lora and "
                    "final/lora/sampler.json are the shared starting student)")
-    p.add_argument("--r1-config", default=None, help="TDM-R1's recipe for the r1 and r1_heldout rows (default "
+    p.add_argument("--r1-config", default=None, help="TDM-R1's recipe for the r1 row (default "
                    "configs/tdm_r1/shapes.yaml, whose student is configs/tdm/shapes.yaml's; a student of "
                    "configs/tdm/shapes_scheduler_levels.yaml takes configs/tdm_r1/shapes_scheduler_levels.yaml); "
-                   "r1_released always runs configs/tdm_r1/shapes_released.yaml")
+                   "r1_released and r1_heldout run configs/tdm_r1/shapes_released.yaml")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all: {','.join(ROWS)})")
     p.add_argument("--minutes", type=float, default=30.0, help="training wall-clock of every row (default 30)")
     p.add_argument("--heldout", default="color_attr,position",
@@ -111,7 +111,7 @@ def run_row(row: str, args, base: Path, student: dict, run_dir: Path, overrides:
     if trains == "r1":
         from tdm_r1.cli import load_r1_config
         from tdm_r1.reinforce import recipe_of
-        if args.r1_config and row != "r1_released":
+        if args.r1_config and row == "r1":
             recipe = args.r1_config
         # live weights, as every DGPO row is evaluated (TDM-R1's own default evaluates its student's EMA)
         extra = [f"teacher.base={base}", f"r1.init_run={args.student}", "run.iterations=1000000",

@@ -38,6 +38,7 @@ def test_bench_tdm_r1_rows_share_one_student_and_a_rerun_reads_them(tiny_base, t
     runs = out / "bench_tdm_r1"
     cfg = yaml.safe_load((runs / "r1_heldout" / "config.yaml").read_text())
     assert cfg["r1"]["categories"] == ["single_object", "two_object", "counting", "colors"]
+    assert cfg["objective"]["dm_target"] == "conditional"  # the released recipe's
     assert cfg["r1"]["init_run"] == str(student)
     assert cfg["student"]["ema_decay"] == 0  # evaluated on live weights, as the DGPO rows are
     sampler = json.loads((student / "final" / "lora" / "sampler.json").read_text())
