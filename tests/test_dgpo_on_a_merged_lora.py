@@ -83,7 +83,14 @@ def test_bad_merge_or_sigmas_fail_before_any_model_loads(tiny_base, tmp_path, ex
         tiny_cfg(tiny_base, tmp_path / "run", *extra)
 
 
-def test_flow_grpo_refuses_explicit_sigmas(tiny_base, tmp_path):
-    with pytest.raises(ConfigError, match="rollout.sigmas"):
-        load_train_config("configs/flow_grpo/shapes.yaml", [f"model.base={tiny_base}",
-                                                             f"rollout.sigmas={json.dumps(SIGMAS)}"])
+def test_flow_grpo_rolls_out_at_explicit_sigmas(tiny_base, tmp_path):
+    """Flow-GRPO on a few-step student: its SDE rollouts and their log-probabilities walk rollout.sigmas."""
+    from test_train import TINY_RUN
+    cfg = load_train_config("configs/flow_grpo/shapes.yaml", [
+        f"model.base={tiny_base}", f"run.out_dir={tmp_path / 'run'}", "run.time_budget_min=0", *TINY_RUN,
+        "run.epochs=1", f"rollout.sigmas={json.dumps(SIGMAS)}", "rollout.guidance_scale=1.0"])
+    trainer = Trainer(prepare_run_dir(cfg, False), log=lambda *a: None)
+    trainer.run()
+    assert len(trainer.objective.sigmas) == len(SIGMAS) + 1 and trainer.objective.sigmas[0] == 1.0
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward" in r and np.isfinite(r["reward"]) for r in rows)
