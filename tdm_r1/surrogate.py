@@ -189,9 +189,11 @@ class SurrogateReward:
         f = flow_velocity_target if self.cfg.target == "velocity" else bridge_velocity
         return f(p["x_t"], p["t"], p["x_tau"], p["tau"])
 
-    def errors(self, p: dict, embeds: PromptEmbeds, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ℓ_φ (with grad), ℓ_ref and mean ‖v_φ − v_ref‖² per sample at the points ``p``."""
-        target = self.target(p)
+    def errors(self, p: dict, embeds: PromptEmbeds, grad: bool = True, target: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ℓ_φ (with grad), ℓ_ref and mean ‖v_φ − v_ref‖² per sample at the points ``p`` (``target``: their v*,
+        when the caller has it already)."""
+        target = self.target(p) if target is None else target
         v_ref = self.reference_velocity(p["x_tau"], p["tau"], embeds)
         with torch.set_grad_enabled(grad), self.active():
             v_phi = self.model.velocity(p["x_tau"], p["tau"], embeds)
@@ -210,14 +212,15 @@ class SurrogateReward:
         n = len(group_ids)
         rows = torch.arange(n) if rows is None else rows
         p = self.points(states, sigmas, group_ids, gen, rows)
+        target = self.target(p)
         if c.clip_range > 0:  # before ℓ_φ's graph: swapping the old weights in and out writes the parameters
             with torch.no_grad(), self.active(), self.emas["surrogate_old"].swapped_in():
-                loss_old = per_sample_mse(self.target(p), self.model.velocity(p["x_tau"], p["tau"], embeds))
-        loss_phi, loss_ref, kl = self.errors(p, embeds)
+                loss_old = per_sample_mse(target, self.model.velocity(p["x_tau"], p["tau"], embeds))
+        loss_phi, loss_ref, kl = self.errors(p, embeds, target=target)
         device = loss_phi.device
         adv = advantages.cpu()[rows].to(device)
         if c.clip_range > 0:
-            loss_phi = clip_to_old(loss_phi, loss_old.to(device), adv, c.clip_range)
+            loss_phi = clip_to_old(loss_phi, loss_old, adv, c.clip_range)
         weight_all = p["k_all"].double() / p["k_max"]  # k/K of every global row
         groups, dense_all = torch.unique(group_ids, return_inverse=True)  # global groups 0 … G−1, alike everywhere
         dense = dense_all[rows].to(device)
@@ -249,7 +252,7 @@ class SurrogateReward:
         draws = []
         for _ in range(m):
             loss, stats = self.loss(states, sigmas, advantages, group_ids, embeds, gen, rows)
-            self.runtime.backward(loss / m if m > 1 else loss)
+            self.runtime.backward(loss / m)
             draws.append(stats)
         stats = {k: sum(d[k] for d in draws) / m for k in draws[0]}
         norm = self.runtime.optimizer_step(self.optimizer, self.params, stats["loss_surrogate"], grad_clip, "surrogate")

@@ -60,7 +60,7 @@ class FlowGRPO(Objective):
     def rollout(self, embeds, noise, gen, rows=None, total=None):
         r, f = self.cfg.rollout, self.cfg.flow_grpo
         traj = sample_sde(self.model, embeds, noise, r.steps, r.guidance_scale, f.noise_level, gen, rows, total,
-                          sigmas=r.sigmas or None)
+                          sigmas=r.sigmas)
         self.timesteps, self.sigmas = traj.timesteps, traj.sigmas
         return traj.final, {"states": traj.states, "log_probs": traj.log_probs}
 

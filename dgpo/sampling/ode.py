@@ -39,6 +39,21 @@ def make_scheduler(model: FlowModel, solver: str = "euler"):
     raise ValueError(f"unknown ODE solver {solver!r}; choose one of {list(SOLVERS)}")
 
 
+def scheduled(model: FlowModel, solver: str, steps: int, sigmas: list[float] | None, device):
+    """A fresh ``solver`` scheduler set to visit ``sigmas`` — as the stock pipeline's ``sigmas=`` takes them, before
+    the shift, one Euler step each (a few-step student's) — or, without them, its own ``steps``-step schedule."""
+    scheduler = make_scheduler(model, solver)
+    if sigmas:
+        if solver != "euler":
+            raise ValueError(f"explicit sigmas need the euler solver, not {solver!r}")
+        scheduler.set_timesteps(sigmas=list(sigmas), device=device)
+    elif steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    else:
+        scheduler.set_timesteps(steps, device=device)
+    return scheduler
+
+
 def flow_sigmas(model: FlowModel, steps: int, solver: str = "euler") -> torch.Tensor:
     """The (steps + 1) noise levels σ_0 = ~1 > … > σ_steps = 0 that ``solver`` visits."""
     scheduler = make_scheduler(model, solver)
@@ -72,15 +87,7 @@ def sample_ode(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, step
     the scheduler's shift, one Euler step each, e.g. a few-step student's (its ``final/sampler.json``);
     ``steps`` is then ignored. Returns the final latents, or a :class:`Trajectory` with every visited state.
     """
-    scheduler = make_scheduler(model, solver)
-    if sigmas:
-        if solver != "euler":
-            raise ValueError(f"explicit sigmas need the euler solver, not {solver!r}")
-        scheduler.set_timesteps(sigmas=list(sigmas), device=noise.device)
-    elif steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    else:
-        scheduler.set_timesteps(steps, device=noise.device)
+    scheduler = scheduled(model, solver, steps, sigmas, noise.device)
     latents = noise.float()  # the state in fp32 whatever the weights' dtype (the handle casts at the transformer)
     states = [latents]
     for t in scheduler.timesteps:

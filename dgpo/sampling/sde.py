@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from dgpo.models.handle import FlowModel, PromptEmbeds
-from dgpo.sampling.ode import make_scheduler
+from dgpo.sampling.ode import scheduled
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -87,15 +87,9 @@ def sample_sde(model: FlowModel, embeds: PromptEmbeds, noise: torch.Tensor, step
     With ``noise_level = 0`` the result is the ODE sample and the log-probabilities are 0 (undefined).
     ``sigmas``: the levels to visit as :func:`~dgpo.sampling.ode.sample_ode` takes them (a few-step student's,
     before the scheduler's shift); ``steps`` is then ignored."""
-    if steps < 1 and not sigmas:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")
-    scheduler = make_scheduler(model, "euler")
-    if sigmas:
-        scheduler.set_timesteps(sigmas=list(sigmas), device=noise.device)
-    else:
-        scheduler.set_timesteps(steps, device=noise.device)
+    scheduler = scheduled(model, "euler", steps, sigmas, noise.device)
     sigmas = scheduler.sigmas.float().to(noise.device)
     sigma_1 = float(sigmas[1]) if len(sigmas) > 2 else 0.0
     x = noise.float()  # the state in fp32 whatever the weights' dtype (the handle casts at the transformer)
