@@ -14,6 +14,9 @@ verifier):
   and its last one, where direct RL is said to blur a few-step student), with KL 0 / the recipe's KL 1;
 * ``flow_grpo_student`` — Flow-GRPO on the student (``configs/flow_grpo/shapes.yaml``): SDE rollouts through the
   student's 4 steps, every step trained;
+* ``dm_dgpo_student`` — the paper's direct-RL baseline, TDM + RL (``r1.reward_source=direct``,
+  :mod:`tdm_r1.direct_rl`): the released recipe's distribution matching and CFG update of the student, and beside it
+  DGPO's own step on the student with ``configs/dgpo/shapes.yaml``'s keys — no surrogate;
 * ``r1_heldout`` — TDM-R1 with the released recipe (the one that gains most), trained on the train prompts of
   every category but ``--heldout``, evaluated on all: does the gain carry over to categories it never trained on?
 * ``dgpo_teacher`` — DGPO on the full-length teacher (``configs/dgpo/shapes.yaml``), 20 steps with CFG.
@@ -68,6 +71,16 @@ ROWS = {
     "dgpo_student_full_kl": ("DGPO on the student, every σ, KL 1", "configs/dgpo/shapes.yaml", "student",
                              ["objective.t_min=0"]),
     "flow_grpo_student": ("Flow-GRPO on the student (its 4 steps)", "configs/flow_grpo/shapes.yaml", "student", []),
+    "dm_dgpo_student": ("TDM + DGPO on the student (distribution matching kept beside)",
+                        "configs/tdm_r1/shapes_released.yaml", "r1", [
+                            # the paper's direct-RL baseline (tdm_r1.direct_rl): the released recipe's TDM update
+                            # beside DGPO's own step on the student, its keys those of configs/dgpo/shapes.yaml:
+                            # clean samples, u ~ U[0.4, 1] shifted by 2 (σ ≥ 0.57), M = 4, β 100, KL 1 to the
+                            # start, per-group std; lr 1e-3 halved for the student LoRA's scale 2 (DGPO's: 1)
+                            "r1.reward_source=direct", "surrogate.k_draw=last", "surrogate.t_min=0.57",
+                            "surrogate.tau_shift=2", "surrogate.tau_margin=0", "surrogate.draws_per_update=4",
+                            "surrogate.beta=100", "surrogate.normalization=group_size", "surrogate.clip_range=0",
+                            "surrogate.kl_weight=1", "surrogate.lr=5e-4", "advantage.std=group"]),
     "r1_heldout": ("TDM-R1 (released recipe), held-out categories", "configs/tdm_r1/shapes_released.yaml", "r1", []),
     "dgpo_teacher": ("DGPO on the teacher", "configs/dgpo/shapes.yaml", "teacher", []),
 }

@@ -56,6 +56,8 @@ def cmd_surrogate(args) -> None:
     out = check_output(args.out, "tdm-r1 surrogate", args.overwrite)  # before the work, not after it
     load_plugins(args.plugin)
     cfg = load_r1_config(args.config or DEFAULT_R1_CONFIG, [*args.set, f"run.out_dir={out}"])
+    if cfg.r1.reward_source != "surrogate":
+        raise UserError("tdm-r1 surrogate trains TDM-R1's surrogate: r1.reward_source=direct has none (remove it)")
     distiller = Reinforcer(cfg)  # the student (from r1.init_run) stays frozen: only the surrogate trains
     processes = distiller.processes  # on several processes (accelerate launch) each rolls out its rows
     if processes.distributed and processes.is_main:

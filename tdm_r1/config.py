@@ -130,6 +130,11 @@ class R1Config:
     group_size: int = option(4, "G: student rollouts per prompt (a group); optim.batch_size = P × G", min=2)
     categories: list[str] = option([], "train only on prompts of these world categories (empty: all train "
                                    "prompts), e.g. [position, counting]")
+    reward_source: str = option("surrogate", "how the reward reaches the student: TDM-R1's surrogate and its reward "
+                                "direction, or directly (the paper's TDM + RL baseline, tdm_r1.direct_rl): the "
+                                "surrogate section's group loss on the student's own weights against the starting "
+                                "student, its own Adam step beside TDM's (no surrogate; needs student.mode=lora)",
+                                choices=("surrogate", "direct"))
     rl_cfg: float = option(4.5, "CFG scale of the surrogate's x̂₀ in the reward direction", min=0.0)
     reward_reference: str = option("conditional", "what the surrogate's guided x̂₀ is compared with in the reward "
                                    "direction: the base's conditional x̂₀ (the released code: the direction then also "
@@ -222,6 +227,9 @@ def load_distill_config(path: str | Path | None, overrides=()) -> DistillConfig:
         raise ConfigError(f"optim.betas: expected two numbers [β₁, β₂], got {cfg.optim.betas}")
     if not isinstance(cfg, ReinforceConfig):
         return cfg
+    if cfg.r1.reward_source == "direct" and cfg.student.mode != "lora":
+        from dgpo.config import ConfigError
+        raise ConfigError("r1.reward_source=direct trains the student's LoRA with DGPO's loss: set student.mode=lora")
     if cfg.optim.batch_size % cfg.r1.group_size:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is not a multiple of r1.group_size="
                           f"{cfg.r1.group_size}: a batch is P prompts × G rollouts")

@@ -17,6 +17,9 @@ surrogate reward (:mod:`tdm_r1.surrogate`) and a reward term in the student's up
    surrogate's guided x̂₀ against the base's at a point x_τ′ diffused from the student's next state, the
    teacher's CFG direction, and TDM's own direction. The student never gets a denoising loss.
 
+With ``r1.reward_source=direct`` (the paper's TDM + RL baseline, :mod:`tdm_r1.direct_rl`) step 4 is DGPO's group
+loss on the student's own weights instead, and step 5 has no reward direction.
+
 The run folder, cadence, checkpoints and resume are the runtime's (:class:`dgpo.runtime.loop.Run`), as for TDM.
 """
 
@@ -34,6 +37,7 @@ from dgpo.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from dgpo.runtime.ema import EMA
 from dgpo.config import to_dict
 from tdm_r1.config import DistillConfig, ReinforceConfig
+from tdm_r1.direct_rl import StudentGroupLoss
 from tdm_r1.distill import STUDENT, Distiller, Rollout, training_prompts
 from tdm_r1.objectives import (cfg_direction, level_above, r1_generator_direction, reward_direction,
                                transition_sample, x0_from_velocity)
@@ -58,17 +62,24 @@ class Reinforcer(Distiller):
         return training_prompts(self.world, self.cfg.r1.categories)
 
     def add_parts(self) -> None:
-        """The surrogate (a third adapter), the reward, and the starting student (r1.init_run / init_lora)."""
+        """The surrogate (a third adapter), the reward, and the starting student (r1.init_run / init_lora); with
+        r1.reward_source=direct, DGPO's loss on the student against that start instead of the surrogate."""
         cfg = self.cfg
-        self.surrogate = SurrogateReward(self.teacher, self.adapters, cfg.surrogate, self.runtime,
-                                         seed=cfg.run.seed + 2)
-        if cfg.surrogate.init:
-            self.surrogate.load(cfg.surrogate.init)
+        self.direct = None
+        if cfg.r1.reward_source == "surrogate":
+            self.surrogate = SurrogateReward(self.teacher, self.adapters, cfg.surrogate, self.runtime,
+                                             seed=cfg.run.seed + 2)
+            if cfg.surrogate.init:
+                self.surrogate.load(cfg.surrogate.init)
         self.reward_name, self.reward = reward_of_run(cfg.reward, self.world)
         if cfg.r1.init_run:
             self.load_student_from(Path(cfg.r1.init_run))
         elif cfg.r1.init_lora:
             self.load_student_lora(Path(cfg.r1.init_lora))
+        if cfg.r1.reward_source == "direct":  # its reference: the student just loaded (the same on a resume)
+            self.direct = StudentGroupLoss(self.student, self.adapters, cfg.surrogate, self.runtime,
+                                           self.student_params)
+            self.label = "TDM + direct RL"
 
     def saved_boundaries(self) -> list[float]:
         """The levels saved with ``r1.init_lora`` (its sampler.json), when TDM-R1 starts from one."""
@@ -126,15 +137,20 @@ class Reinforcer(Distiller):
 
     # --------------------------------------------------------------------------------------- the iteration
     def _iteration(self) -> tuple[dict, int]:
-        """Rollout; fake-score update(s); the rollouts' rewards (labels only) and the surrogate's update(s); the
-        generator update with the reward term — under teacher.mixed_precision's autocast."""
+        """Rollout; fake-score update(s); the rollouts' rewards (labels only) and the surrogate's update(s) (or the
+        direct RL step); the generator update with the reward term — under teacher.mixed_precision's autocast."""
         prompts = self.sample_prompts(self.cfg.optim.batch_size)
         stats: dict = {}
         with self.step_guard(stats) as guard:
             r = self.rollout(prompts)                                 # 1
             for _ in range(self.cfg.fake.updates_per_generator):      # 2
                 stats.update(self.fake_update(r))
-            stats.update(self.surrogate_update(r, prompts))           # 3, 4
+            scored = self.score(r, prompts)                           # 3
+            stats.update(reward=scored.rewards.mean().item(), reward_std=scored.rewards.std().item())
+            if self.direct is None:
+                stats.update(self.surrogate_update(r, scored))        # 4
+            else:
+                stats.update(self.direct_update(r, scored))           # 4 (direct)
             stats.update(self.generator_update(r))                    # 5
         return guard.row, self.calls.total()
 
@@ -154,13 +170,21 @@ class Reinforcer(Distiller):
         return score_groups(self.reward, images, mine, group_size or self.cfg.r1.group_size, self.cfg.advantage,
                             self.reward_name, processes=self.processes, metadata=metadata_of(self.world, mine))
 
-    def surrogate_update(self, r: Rollout, prompts: list[str]) -> dict:
-        """Score the rollouts, then the surrogate's DGPO update(s) on their trajectory points."""
-        scored = self.score(r, prompts)
-        stats = {"reward": scored.rewards.mean().item(), "reward_std": scored.rewards.std().item()}
+    def surrogate_update(self, r: Rollout, scored) -> dict:
+        """The surrogate's DGPO update(s) on the scored rollouts' trajectory points."""
+        stats = {}
         for _ in range(self.cfg.surrogate.updates_per_iteration):
             stats.update(self.surrogate.update(r.states, self.sigmas, scored.advantages, scored.group_ids, r.embeds,
                                                self.gen, self.counters.iteration, self.cfg.optim.grad_clip, r.rows))
+        return stats
+
+    def direct_update(self, r: Rollout, scored) -> dict:
+        """r1.reward_source=direct: DGPO's update(s) of the student itself on its scored rollouts."""
+        stats = {}
+        for _ in range(self.cfg.surrogate.updates_per_iteration):
+            row = self.direct.update(r.states, self.sigmas, scored.advantages, scored.group_ids, r.embeds, self.gen,
+                                     self.counters.iteration, self.cfg.optim.grad_clip, r.rows)
+            stats.update({k.replace("surrogate", "direct_rl"): v for k, v in row.items()})
         return stats
 
     @torch.no_grad()
@@ -184,35 +208,45 @@ class Reinforcer(Distiller):
         k = p["k"]
         trunc = c.trunc_steps or len(self.boundaries)
         early = (k < trunc).to(self.device)
+        if x0_cond is None:  # objective.dm_target=guided: the conditional teacher only for the CFG direction
+            with self.as_teacher() as teacher:
+                x0_cond = x0_from_velocity(p["x_tau"], p["tau"], teacher.velocity(p["x_tau"], p["tau"], r.embeds))
+        if self.direct is None:
+            reward, extra = self.reward_read(r, p, x0_student)
+        else:  # r1.reward_source=direct: the reward reached the student in its own step
+            reward, extra = torch.zeros_like(dm), {}
+        cfg_dir = (torch.zeros_like(dm) if self.cfg.teacher.guidance_scale <= 1 else
+                   cfg_direction(x0_student, x0_teacher_cfg, x0_cond))
+        direction = r1_generator_direction(reward, cfg_dir, dm, early, c.reward_weight, c.cfg_weight, c.dm_weight,
+                                           c.late_cfg_weight, c.late_dm_weight)
+        return direction, extra
+
+    @torch.no_grad()
+    def reward_read(self, r: Rollout, p: dict, x0_student) -> tuple[torch.Tensor, dict]:
+        """The reward direction (see :meth:`generator_direction`) read at x_τ′ from the student's next points."""
+        c = self.cfg.r1
         groups = torch.arange(r.total) // c.group_size  # consecutive groups of the global batch
         u, z = group_draws(groups, tuple(x0_student.shape[1:]), self.gen)
         tau2 = level_above(p["s_next"], u[r.rows].to(self.device), c.t_min, shift=c.tau_shift, margin=c.tau_margin)
         x_tau2 = transition_sample(p["x_next"], p["s_next"], tau2, z[r.rows].to(self.device))
         x0_sur = self.surrogate.x0(x_tau2, tau2, r.embeds, c.rl_cfg)
         with self.as_teacher() as teacher:
-            guided = c.reward_reference == "guided"
-            v_base = (teacher.guided_velocity(x_tau2, tau2, r.embeds, c.rl_cfg) if guided else
-                      teacher.velocity(x_tau2, tau2, r.embeds))
-            x0_base = x0_from_velocity(x_tau2, tau2, v_base)
-            if x0_cond is None:  # objective.dm_target=guided: the conditional teacher only for the CFG direction
-                x0_cond = x0_from_velocity(p["x_tau"], p["tau"], teacher.velocity(p["x_tau"], p["tau"], r.embeds))
-        reward = reward_direction(x0_student, x0_sur, x0_base)
-        cfg_dir = (torch.zeros_like(dm) if self.cfg.teacher.guidance_scale <= 1 else
-                   cfg_direction(x0_student, x0_teacher_cfg, x0_cond))
-        direction = r1_generator_direction(reward, cfg_dir, dm, early, c.reward_weight, c.cfg_weight, c.dm_weight,
-                                           c.late_cfg_weight, c.late_dm_weight)
-        return direction, {"reward_gap": self.processes.sum((x0_sur - x0_base).abs().mean().item() * r.share())}
+            v_base = (teacher.guided_velocity(x_tau2, tau2, r.embeds, c.rl_cfg) if c.reward_reference == "guided"
+                      else teacher.velocity(x_tau2, tau2, r.embeds))
+        x0_base = x0_from_velocity(x_tau2, tau2, v_base)
+        gap = self.processes.sum((x0_sur - x0_base).abs().mean().item() * r.share())
+        return reward_direction(x0_student, x0_sur, x0_base), {"reward_gap": gap}
 
     # --------------------------------------------------------------------------------------- state, summary
     def state_tensors(self) -> tuple[dict, dict]:
         tensors, scalars = super().state_tensors()
-        t, extra = self.surrogate.state_tensors()
+        t, extra = (self.direct or self.surrogate).state_tensors()
         return {**tensors, **t}, {**scalars, **extra}
 
     @torch.no_grad()
     def load_state(self, tensors: dict, state: dict) -> None:
         super().load_state(tensors, state)
-        self.surrogate.load_state(tensors, state)
+        (self.direct or self.surrogate).load_state(tensors, state)
 
     def summary_names(self, first: dict, last: dict) -> tuple[str, str]:
         start = "TDM student" if self.cfg.r1.init_run else "student at init"

@@ -78,8 +78,9 @@ class SurrogateConfig:
                          "bridge (x_τ − x_{t_k}) / (τ − t_k) (whose mean is not, for t_k > 0)",
                          choices=("velocity", "bridge"))
     k_draw: str = option("group", "draw the step k (and τ) per group, so a group's samples are compared at one "
-                         "step, per sample, or once per batch (open in the paper; per group is our choice)",
-                         choices=("group", "sample", "batch"))
+                         "step, per sample, or once per batch (open in the paper; per group is our choice); or "
+                         "always the clean sample k = K (last: DGPO's own points)",
+                         choices=("group", "sample", "batch", "last"))
     k_weight: str = option("group", "where the weight k/K enters: each group's loss (our reading of the released "
                            "code's 'loss weighted by k/K'), or each sample's term inside its group sum",
                            choices=("group", "sample"))
@@ -112,9 +113,11 @@ def group_draws(group_ids: torch.Tensor, shape: tuple[int, ...], gen: torch.Gene
 
 
 def draw_steps(n: int, group_ids: torch.Tensor, k_max: int, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """k ∈ {1, …, K} per sample (n,), drawn per group, per sample or once, with P(k) ∝ k."""
+    """k ∈ {1, …, K} per sample (n,), drawn per group, per sample or once, with P(k) ∝ k; or K for all (last)."""
     probs = step_probabilities(k_max)
     groups, inverse = torch.unique(group_ids, return_inverse=True)
+    if mode == "last":
+        return torch.full((n,), k_max, dtype=torch.long)
     count = {"sample": n, "group": len(groups), "batch": 1}[mode]
     draws = torch.multinomial(probs, count, replacement=True, generator=gen) + 1
     if mode == "group":
@@ -126,23 +129,32 @@ class SurrogateReward:
     """The surrogate LoRA (role ``surrogate`` on ``adapters``' backbone), its optimiser and EMAs; trained on the
     ``processes`` a run was launched on."""
 
+    role = SURROGATE    #: the adapter it trains
+    prefix = "surrogate"  #: its checkpoint keys
+    owns_parameters = True  #: its parameters are saved with it (not with a recipe's)
+
     def __init__(self, model: FlowModel, adapters: AdapterRoles, cfg: SurrogateConfig, runtime: Runtime,
                  seed: int = 0):
         self.model, self.adapters, self.cfg = model, adapters, cfg
         self.runtime, self.processes = runtime, runtime.processes
-        self.params = adapters.add(SURROGATE, cfg.lora_rank, cfg.lora_alpha, model.lora_targets(cfg.lora_targets),
-                                   seed=seed)
+        self.params = self.trained_parameters(seed)
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=(0.9, 0.999))
         self.emas: dict[str, EMA] = {}
         if cfg.reference == "ema":
-            self.emas["surrogate_ref"] = EMA(self.params, cfg.reference_ema_decay, warmup=False)
+            self.emas["ref"] = EMA(self.params, cfg.reference_ema_decay, warmup=False)
         if cfg.clip_range > 0:
-            self.emas["surrogate_old"] = EMA(self.params, cfg.old_ema_decay, warmup=False)
+            self.emas["old"] = EMA(self.params, cfg.old_ema_decay, warmup=False)
+
+    def trained_parameters(self, seed: int) -> list[torch.nn.Parameter]:
+        """A new LoRA (B = 0: the base) on the backbone, its role ``surrogate``."""
+        c = self.cfg
+        return self.adapters.add(SURROGATE, c.lora_rank, c.lora_alpha, self.model.lora_targets(c.lora_targets),
+                                 seed=seed)
 
     # ------------------------------------------------------------------------------------------- models
     @contextmanager
     def active(self):
-        with self.adapters.active(SURROGATE):
+        with self.adapters.active(self.role):
             yield self.model
 
     def reference_velocity(self, x, sigma, embeds: PromptEmbeds) -> torch.Tensor:
@@ -151,7 +163,7 @@ class SurrogateReward:
             if self.cfg.reference == "base":
                 with self.adapters.reference():
                     return self.model.velocity(x, sigma, embeds)
-            with self.active(), self.emas["surrogate_ref"].swapped_in():
+            with self.active(), self.emas["ref"].swapped_in():
                 return self.model.velocity(x, sigma, embeds)
 
     def x0(self, x: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds, guidance_scale: float) -> torch.Tensor:
@@ -214,7 +226,7 @@ class SurrogateReward:
         p = self.points(states, sigmas, group_ids, gen, rows)
         target = self.target(p)
         if c.clip_range > 0:  # before ℓ_φ's graph: swapping the old weights in and out writes the parameters
-            with torch.no_grad(), self.active(), self.emas["surrogate_old"].swapped_in():
+            with torch.no_grad(), self.active(), self.emas["old"].swapped_in():
                 loss_old = per_sample_mse(target, self.model.velocity(p["x_tau"], p["tau"], embeds))
         loss_phi, loss_ref, kl = self.errors(p, embeds, target=target)
         device = loss_phi.device
@@ -319,19 +331,24 @@ class SurrogateReward:
 
     def state_tensors(self) -> tuple[dict, dict]:
         from dgpo.runtime.checkpoint import optimizer_to_flat
-        tensors = {f"surrogate.{k}": p.detach() for k, p in self.adapters.named_parameters(SURROGATE)}
+        p = self.prefix
+        tensors = ({f"{p}.{k}": v.detach() for k, v in self.adapters.named_parameters(self.role)}
+                   if self.owns_parameters else {})
         for name, ema in self.emas.items():
-            tensors.update({f"{name}.{k}": v for k, v in ema.state_dict().items()})
+            tensors.update({f"{p}_{name}.{k}": v for k, v in ema.state_dict().items()})
         opt_t, opt_s = optimizer_to_flat(self.optimizer)
-        tensors.update({f"surrogate_opt.{k}": v for k, v in opt_t.items()})
-        return tensors, {"surrogate_optimizer": opt_s}
+        tensors.update({f"{p}_opt.{k}": v for k, v in opt_t.items()})
+        return tensors, {f"{p}_optimizer": opt_s}
 
     @torch.no_grad()
     def load_state(self, tensors: dict, state: dict) -> None:
         from dgpo.runtime.checkpoint import optimizer_from_flat
-        for k, p in self.adapters.named_parameters(SURROGATE):
-            p.copy_(tensors[f"surrogate.{k}"])
+        p = self.prefix
+        if self.owns_parameters:
+            for k, v in self.adapters.named_parameters(self.role):
+                v.copy_(tensors[f"{p}.{k}"])
         for name, ema in self.emas.items():
-            ema.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
-        sub = {k[len("surrogate_opt."):]: v for k, v in tensors.items() if k.startswith("surrogate_opt.")}
-        optimizer_from_flat(self.optimizer, sub, state["surrogate_optimizer"])
+            key = f"{p}_{name}."
+            ema.load_state_dict({k[len(key):]: v for k, v in tensors.items() if k.startswith(key)})
+        sub = {k[len(p) + 5:]: v for k, v in tensors.items() if k.startswith(f"{p}_opt.")}
+        optimizer_from_flat(self.optimizer, sub, state[f"{p}_optimizer"])

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dgpo.rewards import register_reward
 from tdm_r1 import distill as distill_module
@@ -157,7 +158,7 @@ def test_the_released_recipe_trains_its_surrogate_with_the_clip_against_its_old_
     prompts, r, _, _ = _batch(d)
     before = [p.detach().clone() for p in d.surrogate.params]
     for _ in range(2):
-        stats = d.surrogate_update(r, prompts)
+        stats = d.surrogate_update(r, d.score(r, prompts))
         assert np.isfinite(stats["loss_surrogate"])
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, d.surrogate.params))
 
@@ -189,7 +190,7 @@ def test_the_student_only_moves_along_the_regression_direction(r1, monkeypatch):
     """The student's gradient is exactly that of −⟨d, x̂₀⟩/(B·D) for the combined direction d: a regression
     of its clean prediction, with no denoising-score-matching term (checked on the computation)."""
     prompts, r, groups, adv = _batch(r1)
-    r1.surrogate_update(r, prompts)
+    r1.surrogate_update(r, r1.score(r, prompts))
     seen = {}
     real = distill_module.regression_loss
 
@@ -217,6 +218,65 @@ def test_the_student_only_moves_along_the_regression_direction(r1, monkeypatch):
             assert torch.allclose(got, want, atol=1e-7, rtol=1e-5)
 
 
+def test_direct_rl_is_dgpos_loss_on_the_student_against_its_start(tiny_base, tmp_path, monkeypatch):
+    """r1.reward_source=direct (the TDM + RL baseline): no surrogate adapter; DGPO's group loss is taken by the
+    student's own LoRA against the starting student — log 2 per group at the start, its gradient into the student
+    alone — and after steps the reference is still the start; the generator update carries no reward direction."""
+    d = Reinforcer(tiny_cfg(tiny_base, tmp_path / "run", "r1.reward_source=direct", "surrogate.k_draw=last"),
+                   log=lambda *a: None)
+    assert d.direct is not None and "surrogate" not in d.adapters.names
+    start = [p.detach().clone() for p in d.student_params]
+    prompts, r, groups, adv = _batch(d)
+    calls = []
+    real = surrogate_module.dgpo_loss
+
+    def spy(*args, **kwargs):
+        calls.append(real(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(surrogate_module, "dgpo_loss", spy)
+    loss, stats = d.direct.loss(r.states, d.sigmas, adv, groups, r.embeds, torch.Generator().manual_seed(0))
+    assert stats["surrogate_k"] == len(d.boundaries)  # k_draw=last: DGPO's own points, the clean samples
+    assert len(calls) == 2 and all(abs(c.item() - math.log(2)) < 1e-6 for c in calls)
+    grads = torch.autograd.grad(loss, d.student_params + d.fake_params, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[:len(d.student_params)])
+    assert all(g is None for g in grads[len(d.student_params):])
+    monkeypatch.setattr(surrogate_module, "dgpo_loss", real)
+    for _ in range(2):
+        out = d.direct_update(r, d.score(r, prompts))
+        assert np.isfinite(out["loss_direct_rl"])
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(start, d.student_params))
+    assert all(torch.equal(a, s) for a, s in zip(start, d.direct.start.shadow))  # the reference stays the start
+    stats = d.generator_update(r)
+    assert "reward_gap" not in stats and np.isfinite(stats["loss_gen"])
+
+
+def sets(*keys: str) -> list[str]:
+    return [a for k in keys for a in ("--set", k)]
+
+
+def two_iterations_whole_and_resumed(tmp_path, keys: list[str]) -> dict:
+    """Checkpoint tensors after 2 iterations of `tdm-r1 train` in one go ("whole") and as 1 + a resumed 1
+    ("pieces"), asserted bit for bit equal; returns the whole run's."""
+    assert main(["train", "--out", str(tmp_path / "whole"), *sets(*keys, "run.iterations=2")]) == 0
+    assert main(["train", "--out", str(tmp_path / "pieces"), *sets(*keys, "run.iterations=1")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "pieces"), "--set", "run.iterations=2"]) == 0
+    whole, pieces = (load_file(str(tmp_path / r / "checkpoints" / "step-2" / "tensors.safetensors"))
+                     for r in ("whole", "pieces"))
+    assert whole.keys() == pieces.keys()
+    for k in whole:
+        assert torch.equal(whole[k], pieces[k]), k
+    return whole
+
+
+def test_direct_rl_resumes_exactly(tiny_base, tmp_path):
+    keys = [f"teacher.base={tiny_base}", *TINY_R1, "r1.reward_source=direct", "run.checkpoint_every=1"]
+    whole = two_iterations_whole_and_resumed(tmp_path, keys)
+    assert any(k.startswith("direct_rl_opt.") for k in whole)
+    assert not any(k.startswith("surrogate") for k in whole)
+    assert main(["surrogate", "--out", str(tmp_path / "s"), *sets(*keys)]) == 2  # it has no surrogate to train
+
+
 @pytest.mark.parametrize("reference", ["conditional", "guided"])
 def test_the_reward_direction_of_an_untrained_surrogate(reference, tiny_base, tmp_path):
     """With the base read at the surrogate's own CFG (reward_reference=guided) the reward direction is the
@@ -230,7 +290,6 @@ def test_the_reward_direction_of_an_untrained_surrogate(reference, tiny_base, tm
 
 
 def test_r1_runs_resumes_exactly_and_starts_from_a_tdm_run(tiny_base, tmp_path, capsys):
-    sets = lambda *keys: [a for k in keys for a in ("--set", k)]  # noqa: E731
     base = [f"teacher.base={tiny_base}", *TINY_R1[:-5], "student.ema_decay=0"]
     # a TDM run to start from
     tdm_keys = [k for k in base if not k.startswith("surrogate.")]  # a TDM run has no surrogate section
@@ -238,15 +297,8 @@ def test_r1_runs_resumes_exactly_and_starts_from_a_tdm_run(tiny_base, tmp_path, 
                  *sets(*tdm_keys, "run.iterations=1")]) == 0
     r1_sets = [*base, f"r1.init_run={tmp_path / 'tdm'}", "r1.group_size=2", "reward.name=r1_brightness",
                "run.checkpoint_every=1"]
-    assert main(["train", "--out", str(tmp_path / "whole"), *sets(*r1_sets, "run.iterations=2")]) == 0
-    assert main(["train", "--out", str(tmp_path / "pieces"), *sets(*r1_sets, "run.iterations=1")]) == 0
-    assert main(["train", "--resume", str(tmp_path / "pieces"), "--set", "run.iterations=2"]) == 0
-    from safetensors.torch import load_file
-    whole, pieces = (load_file(str(tmp_path / r / "checkpoints" / "step-2" / "tensors.safetensors"))
-                     for r in ("whole", "pieces"))
-    assert whole.keys() == pieces.keys() and any(k.startswith("surrogate.") for k in whole)
-    for k in whole:
-        assert torch.equal(whole[k], pieces[k]), k
+    whole = two_iterations_whole_and_resumed(tmp_path, r1_sets)
+    assert any(k.startswith("surrogate.") for k in whole)
     rows = [json.loads(l) for l in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "loss_surrogate" in r]
     assert len(trained) == 2 and all(np.isfinite(r["reward"]) for r in trained)
@@ -277,7 +329,6 @@ def test_r1_runs_resumes_exactly_and_starts_from_a_tdm_run(tiny_base, tmp_path, 
 def test_r1_starts_from_the_student_a_tdm_run_exports(tiny_base, tmp_path):
     """A TDM run with an EMA exports (and evaluates) the EMA: TDM-R1 starts from that student, not the live
     weights, so its gain is measured from the student a benchmark scores as its start."""
-    from safetensors.torch import load_file
     keys = [f"teacher.base={tiny_base}", *[k for k in TINY_R1[:-5] if not k.startswith("surrogate.")],
             "student.ema_decay=0.5", "run.iterations=3", "optim.generator_lr=1e-2"]
     assert main(["distill", "configs/tdm/shapes.yaml", "--out", str(tmp_path / "tdm"),
@@ -380,7 +431,6 @@ def test_r1_raises_the_training_reward_more_than_tdm_alone(briefly_pretrained_ba
 def test_surrogate_command_trains_alone_and_train_starts_from_it(tiny_base, tmp_path, capsys):
     """`tdm-r1 surrogate`: the student is untouched, the ranking is reported per step (0 for the untrained
     surrogate), the LoRA is written; `tdm-r1 train --set surrogate.init=...` starts from exactly those weights."""
-    sets = lambda *keys: [a for k in keys for a in ("--set", k)]  # noqa: E731
     keys = [f"teacher.base={tiny_base}", *TINY_R1, "surrogate.lr=1e-2"]
     out = tmp_path / "surrogate"
     assert main(["surrogate", "--out", str(out), "--updates", "3", "--eval-every", "2", "--eval-prompts", "2",
@@ -389,7 +439,6 @@ def test_surrogate_command_trains_alone_and_train_starts_from_it(tiny_base, tmp_
     assert [r["update"] for r in ranking] == [0, 2, 3]
     assert ranking[0]["kendall_tau"] == {"1": 0.0, "2": 0.0, "3": 0.0, "4": 0.0}  # untrained: no order at all
     assert "| update | τ at step 1" in capsys.readouterr().out
-    from safetensors.torch import load_file
     saved = load_file(str(out / "surrogate_lora" / "pytorch_lora_weights.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # it trained
     d = Reinforcer(tiny_cfg(tiny_base, tmp_path / "r1", f"surrogate.init={out / 'surrogate_lora'}"),
@@ -407,7 +456,6 @@ def test_a_non_finite_update_is_skipped_then_stops_the_run_with_finite_checkpoin
     """A NaN in the generator's loss, the surrogate's gradient or a reward, on iterations 2 and 3 of 3: the
     first is skipped with a warning (nothing of it reaches the weights), the second in a row stops the run;
     every checkpoint holds finite values only — in fp32 and under teacher.mixed_precision=bf16."""
-    from safetensors.torch import load_file
 
     from dgpo.errors import UserError
     from tdm_r1.distill import prepare_run_dir
