@@ -4,9 +4,9 @@ From one finished ``tdm-r1 distill`` run (``--student RUN``; its distillation is
 for the same ``--minutes`` of training wall-clock on the same base (the student's teacher) and reward (the world's
 verifier):
 
-* ``r1`` — TDM-R1 on the student (``tdm-r1 train``, ``configs/tdm_r1/shapes.yaml``: our recipe);
-* ``r1_released`` — TDM-R1 with the released code's choices (``configs/tdm_r1/shapes_released.yaml``, which says
-  where each comes from and where it departs);
+* ``r1`` — TDM-R1 on the student with our recipe (``configs/tdm_r1/shapes.yaml``);
+* ``r1_released`` — TDM-R1 with the released code's choices (``tdm-r1 train``'s default,
+  ``configs/tdm_r1/shapes_released.yaml``, which says where each comes from and where it departs);
 * ``dgpo_student`` — DGPO applied directly to the student's weights (``dgpo train`` with ``model.merge_lora`` =
   the student and its own 4-NFE sigmas, CFG 1), its recipe as on the teacher: loss levels σ ≥ 0.57 (t_min 0.4
   before the shift) and KL 1 to the student;

@@ -24,7 +24,7 @@ from dgpo.errors import UserError  # noqa: E402
 from dgpo.recipes import recipe  # noqa: E402
 
 DEFAULT_DISTILL_CONFIG = recipe("tdm/shapes.yaml")
-DEFAULT_R1_CONFIG = recipe("tdm_r1/shapes.yaml")
+DEFAULT_R1_CONFIG = recipe("tdm_r1/shapes_released.yaml")  # the released code's choices
 
 
 def cmd_distill(args) -> None:
