@@ -37,6 +37,7 @@ the same batch.
 
 from __future__ import annotations
 
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -94,6 +95,10 @@ class SurrogateConfig:
     draws_per_update: int = option(1, "M: independent draws of (k, τ, z) on the same rollouts in one update, their "
                                    "losses averaged — M× the (point, τ) pairs a rollout teaches, at M× the surrogate's "
                                    "compute (DGPO's M; the released code: 2, its num_train_timesteps slots)", min=1)
+    replay: int = option(0, "R: each update also trains on the R most recent earlier batches (their trajectory points, "
+                         "advantages and groups as labelled then; fresh draws of k, τ and z), the losses averaged — "
+                         "more (point, τ) pairs per rollout, at (R + 1)× the surrogate's compute (ours; 0 = off)",
+                         min=0)
     init: str = option("", "a surrogate LoRA folder to start from (written by `tdm-r1 surrogate`; empty: B = 0, "
                        "the base)")
 
@@ -144,6 +149,8 @@ class SurrogateReward:
             self.emas["ref"] = EMA(self.params, cfg.reference_ema_decay, warmup=False)
         if cfg.clip_range > 0:
             self.emas["old"] = EMA(self.params, cfg.old_ema_decay, warmup=False)
+        #: the R most recent batches (surrogate.replay): (states, advantages, group_ids, embeds, rows), oldest first
+        self.replayed: deque = deque(maxlen=cfg.replay)
 
     def trained_parameters(self, seed: int) -> list[torch.nn.Parameter]:
         """A new LoRA (B = 0: the base) on the backbone, its role ``surrogate``."""
@@ -255,21 +262,27 @@ class SurrogateReward:
 
     def update(self, states, sigmas, advantages, group_ids, embeds, gen, step: int, grad_clip: float = 1.0,
                rows: torch.Tensor | None = None) -> dict:
-        """One Adam step of the surrogate on a global batch (this process's ``rows`` of it, see :meth:`loss`):
-        the mean of ``draws_per_update`` losses, each at fresh draws of (k, τ, z), gradients accumulated one draw
-        at a time and summed over the processes; its EMAs follow. A non-finite loss or gradient steps nothing and
-        raises :class:`dgpo.runtime.nonfinite.NonFiniteStep` (on every process alike)."""
-        m = self.cfg.draws_per_update
+        """One Adam step of the surrogate on a global batch (this process's ``rows`` of it, see :meth:`loss`) and
+        the ``replay`` batches before it: the mean of ``draws_per_update`` losses per batch, each at fresh draws of
+        (k, τ, z), gradients accumulated one draw at a time and summed over the processes; its EMAs follow. A
+        non-finite loss or gradient steps nothing and raises :class:`dgpo.runtime.nonfinite.NonFiniteStep` (on
+        every process alike). The batch is then kept for replay."""
+        batch = (states, advantages, group_ids, embeds, torch.arange(states.shape[1]) if rows is None else rows)
+        batches = [batch, *self.replayed]
+        n = self.cfg.draws_per_update * len(batches)
         self.optimizer.zero_grad(set_to_none=True)
         draws = []
-        for _ in range(m):
-            loss, stats = self.loss(states, sigmas, advantages, group_ids, embeds, gen, rows)
-            self.runtime.backward(loss / m)
-            draws.append(stats)
-        stats = {k: sum(d[k] for d in draws) / m for k in draws[0]}
+        for b_states, b_adv, b_groups, b_embeds, b_rows in batches:
+            for _ in range(self.cfg.draws_per_update):
+                loss, stats = self.loss(b_states, sigmas, b_adv, b_groups, b_embeds, gen, b_rows)
+                self.runtime.backward(loss / n)
+                draws.append(stats)
+        stats = {k: sum(d[k] for d in draws) / n for k in draws[0]}
         norm = self.runtime.optimizer_step(self.optimizer, self.params, stats["loss_surrogate"], grad_clip, "surrogate")
         for ema in self.emas.values():
             ema.update(step)
+        if self.cfg.replay:
+            self.replayed.append(batch)
         return {**stats, "grad_norm_surrogate": norm}
 
     @torch.no_grad()
@@ -336,9 +349,13 @@ class SurrogateReward:
                    if self.owns_parameters else {})
         for name, ema in self.emas.items():
             tensors.update({f"{p}_{name}.{k}": v for k, v in ema.state_dict().items()})
+        for i, (states, adv, groups, embeds, rows) in enumerate(self.replayed):
+            tensors.update({f"{p}_replay.{i}.{name}": t.detach().cpu().contiguous() for name, t in (
+                ("states", states), ("advantages", adv), ("group_ids", groups), ("tokens", embeds.tokens),
+                ("pooled", embeds.pooled), ("rows", rows))})
         opt_t, opt_s = optimizer_to_flat(self.optimizer)
         tensors.update({f"{p}_opt.{k}": v for k, v in opt_t.items()})
-        return tensors, {f"{p}_optimizer": opt_s}
+        return tensors, {f"{p}_optimizer": opt_s, f"{p}_replayed": len(self.replayed)}
 
     @torch.no_grad()
     def load_state(self, tensors: dict, state: dict) -> None:
@@ -352,3 +369,10 @@ class SurrogateReward:
             ema.load_state_dict({k[len(key):]: v for k, v in tensors.items() if k.startswith(key)})
         sub = {k[len(p) + 5:]: v for k, v in tensors.items() if k.startswith(f"{p}_opt.")}
         optimizer_from_flat(self.optimizer, sub, state[f"{p}_optimizer"])
+        self.replayed.clear()
+        device = self.params[0].device
+        for i in range(state.get(f"{p}_replayed", 0)):
+            t = {name: tensors[f"{p}_replay.{i}.{name}"] for name in
+                 ("states", "advantages", "group_ids", "tokens", "pooled", "rows")}
+            self.replayed.append((t["states"].to(device), t["advantages"], t["group_ids"],
+                                  PromptEmbeds(t["tokens"].to(device), t["pooled"].to(device)), t["rows"]))

@@ -186,6 +186,40 @@ def test_m_draws_per_update_step_on_the_mean_of_m_single_draw_gradients(tiny_bas
         assert torch.allclose(torch.as_tensor(got), torch.as_tensor(want), atol=1e-7, rtol=1e-5)
 
 
+def test_replay_steps_on_the_mean_over_the_fresh_batch_and_the_r_before_it(tiny_base, tmp_path, monkeypatch):
+    """surrogate.replay = R: an update's gradient is the mean of the single-draw gradients on the fresh batch and on
+    each of the R batches before it (oldest first after the fresh one: the order their draws are taken in)."""
+    d = Reinforcer(tiny_cfg(tiny_base, tmp_path / "run", "surrogate.replay=2"), log=lambda *a: None)
+    batches = [_batch(d) for _ in range(4)]
+    with torch.no_grad():
+        for p in d.surrogate.params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    for _, r, groups, adv in batches[:3]:
+        d.surrogate.update(r.states, d.sigmas, adv, groups, r.embeds, torch.Generator().manual_seed(1), step=0)
+    assert [b[0] is r.states for b, (_, r, _, _) in zip(d.surrogate.replayed, batches[1:3])] == [True, True]
+    gen = torch.Generator().manual_seed(7)
+    grads = []
+    for _, r, groups, adv in (batches[3], batches[1], batches[2]):
+        loss, _ = d.surrogate.loss(r.states, d.sigmas, adv, groups, r.embeds, gen)
+        grads.append(torch.autograd.grad(loss, d.surrogate.params, allow_unused=True))
+    expected = [sum(g[i] if g[i] is not None else 0 for g in grads) / 3 for i in range(len(d.surrogate.params))]
+    seen = {}
+    monkeypatch.setattr(d.runtime, "optimizer_step", lambda opt, params, loss, clip, who: seen.setdefault(
+        "grads", [p.grad.clone() if p.grad is not None else 0 for p in params]) and 0.0)
+    _, r, groups, adv = batches[3]
+    d.surrogate.update(r.states, d.sigmas, adv, groups, r.embeds, torch.Generator().manual_seed(7), step=0)
+    for got, want in zip(seen["grads"], expected):
+        assert torch.allclose(torch.as_tensor(got), torch.as_tensor(want), atol=1e-7, rtol=1e-5)
+    assert len(d.surrogate.replayed) == 2 and d.surrogate.replayed[-1][0] is r.states
+
+
+def test_replay_resumes_exactly(tiny_base, tmp_path):
+    """The replayed batches are part of a checkpoint: a resumed run's second update replays the first's batch."""
+    keys = [f"teacher.base={tiny_base}", *TINY_R1, "surrogate.replay=1", "run.checkpoint_every=1"]
+    whole = two_iterations_whole_and_resumed(tmp_path, keys)
+    assert any(k.startswith("surrogate_replay.0.") for k in whole)
+
+
 def test_the_student_only_moves_along_the_regression_direction(r1, monkeypatch):
     """The student's gradient is exactly that of −⟨d, x̂₀⟩/(B·D) for the combined direction d: a regression
     of its clean prediction, with no denoising-score-matching term (checked on the computation)."""
