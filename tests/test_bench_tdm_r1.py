@@ -19,7 +19,7 @@ def test_bench_tdm_r1_rows_share_one_student_and_a_rerun_reads_them(tiny_base, t
             "eval.per_prompt=1", "eval.fd=false"]
     assert tdm_main(["distill", "--out", str(student), *[a for s in sets for a in ("--set", s)]]) == 0
     r1, rl = ["optim.batch_size=4", "r1.group_size=2"], ["rollout.prompts_per_epoch=2", "rollout.group_size=2"]
-    tiny = {"r1": r1, "r1_released": r1, "r1_heldout": r1, "dgpo_student": rl, "dgpo_student_full": rl,
+    tiny = {"r1": r1, "r1_released": r1, "r1_heldout": r1, "dm_dgpo_student": r1, "dgpo_student": rl, "dgpo_student_full": rl,
             "dgpo_student_full_kl": rl, "flow_grpo_student": rl, "dgpo_teacher": [*rl, "rollout.steps=2"]}
     out = tmp_path / "out"
     args = ["--student", str(student), "--out", str(out), "--minutes", "0.03", "--per-prompt", "1",
@@ -50,6 +50,9 @@ def test_bench_tdm_r1_rows_share_one_student_and_a_rerun_reads_them(tiny_base, t
         cfg = yaml.safe_load((runs / row / "config.yaml").read_text())
         assert (cfg["objective"]["t_min"], cfg["objective"]["kl_weight"]) == (t_min, kl), row
         assert cfg["rollout"]["sigmas"] == pytest.approx(sampler["sigmas"]), row
+    cfg = yaml.safe_load((runs / "dm_dgpo_student" / "config.yaml").read_text())  # TDM + DGPO, DGPO's keys
+    assert cfg["r1"]["reward_source"] == "direct" and cfg["surrogate"]["k_draw"] == "last"
+    assert (cfg["surrogate"]["t_min"], cfg["surrogate"]["kl_weight"]) == (0.57, 1.0)
     cfg = yaml.safe_load((runs / "flow_grpo_student" / "config.yaml").read_text())
     assert cfg["objective"]["name"] == "flow_grpo" and cfg["rollout"]["sigmas"] == pytest.approx(sampler["sigmas"])
     cfg = yaml.safe_load((runs / "r1_released" / "config.yaml").read_text())
