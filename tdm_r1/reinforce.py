@@ -65,7 +65,7 @@ class Reinforcer(Distiller):
         """The surrogate (a third adapter), the reward, and the starting student (r1.init_run / init_lora); with
         r1.reward_source=direct, DGPO's loss on the student against that start instead of the surrogate."""
         cfg = self.cfg
-        self.direct = None
+        self.surrogate = None
         if cfg.r1.reward_source == "surrogate":
             self.surrogate = SurrogateReward(self.teacher, self.adapters, cfg.surrogate, self.runtime,
                                              seed=cfg.run.seed + 2)
@@ -76,9 +76,11 @@ class Reinforcer(Distiller):
             self.load_student_from(Path(cfg.r1.init_run))
         elif cfg.r1.init_lora:
             self.load_student_lora(Path(cfg.r1.init_lora))
-        if cfg.r1.reward_source == "direct":  # its reference: the student just loaded (the same on a resume)
-            self.direct = StudentGroupLoss(self.student, self.adapters, cfg.surrogate, self.runtime,
-                                           self.student_params)
+        #: what learns from the rewards: the surrogate, or (direct) the student itself, against the student just
+        #: loaded (the same on a resume)
+        self.learner = self.surrogate or StudentGroupLoss(self.student, self.adapters, cfg.surrogate, self.runtime,
+                                                          self.student_params)
+        if self.surrogate is None:
             self.label = "TDM + direct RL"
 
     def saved_boundaries(self) -> list[float]:
@@ -147,10 +149,7 @@ class Reinforcer(Distiller):
                 stats.update(self.fake_update(r))
             scored = self.score(r, prompts)                           # 3
             stats.update(reward=scored.rewards.mean().item(), reward_std=scored.rewards.std().item())
-            if self.direct is None:
-                stats.update(self.surrogate_update(r, scored))        # 4
-            else:
-                stats.update(self.direct_update(r, scored))           # 4 (direct)
+            stats.update(self.reward_update(r, scored))               # 4
             stats.update(self.generator_update(r))                    # 5
         return guard.row, self.calls.total()
 
@@ -170,21 +169,14 @@ class Reinforcer(Distiller):
         return score_groups(self.reward, images, mine, group_size or self.cfg.r1.group_size, self.cfg.advantage,
                             self.reward_name, processes=self.processes, metadata=metadata_of(self.world, mine))
 
-    def surrogate_update(self, r: Rollout, scored) -> dict:
-        """The surrogate's DGPO update(s) on the scored rollouts' trajectory points."""
+    def reward_update(self, r: Rollout, scored) -> dict:
+        """DGPO's update(s) on the scored rollouts' trajectory points: of the surrogate, or (r1.reward_source=direct)
+        of the student itself, its metrics then named direct_rl."""
         stats = {}
         for _ in range(self.cfg.surrogate.updates_per_iteration):
-            stats.update(self.surrogate.update(r.states, self.sigmas, scored.advantages, scored.group_ids, r.embeds,
-                                               self.gen, self.counters.iteration, self.cfg.optim.grad_clip, r.rows))
-        return stats
-
-    def direct_update(self, r: Rollout, scored) -> dict:
-        """r1.reward_source=direct: DGPO's update(s) of the student itself on its scored rollouts."""
-        stats = {}
-        for _ in range(self.cfg.surrogate.updates_per_iteration):
-            row = self.direct.update(r.states, self.sigmas, scored.advantages, scored.group_ids, r.embeds, self.gen,
-                                     self.counters.iteration, self.cfg.optim.grad_clip, r.rows)
-            stats.update({k.replace("surrogate", "direct_rl"): v for k, v in row.items()})
+            row = self.learner.update(r.states, self.sigmas, scored.advantages, scored.group_ids, r.embeds, self.gen,
+                                      self.counters.iteration, self.cfg.optim.grad_clip, r.rows)
+            stats.update({k.replace("surrogate", self.learner.prefix): v for k, v in row.items()})
         return stats
 
     @torch.no_grad()
@@ -211,7 +203,7 @@ class Reinforcer(Distiller):
         if x0_cond is None:  # objective.dm_target=guided: the conditional teacher only for the CFG direction
             with self.as_teacher() as teacher:
                 x0_cond = x0_from_velocity(p["x_tau"], p["tau"], teacher.velocity(p["x_tau"], p["tau"], r.embeds))
-        if self.direct is None:
+        if self.surrogate is not None:
             reward, extra = self.reward_read(r, p, x0_student)
         else:  # r1.reward_source=direct: the reward reached the student in its own step
             reward, extra = torch.zeros_like(dm), {}
@@ -240,13 +232,13 @@ class Reinforcer(Distiller):
     # --------------------------------------------------------------------------------------- state, summary
     def state_tensors(self) -> tuple[dict, dict]:
         tensors, scalars = super().state_tensors()
-        t, extra = (self.direct or self.surrogate).state_tensors()
+        t, extra = self.learner.state_tensors()
         return {**tensors, **t}, {**scalars, **extra}
 
     @torch.no_grad()
     def load_state(self, tensors: dict, state: dict) -> None:
         super().load_state(tensors, state)
-        (self.direct or self.surrogate).load_state(tensors, state)
+        self.learner.load_state(tensors, state)
 
     def summary_names(self, first: dict, last: dict) -> tuple[str, str]:
         start = "TDM student" if self.cfg.r1.init_run else "student at init"

@@ -55,6 +55,8 @@ from tdm_r1.objectives import (bridge_velocity, flow_velocity_target, level_abov
                                x0_from_velocity)
 
 SURROGATE = "surrogate"
+#: a replayed batch's tensors in a checkpoint (surrogate.replay)
+REPLAY_FIELDS = ("states", "advantages", "group_ids", "tokens", "pooled", "rows")
 
 
 @dataclass
@@ -155,7 +157,7 @@ class SurrogateReward:
     def trained_parameters(self, seed: int) -> list[torch.nn.Parameter]:
         """A new LoRA (B = 0: the base) on the backbone, its role ``surrogate``."""
         c = self.cfg
-        return self.adapters.add(SURROGATE, c.lora_rank, c.lora_alpha, self.model.lora_targets(c.lora_targets),
+        return self.adapters.add(self.role, c.lora_rank, c.lora_alpha, self.model.lora_targets(c.lora_targets),
                                  seed=seed)
 
     # ------------------------------------------------------------------------------------------- models
@@ -350,9 +352,9 @@ class SurrogateReward:
         for name, ema in self.emas.items():
             tensors.update({f"{p}_{name}.{k}": v for k, v in ema.state_dict().items()})
         for i, (states, adv, groups, embeds, rows) in enumerate(self.replayed):
-            tensors.update({f"{p}_replay.{i}.{name}": t.detach().cpu().contiguous() for name, t in (
-                ("states", states), ("advantages", adv), ("group_ids", groups), ("tokens", embeds.tokens),
-                ("pooled", embeds.pooled), ("rows", rows))})
+            fields = (states, adv, groups, embeds.tokens, embeds.pooled, rows)
+            tensors.update({f"{p}_replay.{i}.{name}": t.detach().cpu().contiguous()
+                            for name, t in zip(REPLAY_FIELDS, fields)})
         opt_t, opt_s = optimizer_to_flat(self.optimizer)
         tensors.update({f"{p}_opt.{k}": v for k, v in opt_t.items()})
         return tensors, {f"{p}_optimizer": opt_s, f"{p}_replayed": len(self.replayed)}
@@ -367,12 +369,12 @@ class SurrogateReward:
         for name, ema in self.emas.items():
             key = f"{p}_{name}."
             ema.load_state_dict({k[len(key):]: v for k, v in tensors.items() if k.startswith(key)})
-        sub = {k[len(p) + 5:]: v for k, v in tensors.items() if k.startswith(f"{p}_opt.")}
+        key = f"{p}_opt."
+        sub = {k[len(key):]: v for k, v in tensors.items() if k.startswith(key)}
         optimizer_from_flat(self.optimizer, sub, state[f"{p}_optimizer"])
         self.replayed.clear()
         device = self.params[0].device
         for i in range(state.get(f"{p}_replayed", 0)):
-            t = {name: tensors[f"{p}_replay.{i}.{name}"] for name in
-                 ("states", "advantages", "group_ids", "tokens", "pooled", "rows")}
+            t = {name: tensors[f"{p}_replay.{i}.{name}"] for name in REPLAY_FIELDS}
             self.replayed.append((t["states"].to(device), t["advantages"], t["group_ids"],
                                   PromptEmbeds(t["tokens"].to(device), t["pooled"].to(device)), t["rows"]))

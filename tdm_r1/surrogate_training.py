@@ -50,7 +50,7 @@ def train_surrogate(distiller, updates: int, eval_every: int, eval_prompts: int 
         try:
             r = d.rollout(batch)
             scored = d.score(r, batch)
-            stats = {"reward": scored.rewards.mean().item(), **d.surrogate_update(r, scored)}
+            stats = {"reward": scored.rewards.mean().item(), **d.reward_update(r, scored)}
         except NonFiniteStep as fault:  # nothing stepped; skipped like a run's update (dgpo.runtime.nonfinite)
             d.nonfinite.skip(f"update {step}", str(fault))
             stats = {"loss_surrogate": float("nan"), "reward": float("nan")}

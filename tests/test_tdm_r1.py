@@ -158,7 +158,7 @@ def test_the_released_recipe_trains_its_surrogate_with_the_clip_against_its_old_
     prompts, r, _, _ = _batch(d)
     before = [p.detach().clone() for p in d.surrogate.params]
     for _ in range(2):
-        stats = d.surrogate_update(r, d.score(r, prompts))
+        stats = d.reward_update(r, d.score(r, prompts))
         assert np.isfinite(stats["loss_surrogate"])
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, d.surrogate.params))
 
@@ -224,7 +224,7 @@ def test_the_student_only_moves_along_the_regression_direction(r1, monkeypatch):
     """The student's gradient is exactly that of −⟨d, x̂₀⟩/(B·D) for the combined direction d: a regression
     of its clean prediction, with no denoising-score-matching term (checked on the computation)."""
     prompts, r, groups, adv = _batch(r1)
-    r1.surrogate_update(r, r1.score(r, prompts))
+    r1.reward_update(r, r1.score(r, prompts))
     seen = {}
     real = distill_module.regression_loss
 
@@ -258,7 +258,7 @@ def test_direct_rl_is_dgpos_loss_on_the_student_against_its_start(tiny_base, tmp
     alone — and after steps the reference is still the start; the generator update carries no reward direction."""
     d = Reinforcer(tiny_cfg(tiny_base, tmp_path / "run", "r1.reward_source=direct", "surrogate.k_draw=last"),
                    log=lambda *a: None)
-    assert d.direct is not None and "surrogate" not in d.adapters.names
+    assert d.surrogate is None and "surrogate" not in d.adapters.names
     start = [p.detach().clone() for p in d.student_params]
     prompts, r, groups, adv = _batch(d)
     calls = []
@@ -269,7 +269,7 @@ def test_direct_rl_is_dgpos_loss_on_the_student_against_its_start(tiny_base, tmp
         return calls[-1]
 
     monkeypatch.setattr(surrogate_module, "dgpo_loss", spy)
-    loss, stats = d.direct.loss(r.states, d.sigmas, adv, groups, r.embeds, torch.Generator().manual_seed(0))
+    loss, stats = d.learner.loss(r.states, d.sigmas, adv, groups, r.embeds, torch.Generator().manual_seed(0))
     assert stats["surrogate_k"] == len(d.boundaries)  # k_draw=last: DGPO's own points, the clean samples
     assert len(calls) == 2 and all(abs(c.item() - math.log(2)) < 1e-6 for c in calls)
     grads = torch.autograd.grad(loss, d.student_params + d.fake_params, allow_unused=True)
@@ -277,10 +277,10 @@ def test_direct_rl_is_dgpos_loss_on_the_student_against_its_start(tiny_base, tmp
     assert all(g is None for g in grads[len(d.student_params):])
     monkeypatch.setattr(surrogate_module, "dgpo_loss", real)
     for _ in range(2):
-        out = d.direct_update(r, d.score(r, prompts))
+        out = d.reward_update(r, d.score(r, prompts))
         assert np.isfinite(out["loss_direct_rl"])
     assert any(not torch.equal(a, p.detach()) for a, p in zip(start, d.student_params))
-    assert all(torch.equal(a, s) for a, s in zip(start, d.direct.start.shadow))  # the reference stays the start
+    assert all(torch.equal(a, s) for a, s in zip(start, d.learner.start.shadow))  # the reference stays the start
     stats = d.generator_update(r)
     assert "reward_gap" not in stats and np.isfinite(stats["loss_gen"])
 
