@@ -288,14 +288,15 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, per_prompt: int = 0) -> dict:
         e = self.cfg.eval
+        n = per_prompt or e.per_prompt
         with self.rollout_policy():
-            result, images, _ = evaluate_model(self.model, EvalConfig(split=e.split, per_prompt=e.per_prompt,
-                                                                      seed=e.seed, fd=e.fd), e.sampler,
+            result, images, _ = evaluate_model(self.model, EvalConfig(split=e.split, per_prompt=n, seed=e.seed,
+                                                                      fd=e.fd), e.sampler,
                                                progress=False, world=self.world, processes=self.processes,
                                                rewards=self.eval_rewards)
-        return self.runner.evaluation_row(result, images, e.per_prompt)
+        return self.runner.evaluation_row(result, images, n)
 
     def initial_evaluation(self) -> dict:
         """The epoch-0 evaluation (the base itself), read from :mod:`dgpo.evaluation.cache` when a run on the same

@@ -116,7 +116,7 @@ def shared_settings(args, base: Path, seed: int, budget_minutes: float) -> list[
             f"model.lora_rank={args.lora_rank}", f"model.lora_alpha={args.lora_rank}",
             "eval.every=1000000", f"eval.every_minutes={args.eval_minutes}", f"eval.per_prompt={args.per_prompt}",
             f"eval.early_every_minutes={args.early_eval_minutes}", f"eval.early_minutes={args.early_minutes}",
-            "eval.split=test", "eval.fd=true", "reward.name=shapes_partial"]
+            "eval.interim_per_prompt=0", "eval.split=test", "eval.fd=true", "reward.name=shapes_partial"]
 
 
 def run_name(label: str, seed: int, seeds: list[int]) -> str:

@@ -120,7 +120,7 @@ def run_row(row: str, args, base: Path, student: dict, run_dir: Path, overrides:
     _, recipe, trains, own = ROWS[row]
     shared = [f"run.out_dir={run_dir}", f"run.time_budget_min={args.minutes}", f"run.seed={args.seed}",
               f"run.threads={args.threads}", "eval.every=1000000", f"eval.every_minutes={args.eval_minutes}",
-              f"eval.per_prompt={args.per_prompt}", *own]
+              f"eval.per_prompt={args.per_prompt}", "eval.interim_per_prompt=0", *own]
     if trains == "r1":
         from tdm_r1.cli import load_r1_config
         from tdm_r1.reinforce import recipe_of

@@ -350,14 +350,15 @@ class Distiller:
         return self.student_ema.swapped_in() if self.student_ema is not None else nullcontext()
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, per_prompt: int = 0) -> dict:
         e = self.cfg.eval
+        n = per_prompt or e.per_prompt
         prompts = self.world.prompts(e.split)
         with self.as_student() as student, self.student_weights():
-            images, records = generate_student(student, prompts, self.boundaries, e.per_prompt, e.seed, progress=False,
+            images, records = generate_student(student, prompts, self.boundaries, n, e.seed, progress=False,
                                                processes=self.processes)
         result = evaluate_images(images, [r["prompt"] for r in records], e.fd, self.world, self.processes)
-        return self.runner.evaluation_row(result, images, e.per_prompt)
+        return self.runner.evaluation_row(result, images, n)
 
     initial_evaluation = evaluate
 

@@ -74,6 +74,9 @@ def test_the_installed_wheel_runs_every_default_recipe_from_an_empty_directory(i
     assert all(str(env_dir) in p for p in where.split()), where   # the wheel's package, not the source tree
     assert "configs/dgpo/shapes.yaml" in run("dgpo", "--help") + run("dgpo", "train", "--help")
     assert "(shipped with the package" in run("dgpo", "pretrain", "--no-eval")
+    shipped_net = run(str(env_dir / "bin" / "python"), "-c", "from dgpo.worlds import quality as Q; "
+                      "print(Q.shipped_path(Q.QualityConfig()).is_file(), Q.feature_network(32).config.key())")
+    assert shipped_net.split()[0] == "True", shipped_net          # the FD's network ships in the wheel, not trained
     out = run("dgpo", "train", *_sets(TINY_TRAIN))                    # the default recipe, from the wheel
     assert "test shapes-geneval" in out and (user / "runs/dgpo-shapes/final/lora").is_dir()
     run("dgpo", "sample", "--lora", "runs/dgpo-shapes/final/lora", "--split", "test", "--steps", "2",

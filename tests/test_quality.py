@@ -15,7 +15,7 @@ from dgpo.worlds import shapes as W
 
 from conftest import assert_margin
 
-#: A quick network for tests (the project default is QualityConfig(), trained once and cached).
+#: A quick network for tests (the project default is QualityConfig(), trained once and shipped with the package).
 SMALL = dict(train_steps=80, train_seeds=2)
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,6 +63,50 @@ def test_cache_file_created_and_reused(cache_dir, net, monkeypatch):
     for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
         assert np.array_equal(a.numpy(), b.numpy()), k
     assert files[0].stat().st_mtime_ns == mtime
+
+
+def test_the_default_network_ships_and_is_never_trained_or_cached(tmp_path, monkeypatch):
+    """The default config's weights come with the package (its file named by the config's key, so a change to the
+    network's config or VERSION without shipping new weights fails here): an empty cache trains nothing and
+    writes nothing."""
+    cfg = Q.QualityConfig()
+    assert Q.shipped_path(cfg).is_file(), "the default feature network's weights are not shipped for its key"
+    monkeypatch.setenv("DGPO_CACHE", str(tmp_path))
+    monkeypatch.setattr(Q, "_NETS", {})
+    monkeypatch.setattr(Q, "_train", lambda cfg: pytest.fail("trained although the package ships the weights"))
+    net = Q.feature_network(32)
+    assert net.config == cfg and list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_shipped_file_is_passed_over_and_the_package_never_written(tmp_path, monkeypatch):
+    """A shipped file that does not load: the network is trained into the cache; the package folder is left as
+    it was."""
+    shipped, cache = tmp_path / "package", tmp_path / "cache"
+    shipped.mkdir()
+    monkeypatch.setattr(Q, "SHIPPED_WEIGHTS", shipped)
+    monkeypatch.setenv("DGPO_CACHE", str(cache))
+    monkeypatch.setattr(Q, "_NETS", {})
+    tiny = {"train_steps": 3, "train_seeds": 1}
+    bad = Q.shipped_path(Q.QualityConfig(**tiny))
+    bad.write_bytes(b"not safetensors")
+    net = Q.feature_network(32, **tiny)
+    assert (cache / "quality" / bad.name).is_file() and net.config.key() == bad.stem
+    assert bad.read_bytes() == b"not safetensors" and sorted(shipped.iterdir()) == [bad]
+
+
+@pytest.mark.slow
+def test_the_shipped_network_is_what_its_training_gives(test_set):
+    """Training the default config from scratch (single-threaded, seeded) reproduces the shipped weights: the FD
+    of a fixed comparison agrees within 1% (bit for bit on the machine that trained it; another CPU's floats
+    may move it slightly)."""
+    cfg = Q.QualityConfig()
+    shipped = Q._load(cfg, Q.shipped_path(cfg))
+    trained = Q._train(cfg)
+    images, prompts = test_set
+    blurred = images.reshape(-1, 16, 2, 16, 2, 3).mean(axis=(2, 4)).repeat(2, axis=1).repeat(2, axis=2)
+    blurred = blurred.round().astype(np.uint8)
+    fds = [Q.quality_fd(blurred, prompts, net=n) for n in (shipped, trained)]
+    assert fds[0] > 0.5 and fds[1] == pytest.approx(fds[0], rel=0.01), fds
 
 
 def test_features_shape_and_resize(net, test_set):

@@ -24,9 +24,10 @@ class ScriptedRecipe:
         self.counters = Counters()
         self.weight = torch.zeros(1)
 
-    def _row(self):
+    def _row(self, per_prompt=0):
         score = self.scores[min(len(self.scores) - 1, self.counters.step)]
         return {"epoch": self.counters.step, "eval_geneval": score, "eval_geneval_se": 0.01,
+                "images_per_prompt": per_prompt or 32,
                 "eval_per_category": {"colors": score}, "eval_partial": score, "eval_fd": None,
                 "train_seconds": self.counters.train_seconds, "nfe": self.counters.nfe}
 
@@ -129,16 +130,62 @@ def test_dense_early_evaluation_then_the_regular_cadence(tmp_path):
     assert [r["epoch"] / 2 for r in evals] == [0, 1, 2, 3, 4, 6, 9, 10]
 
 
-def test_the_early_cadence_is_a_config_key_of_both_recipes():
+def _evals(tmp_path):
+    return [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_geneval" in l]
+
+
+@pytest.mark.parametrize("budget,steps,expected", [
+    (9, 20, [(0, 32), (3, 8), (6, 8), (9, 32)]),               # the budget's end: its slot's evaluation is the full one
+    (0, 10, [(0, 32), (3, 8), (6, 8), (9, 8), (10, 32)]),       # run.epochs' end: an interim one at 9, the full one at 10
+    (0, 9, [(0, 32), (3, 8), (6, 8), (9, 32)]),                 # the last step on a slot: full, not twice
+])
+def test_interim_evaluations_are_cheaper_and_the_first_and_last_are_full(tmp_path, budget, steps, expected):
+    """eval.interim_per_prompt=8: the curve's points between the start and the result take 8 images per prompt
+    (rows marked eval_interim); the base's and the result's evaluation keep per_prompt, so the run's reported gain
+    keeps its noise."""
+    recipe = MinuteSteps([0.5] * 20)
+    recipe.runner = Run(recipe, tmp_path, Schedule(steps, time_budget_min=budget, eval_every=0, eval_every_minutes=3,
+                                                   checkpoint_every=100, eval_interim_per_prompt=8),
+                        step_key="epoch", grid_prefix="epoch", log=lambda *a: None)
+    out = recipe.runner.loop()
+    evals = _evals(tmp_path)
+    assert [(r["epoch"], r["images_per_prompt"]) for r in evals] == expected
+    assert [bool(r.get("eval_interim")) for r in evals] == [n == 8 for _, n in expected]
+    assert out["first"]["images_per_prompt"] == out["last"]["images_per_prompt"] == 32
+
+
+def test_a_target_reached_on_interim_evaluations_ends_with_a_full_one(tmp_path):
+    """run.stop_at_gain decided on two interim evaluations: the run stops there and evaluates the result once more at
+    per_prompt, at the same step."""
+    recipe = MinuteSteps([0.5, 0.5, 0.5, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7])
+    recipe.runner = Run(recipe, tmp_path, Schedule(20, eval_every=0, eval_every_minutes=3, checkpoint_every=100,
+                                                   stop_at_gain=0.15, eval_interim_per_prompt=8),
+                        step_key="epoch", grid_prefix="epoch", log=lambda *a: None)
+    out = recipe.runner.loop()
+    assert [(r["epoch"], r["images_per_prompt"]) for r in _evals(tmp_path)] == [(0, 32), (3, 8), (6, 8), (6, 32)]
+    assert recipe.counters.step == 6 and out["last"]["images_per_prompt"] == 32
+
+
+def test_without_interim_per_prompt_every_evaluation_is_full(tmp_path):
+    recipe = MinuteSteps([0.5] * 20)
+    recipe.runner = Run(recipe, tmp_path, Schedule(10, eval_every=0, eval_every_minutes=3, checkpoint_every=100),
+                        step_key="epoch", grid_prefix="epoch", log=lambda *a: None)
+    recipe.runner.loop()
+    assert [(r["epoch"], r["images_per_prompt"], "eval_interim" in r) for r in _evals(tmp_path)] == [
+        (e, 32, False) for e in (0, 3, 6, 9, 10)]
+
+
+def test_the_early_cadence_and_interim_size_are_config_keys_of_both_recipes():
     from dgpo.config import from_dict
     from dgpo.runtime.loop import RunSettings
     from dgpo.train_config import train_config_class
     from tdm_r1.config import load_distill_config
-    tdm = load_distill_config(None, ["eval.early_every_minutes=0.5", "eval.every_minutes=3"])
-    dgpo = from_dict(train_config_class(), {"eval": {"early_every_minutes": 0.5, "early_minutes": 2}})
+    tdm = load_distill_config(None, ["eval.early_every_minutes=0.5", "eval.every_minutes=3", "eval.interim_per_prompt=4"])
+    dgpo = from_dict(train_config_class(), {"eval": {"early_every_minutes": 0.5, "early_minutes": 2,
+                                                     "interim_per_prompt": 4}})
     for cfg, early_minutes in ((tdm, 5.0), (dgpo, 2.0)):
         s = Schedule.of(RunSettings(), 10, cfg.eval)
-        assert (s.eval_early_every_minutes, s.eval_early_minutes) == (0.5, early_minutes)
+        assert (s.eval_early_every_minutes, s.eval_early_minutes, s.eval_interim_per_prompt) == (0.5, early_minutes, 4)
 
 
 def test_tdm_configs_take_evaluation_by_minutes_alone():

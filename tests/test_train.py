@@ -261,6 +261,27 @@ def test_epoch0_evaluation_is_cached_per_base_and_protocol(tiny_base, tmp_path, 
     assert (tmp_path / "b" / "samples" / "epoch-00000.png").is_file()
 
 
+def test_interim_evaluations_sample_fewer_images_and_the_result_keeps_per_prompt(tiny_base, tmp_path, monkeypatch):
+    """eval.interim_per_prompt=1 with eval.per_prompt=2: the trainer samples 1 image per test prompt at the evaluations
+    between the base's and the result's, 2 at those two; the base's row is the one a run without it writes."""
+    import dgpo.trainer as T
+    sizes = []
+    real = T.evaluate_model
+    monkeypatch.setattr(T, "evaluate_model", lambda model, cfg, *a, **k: (sizes.append(cfg.per_prompt),
+                                                                           real(model, cfg, *a, **k))[1])
+    extra = ("run.epochs=3", "eval.every=1", "eval.per_prompt=2", "eval.cache_initial=false")
+    Trainer(prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "a", *extra, "eval.interim_per_prompt=1"), False),
+            log=lambda *a: None).run()
+    assert sizes == [2, 1, 1, 2]
+    rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_geneval" in r]
+    assert [(r["epoch"], bool(r.get("eval_interim"))) for r in evals] == [(0, False), (1, True), (2, True), (3, False)]
+    Trainer(prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "b", *extra), False), log=lambda *a: None).run()
+    assert sizes[4:] == [2, 2, 2, 2]
+    plain = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if "eval_geneval" in l]
+    assert plain[0] == evals[0]
+
+
 def test_eval_cache_key_follows_weights_protocol_and_code(tmp_path, monkeypatch):
     import os
     from dgpo.evaluation import cache as eval_cache

@@ -73,8 +73,9 @@ class Recipe(Protocol):
     def train_step(self) -> dict:
         """One step, taken through :meth:`Run.timed_step`; its metrics row."""
 
-    def evaluate(self) -> dict:
-        """An evaluation row (:meth:`Run.evaluation_row`)."""
+    def evaluate(self, per_prompt: int = 0) -> dict:
+        """An evaluation row (:meth:`Run.evaluation_row`) at ``per_prompt`` images per prompt (0: the recipe's
+        ``eval.per_prompt``; the run asks for fewer at its interim evaluations, ``eval.interim_per_prompt``)."""
 
     def initial_evaluation(self) -> dict:
         """The step-0 evaluation (a recipe may read it from a cache)."""
@@ -132,6 +133,9 @@ class EvalTiming:
                                         "(0 = off; e.g. 0.5, where a benchmark's time ratios are decided); "
                                         "every_minutes takes over after", min=0.0)
     early_minutes: float = option(5.0, "how many minutes of training the early cadence lasts", min=0.0)
+    interim_per_prompt: int = option(0, "images per prompt of the evaluations between the first and the last (0 = "
+                                     "per_prompt): cheaper curve points; the first (the start) and the last (the "
+                                     "result) keep per_prompt, so the gain a run reports keeps its noise", min=0)
 
 
 @dataclass
@@ -149,6 +153,7 @@ class Schedule:
     max_memory_gb: float = 0.0
     eval_early_every_minutes: float = 0.0
     eval_early_minutes: float = 5.0
+    eval_interim_per_prompt: int = 0
 
     @classmethod
     def of(cls, run: RunSettings, steps: int, evaluation) -> "Schedule":
@@ -156,7 +161,7 @@ class Schedule:
         (``evaluation.every`` steps and its :class:`EvalTiming` keys)."""
         return cls(steps, run.time_budget_min, evaluation.every, evaluation.every_minutes, run.checkpoint_every,
                    run.keep_checkpoints, run.stop_at_gain, run.stop_after, run.max_memory_gb,
-                   evaluation.early_every_minutes, evaluation.early_minutes)
+                   evaluation.early_every_minutes, evaluation.early_minutes, evaluation.interim_per_prompt)
 
     def time_slot(self, train_seconds: float) -> int:
         """Which slot of the timed cadence ``train_seconds`` of training fall in; an evaluation is due each time
@@ -291,15 +296,16 @@ class Run:
                             eval=f"{evals[-1]['eval_geneval']:.3f}")
             timed = s.time_slot(c.train_seconds) > s.time_slot(evals[-1]["train_seconds"])
             if (s.eval_every and c.step % s.eval_every == 0) or timed:
-                evals.append(self._evaluated(self.guarded_evaluation(self.recipe.evaluate)))
+                last = c.step >= s.steps or bool(budget and c.train_seconds >= budget)
+                evals.append(self.evaluation(interim=not last))
             if c.step % s.checkpoint_every == 0:
                 self.save()
         bar.close()
         if reached():
             self.log(f"{s.stop_after} evaluations in a row at or above the base + {s.stop_at_gain:g} "
                      f"(run.stop_at_gain): the run ends at {self.step_key} {c.step}")
-        if evals[-1][self.step_key] != c.step:
-            evals.append(self._evaluated(self.guarded_evaluation(self.recipe.evaluate)))
+        if evals[-1][self.step_key] != c.step or evals[-1].get("eval_interim"):  # the result at per_prompt
+            evals.append(self.evaluation(interim=False))
         self.save()
         if self.writes:
             self.finish(evals)
@@ -316,6 +322,13 @@ class Run:
             raise UserError(f"out of GPU memory at {at}: {self._memory_advice()}") from None
         row["peak_memory_gb"] = self.check_memory(at)
         return row
+
+    def evaluation(self, interim: bool) -> dict:
+        """The recipe's evaluation, logged; an interim one (not the run's last) at ``eval.interim_per_prompt``
+        images per prompt where that is set, its row marked ``eval_interim``."""
+        n = self.schedule.eval_interim_per_prompt if interim else 0
+        row = self.guarded_evaluation(lambda: self.recipe.evaluate(n))
+        return self._evaluated({**row, "eval_interim": True} if n else row)
 
     def guarded_evaluation(self, evaluate) -> dict:
         """An evaluation, under the same memory guard as a step (its sampler batch can be the run's peak)."""

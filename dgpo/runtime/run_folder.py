@@ -61,7 +61,8 @@ def start_run(cfg, tool: str, overwrite: bool = False, named: bool = True, log=p
 #: checkpoint another run's: refused.
 SCHEDULE_KEYS = ("run.time_budget_min", "run.epochs", "run.iterations", "run.checkpoint_every", "run.keep_checkpoints",
                  "run.threads", "run.tracker", "run.stop_at_gain", "run.stop_after", "run.max_memory_gb", "eval.every",
-                 "eval.every_minutes", "eval.early_every_minutes", "eval.early_minutes", "optim.max_skipped_steps")
+                 "eval.every_minutes", "eval.early_every_minutes", "eval.early_minutes", "eval.interim_per_prompt",
+                 "optim.max_skipped_steps")
 
 
 def reopen_run(config_cls, run_dir: str | Path, overrides=()):

@@ -13,8 +13,10 @@ renders with Gaussian pixel noise σ = 20 ≈ 1.3; 2× down-and-up blurred rende
 prompts ≈ 1.1; uniform-noise images ≈ 9.5; blank (black) images ≈ 19.6. Lower is better; 0 means identical
 feature statistics. Compare FDs only at equal sample sizes (the estimator is biased upwards for small N).
 
-The trained weights are cached (safetensors, never pickle) under
-``cache_root() / "quality" / f"{config_hash}.safetensors"``; features are computed in float64, so the same
+The default network ships with the package (``quality_weights/<config key>.safetensors``, trained once by
+:func:`_train` as below): every user gets the same weights, so FDs compare across machines, and a first run does
+not spend a minute training it. Any other config is trained on first use and cached (safetensors, never pickle)
+under ``cache_root() / "quality" / f"{config_hash}.safetensors"``. Features are computed in float64, so the same
 images give the same FD bit-for-bit across calls and processes that load the same weights.
 """
 
@@ -220,8 +222,17 @@ _NETS: dict[str, FeatureNet] = {}  # in-process cache, keyed by the weights file
 _FLOAT64: "weakref.WeakKeyDictionary[FeatureNet, FeatureNet]" = weakref.WeakKeyDictionary()  # float64 copies
 
 
+#: Networks shipped with the package (package data): the default config's, trained by :func:`_train`.
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "quality_weights"
+
+
 def _cache_path(cfg: QualityConfig) -> Path:
     return cache_root() / "quality" / f"{cfg.key()}.safetensors"
+
+
+def shipped_path(cfg: QualityConfig) -> Path:
+    """Where the package ships the network of ``cfg`` (a file only for the configs it ships: the default)."""
+    return SHIPPED_WEIGHTS / f"{cfg.key()}.safetensors"
 
 
 def _save(net: FeatureNet, cfg: QualityConfig, path: Path) -> None:
@@ -252,25 +263,27 @@ def _load(cfg: QualityConfig, path: Path) -> FeatureNet:
 
 
 def feature_network(image_size: int = 32, **overrides) -> FeatureNet:
-    """The feature network for ``image_size``: from the in-process cache, the disk cache, or trained now.
+    """The feature network for ``image_size``: from the in-process cache, the package (the default's), the disk
+    cache, or trained now.
 
     ``overrides`` replace fields of :class:`QualityConfig` (e.g. ``train_steps=100, train_seeds=4`` for a
-    quick test network); the project's default is the default config. Training the default takes ~30–60 s
-    on 2 CPU cores and happens once per cache directory; the weights are then loaded from
-    ``cache_root()/quality/<hash>.safetensors``.
+    quick test network); the project's default is the default config, whose weights ship with the package.
+    Training another takes ~30–60 s on 2 CPU cores and happens once per cache directory; the weights are then
+    loaded from ``cache_root()/quality/<hash>.safetensors``.
     """
     cfg = QualityConfig(image_size=image_size, **overrides)
-    path = _cache_path(cfg)
-    net = _NETS.get(str(path))
-    if net is not None and path.exists():
-        return net
-    net = None
-    if path.exists():
-        try:
-            net = _load(cfg, path)
-        except Exception:  # a corrupt or incompatible file: retrain and overwrite
-            net = None
-    if net is None:
+    for path in (shipped_path(cfg), _cache_path(cfg)):
+        net = _NETS.get(str(path))
+        if net is not None and path.exists():
+            return net
+        if path.is_file():
+            try:
+                net = _load(cfg, path)
+                break
+            except Exception:  # a corrupt or incompatible file: the next place, or trained again
+                net = None
+    else:  # trained into the cache, never into the package
+        path = _cache_path(cfg)
         net = _train(cfg)
         _save(net, cfg, path)
         net = _load(cfg, path)  # use exactly the stored weights, as a later process will
