@@ -7,6 +7,7 @@ error (exit status 2) for bad input, and writes its outputs atomically.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 from dgpo.cli_args import OneLineParser, at_least, finite  # noqa: E402
 from dgpo.errors import UserError  # noqa: E402
 from dgpo.models.lora_io import check_lora_folder  # noqa: E402  (light: no torch)
+from dgpo.runtime.preemption import PREEMPTED_STATUS, Preempted, preemptible  # noqa: E402  (light: no torch)
 
 from dgpo.recipes import recipe, recipe_name, recipes_dir  # noqa: E402
 
@@ -90,6 +92,8 @@ def cmd_pretrain(args) -> int | None:
     from dgpo.evaluation.evaluate import EvalConfig, SamplerConfig, evaluate_model, format_table
     from dgpo.worlds.shapes_base.pretrain import FlowPaused, base_dir, ensure_base, forget_base, snapshot_base
     cfg = load_base_config(args.config, args.set)
+    from dgpo.paths import check_cache_writable
+    check_cache_writable()  # the base and its evaluation go there: fail before the work
     if cfg.threads:  # the evaluation below too, not only the pretraining
         import torch
         torch.set_num_threads(cfg.threads)
@@ -192,12 +196,18 @@ def cmd_eval(args) -> None:
 def run_config_from_args(args, config_cls, load_config, default_config: Path, tool: str):
     """The config of the run a training command starts (``CONFIG``, ``--set``, ``--out``, ``--overwrite``)
     or continues (``--resume RUN``), with its run folder claimed or reopened (:mod:`dgpo.runtime.run_folder`)."""
-    from dgpo.runtime.run_folder import reopen_run, start_run
+    from dgpo.runtime.run_folder import reopen_run, start_or_reopen, start_run
     if args.resume:
-        if args.out or args.overwrite or args.config:
+        if args.out or args.overwrite or args.config or args.resume_or_start:
             raise UserError(f"--resume {args.resume!r} continues that run with its own config and folder; "
-                            f"drop CONFIG, --out and --overwrite (--set may change e.g. run.epochs)")
+                            f"drop CONFIG, --out, --overwrite and --resume-or-start (--set may change e.g. run.epochs)")
         return reopen_run(config_cls, args.resume, args.set)
+    if args.resume_or_start:
+        if args.out or args.overwrite:
+            raise UserError(f"--resume-or-start {args.resume_or_start!r} names the run folder; drop --out and "
+                            f"--overwrite")
+        wanted = load_config(args.config or default_config, [*args.set, f"run.out_dir={args.resume_or_start}"])
+        return start_or_reopen(config_cls, wanted, tool)
     overrides = list(args.set) + ([f"run.out_dir={args.out}"] if args.out else [])
     named = bool(args.out) or any(o.startswith("run.out_dir=") for o in args.set)
     return start_run(load_config(args.config or default_config, overrides), tool, overwrite=args.overwrite, named=named)
@@ -209,9 +219,14 @@ def train_command(args, recipe_cls, config_class, load_config, default_config: P
     where the weights are. ``config_class()`` gives the config type once the plug-ins are in."""
     from dgpo.config import from_dict, to_dict
     from dgpo.plugins import load_plugins, record_plugins, recorded_plugins
+    from dgpo.runtime.checkpoint import list_checkpoints
     from dgpo.runtime.processes import Processes
+    from dgpo.paths import check_cache_writable
+    from dgpo.runtime.run_folder import resumable
+    check_cache_writable()  # before any work (the base's evaluation is cached)
     processes = Processes.launched()
-    loaded = load_plugins([*(recorded_plugins(args.resume) if args.resume else []), *args.plugin])
+    resuming = args.resume or resumable(args.resume_or_start)  # --resume-or-start continues a checkpointed folder
+    loaded = load_plugins([*(recorded_plugins(resuming) if resuming else []), *args.plugin])
     cfg, data = None, None
     if processes.is_main:  # the main process claims (or reopens) the run folder; the others take its config
         try:
@@ -224,15 +239,15 @@ def train_command(args, recipe_cls, config_class, load_config, default_config: P
         raise data
     cfg = cfg if cfg is not None else from_dict(config_class(), data)
     if processes.is_main:
-        if not args.resume:
+        if not resuming:
             record_plugins(Path(cfg.run.out_dir), loaded)
-        print(f"run folder: {cfg.run.out_dir}" + (f" ({processes.world} processes)" if processes.distributed else ""))
+        print(f"run folder: {cfg.run.out_dir}" + (f" ({processes.world} processes)" if processes.distributed else "")
+              + (" (resumed)" if resuming and not args.resume else ""))
     try:
         recipe = recipe_cls(cfg)
-        result = recipe.run(resume=bool(args.resume))
+        result = recipe.run(resume=bool(resuming))
     except BaseException as e:  # an error or Ctrl-C: a new run with no checkpoint yet leaves no folder behind
-        if processes.is_main and not args.resume:
-            from dgpo.runtime.checkpoint import list_checkpoints
+        if processes.is_main and not resuming:
             from dgpo.runtime.output_dir import release_run_dir
             out = Path(cfg.run.out_dir)
             if not list_checkpoints(out) and release_run_dir(out) and not isinstance(e, UserError):
@@ -251,6 +266,7 @@ def train_command(args, recipe_cls, config_class, load_config, default_config: P
           + (f"; samples of the last evaluation: {grids[-1]}" if grids else ""))
 
 
+@preemptible  # SIGTERM / SIGUSR1: a checkpoint at the next safe point, exit status 75
 def cmd_train(args) -> None:
     from dgpo.trainer import Trainer, load_train_config, train_config_class
     train_command(args, Trainer, train_config_class, load_train_config, DEFAULT_TRAIN_CONFIG, "dgpo train")
@@ -361,6 +377,10 @@ def add_run_args(p, default_config: Path, set_example: str) -> None:
                         "a folder holding anything else is refused)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
                    "(RUN_DIR itself is read and written, wherever it was moved)")
+    p.add_argument("--resume-or-start", metavar="RUN_DIR",
+                   help="for job scripts that are requeued: start the run (CONFIG, --set) in RUN_DIR, or continue it "
+                        "from its newest checkpoint if it has one (its config must be the one asked for); a SIGTERM "
+                        "or SIGUSR1 checkpoints the run and exits with status 75 (dgpo.runtime.preemption)")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
                    help="import a plug-in first: a file or module that registers a reward or a method "
                         "(dgpo.plugins); recorded in the run folder and loaded again by --resume")
@@ -462,6 +482,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FILESYSTEM_FAULTS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def filesystem_fault(e: OSError) -> str:
+    """What a filesystem fault means for the user, in one line."""
+    where = f" {e.filename!r}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{e.strerror} while writing{where}: free some space; a checkpoint is written whole or not at all, "
+                f"so a run continues from its last one with --resume RUN")
+    return f"{e.strerror}:{where} cannot be written; choose a folder you can write (--out, DGPO_CACHE)"
+
+
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse and run one command: a UserError is one line on stderr and exit status 2."""
     args = parser.parse_args(argv)
@@ -473,6 +505,14 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Preempted as e:  # SIGTERM / SIGUSR1 (dgpo.runtime.preemption)
+        print(e.message(), file=sys.stderr)
+        return PREEMPTED_STATUS
+    except OSError as e:  # a filesystem fault (permissions, read-only, full disk) is one line, not a traceback
+        if e.errno not in FILESYSTEM_FAULTS:
+            raise
+        print(f"error: {filesystem_fault(e)}", file=sys.stderr)
+        return 2
     return status or 0
 
 

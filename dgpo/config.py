@@ -32,9 +32,11 @@ class ConfigError(UserError, ValueError):
 
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-           choices: Sequence[Any] | None = None):
-    """A dataclass field with a default, a one-line help text and optional bounds/choices."""
-    meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None}
+           choices: Sequence[Any] | None = None, length: int | tuple[int, ...] | None = None):
+    """A dataclass field with a default, a one-line help text and optional bounds/choices (a list's bounds hold
+    for each item; ``length``: the list lengths allowed, e.g. 2 for Adam's betas)."""
+    meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None,
+            "length": (length,) if isinstance(length, int) else length}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -114,7 +116,10 @@ def _yaml_word(value: Any, tp, choices) -> Any:
 
 
 def _check_bounds(value: Any, meta: dict, key: str) -> None:
-    choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
+    choices, lo, hi, lengths = meta.get("choices"), meta.get("min"), meta.get("max"), meta.get("length")
+    if lengths is not None and isinstance(value, list) and len(value) not in lengths:
+        allowed = " or ".join(str(n) for n in lengths)
+        raise ConfigError(f"{key}: expected a list of {allowed} items, got {value!r}")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(choices)}")
     items = value if isinstance(value, list) else [value]
@@ -186,6 +191,21 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently: a second
+    ``run:`` section would drop the first one's keys)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"the key {key!r} is given twice, at lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}: keep one (the second would silently replace the first)")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_config(cls, path: str | Path | None = None, overrides: Sequence[str] = ()):
     """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides."""
     return from_dict(cls, read_config_data(path, overrides))
@@ -203,7 +223,9 @@ def read_config_data(path: str | Path | None = None, overrides: Sequence[str] = 
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file under configs/")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        except ConfigError as e:
+            raise ConfigError(f"config file {str(path)!r}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """Bad input: a missing file, a malformed prompt file, a prompt outside a world's grammar, ..."""
+
+
+def shown(text, limit: int = 60) -> str:
+    """``text`` as a message quotes it: at most ``limit`` characters (a 480k-character prompt is not repeated whole)."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -1,6 +1,6 @@
 """Where the project keeps what it builds once and reuses (the pretrained base, the quality network).
 
-The cache root is ``$DGPO_CACHE`` when set, else ``~/.cache/dgpo``. Everything under it is keyed by a
+The cache root is ``$DGPO_CACHE`` when set (and not empty), else ``~/.cache/dgpo``. Everything under it is keyed by a
 hash of the config that produced it, so a changed config never picks up a stale artefact.
 """
 
@@ -14,9 +14,29 @@ from pathlib import Path
 
 
 def cache_root() -> Path:
-    """The cache directory (created on demand)."""
-    root = Path(os.environ.get("DGPO_CACHE", Path.home() / ".cache" / "dgpo")).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    """The cache directory (created on demand): ``$DGPO_CACHE`` when set and not empty, else ``~/.cache/dgpo``.
+    A folder that cannot be created is a UserError naming it."""
+    root = Path(os.environ.get("DGPO_CACHE") or Path.home() / ".cache" / "dgpo").expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from dgpo.errors import UserError
+        raise UserError(f"the cache folder {str(root)!r} cannot be created ({e.strerror}): set DGPO_CACHE to a "
+                        f"folder you can write") from None
+    return root
+
+
+def check_cache_writable() -> Path:
+    """The cache folder, once a file could be written in it (checked before a command's work, not after it)."""
+    import tempfile
+    root = cache_root()
+    try:
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        from dgpo.errors import UserError
+        raise UserError(f"the cache folder {str(root)!r} cannot be written ({e.strerror}): set DGPO_CACHE to a "
+                        f"folder you can write") from None
     return root
 
 

@@ -71,7 +71,8 @@ class RewardConfig:
                           "(name=remote)", min=0)
     batch_size: int = option(0, "images per request, sent concurrently (name=remote; 0 = the whole batch in one)", min=0)
     score_range: list[float] = option([], "[low, high] every score of a served reward must lie in; an answer outside "
-                                      "it is an error naming the server (name=remote; empty = any finite number)")
+                                      "it is an error naming the server (name=remote; empty = any finite number)",
+                                      length=(0, 2))
 
 
 @dataclass
@@ -106,7 +107,8 @@ class OptimConfig:
                        "gradient's signal-to-noise) or sgd (steps proportional to the gradient, with momentum)",
                        choices=("adamw", "sgd"))
     lr: float = option(3e-4, "learning rate", min=0.0)
-    betas: list[float] = option([0.9, 0.999], "AdamW betas")
+    betas: list[float] = option([0.9, 0.999], "AdamW betas [β₁, β₂], each in [0, 1)", min=0.0, max=0.9999,
+                                length=2)
     momentum: float = option(0.9, "SGD momentum (optim.name=sgd)", min=0.0, max=0.999)
     weight_decay: float = option(0.0, "weight decay (decoupled for AdamW, L2 for SGD)", min=0.0)
     lr_schedule: str = option("constant", "constant, or cosine: lr decays to lr_min_ratio·lr over the run "

@@ -213,11 +213,12 @@ class Trainer:
         steps: list[dict] = []
         for _ in range(self.cfg.optim.steps_per_epoch):
             for part in self.objective.minibatches(batch, self.gen):
-                stats = self.processes.mean_stats(self.objective.backward(part, self.gen, self.runtime.backward))
-                try:
+                try:  # a non-finite forward (the loss's inputs), loss or gradient: nothing steps
+                    stats = self.processes.mean_stats(self.objective.backward(part, self.gen, self.runtime.backward))
                     stats["grad_norm"] = self.runtime.optimizer_step(self.optimizer, self.params, stats["loss"],
                                                                      self.cfg.optim.grad_clip, "policy")
-                except NonFiniteStep as fault:  # nothing stepped
+                except NonFiniteStep as fault:
+                    self.optimizer.zero_grad(set_to_none=True)
                     self.nonfinite.skip(f"epoch {self.counters.epoch + 1}", str(fault))
                     continue
                 self.nonfinite.passed()

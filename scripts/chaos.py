@@ -15,6 +15,15 @@ on a CPU. Writes ``OUT/chaos.json`` and prints how many kills the run survived.
     python scripts/chaos.py --kills 5 --processes 2 --out OUT -- dgpo.cli train --set run.epochs=10
     python scripts/chaos.py --kills 5 --reward-server shapes_partial --out OUT -- dgpo.cli train --set run.epochs=20
 
+``--signal SIGTERM`` plays a scheduler's preemption instead: each moment sends SIGTERM to every process of the
+job, which should checkpoint at its next safe point and exit with status 75 (:mod:`dgpo.runtime.preemption`)
+within ``--grace`` seconds (else it is SIGKILLed, and counted); every launch, the first included, is the same
+requeue-safe command, ``--resume-or-start RUN``. ``chaos.json`` then also records each launch's exit status and
+how long each stop took.
+
+    python scripts/chaos.py --signal SIGTERM --kills 10 --out OUT -- dgpo.cli train --set run.epochs=40 \
+        --set run.time_budget_min=0 --set eval.every_minutes=0 --set eval.every=10 --set run.threads=1
+
 Give the run ``run.time_budget_min=0`` and ``eval.every_minutes=0`` (the default recipes stop and evaluate on
 wall-clock, which no two runs share) and one thread per process (``run.threads=1``): the equality is what is
 checked.
@@ -36,7 +45,12 @@ from pathlib import Path
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kills", type=int, default=5, help="SIGKILLs of the training job (default 5)")
+    p.add_argument("--kills", type=int, default=5, help="signals sent to the training job (default 5)")
+    p.add_argument("--signal", choices=("SIGKILL", "SIGTERM"), default="SIGKILL",
+                   help="SIGKILL (a crash; resumed with --resume) or SIGTERM (a preemption; every launch "
+                        "--resume-or-start RUN); default SIGKILL")
+    p.add_argument("--grace", type=float, default=60, help="with SIGTERM: seconds the job may take to stop before "
+                                                           "it is SIGKILLed (default 60)")
     p.add_argument("--server-kills", type=int, default=2, help="with --reward-server: kills of the server (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default 0)")
     p.add_argument("--processes", type=int, default=1, help="training processes (accelerate launch; default 1)")
@@ -91,19 +105,44 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def signal_tree(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    """Send ``sig`` to the launched process, its group and every process below it."""
+    below = descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    for pid in below:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def kill_tree(proc: subprocess.Popen) -> bool:
     """SIGKILL the launched process, its group and every process below it; True if it was still running."""
     if proc.poll() is not None:
         return False
-    below = descendants(proc.pid)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for pid in below:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    signal_tree(proc, signal.SIGKILL)
     proc.wait()
     return True
+
+
+def terminate_tree(proc: subprocess.Popen, grace: float) -> dict | None:
+    """A preemption: SIGTERM to every process of the job, then up to ``grace`` seconds for it to stop (SIGKILL
+    after that). None if it had already ended; else its exit status, the seconds it took and whether it had to
+    be killed."""
+    if proc.poll() is not None:
+        return None
+    t0 = time.time()
+    signal_tree(proc, signal.SIGTERM)
+    try:
+        status = proc.wait(timeout=grace)
+        killed = False
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        status, killed = proc.returncode, True
+    return {"status": status, "seconds": round(time.time() - t0, 2), "killed_after_grace": killed}
 
 
 class RewardServer:
@@ -134,10 +173,13 @@ class RewardServer:
 
 
 def run_folder_command(command: list[str], run_dir: Path, how: str, server: RewardServer | None) -> list[str]:
-    """``command`` aimed at ``run_dir``: a fresh start (``--out``), a start over (``--overwrite``) or ``--resume``."""
+    """``command`` aimed at ``run_dir``: a fresh start (``--out``), a start over (``--overwrite``), ``--resume``, or
+    the requeue-safe ``--resume-or-start`` (how = "requeue")."""
     reward = ["--set", "reward.name=remote", "--set", f"reward.url={server.url}"] if server else []
     if how == "resume":
         return [*command[:2], "--resume", str(run_dir)]
+    if how == "requeue":
+        return [*command, *reward, "--resume-or-start", str(run_dir)]
     return [*command, *reward, "--out", str(run_dir), *(["--overwrite"] if how == "overwrite" else [])]
 
 
@@ -164,19 +206,28 @@ def killed_run(args, run_dir: Path, server: RewardServer | None, seconds: float)
     rng = random.Random(args.seed)
     log = run_dir.parent / "killed.log"
     kills = landed = restarts = server_kills = 0
-    how = "new"
+    stops: list[dict] = []  # with SIGTERM: each stop's exit status and seconds
+    how = "requeue" if args.signal == "SIGTERM" else "new"
     server_moments = sorted(rng.uniform(0.1, 1.0) * seconds for _ in range(args.server_kills if server else 0))
     while not finished(run_dir):
         proc = launch(run_folder_command(args.command, run_dir, how, server), args.processes, log)
         t0 = time.time()
         # early in a straight run's length: a resumed launch (and one whose first evaluation is now cached) has
         # less left to run than the straight run had, and every launch should be hit until --kills have landed
-        moment = rng.uniform(0.05, 0.3) * seconds if kills < args.kills else None
+        # (a SIGTERM, later: in the run loop, where a preemption is checkpointed, rather than while Python starts)
+        early, late = (0.3, 0.6) if args.signal == "SIGTERM" else (0.05, 0.3)
+        moment = rng.uniform(early, late) * seconds if kills < args.kills else None
         while proc.poll() is None:
             now = time.time() - t0
             if moment is not None and now >= moment:
                 kills += 1
-                landed += kill_tree(proc)
+                if args.signal == "SIGTERM":
+                    stop = terminate_tree(proc, args.grace)
+                    if stop is not None:
+                        landed += 1
+                        stops.append(stop)
+                else:
+                    landed += kill_tree(proc)
                 break
             if server_moments and now >= server_moments[0]:
                 server_moments.pop(0)
@@ -192,8 +243,10 @@ def killed_run(args, run_dir: Path, server: RewardServer | None, seconds: float)
             restarts += 1  # it gave up (e.g. the reward server down too long): resumed like a killed one
             if restarts > 20:
                 raise SystemExit(f"the run keeps failing without being killed; see {log}")
-        how = "resume" if has_checkpoint(run_dir) else "overwrite"
-    return {"kills": kills, "kills_that_landed": landed, "server_kills": server_kills, "failed_and_resumed": restarts}
+        if args.signal == "SIGKILL":
+            how = "resume" if has_checkpoint(run_dir) else "overwrite"
+    return {"signal": args.signal, "kills": kills, "kills_that_landed": landed, "server_kills": server_kills,
+            "failed_and_resumed": restarts, **({"stops": stops} if args.signal == "SIGTERM" else {})}
 
 
 def is_timing(key: str) -> bool:

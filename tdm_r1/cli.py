@@ -22,17 +22,20 @@ from dgpo.cli import (_add_model_args, _add_out_args, _add_prompt_args, _prompts
 from dgpo.cli_args import OneLineParser, at_least  # noqa: E402
 from dgpo.errors import UserError  # noqa: E402
 from dgpo.recipes import recipe  # noqa: E402
+from dgpo.runtime.preemption import preemptible  # noqa: E402
 
 DEFAULT_DISTILL_CONFIG = recipe("tdm/shapes.yaml")
 DEFAULT_R1_CONFIG = recipe("tdm_r1/shapes_released.yaml")  # the released code's choices
 
 
+@preemptible  # SIGTERM / SIGUSR1: a checkpoint at the next safe point, exit status 75
 def cmd_distill(args) -> None:
     from tdm_r1.config import DistillConfig, load_distill_config
     from tdm_r1.distill import Distiller
     train_command(args, Distiller, lambda: DistillConfig, load_distill_config, DEFAULT_DISTILL_CONFIG, "tdm-r1 distill")
 
 
+@preemptible
 def cmd_train(args) -> None:
     from tdm_r1.config import ReinforceConfig
     from tdm_r1.reinforce import Reinforcer
@@ -122,6 +125,9 @@ def cmd_sample(args) -> None:
     prompts = _prompts_from_args(args)
     from tdm_r1.student import read_sampler_file
     settings = read_sampler_file(args.lora) if args.lora else None  # the size the student was trained at
+    if args.lora and settings is None and not args.boundaries:
+        raise UserError(f"LoRA folder {args.lora!r} has no sampler.json, so it is not a few-step student (a DGPO LoRA "
+                        f"samples with `dgpo sample --lora`); pass --boundaries to sample it in {args.nfe} steps anyway")
     model = load_model(resolve_model(args.model), args.lora, (settings or {}).get("height", 0))
     boundaries = student_boundaries(model, args.nfe, args.boundaries, args.lora)
     images, records = generate_student(model, prompts, boundaries, args.per_prompt, args.seed, args.batch_size)

@@ -90,7 +90,8 @@ class OptimConfig:
     batch_size: int = option(32, "student trajectories per iteration (prompts drawn from the train split)", min=1)
     generator_lr: float = option(3e-4, "Adam learning rate of the student (below the fake score's)", min=0.0)
     fake_lr: float = option(1e-3, "Adam learning rate of the fake score", min=0.0)
-    betas: list[float] = option([0.0, 0.99], "Adam betas of both optimisers (β₁ = 0, as in DMD/TDM)")
+    betas: list[float] = option([0.0, 0.99], "Adam betas [β₁, β₂] of both optimisers, each in [0, 1) (β₁ = 0, as "
+                                "in DMD/TDM)", min=0.0, max=0.9999, length=2)
     weight_decay: float = option(0.0, "decoupled weight decay of both optimisers (AdamW; 0 = Adam; the released "
                                  "TDM-R1 code: 1e-4 with betas [0, 0.999])", min=0.0)
     grad_clip: float = option(1.0, "global gradient-norm clip (0 = off)", min=0.0)
@@ -223,8 +224,6 @@ def load_distill_config(path: str | Path | None, overrides=()) -> DistillConfig:
     if cfg.teacher.weights_dtype == "bf16" and (cfg.teacher.mixed_precision != "bf16" or cfg.student.mode != "lora"):
         raise ConfigError("teacher.weights_dtype=bf16 needs teacher.mixed_precision=bf16 and student.mode=lora (a "
                           "full student would train bf16 weights)")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas: expected two numbers [β₁, β₂], got {cfg.optim.betas}")
     if not isinstance(cfg, ReinforceConfig):
         return cfg
     if cfg.r1.reward_source == "direct" and cfg.student.mode != "lora":

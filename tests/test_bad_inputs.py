@@ -13,3 +13,4 @@ bad_inputs = load_script("scripts/diagnostics/bad_inputs.py")
 def test_bad_input_is_one_line_status_2_and_touches_nothing(case):
     row = bad_inputs.run_case(*case)
     assert row["status"] == 2 and row["lines"] == 1 and row["left_alone"], row
+    assert len(row["message"]) <= bad_inputs.MAX_MESSAGE, row

@@ -1,6 +1,8 @@
 """Kills at random moments (scripts/chaos.py): a run SIGKILLed mid-rollout, mid-update or mid-checkpoint-write
 and resumed ends with the same final weights and metrics, bit for bit, as the run that was never interrupted —
-for DGPO, a baseline, TDM, TDM-R1, a 2-process run and a run whose reward server is killed too."""
+for DGPO, a baseline, TDM, TDM-R1, a 2-process run and a run whose reward server is killed too; and a run
+preempted by SIGTERM at random moments and requeued with the same `--resume-or-start` command, each stop a
+checkpoint and exit status 75."""
 
 from __future__ import annotations
 
@@ -34,10 +36,11 @@ def student(tiny_base, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("case", ["dgpo", "flow_grpo", "tdm", "tdm_r1", "dgpo_2_processes", "dgpo_reward_server"])
+@pytest.mark.parametrize("case", ["dgpo", "flow_grpo", "tdm", "tdm_r1", "dgpo_2_processes", "dgpo_reward_server",
+                                  "dgpo_sigterm"])
 def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(case, tiny_base, student, tmp_path, capsys):
     flags = ["--kills", "3", "--seed", "1"]
-    if case in ("dgpo", "dgpo_2_processes", "dgpo_reward_server"):
+    if case in ("dgpo", "dgpo_2_processes", "dgpo_reward_server", "dgpo_sigterm"):
         command = ["dgpo.cli", "train", *_sets([f"model.base={tiny_base}", *TRAIN])]
     elif case == "flow_grpo":
         command = ["dgpo.cli", "train", "configs/flow_grpo/shapes.yaml", *_sets([f"model.base={tiny_base}", *TRAIN])]
@@ -46,6 +49,9 @@ def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(case, tiny_base, s
     else:
         command = ["tdm_r1.cli", "train", *_sets([f"teacher.base={tiny_base}", f"r1.init_run={student}", *DISTILL,
                                                   "r1.group_size=2"])]
+    if case == "dgpo_sigterm":  # preemptions: every launch `--resume-or-start RUN`, each stop a checkpoint and 75
+        flags += ["--signal", "SIGTERM", "--kills", "4"]
+        command += ["--set", "run.epochs=30"]
     if case == "dgpo_2_processes":
         flags += ["--processes", "2", "--kills", "2"]
     if case == "dgpo_reward_server":  # long enough for the server's outages to fall inside the training
@@ -58,6 +64,11 @@ def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(case, tiny_base, s
     assert result["kills"] >= 1 and result["metrics_rows"] > 8
     if case == "dgpo_reward_server":
         assert result["server_kills"] >= 1
+    if case == "dgpo_sigterm":
+        # 75 for each stop at a safe point; 0 for a signal that came once the run had left its loop (it finishes)
+        statuses = [stop["status"] for stop in result["stops"]]
+        assert 75 in statuses and set(statuses[:-1]) == {75} and statuses[-1] in (0, 75), result["stops"]
+        assert not any(stop["killed_after_grace"] for stop in result["stops"])
     assert "the same final weights and metrics" in capsys.readouterr().out
     # a killed process tree takes a moment to be gone on a loaded machine (two test workers share the cores):
     # what is still there after 30 s was left behind

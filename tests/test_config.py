@@ -112,3 +112,31 @@ def test_a_choice_yaml_reads_as_a_boolean_is_that_choice():
         assert load_train_config("configs/dgpo/shapes.yaml", [f"model.mixed_precision={word}"]).model.mixed_precision == "no"
     with pytest.raises(ConfigError, match="model.mixed_precision: expected a string, got True"):
         load_train_config("configs/dgpo/shapes.yaml", ["model.mixed_precision=yes"])  # no such choice
+
+
+@pytest.mark.parametrize("text,lines", [("run:\n  seed: 3\nmodel:\n  lora_rank: 4\nrun:\n  epochs: 2\n", (1, 5)),
+                                        ("run:\n  seed: 3\n  seed: 4\n", (2, 3))])
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path, text, lines):
+    """YAML would keep the second silently (a second `run:` section dropped the first one's seed)."""
+    from dgpo.trainer import load_train_config
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"given twice, at lines {lines[0]} and {lines[1]}"):
+        load_train_config(path)
+
+
+@pytest.mark.parametrize("betas,fragment", [("[0.9]", "a list of 2 items"), ("[1.5, 2]", "above the maximum"),
+                                            ("[0.9, 0.999, 0.5]", "a list of 2 items"), ("[-0.1, 0.9]", "below the minimum")])
+def test_adams_betas_are_two_numbers_in_0_1(betas, fragment):
+    from dgpo.trainer import load_train_config
+    from tdm_r1.config import load_distill_config
+    for load in (lambda o: load_train_config(None, o), lambda o: load_distill_config(None, o)):
+        with pytest.raises(ConfigError, match=f"optim.betas: .*{fragment}"):
+            load([f"optim.betas={betas}"])
+
+
+def test_a_served_rewards_score_range_is_empty_or_two_numbers():
+    from dgpo.trainer import load_train_config
+    assert load_train_config(None, ["reward.score_range=[0, 1]"]).reward.score_range == [0.0, 1.0]
+    with pytest.raises(ConfigError, match="reward.score_range: expected a list of 0 or 2 items"):
+        load_train_config(None, ["reward.score_range=[1]"])

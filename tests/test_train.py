@@ -171,8 +171,13 @@ def test_reward_answering_garbage_is_a_clear_error(tiny_base, tmp_path, capsys):
 
 
 def _inject_fault(trainer, monkeypatch, fault: str, epochs: set[int]) -> None:
-    """On the given epoch indices: after the objective's backward every LoRA gradient is NaN (and the loss), or
-    the reward answers NaN for one image."""
+    """On the given epoch indices: after the objective's backward every LoRA gradient is NaN (and the loss), the
+    reward answers NaN for one image, or the policy's forward in the update gives NaN (a diverged run)."""
+    if fault == "forward":  # the policy's training forward (grad on; rollouts are no-grad) turns NaN
+        linear = next(m for m in trainer.model.transformer.modules() if isinstance(m, torch.nn.Linear))
+        linear.register_forward_hook(lambda module, args, output: output * float("nan")
+                                     if torch.is_grad_enabled() and trainer.counters.epoch in epochs else None)
+        return
     if fault == "reward":
         real_reward = trainer.reward
 
@@ -199,7 +204,7 @@ def _inject_fault(trainer, monkeypatch, fault: str, epochs: set[int]) -> None:
     monkeypatch.setattr(trainer.objective, "backward", poisoned)
 
 
-FAULTS = [("gradient", "no"), ("reward", "no"), ("gradient", "bf16"), ("reward", "bf16")]
+FAULTS = [("gradient", "no"), ("reward", "no"), ("gradient", "bf16"), ("reward", "bf16"), ("forward", "no")]
 
 
 @pytest.mark.parametrize("fault,precision", FAULTS)
@@ -276,7 +281,8 @@ def test_interim_evaluations_sample_fewer_images_and_the_result_keeps_per_prompt
     rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_geneval" in r]
     assert [(r["epoch"], bool(r.get("eval_interim"))) for r in evals] == [(0, False), (1, True), (2, True), (3, False)]
-    Trainer(prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "b", *extra), False), log=lambda *a: None).run()
+    Trainer(prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "b", *extra, "eval.interim_per_prompt=0"), False),
+            log=lambda *a: None).run()
     assert sizes[4:] == [2, 2, 2, 2]
     plain = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if "eval_geneval" in l]
     assert plain[0] == evals[0]

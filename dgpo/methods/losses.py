@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dgpo.runtime.nonfinite import NonFiniteValues
+
 __all__ = ["NORMALIZATIONS", "ADVANTAGE_STDS", "group_sums", "group_advantages", "dgpo_loss", "flow_grpo_loss",
            "diffusion_dpo_loss", "nft_optimality", "nft_loss"]
 
@@ -42,7 +44,7 @@ def _check_vector(name: str, x, fn: str, *, finite: bool = True, allow_empty: bo
         raise ValueError(f"{fn}: {name} must be a floating-point tensor, got dtype {x.dtype}")
     if finite and not bool(torch.isfinite(x.detach()).all()):
         bad = int((~torch.isfinite(x.detach())).sum())
-        raise ValueError(
+        raise NonFiniteValues(
             f"{fn}: {name} has NaN/inf values ({bad} of {x.shape[0]}) — check the learning rate, the "
             "rewards and the inputs, or turn bf16/fp16 autocast off for the loss")
     return x

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from dgpo.errors import UserError
+from dgpo.errors import UserError, shown
 
 
 @dataclass
@@ -173,8 +173,7 @@ def check_prompt_lengths(tokenizer, prompts: list[str]) -> None:
     for prompt in dict.fromkeys(prompts):
         n = len(tokenizer(prompt, truncation=False)["input_ids"])
         if n > limit:
-            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-            raise UserError(f"prompt {shown!r} is {n} tokens; the text encoder reads at most {limit} (the rest would "
+            raise UserError(f"prompt {shown(prompt)!r} is {n} tokens; the text encoder reads at most {limit} (the rest would "
                             f"be dropped without a word): shorten it")
 
 

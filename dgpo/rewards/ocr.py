@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dgpo.errors import UserError
+from dgpo.errors import UserError, shown
 from dgpo.rewards.protocol import RewardInputError, check_batch
 
 _QUOTED = re.compile(r'"([^"]+)"')
@@ -34,7 +34,7 @@ def target_text(prompt: str) -> str:
     match = _QUOTED.search(prompt)
     if match is None:
         raise RewardInputError(f'the ocr reward needs the text to render in double quotes in the prompt, e.g. '
-                               f'a sign that says "OPEN"; got {prompt!r}')
+                               f'a sign that says "OPEN"; got {shown(prompt)!r}')
     return match.group(1)
 
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dgpo.errors import UserError
+from dgpo.runtime.output_dir import with_umask
 from dgpo.runtime.ema import EMA
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -109,6 +110,18 @@ def _tupled(obj):
 
 # ------------------------------------------------------------------------------------------- folders
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' ``save_file``, its I/O failures (a full disk, a quota, a read-only folder) raised as the
+    OSError they are, with their errno and the path, rather than as a SafetensorError of the serialiser."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:
+        code = re.search(r"code: (\d+)", str(e))
+        if isinstance(e, OSError) or code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], state: dict,
                     keep_last: int = 2) -> Path:
     """Atomically write ``run_dir/checkpoints/step-{step}`` and prune all but the newest ``keep_last``."""
@@ -119,9 +132,10 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Ten
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+        save_tensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "tensors.safetensors")
         digest = _sha256(tmp / "tensors.safetensors")  # checked on load: a damaged file is found, not trusted
         (tmp / "state.json").write_text(json.dumps({"step": step, **state, "tensors_sha256": digest}))
+        with_umask(tmp)  # safetensors writes 0600: a group reads a shared run as its umask says
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -38,6 +38,9 @@ from dgpo.runtime.checkpoint import (capture_rng, list_checkpoints, load_checkpo
                              save_checkpoint)
 from dgpo.errors import UserError
 from dgpo.evaluation.evaluate import format_table
+from dgpo.runtime import writer_lock
+from dgpo.runtime.output_dir import with_umask
+from dgpo.runtime.preemption import PREEMPTION, Preempted
 from dgpo.runtime.processes import SINGLE, Processes
 from dgpo.runtime.metrics import QUALITY_MEASURES, eval_result, gain_against_noise, read_metrics, truncate_metrics
 from dgpo.sampling.samples_io import image_grid
@@ -256,19 +259,24 @@ class Run:
     # --------------------------------------------------------------------------------------- loop
     def run(self, resume: bool = False) -> dict:
         """:meth:`loop` with the run's tracker (``run.tracker``: W&B, TensorBoard) started before and finished
-        after, when the recipe gave its runtime (``tracking``)."""
-        if self.tracking is None:
-            return self.loop(resume)
-        runtime, project, config = self.tracking
-        self.tracker = runtime.start_tracking(project, config, self.out)
-        result = self.loop(resume)
-        runtime.finish_tracking()
-        return result
+        after, when the recipe gave its runtime (``tracking``). The run folder's writer lock, taken when the folder
+        was claimed or reopened (:mod:`dgpo.runtime.writer_lock`), is let go when the run ends, however it ends."""
+        try:
+            if self.tracking is None:
+                return self.loop(resume)
+            runtime, project, config = self.tracking
+            self.tracker = runtime.start_tracking(project, config, self.out)
+            result = self.loop(resume)
+            runtime.finish_tracking()
+            return result
+        finally:
+            if self.writes:
+                writer_lock.release(self.out)
 
     def loop(self, resume: bool = False) -> dict:
         """The run, from its first or its latest checkpointed step to the end; returns the first, last and
         best evaluation rows."""
-        s, c = self.schedule, self.counters
+        c = self.counters
         if resume:  # the newest intact checkpoint; a damaged one is named and skipped
             found = load_latest_good(self.out, self.log)
             if found is None:
@@ -281,13 +289,34 @@ class Run:
         elif self.writes:
             self.metrics_path.unlink(missing_ok=True)
         self.processes.barrier()  # the metrics file is as the main process left it
+        with PREEMPTION.deferred():  # a preemption signal ends the run at a safe point (dgpo.runtime.preemption)
+            return self._loop(resume)
+
+    def _loop(self, resume: bool) -> dict:
+        s, c = self.schedule, self.counters
         evals = [r for r in read_metrics(self.metrics_path) if "eval_geneval" in r]
         self.check_memory("the start (the model loaded)")
         if not evals:
             evals.append(self._evaluated(self.guarded_evaluation(self.recipe.initial_evaluation)))
-        budget = s.time_budget_min * 60
-        bar = self._progress_bar()
         reached = lambda: s.target_reached([r["eval_geneval"] for r in evals])
+        with self._progress_bar() as bar:  # closed however the loop ends, so a message starts on its own line
+            self._steps(evals, bar, reached)
+        if reached():
+            self.log(f"{s.stop_after} evaluations in a row at or above the base + {s.stop_at_gain:g} "
+                     f"(run.stop_at_gain): the run ends at {self.step_key} {c.step}")
+        if evals[-1][self.step_key] != c.step or evals[-1].get("eval_interim"):  # the result at per_prompt
+            evals.append(self.evaluation(interim=False))
+        self.save()
+        if self.writes:
+            self.finish(evals)
+        self.processes.barrier()
+        return {"first": evals[0], "last": evals[-1], "best": max(evals, key=lambda r: r["eval_geneval"])}
+
+    def _steps(self, evals: list[dict], bar, reached) -> None:
+        """Steps until the run's end (steps, time budget or target), each logged, evaluated and checkpointed on
+        the schedule; a preemption signal ends them at the safe point after a step."""
+        s, c = self.schedule, self.counters
+        budget = s.time_budget_min * 60
         while c.step < s.steps and not (budget and c.train_seconds >= budget) and not reached():
             before = c.train_seconds
             row = self.log_row(self.guarded_step())
@@ -300,17 +329,11 @@ class Run:
                 evals.append(self.evaluation(interim=not last))
             if c.step % s.checkpoint_every == 0:
                 self.save()
-        bar.close()
-        if reached():
-            self.log(f"{s.stop_after} evaluations in a row at or above the base + {s.stop_at_gain:g} "
-                     f"(run.stop_at_gain): the run ends at {self.step_key} {c.step}")
-        if evals[-1][self.step_key] != c.step or evals[-1].get("eval_interim"):  # the result at per_prompt
-            evals.append(self.evaluation(interim=False))
-        self.save()
-        if self.writes:
-            self.finish(evals)
-        self.processes.barrier()
-        return {"first": evals[0], "last": evals[-1], "best": max(evals, key=lambda r: r["eval_geneval"])}
+            stop = PREEMPTION.take(self.processes)
+            if stop:  # the safe point: the step, its evaluation and its checkpoint are done
+                if c.step % s.checkpoint_every:
+                    self.save()
+                raise Preempted(stop, f"{self.step_key} {c.step}", self.out)
 
     def guarded_step(self) -> dict:
         """The recipe's step, its row with the process's peak memory so far (``peak_memory_gb``); past
@@ -391,6 +414,7 @@ class Run:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.recipe.export(tmp)
+        with_umask(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         self.recipe.plot(read_metrics(self.metrics_path), self.out)

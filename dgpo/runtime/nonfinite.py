@@ -14,6 +14,12 @@ class NonFiniteStep(Exception):
     """An update met a NaN or inf; raised before any optimiser stepped on it (its gradients are cleared)."""
 
 
+class NonFiniteValues(NonFiniteStep, ValueError):
+    """A loss function met a NaN or inf among its per-sample inputs (e.g. a diverged policy's errors): a ValueError
+    to a caller of the loss alone, a skipped step to a trainer (raised before any backward). Weights are the same
+    on every process, so a diverged forward is seen by all of them alike."""
+
+
 class NonFiniteRewards(NonFiniteStep):
     """A reward answered NaN or inf for some images. Raised on every process alike: the check runs on the
     gathered, global rewards."""

@@ -27,9 +27,36 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dgpo.errors import UserError
+from dgpo.runtime import writer_lock
+from dgpo.runtime.writer_lock import LOCK_NAME
 
 MANIFEST = ".dgpo-manifest.json"  # {"tool": "dgpo sample", "owns": ["00000.png", ..., "checkpoints/step-*/*"]}
 _SHOWN = 3  # foreign files named in a refusal
+
+
+def process_umask() -> int:
+    """This process's umask (Linux reads it without changing it; elsewhere it is set and put back)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def with_umask(path: str | Path) -> Path:
+    """Give ``path`` — a file, or a folder and everything in it — the modes a plain ``open``/``mkdir`` gives under
+    the user's umask (0666/0777 less it): temporary files (``mkstemp``: 0600, ``mkdtemp``: 0700) and safetensors'
+    files (0600) that are renamed into place would otherwise stay private, so a group could not read a shared
+    run."""
+    path, mask = Path(path), process_umask()
+    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+    return path
 
 
 def _files(folder: Path) -> list[str]:
@@ -59,17 +86,27 @@ def write_manifest(folder: Path, tool: str, owns: list[str], created: bool = Fal
     with os.fdopen(fd, "w") as f:
         json.dump({"tool": tool, "owns": sorted(owns), "created": created,
                    **({"created_parents": created_parents} if created_parents else {})}, f, indent=1)
-    os.replace(tmp, folder / MANIFEST)
+    os.replace(with_umask(tmp), folder / MANIFEST)
 
 
 def _owned(rel: str, patterns: list[str]) -> bool:
-    return rel == MANIFEST or any(fnmatch.fnmatchcase(rel, p) for p in patterns)
+    return rel in (MANIFEST, LOCK_NAME) or any(fnmatch.fnmatchcase(rel, p) for p in patterns)
+
+
+def _check_writable(out: Path, given, flag: str) -> None:
+    """The folder that will receive ``out`` (``out`` itself if it is a folder, else its nearest existing parent)
+    can be written, so that a command fails before its work, not after it; else a UserError."""
+    place = out if out.is_dir() else next(p for p in out.parents if p.exists())
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {str(given)!r}: {str(place)!r} cannot be written (no permission, or a read-only "
+                        f"filesystem); choose a folder you can write")
 
 
 def check_output(path: str | Path, tool: str, overwrite: bool, flag: str = "--out") -> Path:
     """The resolved output path if ``tool`` may write there (see the module's rules); else a UserError.
     Nothing is changed on disk."""
     out = Path(path).expanduser().resolve()
+    _check_writable(out, path, flag)
     if not out.exists():
         return out
     if out.is_file():
@@ -108,7 +145,7 @@ def clear_owned(folder: Path) -> None:
     if manifest is None:
         return
     for rel in _files(folder):
-        if rel != MANIFEST and _owned(rel, manifest["owns"]):
+        if rel not in (MANIFEST, LOCK_NAME) and _owned(rel, manifest["owns"]):  # the lock stays with the folder
             (folder / rel).unlink()
     for root, dirs, _ in sorted(os.walk(folder), key=lambda t: -len(t[0])):
         for d in dirs:
@@ -127,9 +164,11 @@ def claim_run_dir(path: str | Path, tool: str, layout: list[str], overwrite: boo
     parents = 0
     while not out.parents[parents].exists():  # e.g. runs/ for runs/dgpo-shapes: released with the run
         parents += 1
-    if out.exists():
-        clear_owned(out)
+    existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    writer_lock.hold(out)  # before anything is cleared: a folder another process writes is refused
+    if existed:
+        clear_owned(out)
     write_manifest(out, tool, layout, created=created, created_parents=parents)
     return out
 
@@ -143,6 +182,7 @@ def release_run_dir(path: str | Path) -> bool:
         return False
     created = manifest.get("created", False)
     clear_owned(out)
+    writer_lock.release(out, remove=True)
     if created and out.is_dir() and not any(out.iterdir()):
         out.rmdir()
         for parent in list(out.parents)[:manifest.get("created_parents", 0)]:  # the folders the claim made
@@ -161,6 +201,7 @@ def atomic_output_dir(path: str | Path, tool: str, overwrite: bool = False, flag
     try:
         yield tmp
         write_manifest(tmp, tool, _files(tmp))
+        with_umask(tmp)
         out = check_output(path, tool, overwrite, flag)  # the folder may have changed meanwhile
         if not out.exists():
             os.replace(tmp, out)
@@ -220,7 +261,7 @@ def write_json_output(path: str | Path, data: dict, tool: str, overwrite: bool =
     try:
         with os.fdopen(fd, "w") as f:
             json.dump({**data, "written_by": tool}, f, indent=2, default=default)
-        os.replace(tmp, out)
+        os.replace(with_umask(tmp), out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -20,7 +20,8 @@ import yaml
 
 from dgpo.config import apply_overrides, flat_dict, from_dict, to_dict
 from dgpo.errors import UserError
-from dgpo.runtime.output_dir import check_output, claim_run_dir
+from dgpo.runtime import writer_lock
+from dgpo.runtime.output_dir import check_output, claim_run_dir, with_umask
 
 #: What the training commands write into a run folder (``dgpo train``, ``tdm-r1 distill``); tracker logs
 #: go to wandb/ and (tensorboard) dgpo/.
@@ -72,6 +73,7 @@ def reopen_run(config_cls, run_dir: str | Path, overrides=()):
     saved = folder / "config.yaml"
     if not saved.is_file():
         raise UserError(f"--resume: {str(run_dir)!r} is not a run folder (no config.yaml)")
+    writer_lock.hold(folder)  # one writer: a run that still runs is refused, naming its process
     data = yaml.safe_load(saved.read_text())
     if hasattr(config_cls, "saved_data"):  # a config type that reads older run folders its own way
         data = config_cls.saved_data(data)
@@ -86,6 +88,32 @@ def reopen_run(config_cls, run_dir: str | Path, overrides=()):
         raise UserError(f"--resume {str(run_dir)!r}: --set would make it another run ({diff}); a resumed run may "
                         f"change only its schedule ({', '.join(SCHEDULE_KEYS)}) — start a new run for the rest")
     return cfg
+
+
+def resumable(folder: str | Path | None) -> Path | None:
+    """``folder`` if it holds a checkpoint to continue from, else None."""
+    from dgpo.runtime.checkpoint import list_checkpoints
+    if folder is None or not Path(folder).is_dir() or not list_checkpoints(Path(folder)):
+        return None
+    return Path(folder)
+
+
+def start_or_reopen(config_cls, wanted, tool: str):
+    """``--resume-or-start RUN``, one command for a job's first submission and every requeue: the config ``wanted``
+    (CONFIG and --set, ``run.out_dir`` = RUN) continues the run in RUN from its newest checkpoint if it has one —
+    only if it is that run's config, schedule keys aside — and otherwise starts there: a new folder, or RUN's
+    earlier start that died before its first checkpoint (its files are replaced, as by --overwrite)."""
+    folder = Path(wanted.run.out_dir)
+    if resumable(folder) is None:
+        return start_run(wanted, tool, overwrite=folder.exists(), named=True)
+    saved = flat_dict(to_dict(reopen_run(config_cls, folder)), sep=".")
+    asked = flat_dict(to_dict(wanted), sep=".")
+    differ = [k for k in asked if k != "run.out_dir" and k not in SCHEDULE_KEYS and saved.get(k) != asked[k]]
+    if differ:
+        diff = "; ".join(f"{k}: {saved.get(k)!r} in the run, {asked[k]!r} asked" for k in differ[:3])
+        raise UserError(f"--resume-or-start {str(folder)!r} holds another run ({diff}); give the command that "
+                        f"started it, or a new folder")
+    return replace(wanted, run=replace(wanted.run, out_dir=str(folder.resolve())))
 
 
 def finish_run(run_dir: Path, start, resume, log=print) -> None:
@@ -108,4 +136,4 @@ def save_config(cfg, folder: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=folder)
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, folder / "config.yaml")
+    os.replace(with_umask(tmp), folder / "config.yaml")

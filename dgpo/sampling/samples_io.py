@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dgpo.errors import UserError
+from dgpo.errors import UserError, shown
 from dgpo.runtime.output_dir import atomic_output_dir
 
 
@@ -63,10 +63,18 @@ def read_samples(folder: str | Path) -> tuple[np.ndarray, list[dict]]:
             file, _ = rec["file"], rec["prompt"]  # both required
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{index}:{n}: expected a JSON object with 'file' and 'prompt', got {line[:80]!r}") from None
-        path = folder / file
+        path = (folder / str(file)).resolve()
+        if not path.is_relative_to(folder.resolve()):  # a listed ../../etc/passwd is never opened
+            raise UserError(f"{index}:{n}: image {shown(file)!r} is outside {str(folder)!r}: a samples folder lists "
+                            f"its own files only")
         if not path.is_file():
-            raise UserError(f"{index}:{n}: image {file!r} is missing from {str(folder)!r}")
-        images.append(np.asarray(Image.open(path).convert("RGB")))
+            raise UserError(f"{index}:{n}: image {shown(file)!r} is missing from {str(folder)!r}")
+        try:
+            with Image.open(path) as opened:
+                images.append(np.asarray(opened.convert("RGB")))
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise UserError(f"{index}:{n}: {shown(file)!r} is not a readable image ({type(e).__name__}): "
+                            f"write the folder again with `dgpo sample`") from None
         records.append(rec)
     if not records:
         raise UserError(f"{index} lists no samples")

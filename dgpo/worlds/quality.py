@@ -41,6 +41,7 @@ from scipy import linalg
 from torch import nn
 
 from dgpo.paths import cache_root, config_hash
+from dgpo.runtime.output_dir import with_umask
 from dgpo.worlds import shapes as world
 
 __all__ = [
@@ -243,10 +244,9 @@ def _save(net: FeatureNet, cfg: QualityConfig, path: Path) -> None:
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o644)
     try:
         save_file(state, tmp, metadata={"config": json.dumps(asdict(cfg), sort_keys=True)})
-        os.replace(tmp, path)
+        os.replace(with_umask(tmp), path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -26,6 +26,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import ndimage
 
+from dgpo.errors import shown
+
 __all__ = [
     "COLORS",
     "SHAPES",
@@ -204,7 +206,7 @@ def parse(prompt: str) -> ParsedPrompt:
     parsed = _GRAMMAR.get(prompt.strip())
     if parsed is None:
         raise ValueError(
-            f"prompt {prompt!r} is not in the shapes grammar; expected one of the 126 prompts of "
+            f"prompt {shown(prompt)!r} is not in the shapes grammar; expected one of the 126 prompts of "
             "dgpo.worlds.shapes.prompts('all'), e.g. 'a photo of a red circle and a blue square'"
         )
     return parsed

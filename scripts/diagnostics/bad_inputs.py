@@ -95,10 +95,31 @@ CASES = [
      ["scripts/bench_rl.py", "--out", "out", "--report-only"]),
     ("--overwrite beside a user's file named like the report, no report of the script's own",
      {"out/memory_profile.md": b"mine"}, ["scripts/memory_profile.py", "--out-dir", "out", "--overwrite"]),
+    # a shared cluster's faults (the lock on a live run and preemption are tested with live processes:
+    # tests/test_writer_lock.py, tests/test_preemption.py, tests/test_chaos.py)
+    ("a config section given twice", {"twice.yaml": b"run:\n  seed: 3\nmodel:\n  lora_rank: 4\nrun:\n  epochs: 2\n"},
+     ["dgpo", "train", "twice.yaml"]),
+    ("Adam's betas: one number", {}, ["dgpo", "train", "--set", "optim.betas=[0.9]"]),
+    ("Adam's betas: above 1", {}, ["tdm-r1", "distill", "--set", "optim.betas=[1.5,2]"]),
+    ("a cache folder that cannot be made (DGPO_CACHE under a file)", {"a_file": b""}, ["dgpo", "train"],
+     {"DGPO_CACHE": "a_file/cache"}),
+    ("--resume and --resume-or-start together", {}, ["dgpo", "train", "--resume", "r", "--resume-or-start", "r"]),
+    ("a samples folder that lists a file outside it", {"s/samples.jsonl": b'{"file": "../../etc/passwd", "prompt": "x"}\n'},
+     ["dgpo", "eval", "--samples", "s"]),
+    ("a samples folder whose .png is not an image", {"s/samples.jsonl": b'{"file": "0.png", "prompt": "x"}\n',
+                                                     "s/0.png": b"not a png"}, ["dgpo", "eval", "--samples", "s"]),
+    ("a prompt of 480,000 characters (the message quotes 60)", {"p.txt": b"a photo of a cat " * 28_000 + b"\n"},
+     ["dgpo", "eval", "--prompts", "p.txt"]),
+    ("a LoRA without its sampler.json given to tdm-r1 sample (a DGPO LoRA)",
+     {"lora/pytorch_lora_weights.safetensors": lora_file({"transformer_blocks.0.attn.to_q": (2, 32)})},
+     ["tdm-r1", "sample", "--lora", "lora", "--split", "test", "--out", "s"]),
 ]
 
 
-def run_case(what: str, files: dict, argv: list[str]) -> dict:
+MAX_MESSAGE = 600  # characters: a message quotes what it must, not a whole prompt or file
+
+
+def run_case(what: str, files: dict, argv: list[str], env: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as cache:
         folder = Path(tmp)
         for name, data in sorted(files.items(), key=lambda kv: isinstance(kv[1], bytes)):  # copies first
@@ -110,14 +131,14 @@ def run_case(what: str, files: dict, argv: list[str]) -> dict:
                 shutil.copytree(source, folder / name, ignore=lambda d, names: [n for n in names if n in left_out])
         before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
         command = [str(ROOT / argv[0]) if argv[0].endswith(".py") else argv[0], *argv[1:]]  # a script, or a command
-        status, _, stderr = run_command(command, folder, {**os.environ, "DGPO_CACHE": cache}, timeout=90)
+        status, _, stderr = run_command(command, folder, {**os.environ, "DGPO_CACHE": cache, **(env or {})}, timeout=90)
         if status is None:  # the command accepted the input and started working
             stderr = "(accepted: the command was still working after 90 s)"
         after = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
     lines = [l for l in stderr.splitlines() if l.strip() and "%|" not in l]
     return {"input": what, "command": " ".join(argv), "status": status, "message": lines[-1] if lines else "",
             "lines": len(lines), "left_alone": before == after,
-            "ok": status == 2 and len(lines) == 1 and before == after}
+            "ok": status == 2 and len(lines) == 1 and before == after and len(lines[0]) <= MAX_MESSAGE}
 
 
 def main(argv=None) -> int:
@@ -134,8 +155,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = []
-    for what, files, command in CASES:
-        rows.append(run_case(what, files, command))
+    for what, files, command, *env in CASES:
+        rows.append(run_case(what, files, command, *env))
         print(f"{'ok ' if rows[-1]['ok'] else 'BAD'} {what}: {rows[-1]['message'][:120]}", flush=True)
     try:  # checked again: the folder may have changed during the work
         write_report_json(report, {"cases": rows}, TOOL, args.overwrite, "--out")

@@ -23,10 +23,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from dgpo.runtime.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, optimizer_from_flat, optimizer_to_flat,
-                             restore_rng, save_checkpoint)
+                             restore_rng, save_checkpoint, save_tensors)
 from dgpo.runtime.ema import EMA
 
 AUTOENCODER = "autoencoder"
@@ -65,7 +64,7 @@ class PartialBase:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            save_file({**tensors, **rng_tensors}, str(tmp / "tensors.safetensors"))
+            save_tensors({**tensors, **rng_tensors}, tmp / "tensors.safetensors")
             (tmp / "state.json").write_text(json.dumps({"info": info, "rng": rng_scalars}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
