@@ -319,7 +319,8 @@ def cmd_serve_reward(args) -> None:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     reward = make_reward(args.name, **({"model": args.model} if args.model else {}))
-    limits = ServerLimits(max_body_bytes=args.max_body_mb << 20, max_pixels=args.max_pixels)
+    limits = ServerLimits(max_body_bytes=args.max_body_mb << 20, max_pixels=args.max_pixels,
+                          max_request_pixels=args.max_request_pixels)
     app = create_app(reward, token, LOOPBACK_HOSTS if is_loopback(args.host) else None, limits)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving reward {args.name!r} at http://{host}:{args.port}/score"
@@ -471,9 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="a registered reward (shapes_partial, shapes_strict, ..., or one a --plugin registers)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=at_least(0), default=8765, help="port (default 8765)")
-    p.add_argument("--token", help="require this bearer token (default: DGPO_REWARD_TOKEN, if set)")
+    p.add_argument("--token", help="require this bearer token (default: DGPO_REWARD_TOKEN, if set; prefer the "
+                                   "variable: a --token shows in ps to other users of the machine)")
     p.add_argument("--max-body-mb", type=at_least(1), default=256, help="largest request body in MiB (default 256)")
-    p.add_argument("--max-pixels", type=at_least(1), default=4096 * 4096, help="largest image in pixels (default 4096²)")
+    p.add_argument("--max-pixels", type=at_least(1), default=2048 * 2048, help="largest image in pixels (default 2048²)")
+    p.add_argument("--max-request-pixels", type=at_least(1), default=32 * 1024 * 1024,
+                   help="largest request in pixels over all its images (default 32 × 1024²)")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
                    help="import a plug-in that registers the reward first")
     p.add_argument("--model", help="the model a model-based reward reads (clip_score, pickscore: a CLIP folder; "

@@ -384,7 +384,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from dgpo.errors import UserError
     from dgpo.runtime.output_dir import check_report_outputs, report_files, write_report_json
-    from dgpo.runtime.run_folder import reopen_run
+    from dgpo.runtime.run_folder import read_run_config
     from tdm_r1.config import DistillConfig
     from tdm_r1.distill import resolve_teacher
     from tdm_r1.student import read_sampler_file
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
             raise UserError(f"--student {args.student!r}: no final/lora with sampler.json; pass a finished "
                             f"`tdm-r1 distill` run folder")
         student = {"lora": str(lora), "boundaries": saved["boundaries"], "sigmas": saved["sigmas"]}
-        base = resolve_teacher(reopen_run(DistillConfig, args.student))  # the student's teacher is every row's base
+        base = resolve_teacher(read_run_config(DistillConfig, args.student))  # the student's teacher: every row's base
         if heldout:
             trained_categories(args.heldout)
         for row in rows:

@@ -11,6 +11,11 @@ clients retry. Reports:
 - latency per batch as a client sees it (retries included): p50 and p99; throughput in batches and images
   per second; the 503s answered and so the retries made.
 
+With ``--hostile N``, N more threads attack the same server while the clients run, each in turn: a pixel bomb (a
+60 KB PNG of 4096² pixels), a request over the server's pixel budget in all (9 images of 2048²), a client that
+never finishes its headers and one that stalls mid-body. Every attack must be refused (413, 408, or the
+connection closed) and the clients must lose nothing; their p99 is the price of the attacks.
+
 Writes ``NAME.json``, ``NAME.md`` and ``NAME.png`` (the latency distribution) into ``--out-dir``:
 
     python scripts/load_reward_server.py --clients 8 --batches 200
@@ -43,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--size", type=at_least(1), default=32, help="image side in pixels (default 32)")
     p.add_argument("--fault-every", type=at_least(0), default=25,
                    help="answer every N-th request with HTTP 503 before scoring it (default 25; 0 = never)")
+    p.add_argument("--hostile", type=at_least(0), default=0,
+                   help="threads attacking the server meanwhile: bombs, oversized requests, slow clients (default 0)")
     p.add_argument("--max-seconds", type=float, default=300.0,
                    help="fail if the load takes longer than this (default 300)")
     p.add_argument("--out-dir", default="runs/reward_server_load", help="output folder (default runs/reward_server_load)")
@@ -98,10 +105,58 @@ class OverloadedEvery:
         await self.app(scope, receive, send)
 
 
-def run_load(clients: int, batches: int, batch: int, size: int, fault_every: int, max_seconds: float) -> dict:
+#: The server's limits under attack: slow clients are cut off in seconds, not the defaults' 10 s and 60 s.
+HOSTILE_LIMITS = dict(header_timeout=1.0, body_timeout=2.0)
+
+
+def _png_b64(side: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")  # a few KB that would decode to side² pixels
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def attack(url: str, stop: threading.Event) -> Counter:
+    """Hostile requests in turn until ``stop``: how each ended (``refused_413``, ``refused_408``, ``closed``,
+    or ``accepted`` — which must not happen)."""
+    import json
+    import socket
+
+    import httpx
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    bomb = json.dumps({"prompts": ["x"], "images": [_png_b64(4096)]}).encode()
+    big = _png_b64(2048)
+    over_budget = json.dumps({"prompts": ["x"] * 9, "images": [big] * 9}).encode()
+    ended: Counter = Counter()
+
+    def post(body: bytes) -> None:
+        code = httpx.post(url, content=body, timeout=30.0, trust_env=False).status_code
+        ended["accepted" if code == 200 else f"refused_{code}"] += 1
+
+    def slow(head: bytes) -> None:
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(head)
+            reply = sock.recv(4096)
+            ended["closed" if reply == b"" else f"refused_{reply.split(b' ')[1].decode()}"] += 1
+
+    moves = [lambda: post(bomb), lambda: post(over_budget),
+             lambda: slow(b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\n"),
+             lambda: slow(b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{")]
+    i = 0
+    while not stop.is_set():
+        moves[i % len(moves)]()
+        i += 1
+    return ended
+
+
+def run_load(clients: int, batches: int, batch: int, size: int, fault_every: int, max_seconds: float,
+             hostile: int = 0) -> dict:
     """Serve, load, check; the measurements as a dict."""
     from dgpo.rewards.client import RemoteReward
-    from dgpo.rewards.server import serve_reward
+    from dgpo.rewards.server import ServerLimits, serve_reward
 
     reward = IdentityReward()
     wrapper: dict = {}
@@ -127,18 +182,26 @@ def run_load(clients: int, batches: int, batch: int, size: int, fault_every: int
             remote.close()
         return latencies, wrong
 
-    with serve_reward(reward, wrap=wrap) as server:
+    limits = ServerLimits(**HOSTILE_LIMITS) if hostile else ServerLimits()
+    attacks: Counter = Counter()
+    with serve_reward(reward, wrap=wrap, limits=limits) as server:
         deadline = time.monotonic() + max_seconds
-        start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=clients) as pool:
-            results = list(pool.map(client, range(clients)))
-        wall = time.perf_counter() - start
+        stop = threading.Event()
+        with ThreadPoolExecutor(max_workers=hostile or 1) as attackers:
+            attacking = [attackers.submit(attack, server.url, stop) for _ in range(hostile)]
+            start = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=clients) as pool:
+                results = list(pool.map(client, range(clients)))
+            wall = time.perf_counter() - start
+            stop.set()
+            for done in attacking:
+                attacks.update(done.result())
     latencies = np.array([t for lat, _ in results for t in lat])
     expected = clients * batches * batch
     counts = Counter(reward.scored.values())
     return {
         "clients": clients, "batches_per_client": batches, "images_per_batch": batch, "image_size": size,
-        "fault_every": fault_every, "wall_s": round(wall, 3),
+        "fault_every": fault_every, "hostile": hostile, "attacks": dict(attacks), "wall_s": round(wall, 3),
         "batches": int(latencies.size), "images": expected,
         "wrong_batches": sum(w for _, w in results),
         "images_scored_once": counts.get(1, 0),
@@ -165,7 +228,8 @@ def write_report(result: dict, out_dir: Path, name: str, overwrite: bool = False
     record = {**result, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
               f"{__import__('os').cpu_count()} CPUs", "command": "python scripts/load_reward_server.py "
               f"--clients {result['clients']} --batches {result['batches_per_client']} --batch "
-              f"{result['images_per_batch']} --size {result['image_size']} --fault-every {result['fault_every']}"}
+              f"{result['images_per_batch']} --size {result['image_size']} --fault-every {result['fault_every']}"
+              + (f" --hostile {result['hostile']}" if result.get("hostile") else "")}
     write_report_json([json_path, md_path, png_path], record, TOOL, overwrite)
     rows = [("clients × batches × images", f"{result['clients']} × {result['batches_per_client']} × "
              f"{result['images_per_batch']} ({result['image_size']} px)"),
@@ -173,6 +237,8 @@ def write_report(result: dict, out_dir: Path, name: str, overwrite: bool = False
             ("images scored once / more than once / never", f"{result['images_scored_once']} / "
              f"{result['images_scored_more_than_once']} / {result['images_never_scored']}"),
             ("HTTP 503 injected (each retried)", result["refused_503"]),
+            *([("hostile threads; their attacks, by how each ended", f"{result['hostile']}; " + ", ".join(
+                f"{k} {v}" for k, v in sorted(result["attacks"].items())))] if result.get("hostile") else []),
             ("latency p50 / p99 / max (ms)", f"{result['latency_p50_ms']} / {result['latency_p99_ms']} / "
              f"{result['latency_max_ms']}"),
             ("throughput", f"{result['batches_per_s']} batches/s, {result['images_per_s']} images/s"),
@@ -198,7 +264,8 @@ def main(argv=None) -> int:
     json_path, *companions = report_files(Path(args.out_dir), args.name)
     try:  # refused before the work, and checked again when written (the folder may change meanwhile)
         check_report_outputs(json_path, companions, TOOL, args.overwrite)
-        result = run_load(args.clients, args.batches, args.batch, args.size, args.fault_every, args.max_seconds)
+        result = run_load(args.clients, args.batches, args.batch, args.size, args.fault_every, args.max_seconds,
+                          args.hostile)
         paths = write_report(result, Path(args.out_dir), args.name, args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -206,7 +273,7 @@ def main(argv=None) -> int:
     print("\n".join(map(str, paths)))
     print(paths[1].read_text())
     ok = (result["wrong_batches"] == 0 and result["images_never_scored"] == 0
-          and result["images_scored_more_than_once"] == 0)
+          and result["images_scored_more_than_once"] == 0 and not result["attacks"].get("accepted"))
     return 0 if ok else 1
 
 

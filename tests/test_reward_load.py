@@ -24,6 +24,17 @@ def test_concurrent_clients_through_injected_overloads(tmp_path):
     assert [p.name for p in paths] == ["load.json", "load.md", "load.png"] and all(p.stat().st_size for p in paths)
 
 
+def test_clients_lose_nothing_while_the_server_is_attacked():
+    """Two hostile threads — pixel bombs, requests over the pixel budget, clients that never finish their headers
+    or stall mid-body — beside four clients: every attack refused or cut off, every score right, none twice."""
+    load = load_script("scripts/load_reward_server.py")
+    result = load.run_load(clients=4, batches=20, batch=4, size=16, fault_every=25, max_seconds=120, hostile=2)
+    check(result, 4, 20, 4)
+    attacks = result["attacks"]
+    assert "accepted" not in attacks and attacks.get("refused_413", 0) >= 2, attacks
+    assert sum(attacks.values()) >= 4
+
+
 def test_the_load_check_sees_a_mis_ordered_answer(monkeypatch):
     """The check can fail: a client whose answers come back reversed once is counted."""
     load = load_script("scripts/load_reward_server.py")

@@ -236,6 +236,50 @@ def test_bodies_and_images_are_bounded(renders):
             assert b"408" in reply.split(b"\r\n")[0] and elapsed < 10, (reply[:80], elapsed)
 
 
+def test_a_request_is_bounded_in_pixels_over_all_its_images_before_any_decoding(renders, monkeypatch):
+    """Three 32² images against a budget of two: 413 from the headers alone (nothing decoded); two pass."""
+    import dgpo.rewards.server as S
+    decoded = []
+    real = S.decode_png
+    monkeypatch.setattr(S, "decode_png", lambda raw: (decoded.append(1), real(raw))[1])
+    with serve_reward(ShapesReward("partial"), limits=ServerLimits(max_request_pixels=2 * 32 * 32)) as server:
+        answer = _post(server.url, _request(renders[:3], PROMPTS[:3]))
+        assert answer.status_code == 413 and "in all" in answer.json()["error"] and decoded == []
+        assert _post(server.url, _request(renders[:2], PROMPTS[:2])).status_code == 200
+
+
+def test_decoding_stops_past_its_time_budget(renders, monkeypatch):
+    """Images that take long to decode (0.3 s each here): past decode_seconds (0.5) the rest are refused, 413."""
+    import dgpo.rewards.server as S
+    real = S.decode_png
+    monkeypatch.setattr(S, "decode_png", lambda raw: (time.sleep(0.3), real(raw))[1])
+    with serve_reward(ShapesReward("partial"), limits=ServerLimits(decode_seconds=0.5)) as server:
+        answer = _post(server.url, _request(renders, PROMPTS))
+        assert answer.status_code == 413 and "stopped at images[2]" in answer.json()["error"]
+        assert _post(server.url, _request(renders[:1], PROMPTS[:1])).status_code == 200
+
+
+def test_a_client_that_never_finishes_its_headers_is_cut_off(renders):
+    """A connection that sends half its headers is closed after header_timeout (0.5 s), on a fresh connection and
+    after a first request on a kept-alive one; a whole request meanwhile is answered."""
+    with serve_reward(ShapesReward("partial"), limits=ServerLimits(header_timeout=0.5)) as server:
+        host, port = server.url.split("//")[1].split("/")[0].split(":")
+        body = _request(renders[:1], PROMPTS[:1])
+        whole = (b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        for first in (b"", whole):
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                if first:
+                    sock.sendall(first)
+                    assert b" 200 " in sock.recv(65536).split(b"\r\n")[0]
+                sock.sendall(b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\n")   # and never the rest
+                start = time.monotonic()
+                rest = sock.recv(65536)
+                # about 0.5 s measured; the bound leaves a slow or loaded machine 20 × header_timeout
+                assert rest == b"" and time.monotonic() - start < 10
+        assert _post(server.url, body).status_code == 200
+
+
 # ------------------------------------------------------------------------------------------- the command
 
 BRIGHTNESS_PLUGIN = """

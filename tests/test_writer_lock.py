@@ -64,6 +64,14 @@ def test_a_second_writer_is_refused_naming_the_holder_and_nothing_changes(run_di
     assert _snapshot(run_dir) == before
 
 
+def test_a_run_that_another_process_writes_can_be_read(run_dir, holder):
+    """Reading a run's config is not writing it: a benchmark reads its student's config while another benchmark
+    (or the student's own resume) holds the student's folder."""
+    from dgpo.runtime.run_folder import read_run_config
+    cfg = read_run_config(train_config_class(), run_dir)
+    assert Path(cfg.run.out_dir) == run_dir.resolve() and str(run_dir.resolve()) not in writer_lock._HELD
+
+
 def test_a_killed_holder_blocks_nothing(run_dir, holder):
     holder.send_signal(signal.SIGKILL)
     holder.wait()

@@ -10,8 +10,10 @@
 - 403 a request from a web page (it carries an ``Origin`` header: our client never sends one, a browser
   always does on a cross-site POST), or a ``Host`` the server does not answer to (DNS rebinding);
 - 408 a body that does not arrive within ``body_timeout`` seconds (a client that stalls mid-body);
-- 413 a body over ``max_body_bytes`` (said by its Content-Length or counted while it streams), or an image
-  over ``max_pixels`` (read from its PNG header, before anything is decoded);
+- 413 a body over ``max_body_bytes`` (said by its Content-Length or counted while it streams), an image over
+  ``max_pixels`` or a request over ``max_request_pixels`` in all (read from the PNG headers, before anything is
+  decoded), or images whose decoding passes ``decode_seconds``;
+- a connection whose request headers are not complete within ``header_timeout`` seconds is closed;
 - 500 the reward failed, or answered something that is not one finite number per image.
 
 Images are PNG only; nothing received is ever unpickled. The server binds 127.0.0.1 unless told otherwise,
@@ -44,10 +46,18 @@ from dgpo.rewards.protocol import Reward, RewardServerError, call_reward, check_
 
 #: Largest request body the server reads (bytes): 1,024 PNGs of 512 × 512 fit with room to spare.
 MAX_REQUEST_BYTES = 256 * 1024 * 1024
-#: Largest image, in pixels, that the server decodes (a PNG header states its size before decoding).
-MAX_IMAGE_PIXELS = 4096 * 4096
+#: Largest image, in pixels, that the server decodes (a PNG header states its size before decoding): FLUX's 2 MP
+#: fit; one image at the limit decodes in about a second on a CPU core.
+MAX_IMAGE_PIXELS = 2048 * 2048
+#: Largest request, in pixels over all its images (from their headers, before anything is decoded): 32 images of
+#: 1024², or 8 of 2048².
+MAX_REQUEST_PIXELS = 32 * 1024 * 1024
+#: Seconds the server spends decoding one request's images before it refuses the rest of them.
+DECODE_SECONDS = 10.0
 #: Seconds a client has to deliver its whole request body.
 BODY_TIMEOUT_S = 60.0
+#: Seconds a client has to deliver a request's headers, from its connection or its previous response.
+HEADER_TIMEOUT_S = 10.0
 
 
 class RequestRefused(Exception):
@@ -60,9 +70,14 @@ class RequestRefused(Exception):
 
 @dataclass
 class ServerLimits:
+    """What one request may cost the server (each refusal is named in the module's docstring)."""
+
     max_body_bytes: int = MAX_REQUEST_BYTES
     max_pixels: int = MAX_IMAGE_PIXELS
     body_timeout: float = BODY_TIMEOUT_S
+    max_request_pixels: int = MAX_REQUEST_PIXELS
+    decode_seconds: float = DECODE_SECONDS
+    header_timeout: float = HEADER_TIMEOUT_S
 
 
 def is_loopback(host: str) -> bool:
@@ -75,29 +90,42 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def decode_png_bounded(data: str, max_pixels: int) -> np.ndarray:
-    """A base64 PNG string → uint8 (H, W, 3); refuses non-PNG data (400) and, from the header alone, images
-    of more than ``max_pixels`` pixels (413), so a small file that would decode to gigabytes costs nothing."""
+def png_of(data: str) -> bytes:
+    """The bytes of a base64 string (400 if it is not base64)."""
     try:
-        raw = base64.b64decode(data, validate=True)
+        return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError, TypeError):
         raise RequestRefused(400, "not valid base64") from None
+
+
+def png_size(raw: bytes, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from a PNG's header, nothing decoded; 400 for data that is not a PNG, 413 for an image of
+    more than ``max_pixels`` pixels (a small file can decode to gigabytes)."""
     try:
         with Image.open(io.BytesIO(raw), formats=["PNG"]) as im:
             width, height = im.size
-            if width * height > max_pixels:
-                raise RequestRefused(413, f"an image of {width} x {height} pixels is over this server's limit "
-                                          f"of {max_pixels} pixels")
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except RequestRefused:
-        raise
     except Exception as e:  # PIL raises several types for corrupt or unsupported data
+        raise RequestRefused(400, f"not a readable PNG ({type(e).__name__})") from None
+    if width * height > max_pixels:
+        raise RequestRefused(413, f"an image of {width} x {height} pixels is over this server's limit "
+                                  f"of {max_pixels} pixels")
+    return width, height
+
+
+def decode_png(raw: bytes) -> np.ndarray:
+    """A PNG (its size already checked) → uint8 (H, W, 3)."""
+    try:
+        with Image.open(io.BytesIO(raw), formats=["PNG"]) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as e:
         raise RequestRefused(400, f"not a readable PNG ({type(e).__name__})") from None
 
 
-def parse_request(raw: bytes, max_pixels: int) -> tuple[np.ndarray, list[str], list[dict] | None]:
+def parse_request(raw: bytes, limits: ServerLimits) -> tuple[np.ndarray, list[str], list[dict] | None]:
     """The images (N, H, W, 3), prompts and metadata (one object per prompt, or None) of a request body, or a
-    :class:`RequestRefused` saying what is wrong."""
+    :class:`RequestRefused` saying what is wrong. Every image's size is read from its header before any is
+    decoded: an image over ``limits.max_pixels`` or a request over ``limits.max_request_pixels`` in all costs no
+    decoding (413); decoding stops once it has taken ``limits.decode_seconds`` (413)."""
     try:
         req = json.loads(raw)
     except ValueError:
@@ -109,10 +137,24 @@ def parse_request(raw: bytes, max_pixels: int) -> tuple[np.ndarray, list[str], l
         raise RequestRefused(400, f"{len(encoded)} images but {len(prompts)} prompts")
     if not all(isinstance(p, str) for p in prompts) or not all(isinstance(s, str) for s in encoded):
         raise RequestRefused(400, "prompts and images must be lists of strings")
-    arrays = []
+    pngs, total = [], 0
     for i, s in enumerate(encoded):
         try:
-            arrays.append(decode_png_bounded(s, max_pixels))
+            pngs.append(png_of(s))
+            width, height = png_size(pngs[-1], limits.max_pixels)
+        except RequestRefused as e:
+            raise RequestRefused(e.status, f"images[{i}]: {e}") from None
+        total += width * height
+        if total > limits.max_request_pixels:
+            raise RequestRefused(413, f"the request's images hold more than this server's limit of "
+                                      f"{limits.max_request_pixels} pixels in all: send them in smaller requests")
+    arrays, start = [], time.monotonic()
+    for i, png in enumerate(pngs):
+        if time.monotonic() - start > limits.decode_seconds:
+            raise RequestRefused(413, f"decoding the request's images took over {limits.decode_seconds:g} s "
+                                      f"(stopped at images[{i}]): send smaller or fewer images per request")
+        try:
+            arrays.append(decode_png(png))
         except RequestRefused as e:
             raise RequestRefused(e.status, f"images[{i}]: {e}") from None
     if arrays and len({a.shape for a in arrays}) != 1:
@@ -130,6 +172,7 @@ def create_app(reward: Reward, token: str | None = None, allowed_hosts: list[str
     """The ASGI app serving ``reward`` (see the module docstring). ``allowed_hosts``: the ``Host`` names it
     answers to (None: any; :func:`serve_reward` passes the loopback names when it binds loopback)."""
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.middleware import Middleware
     from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.requests import ClientDisconnect, Request
@@ -182,7 +225,8 @@ def create_app(reward: Reward, token: str | None = None, allowed_hosts: list[str
         if not authorised(request):
             return refuse(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
         try:
-            images, prompts, metadata = parse_request(await read_body(request), limits.max_pixels)
+            body = await read_body(request)
+            images, prompts, metadata = await run_in_threadpool(parse_request, body, limits)  # decoding: off the loop
         except RequestRefused as e:
             return refuse(e.status, f"bad request: {e}" if e.status == 400 else str(e))
         except ClientDisconnect:
@@ -192,7 +236,6 @@ def create_app(reward: Reward, token: str | None = None, allowed_hosts: list[str
             with lock:
                 return check_scores(call_reward(reward, images, prompts, metadata), len(prompts), f"reward {name!r}")
 
-        from starlette.concurrency import run_in_threadpool
         try:
             scores = await run_in_threadpool(call)
         except ValueError as e:  # the reward rejects its input (RewardInputError, a prompt outside its grammar)
@@ -215,8 +258,8 @@ LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]", "::1"]
 def check_binding(host: str, token: str | None) -> None:
     """Loopback needs nothing; any other address needs a token (a reward server decodes whatever it is sent)."""
     if not is_loopback(host) and not token:
-        raise UserError(f"serving on {host!r} exposes the reward to other machines: pass --token TOKEN (clients "
-                        "then set DGPO_REWARD_TOKEN), or bind 127.0.0.1 and reach it through an SSH tunnel")
+        raise UserError(f"serving on {host!r} exposes the reward to other machines: set DGPO_REWARD_TOKEN (here and "
+                        "in the clients; --token would show in ps), or bind 127.0.0.1 and reach it through an SSH tunnel")
 
 
 class RewardServer:
@@ -236,11 +279,57 @@ class RewardServer:
         self.close()
 
 
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete ``seconds`` after it
+    opened or after its previous response: uvicorn bounds the headers' size and an idle connection's life, not
+    the time a client may take to send them, so a client that trickles headers would hold a connection forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _too_slow(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:  # a request's headers have arrived
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():  # the next request's headers: the same bound
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
+
+
 def uvicorn_config(app, host: str, port: int, limits: ServerLimits):
     import uvicorn
-    # timeout_keep_alive: idle keep-alive connections close; h11_max_incomplete_event_size bounds the headers
+    # timeout_keep_alive: idle keep-alive connections close; h11_max_incomplete_event_size bounds the headers;
+    # the protocol bounds the time they take
     return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
-                          timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
+                          timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
+                          http=header_timeout_protocol(limits.header_timeout))
 
 
 def serve_reward(reward: Reward, host: str = "127.0.0.1", port: int = 0, token: str | None = None,

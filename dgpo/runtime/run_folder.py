@@ -66,14 +66,14 @@ SCHEDULE_KEYS = ("run.time_budget_min", "run.epochs", "run.iterations", "run.che
                  "optim.max_skipped_steps")
 
 
-def reopen_run(config_cls, run_dir: str | Path, overrides=()):
+def read_run_config(config_cls, run_dir: str | Path, overrides=()):
     """The config of the run in ``run_dir`` (with ``--set`` overrides of :data:`SCHEDULE_KEYS` only), pointed
-    at ``run_dir`` itself; an override of any other key is refused, naming the keys and both values."""
+    at ``run_dir`` itself; an override of any other key is refused, naming the keys and both values. Reads only:
+    a run that another process writes may be read (a benchmark reads its student's config)."""
     folder = Path(run_dir)
     saved = folder / "config.yaml"
     if not saved.is_file():
         raise UserError(f"--resume: {str(run_dir)!r} is not a run folder (no config.yaml)")
-    writer_lock.hold(folder)  # one writer: a run that still runs is refused, naming its process
     data = yaml.safe_load(saved.read_text())
     if hasattr(config_cls, "saved_data"):  # a config type that reads older run folders its own way
         data = config_cls.saved_data(data)
@@ -88,6 +88,14 @@ def reopen_run(config_cls, run_dir: str | Path, overrides=()):
         raise UserError(f"--resume {str(run_dir)!r}: --set would make it another run ({diff}); a resumed run may "
                         f"change only its schedule ({', '.join(SCHEDULE_KEYS)}) — start a new run for the rest")
     return cfg
+
+
+def reopen_run(config_cls, run_dir: str | Path, overrides=()):
+    """:func:`read_run_config` of a run this process is going to write (``--resume``): its writer lock is taken
+    first, so a run that still runs is refused, naming its process."""
+    if (Path(run_dir) / "config.yaml").is_file():
+        writer_lock.hold(run_dir)
+    return read_run_config(config_cls, run_dir, overrides)
 
 
 def resumable(folder: str | Path | None) -> Path | None:
@@ -106,7 +114,7 @@ def start_or_reopen(config_cls, wanted, tool: str):
     folder = Path(wanted.run.out_dir)
     if resumable(folder) is None:
         return start_run(wanted, tool, overwrite=folder.exists(), named=True)
-    saved = flat_dict(to_dict(reopen_run(config_cls, folder)), sep=".")
+    saved = flat_dict(to_dict(reopen_run(config_cls, folder)), sep=".")  # the lock too: this process writes it
     asked = flat_dict(to_dict(wanted), sep=".")
     differ = [k for k in asked if k != "run.out_dir" and k not in SCHEDULE_KEYS and saved.get(k) != asked[k]]
     if differ:
