@@ -40,6 +40,7 @@ from dgpo.models.prompt_encodings import PromptEncodings
 from dgpo.runtime.runtime import Runtime
 from dgpo.methods.prompt_sampling import PromptSampler
 from dgpo.rewards import make_reward, metadata_of, reward_of_run
+from dgpo.rewards.registry import check_reward_weights
 from dgpo.runtime.sharding import shard_frozen_model
 from dgpo.train_config import TrainConfig, train_config_class
 from dgpo.worlds.registry import make_world
@@ -458,6 +459,7 @@ def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
         if name not in available_rewards():
             raise ConfigError(f"reward {name!r} (reward.name or eval.rewards) is not a registered reward; choose "
                               f"from {available_rewards()} (or register yours with dgpo.rewards.register_reward)")
+    check_reward_weights(cfg.reward)
     if cfg.reward.name == "remote" and not cfg.reward.url:
         raise ConfigError("reward.name=remote needs reward.url (e.g. --set reward.url=http://127.0.0.1:8000/score)")
     return cfg

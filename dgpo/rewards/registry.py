@@ -107,6 +107,17 @@ SERVED_SETTINGS = {"remote": ("url", "timeout", "retries", "batch_size", "score_
                    "vlm_judge": ("url", "timeout", "retries")}
 
 
+def check_reward_weights(reward_cfg) -> None:
+    """``reward.weights``: none, or one per reward of ``reward.name`` (``a+b`` names two; a single reward takes
+    none but [1]): a list that does not fit is a UserError, not a silent no-op."""
+    weights = list(getattr(reward_cfg, "weights", []) or [])
+    count = len(reward_cfg.name.split("+")) if reward_cfg.name else 1
+    if weights and len(weights) != count:
+        named = reward_cfg.name or "the world's own"
+        raise UserError(f"reward.weights has {len(weights)} values for {count} reward{'s' if count > 1 else ''} "
+                        f"({named}): give one weight per reward of reward.name=a+b, or none")
+
+
 def reward_of_run(reward_cfg, world) -> tuple[str, Reward]:
     """The reward a training run's ``reward:`` section names (:class:`dgpo.train_config.RewardConfig`): its
     ``name``, or the world's own when empty, built with the section's server settings for a served reward
@@ -117,6 +128,7 @@ def reward_of_run(reward_cfg, world) -> tuple[str, Reward]:
         names = name.split("+")
         return name, RewardMix(names, [make_reward(n) for n in names], getattr(reward_cfg, "weights", []),
                                getattr(reward_cfg, "combine", "sum"))
+    check_reward_weights(reward_cfg)
     options = {key: getattr(reward_cfg, key) for key in SERVED_SETTINGS.get(name, ())}
     if getattr(reward_cfg, "model", "") and name in _REGISTRY and "model" in inspect.signature(_REGISTRY[name]).parameters:
         options["model"] = reward_cfg.model

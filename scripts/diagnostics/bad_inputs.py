@@ -101,6 +101,7 @@ CASES = [
      ["dgpo", "train", "twice.yaml"]),
     ("Adam's betas: one number", {}, ["dgpo", "train", "--set", "optim.betas=[0.9]"]),
     ("Adam's betas: above 1", {}, ["tdm-r1", "distill", "--set", "optim.betas=[1.5,2]"]),
+    ("reward weights that do not fit the rewards", {}, ["dgpo", "train", "--set", "reward.weights=[1,2,3]"]),
     ("a cache folder that cannot be made (DGPO_CACHE under a file)", {"a_file": b""}, ["dgpo", "train"],
      {"DGPO_CACHE": "a_file/cache"}),
     ("--resume and --resume-or-start together", {}, ["dgpo", "train", "--resume", "r", "--resume-or-start", "r"]),
