@@ -22,7 +22,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 from dgpo.cli_args import OneLineParser, at_least, finite  # noqa: E402
 from dgpo.errors import UserError  # noqa: E402
 from dgpo.models.lora_io import check_lora_folder  # noqa: E402  (light: no torch)
-from dgpo.runtime.preemption import PREEMPTED_STATUS, Preempted, preemptible  # noqa: E402  (light: no torch)
+from dgpo.runtime.preemption import PREEMPTED_STATUS, PREEMPTION, Preempted, preemptible  # noqa: E402  (light: no torch)
 
 from dgpo.recipes import recipe, recipe_name, recipes_dir  # noqa: E402
 
@@ -253,6 +253,7 @@ def train_command(args, recipe_cls, config_class, load_config, default_config: P
             if not list_checkpoints(out) and release_run_dir(out) and not isinstance(e, UserError):
                 print(f"the run stopped before its first checkpoint: {out} removed", file=sys.stderr)
         raise
+    PREEMPTION.ignore()  # the run has finished: a late signal changes nothing, and the summary is printed
     processes.close()
     if not processes.is_main:
         return

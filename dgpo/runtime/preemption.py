@@ -1,16 +1,17 @@
 """Preemption: a run told to stop by its scheduler checkpoints and ends, so that a requeue continues it.
 
 SLURM and Kubernetes send SIGTERM first and SIGKILL after a grace period (30 s by default on both); SLURM's
-``--signal=USR1@SECONDS`` sends SIGUSR1 that long before the end of a job's time. A training command
-(:func:`dgpo.cli.train_command`) installs :data:`PREEMPTION` for those signals (``DGPO_PREEMPT_SIGNALS``: a
-comma-separated list of signal names, default ``SIGTERM,SIGUSR1``; :func:`preemptible` wraps each training command):
+``--signal=USR1@SECONDS`` sends SIGUSR1 that long before the end of a job's time. Each training command is
+wrapped in :func:`preemptible`, which installs :data:`PREEMPTION` for those signals (``DGPO_PREEMPT_SIGNALS``: a
+comma-separated list of signal names, default ``SIGTERM,SIGUSR1``):
 
 * inside the run loop (:meth:`dgpo.runtime.loop.Run.loop`) a signal is noted, and at the next safe point — after
   the step in progress, its evaluation and checkpoint, if due — every process agrees on it, a checkpoint is
   written and the command exits with status :data:`PREEMPTED_STATUS` (75, ``EX_TEMPFAIL``: try again), naming
   the checkpoint and how to continue;
-* anywhere else (loading the model, claiming the folder) it stops the command at once, as Ctrl-C does: a new run
-  with no checkpoint yet leaves no folder behind, so the same command starts it again.
+* before the loop (loading the model, claiming the folder) it stops the command at once, as Ctrl-C does: a new run
+  with no checkpoint yet leaves no folder behind, so the same command starts it again;
+* after the loop (the last evaluation, ``final/``) it is ignored: the run finishes.
 
 ``--resume-or-start RUN`` (the training commands) starts the run in RUN, or continues it from its newest
 checkpoint when there is one: one job script serves the first submission and every requeue.
@@ -80,7 +81,11 @@ class Preemption:
         for sig, previous in self._installed.items():
             signal.signal(sig, previous)
         self._installed.clear()
-        self.signal_name = None
+        self.signal_name, self._deferred = None, False
+
+    def ignore(self) -> None:
+        """From now on a signal is only noted (the run is done: nothing is left to stop); :meth:`uninstall` ends it."""
+        self._deferred = True
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
