@@ -239,7 +239,8 @@ def killed_run(args, run_dir: Path, server: RewardServer | None, seconds: float)
                 kill_tree(proc)
                 raise SystemExit(f"a launch ran past --timeout {args.timeout:g} s; see {log}")
             time.sleep(0.05)
-        if moment is None and proc.returncode != 0 and not finished(run_dir):
+        ended_alone = moment is None or time.time() - t0 < moment  # not stopped by this script
+        if ended_alone and proc.returncode != 0 and not finished(run_dir):
             restarts += 1  # it gave up (e.g. the reward server down too long): resumed like a killed one
             if restarts > 20:
                 raise SystemExit(f"the run keeps failing without being killed; see {log}")
