@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--signal", choices=("SIGKILL", "SIGTERM"), default="SIGKILL",
                    help="SIGKILL (a crash; resumed with --resume) or SIGTERM (a preemption; every launch "
                         "--resume-or-start RUN); default SIGKILL")
+    p.add_argument("--moments", metavar="LOW,HIGH",
+                   help="each signal lands at a uniform fraction of the uninterrupted run's length after its launch "
+                        "(default 0.05,0.3 for SIGKILL; 0.3,0.6 for SIGTERM, past Python's start-up on a short run)")
     p.add_argument("--grace", type=float, default=60, help="with SIGTERM: seconds the job may take to stop before "
                                                            "it is SIGKILLed (default 60)")
     p.add_argument("--server-kills", type=int, default=2, help="with --reward-server: kills of the server (default 2)")
@@ -215,7 +218,8 @@ def killed_run(args, run_dir: Path, server: RewardServer | None, seconds: float)
         # early in a straight run's length: a resumed launch (and one whose first evaluation is now cached) has
         # less left to run than the straight run had, and every launch should be hit until --kills have landed
         # (a SIGTERM, later: in the run loop, where a preemption is checkpointed, rather than while Python starts)
-        early, late = (0.3, 0.6) if args.signal == "SIGTERM" else (0.05, 0.3)
+        early, late = (float(x) for x in args.moments.split(",")) if args.moments else (
+            (0.3, 0.6) if args.signal == "SIGTERM" else (0.05, 0.3))
         moment = rng.uniform(early, late) * seconds if kills < args.kills else None
         while proc.poll() is None:
             now = time.time() - t0
