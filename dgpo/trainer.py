@@ -293,9 +293,10 @@ class Trainer:
     def evaluate(self, per_prompt: int = 0) -> dict:
         e = self.cfg.eval
         n = per_prompt or e.per_prompt
+        fd = e.fd and not per_prompt  # an FD of fewer images is biased upwards: not comparable, not computed
         with self.rollout_policy():
             result, images, _ = evaluate_model(self.model, EvalConfig(split=e.split, per_prompt=n, seed=e.seed,
-                                                                      fd=e.fd), e.sampler,
+                                                                      fd=fd), e.sampler,
                                                progress=False, world=self.world, processes=self.processes,
                                                rewards=self.eval_rewards)
         return self.runner.evaluation_row(result, images, n)

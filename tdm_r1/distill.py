@@ -357,7 +357,8 @@ class Distiller:
         with self.as_student() as student, self.student_weights():
             images, records = generate_student(student, prompts, self.boundaries, n, e.seed, progress=False,
                                                processes=self.processes)
-        result = evaluate_images(images, [r["prompt"] for r in records], e.fd, self.world, self.processes)
+        fd = e.fd and not per_prompt  # an FD of fewer images is biased upwards: not comparable, not computed
+        result = evaluate_images(images, [r["prompt"] for r in records], fd, self.world, self.processes)
         return self.runner.evaluation_row(result, images, n)
 
     initial_evaluation = evaluate

@@ -268,16 +268,20 @@ def test_epoch0_evaluation_is_cached_per_base_and_protocol(tiny_base, tmp_path, 
 
 def test_interim_evaluations_sample_fewer_images_and_the_result_keeps_per_prompt(tiny_base, tmp_path, monkeypatch):
     """eval.interim_per_prompt=1 with eval.per_prompt=2: the trainer samples 1 image per test prompt at the evaluations
-    between the base's and the result's, 2 at those two; the base's row is the one a run without it writes."""
+    between the base's and the result's, without FD, 2 at those two; the base's row is the one a run without it
+    writes."""
     import dgpo.trainer as T
     sizes = []
     real = T.evaluate_model
     monkeypatch.setattr(T, "evaluate_model", lambda model, cfg, *a, **k: (sizes.append(cfg.per_prompt),
-                                                                           real(model, cfg, *a, **k))[1])
-    extra = ("run.epochs=3", "eval.every=1", "eval.per_prompt=2", "eval.cache_initial=false")
+                                                                           fds.append(cfg.fd),
+                                                                           real(model, cfg, *a, **k))[2])
+    fds = []
+    extra = ("run.epochs=3", "eval.every=1", "eval.per_prompt=2", "eval.cache_initial=false", "eval.fd=true")
     Trainer(prepare_run_dir(tiny_cfg(tiny_base, tmp_path / "a", *extra, "eval.interim_per_prompt=1"), False),
             log=lambda *a: None).run()
     assert sizes == [2, 1, 1, 2]
+    assert fds == [True, False, False, True]  # an FD of fewer images is biased: interim points have none
     rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_geneval" in r]
     assert [(r["epoch"], bool(r.get("eval_interim"))) for r in evals] == [(0, False), (1, True), (2, True), (3, False)]

@@ -137,8 +137,9 @@ class EvalTiming:
                                         "every_minutes takes over after", min=0.0)
     early_minutes: float = option(5.0, "how many minutes of training the early cadence lasts", min=0.0)
     interim_per_prompt: int = option(0, "images per prompt of the evaluations between the first and the last (0 = "
-                                     "per_prompt): cheaper curve points; the first (the start) and the last (the "
-                                     "result) keep per_prompt, so the gain a run reports keeps its noise", min=0)
+                                     "per_prompt): cheaper curve points, without FD (biased at fewer images); the "
+                                     "first (the start) and the last (the result) keep per_prompt, so the gain a run "
+                                     "reports keeps its noise", min=0)
 
 
 @dataclass
