@@ -120,3 +120,16 @@ def test_save_tensors_turns_the_serialisers_io_error_into_an_oserror(tmp_path, m
     with pytest.raises(OSError) as e:
         C.save_tensors({"w": torch.zeros(1)}, tmp_path / "t.safetensors")
     assert e.value.errno == 122 and e.value.filename == str(tmp_path / "t.safetensors")
+
+
+def test_too_little_disk_for_a_checkpoint_is_one_line_before_any_work(tiny_base, tmp_path, monkeypatch, capsys):
+    """The run folder's filesystem is checked for room for its checkpoints before the first evaluation and step:
+    one line naming what is free and what is needed; the new run's folder goes."""
+    from collections import namedtuple
+    import dgpo.runtime.loop as L
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(L.shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - (5 << 20), 5 << 20))
+    monkeypatch.setattr(L.Run, "_evaluated", lambda self, row: pytest.fail("evaluated before the check"))
+    assert main(["train", "--out", str(tmp_path / "run"), *_sets(tiny_base)]) == 2
+    line = _one_line(capsys)
+    assert "has 5 MiB free" in line and "MiB" in line.split("need")[-1] and not (tmp_path / "run").exists()

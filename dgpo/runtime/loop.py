@@ -297,6 +297,7 @@ class Run:
         s, c = self.schedule, self.counters
         evals = [r for r in read_metrics(self.metrics_path) if "eval_geneval" in r]
         self.check_memory("the start (the model loaded)")
+        self.check_disk_space()
         if not evals:
             evals.append(self._evaluated(self.guarded_evaluation(self.recipe.initial_evaluation)))
         reached = lambda: s.target_reached([r["eval_geneval"] for r in evals])
@@ -363,6 +364,22 @@ class Run:
             raise UserError(f"out of GPU memory in {at}: {self._memory_advice()}") from None
         self.check_memory(at)
         return row
+
+    def checkpoint_bytes(self) -> int:
+        """What one checkpoint of this run holds: the recipe's state tensors (weights, optimiser moments, EMAs)."""
+        tensors, _ = self.recipe.state_tensors()
+        return sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
+
+    def check_disk_space(self) -> None:
+        """Before the first step: the run folder's filesystem has room for the next checkpoint beside the kept
+        ones (a checkpoint is written whole before the oldest is pruned); else a UserError, before any work."""
+        if not self.writes:
+            return
+        need = self.checkpoint_bytes() * 2 + (64 << 20)  # the next one and the final weights, and some room
+        free = shutil.disk_usage(self.out).free
+        if free < need:
+            raise UserError(f"{str(self.out)!r} has {free / 2**20:.0f} MiB free, and this run's checkpoints need "
+                            f"about {need / 2**20:.0f} MiB: free some space, or give --out on another filesystem")
 
     def check_memory(self, at: str) -> float:
         """The largest process's peak memory so far (GiB); past ``max_memory_gb``, a UserError."""
