@@ -376,7 +376,8 @@ class Run:
         if not self.writes:
             return
         need = self.checkpoint_bytes() * 2 + (64 << 20)  # the next one and the final weights, and some room
-        free = shutil.disk_usage(self.out).free
+        place = next(p for p in [self.out, *self.out.resolve().parents] if p.exists())  # the folder may come later
+        free = shutil.disk_usage(place).free
         if free < need:
             raise UserError(f"{str(self.out)!r} has {free / 2**20:.0f} MiB free, and this run's checkpoints need "
                             f"about {need / 2**20:.0f} MiB: free some space, or give --out on another filesystem")
