@@ -219,8 +219,7 @@ class Trainer:
                     stats["grad_norm"] = self.runtime.optimizer_step(self.optimizer, self.params, stats["loss"],
                                                                      self.cfg.optim.grad_clip, "policy")
                 except NonFiniteStep as fault:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.nonfinite.skip(f"epoch {self.counters.epoch + 1}", str(fault))
+                    self.skip_nonfinite_step(str(fault))
                     continue
                 self.nonfinite.passed()
                 steps.append(stats)

@@ -39,7 +39,7 @@ from dgpo.runtime.checkpoint import (capture_rng, list_checkpoints, load_checkpo
 from dgpo.errors import UserError
 from dgpo.evaluation.evaluate import format_table
 from dgpo.runtime import writer_lock
-from dgpo.runtime.output_dir import with_umask
+from dgpo.runtime.output_dir import nearest_existing, with_umask
 from dgpo.runtime.preemption import PREEMPTION, Preempted
 from dgpo.runtime.processes import SINGLE, Processes
 from dgpo.runtime.metrics import QUALITY_MEASURES, eval_result, gain_against_noise, read_metrics, truncate_metrics
@@ -376,8 +376,7 @@ class Run:
         if not self.writes:
             return
         need = self.checkpoint_bytes() * 2 + (64 << 20)  # the next one and the final weights, and some room
-        place = next(p for p in [self.out, *self.out.resolve().parents] if p.exists())  # the folder may come later
-        free = shutil.disk_usage(place).free
+        free = shutil.disk_usage(nearest_existing(self.out)).free  # the folder may be made later
         if free < need:
             raise UserError(f"{str(self.out)!r} has {free / 2**20:.0f} MiB free, and this run's checkpoints need "
                             f"about {need / 2**20:.0f} MiB: free some space, or give --out on another filesystem")

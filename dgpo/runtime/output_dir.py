@@ -93,10 +93,16 @@ def _owned(rel: str, patterns: list[str]) -> bool:
     return rel in (MANIFEST, LOCK_NAME) or any(fnmatch.fnmatchcase(rel, p) for p in patterns)
 
 
+def nearest_existing(path: str | Path) -> Path:
+    """``path`` if it exists, else its nearest existing parent: where a path that is yet to be made will live."""
+    path = Path(path).resolve()
+    return next(p for p in [path, *path.parents] if p.exists())
+
+
 def _check_writable(out: Path, given, flag: str) -> None:
     """The folder that will receive ``out`` (``out`` itself if it is a folder, else its nearest existing parent)
     can be written, so that a command fails before its work, not after it; else a UserError."""
-    place = out if out.is_dir() else next(p for p in out.parents if p.exists())
+    place = out if out.is_dir() else nearest_existing(out.parent)
     if not os.access(place, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {str(given)!r}: {str(place)!r} cannot be written (no permission, or a read-only "
                         f"filesystem); choose a folder you can write")

@@ -238,14 +238,14 @@ def shipped_path(cfg: QualityConfig) -> Path:
 
 def _save(net: FeatureNet, cfg: QualityConfig, path: Path) -> None:
     """Save the weights atomically: a temp file in the same directory, then os.replace."""
-    from safetensors.torch import save_file
+    from dgpo.runtime.checkpoint import save_tensors
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(state, tmp, metadata={"config": json.dumps(asdict(cfg), sort_keys=True)})
+        save_tensors(state, Path(tmp), metadata={"config": json.dumps(asdict(cfg), sort_keys=True)})
         os.replace(with_umask(tmp), path)
     except BaseException:
         if os.path.exists(tmp):
