@@ -19,7 +19,8 @@ on a CPU. Writes ``OUT/chaos.json`` and prints how many kills the run survived.
 job, which should checkpoint at its next safe point and exit with status 75 (:mod:`dgpo.runtime.preemption`)
 within ``--grace`` seconds (else it is SIGKILLed, and counted); every launch, the first included, is the same
 requeue-safe command, ``--resume-or-start RUN``. ``chaos.json`` then also records each launch's exit status and
-how long each stop took.
+how long each stop took, and whether the launch left the run folder as it found it (a SIGTERM that lands
+while Python starts, before the command handles it, ends the launch with -15 and must change nothing).
 
     python scripts/chaos.py --signal SIGTERM --kills 10 --out OUT -- dgpo.cli train --set run.epochs=40 \
         --set run.time_budget_min=0 --set eval.every_minutes=0 --set eval.every=10 --set run.threads=1
@@ -186,6 +187,14 @@ def run_folder_command(command: list[str], run_dir: Path, how: str, server: Rewa
     return [*command, *reward, "--out", str(run_dir), *(["--overwrite"] if how == "overwrite" else [])]
 
 
+def folder_state(run_dir: Path) -> dict:
+    """Every file of the run folder with its size and modification time: what a launch changed, if anything."""
+    if not run_dir.is_dir():
+        return {}
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
 def finished(run_dir: Path) -> bool:
     return (run_dir / "final").is_dir()
 
@@ -213,6 +222,7 @@ def killed_run(args, run_dir: Path, server: RewardServer | None, seconds: float)
     how = "requeue" if args.signal == "SIGTERM" else "new"
     server_moments = sorted(rng.uniform(0.1, 1.0) * seconds for _ in range(args.server_kills if server else 0))
     while not finished(run_dir):
+        before = folder_state(run_dir)
         proc = launch(run_folder_command(args.command, run_dir, how, server), args.processes, log)
         t0 = time.time()
         # early in a straight run's length: a resumed launch (and one whose first evaluation is now cached) has
@@ -229,7 +239,7 @@ def killed_run(args, run_dir: Path, server: RewardServer | None, seconds: float)
                     stop = terminate_tree(proc, args.grace)
                     if stop is not None:
                         landed += 1
-                        stops.append(stop)
+                        stops.append({**stop, "folder_unchanged": folder_state(run_dir) == before})
                 else:
                     landed += kill_tree(proc)
                 break
